@@ -1,0 +1,445 @@
+//! The KeyOwner's guarantees, checked with fake cache and database actors behind its
+//! `Recipient`s (no Redis, no PostgreSQL). The fakes are actors too: their state is their own.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::web::Bytes;
+use chrono::Utc;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::actors::cache::{CacheError, CacheGet, CacheSet};
+use crate::actors::db::{DbError, FetchTemplate};
+use crate::template::Template;
+
+/// A cache that keeps bodies in its own map and counts calls. `get_delay` holds every read in
+/// the air for a while, to make concurrent requests meet.
+struct FakeCache {
+    store: HashMap<i64, Bytes>,
+    get_delay: Duration,
+    gets: Arc<AtomicUsize>,
+    sets: Arc<AtomicUsize>,
+}
+
+impl Actor for FakeCache {
+    type Context = Context<Self>;
+}
+
+impl Handler<CacheGet> for FakeCache {
+    type Result = ResponseFuture<Result<Option<Bytes>, CacheError>>;
+    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        let value = self.store.get(&id).cloned();
+        let delay = self.get_delay;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok(value)
+        })
+    }
+}
+
+impl Handler<CacheSet> for FakeCache {
+    type Result = Result<(), CacheError>;
+    fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
+        self.sets.fetch_add(1, Ordering::SeqCst);
+        self.store.insert(msg.id, msg.body);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum DbMode {
+    /// Ids 1..=1000 exist.
+    Rows,
+    /// The first `n` queries fail, later ones succeed.
+    FailFirst(usize),
+    /// Every query panics inside the database actor.
+    Panic,
+    /// No query ever answers.
+    Hang,
+}
+
+struct FakeDb {
+    mode: DbMode,
+    /// Per-id load time; others answer after `default_delay`.
+    delays: HashMap<i64, Duration>,
+    default_delay: Duration,
+    queries: Arc<AtomicUsize>,
+}
+
+impl Actor for FakeDb {
+    type Context = Context<Self>;
+}
+
+impl Handler<FetchTemplate> for FakeDb {
+    type Result = ResponseFuture<Result<Option<Template>, DbError>>;
+    fn handle(&mut self, FetchTemplate(id): FetchTemplate, _: &mut Self::Context) -> Self::Result {
+        let n = self.queries.fetch_add(1, Ordering::SeqCst);
+        let delay = self.delays.get(&id).copied().unwrap_or(self.default_delay);
+        let mode = self.mode;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            match mode {
+                DbMode::Panic => panic!("fake database panics while loading {id}"),
+                DbMode::Hang => std::future::pending().await,
+                DbMode::FailFirst(k) if n < k => Err(DbError::Query("fake failure".into())),
+                _ if !(1..=1000).contains(&id) => Ok(None),
+                _ => Ok(Some(template(id))),
+            }
+        })
+    }
+}
+
+fn template(id: i64) -> Template {
+    Template {
+        id,
+        name: format!("template {id}"),
+        content: "body".into(),
+        updated_at: Utc::now(),
+    }
+}
+
+struct Harness {
+    owner: Addr<KeyOwner>,
+    cache_gets: Arc<AtomicUsize>,
+    cache_sets: Arc<AtomicUsize>,
+    db_queries: Arc<AtomicUsize>,
+    metrics: Metrics,
+}
+
+struct Setup {
+    mode: DbMode,
+    db_delay: Duration,
+    db_delays: HashMap<i64, Duration>,
+    cache_delay: Duration,
+    cached: Vec<i64>,
+    coalesce: bool,
+    flight_timeout: Duration,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            mode: DbMode::Rows,
+            db_delay: Duration::from_millis(100),
+            db_delays: HashMap::new(),
+            cache_delay: Duration::ZERO,
+            cached: Vec::new(),
+            coalesce: true,
+            flight_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Setup {
+    /// Starts the owner on an arbiter of its own, as in the service, and the fakes on another,
+    /// so that a panicking fake takes down only its own thread.
+    fn start(self) -> Harness {
+        let (gets, sets, queries) = Default::default();
+        let (cache_gets, cache_sets, db_queries): (
+            Arc<AtomicUsize>,
+            Arc<AtomicUsize>,
+            Arc<AtomicUsize>,
+        ) = (gets, sets, queries);
+        let fakes = Arbiter::new();
+        let store = self
+            .cached
+            .iter()
+            .map(|&id| (id, template(id).to_body()))
+            .collect();
+        let (g, s) = (cache_gets.clone(), cache_sets.clone());
+        let cache_delay = self.cache_delay;
+        let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| FakeCache {
+            store,
+            get_delay: cache_delay,
+            gets: g,
+            sets: s,
+        });
+        let q = db_queries.clone();
+        let (mode, delays, default_delay) = (self.mode, self.db_delays, self.db_delay);
+        let db = FakeDb::start_in_arbiter(&fakes.handle(), move |_| FakeDb {
+            mode,
+            delays,
+            default_delay,
+            queries: q,
+        });
+        let metrics = Metrics::new().expect("metrics");
+        let deps = KeyOwnerDeps {
+            cache_get: cache.clone().recipient(),
+            cache_set: cache.recipient(),
+            db: db.recipient(),
+            flight_timeout: self.flight_timeout,
+            coalesce: self.coalesce,
+            metrics: metrics.clone(),
+        };
+        let owner =
+            KeyOwner::start_in_arbiter(&Arbiter::new().handle(), move |_| KeyOwner::new(0, deps));
+        Harness {
+            owner,
+            cache_gets,
+            cache_sets,
+            db_queries,
+            metrics,
+        }
+    }
+}
+
+impl Harness {
+    fn ask(&self, id: i64) -> oneshot::Receiver<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.owner.do_send(GetTemplate { id, reply });
+        answer
+    }
+
+    /// Sends `n` requests for `id` at once and collects every answer (bounded wait).
+    async fn burst(&self, id: i64, n: usize) -> Vec<Answer> {
+        let receivers: Vec<_> = (0..n).map(|_| self.ask(id)).collect();
+        let mut answers = Vec::with_capacity(n);
+        for rx in receivers {
+            let answer = tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .expect("no waiter may hang")
+                .expect("the owner answers every waiter");
+            answers.push(answer);
+        }
+        answers
+    }
+
+    async fn one(&self, id: i64) -> Answer {
+        self.burst(id, 1).await.remove(0)
+    }
+
+    fn pending_flights(&self) -> i64 {
+        self.metrics
+            .key_owner_inflight_keys
+            .with_label_values(&["0"])
+            .get()
+    }
+
+    fn waiting(&self) -> i64 {
+        self.metrics
+            .key_owner_waiters
+            .with_label_values(&["0"])
+            .get()
+    }
+}
+
+fn count(answers: &[Answer], x: XCache) -> usize {
+    answers.iter().filter(|a| a.x_cache == x).count()
+}
+
+#[actix_rt::test]
+async fn a_cold_stampede_costs_one_cache_read_and_one_query() {
+    let h = Setup::default().start();
+    let answers = h.burst(7, 200).await;
+
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 1, "one Redis read");
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1, "one database query");
+    assert_eq!(h.cache_sets.load(Ordering::SeqCst), 1, "one cache fill");
+    let first = &answers[0].result;
+    assert!(matches!(first, Ok(Lookup::Found(_))));
+    assert!(
+        answers.iter().all(|a| &a.result == first),
+        "identical answers"
+    );
+    assert_eq!(count(&answers, XCache::Miss), 1);
+    assert_eq!(count(&answers, XCache::Shared), 199);
+    assert_eq!(h.metrics.singleflight_shared_total.get(), 199);
+    assert_eq!(h.metrics.cache_misses_total.get(), 200);
+    assert_eq!(
+        (h.pending_flights(), h.waiting()),
+        (0, 0),
+        "nothing left behind"
+    );
+}
+
+#[actix_rt::test]
+async fn a_hot_key_is_read_from_the_cache_once_per_flight() {
+    let h = Setup {
+        cached: vec![3],
+        cache_delay: Duration::from_millis(50),
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(3, 200).await;
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 1);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 0);
+    assert_eq!(count(&answers, XCache::Hit), 200);
+    assert_eq!(h.metrics.cache_hits_total.get(), 200);
+    assert_eq!(h.metrics.cache_reads_coalesced_total.get(), 199);
+}
+
+#[actix_rt::test]
+async fn a_request_after_the_flight_finds_the_cache_filled() {
+    let h = Setup::default().start();
+    assert_eq!(h.one(9).await.x_cache, XCache::Miss);
+    let again = h.one(9).await;
+    assert_eq!(again.x_cache, XCache::Hit);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn a_slow_key_does_not_delay_other_keys_on_the_same_owner() {
+    let h = Setup {
+        db_delays: HashMap::from([(1, Duration::from_secs(3))]),
+        db_delay: Duration::from_millis(10),
+        ..Default::default()
+    }
+    .start();
+    let slow = h.ask(1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.pending_flights(), 1, "the slow flight is in the air");
+
+    let started = Instant::now();
+    let fast = h.one(2).await;
+    assert!(matches!(fast.result, Ok(Lookup::Found(_))));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "key 2 waited {:?} behind key 1's 3 s load",
+        started.elapsed()
+    );
+    assert_eq!(h.pending_flights(), 1, "key 1 is still loading");
+    drop(slow);
+}
+
+#[actix_rt::test]
+async fn a_waiter_that_leaves_does_not_cancel_the_flight() {
+    let h = Setup::default().start();
+    // Every waiter but the last goes away before the load finishes, the first one included.
+    let gone: Vec<_> = (0..10).map(|_| h.ask(11)).collect();
+    let stays = h.ask(11);
+    drop(gone);
+    let answer = tokio::time::timeout(Duration::from_secs(5), stays)
+        .await
+        .expect("answered")
+        .expect("not dropped");
+    assert!(matches!(answer.result, Ok(Lookup::Found(_))));
+    assert_eq!(
+        h.cache_sets.load(Ordering::SeqCst),
+        1,
+        "the flight filled the cache"
+    );
+
+    // Even when every waiter leaves, the flight completes and fills the cache.
+    drop(h.ask(12));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.cache_sets.load(Ordering::SeqCst), 2);
+    assert_eq!(h.one(12).await.x_cache, XCache::Hit);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 2);
+}
+
+#[actix_rt::test]
+async fn a_failed_flight_answers_every_waiter_and_is_not_cached() {
+    let h = Setup {
+        mode: DbMode::FailFirst(1),
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(5, 50).await;
+    assert!(answers
+        .iter()
+        .all(|a| matches!(a.result, Err(FlightError::Database(_)))));
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1);
+    assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+    assert_eq!(
+        h.cache_sets.load(Ordering::SeqCst),
+        0,
+        "errors are not cached"
+    );
+
+    let retry = h.one(5).await;
+    assert!(
+        matches!(retry.result, Ok(Lookup::Found(_))),
+        "the next request tries again"
+    );
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 2);
+}
+
+#[actix_rt::test]
+async fn a_flight_that_times_out_answers_every_waiter_and_leaves_no_entry() {
+    let h = Setup {
+        mode: DbMode::Hang,
+        flight_timeout: Duration::from_millis(200),
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(5, 20).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.result == Err(FlightError::Timeout(Duration::from_millis(200)))));
+    assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+    let _ = h.one(5).await;
+    assert_eq!(
+        h.db_queries.load(Ordering::SeqCst),
+        2,
+        "a new flight after the failed one"
+    );
+}
+
+#[actix_rt::test]
+async fn a_flight_whose_collaborator_panics_answers_every_waiter() {
+    let h = Setup {
+        mode: DbMode::Panic,
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(5, 20).await;
+    assert!(
+        answers.iter().all(|a| a.result.is_err()),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+    // The owner itself survived and still serves.
+    let again = h.one(5).await;
+    assert!(
+        again.result.is_err(),
+        "the database is gone, so this is an error, not a hang"
+    );
+}
+
+#[actix_rt::test]
+async fn not_found_is_shared_like_any_answer() {
+    let h = Setup::default().start();
+    let answers = h.burst(5000, 30).await;
+    assert!(answers.iter().all(|a| a.result == Ok(Lookup::NotFound)));
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn coalesce_off_makes_every_request_load_on_its_own() {
+    let h = Setup {
+        coalesce: false,
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(8, 50).await;
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 50);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 50);
+    assert_eq!(count(&answers, XCache::Miss), 50);
+    assert_eq!(h.metrics.singleflight_shared_total.get(), 0);
+    assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+}
+
+#[test]
+fn shard_for_spreads_keys_and_stays_in_range() {
+    for shards in 1..=8 {
+        let mut seen = vec![0usize; shards];
+        for id in 1..=8000 {
+            let s = shard_for(id, shards);
+            assert!(s < shards);
+            seen[s] += 1;
+        }
+        let expected = 8000 / shards;
+        assert!(
+            seen.iter().all(|&n| n > expected * 3 / 4),
+            "{shards} shards: {seen:?}"
+        );
+    }
+    assert_eq!(shard_for(42, 4), shard_for(42, 4), "stable");
+    assert!(shard_for(i64::MAX, 3) < 3 && shard_for(-1, 3) < 3);
+}

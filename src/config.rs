@@ -1,0 +1,288 @@
+//! All settings, read once from environment variables (12-factor).
+//!
+//! Every variable has a default that gives a working local service. A value that does not parse
+//! stops start-up with a [`ConfigError`] naming the variable and what it accepts: a typo in
+//! `CACHE_TTL_SECS` must not silently become the default.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The service's settings. Built by [`Settings::from_env`] in `main`, or directly by tests.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `HTTP_ADDR`: where the HTTP server listens. Port 0 picks a free port (tests).
+    pub http_addr: SocketAddr,
+    /// `HTTP_WORKERS`: actix-web worker threads (default: number of cores).
+    pub http_workers: usize,
+    /// `DATABASE_URL`: PostgreSQL connection URL.
+    pub database_url: String,
+    /// `REDIS_URL`: Redis connection URL.
+    pub redis_url: String,
+    /// `CACHE_TTL_SECS`: how long a template stays in Redis.
+    pub cache_ttl: Duration,
+    /// `KEY_OWNER_SHARDS`: number of KeyOwner actors, each on its own thread.
+    pub key_owner_shards: usize,
+    /// `DB_POOL_SIZE`: maximum PostgreSQL connections held by the DbActor's pool.
+    pub db_pool_size: u32,
+    /// `DB_ACQUIRE_TIMEOUT_MS`: longest wait for a pooled connection (bb8 would wait 30 s).
+    pub db_acquire_timeout: Duration,
+    /// `DB_QUERY_TIMEOUT_MS`: longest a query may run; also sent as `statement_timeout`.
+    pub db_query_timeout: Duration,
+    /// `REDIS_TIMEOUT_MS`: longest wait for one Redis command (and for connecting).
+    pub redis_timeout: Duration,
+    /// `REQUEST_TIMEOUT_MS`: no `/template-details` request is answered later than this.
+    pub request_timeout: Duration,
+    /// `FLIGHT_TIMEOUT_MS`: longest a flight (cache read, DB load, cache write) may take before
+    /// every waiter is answered with an error and the key is released.
+    pub flight_timeout: Duration,
+    /// `COALESCE`: `on` deduplicates concurrent loads of one key; `off` is the A/B baseline.
+    pub coalesce: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            http_workers: default_parallelism(),
+            database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
+            redis_url: "redis://127.0.0.1:6379/".to_owned(),
+            cache_ttl: Duration::from_secs(30),
+            key_owner_shards: default_shards(),
+            db_pool_size: 10,
+            db_acquire_timeout: Duration::from_millis(500),
+            db_query_timeout: Duration::from_millis(1000),
+            redis_timeout: Duration::from_millis(50),
+            request_timeout: Duration::from_millis(2000),
+            flight_timeout: Duration::from_millis(5000),
+            coalesce: true,
+        }
+    }
+}
+
+fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// One owner shard per two cores: each shard is a thread of its own, and on a 2-core machine a
+/// second owner thread competes with the HTTP workers for the same cores (see BENCHMARKS.md).
+fn default_shards() -> usize {
+    (default_parallelism() / 2).max(1)
+}
+
+/// A configuration value that cannot be used. The message names the variable, the value and what
+/// would be accepted, so the operator can fix it without reading code.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads settings from a map of variables; absent or empty variables take the default.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let d = Settings::default();
+        Ok(Settings {
+            http_addr: parse(
+                get("HTTP_ADDR"),
+                "HTTP_ADDR",
+                "an address like 0.0.0.0:8080",
+                d.http_addr,
+            )?,
+            http_workers: positive(get("HTTP_WORKERS"), "HTTP_WORKERS", d.http_workers)?,
+            database_url: url(
+                get("DATABASE_URL"),
+                "DATABASE_URL",
+                &["postgres", "postgresql"],
+                d.database_url,
+            )?,
+            redis_url: url(get("REDIS_URL"), "REDIS_URL", &["redis"], d.redis_url)?,
+            cache_ttl: Duration::from_secs(positive(
+                get("CACHE_TTL_SECS"),
+                "CACHE_TTL_SECS",
+                d.cache_ttl.as_secs() as usize,
+            )? as u64),
+            key_owner_shards: positive(
+                get("KEY_OWNER_SHARDS"),
+                "KEY_OWNER_SHARDS",
+                d.key_owner_shards,
+            )?,
+            db_pool_size: positive(get("DB_POOL_SIZE"), "DB_POOL_SIZE", d.db_pool_size as usize)?
+                as u32,
+            db_acquire_timeout: millis(
+                get("DB_ACQUIRE_TIMEOUT_MS"),
+                "DB_ACQUIRE_TIMEOUT_MS",
+                d.db_acquire_timeout,
+            )?,
+            db_query_timeout: millis(
+                get("DB_QUERY_TIMEOUT_MS"),
+                "DB_QUERY_TIMEOUT_MS",
+                d.db_query_timeout,
+            )?,
+            redis_timeout: millis(get("REDIS_TIMEOUT_MS"), "REDIS_TIMEOUT_MS", d.redis_timeout)?,
+            request_timeout: millis(
+                get("REQUEST_TIMEOUT_MS"),
+                "REQUEST_TIMEOUT_MS",
+                d.request_timeout,
+            )?,
+            flight_timeout: millis(
+                get("FLIGHT_TIMEOUT_MS"),
+                "FLIGHT_TIMEOUT_MS",
+                d.flight_timeout,
+            )?,
+            coalesce: on_off(get("COALESCE"), "COALESCE", d.coalesce)?,
+        })
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    raw: Option<&str>,
+    var: &'static str,
+    expected: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| ConfigError {
+            var,
+            value: v.to_owned(),
+            expected,
+        }),
+    }
+}
+
+fn positive(raw: Option<&str>, var: &'static str, default: usize) -> Result<usize, ConfigError> {
+    const EXPECTED: &str = "a whole number from 1 to 100000";
+    match parse(raw, var, EXPECTED, default)? {
+        n @ 1..=100_000 => Ok(n),
+        _ => Err(ConfigError {
+            var,
+            value: raw.unwrap_or_default().to_owned(),
+            expected: EXPECTED,
+        }),
+    }
+}
+
+fn millis(
+    raw: Option<&str>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    const EXPECTED: &str = "milliseconds, a whole number from 1 to 600000";
+    match raw {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(ms @ 1..=600_000) => Ok(Duration::from_millis(ms)),
+            _ => Err(ConfigError {
+                var,
+                value: v.to_owned(),
+                expected: EXPECTED,
+            }),
+        },
+    }
+}
+
+fn on_off(raw: Option<&str>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match raw.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("on" | "true" | "1" | "yes") => Ok(true),
+        Some("off" | "false" | "0" | "no") => Ok(false),
+        Some(_) => Err(ConfigError {
+            var,
+            value: raw.unwrap_or_default().to_owned(),
+            expected: "on or off",
+        }),
+    }
+}
+
+fn url(
+    raw: Option<&str>,
+    var: &'static str,
+    schemes: &[&str],
+    default: String,
+) -> Result<String, ConfigError> {
+    let Some(v) = raw else { return Ok(default) };
+    let scheme_ok = v
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
+    if scheme_ok {
+        Ok(v.to_owned())
+    } else {
+        Err(ConfigError {
+            var,
+            value: v.to_owned(),
+            expected: if schemes[0] == "redis" {
+                "a URL like redis://127.0.0.1:6379/"
+            } else {
+                "a URL like postgres://user@host:5432/dbname"
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let s = Settings::from_vars(&HashMap::new()).expect("defaults are valid");
+        assert_eq!(s.http_addr.port(), 8080);
+        assert_eq!(s.cache_ttl, Duration::from_secs(30));
+        assert_eq!(s.request_timeout, Duration::from_millis(2000));
+        assert!(s.coalesce);
+        assert!(s.key_owner_shards >= 1);
+    }
+
+    #[test]
+    fn values_are_read() {
+        let s = Settings::from_vars(&vars(&[
+            ("HTTP_ADDR", "127.0.0.1:9000"),
+            ("CACHE_TTL_SECS", "5"),
+            ("KEY_OWNER_SHARDS", "4"),
+            ("COALESCE", "OFF"),
+            ("REDIS_TIMEOUT_MS", "20"),
+        ]))
+        .expect("valid");
+        assert_eq!(s.http_addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(s.cache_ttl, Duration::from_secs(5));
+        assert_eq!(s.key_owner_shards, 4);
+        assert!(!s.coalesce);
+        assert_eq!(s.redis_timeout, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_and_what_is_accepted() {
+        for (var, value, expected) in [
+            ("CACHE_TTL_SECS", "thirty", "whole number"),
+            ("KEY_OWNER_SHARDS", "0", "from 1"),
+            ("COALESCE", "maybe", "on or off"),
+            ("HTTP_ADDR", "localhost", "address"),
+            ("REDIS_URL", "127.0.0.1:6379", "redis://"),
+            ("DATABASE_URL", "mysql://x/y", "postgres://"),
+            ("REQUEST_TIMEOUT_MS", "-5", "milliseconds"),
+        ] {
+            let err = Settings::from_vars(&vars(&[(var, value)])).expect_err(var);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(var) && msg.contains(value) && msg.contains(expected),
+                "{msg}"
+            );
+        }
+    }
+}

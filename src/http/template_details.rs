@@ -1,0 +1,179 @@
+//! `GET /template-details?id=N`: validate, ask the key's owner, wait at most the request
+//! deadline, answer.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use tokio::sync::oneshot;
+
+use crate::actors::key_owner::{shard_for, GetTemplate, Lookup};
+use crate::http::error::{mime_json, ApiError};
+use crate::http::AppState;
+
+/// The largest id the API accepts, spelled out for error messages.
+const ID_RANGE: &str = "a positive integer from 1 to 9223372036854775807";
+
+pub async fn template_details(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    reject_body(&req)?;
+    let id = parse_id(req.query_string())?;
+
+    let (reply, answer) = oneshot::channel();
+    let owner = &state.owners[shard_for(id, state.owners.len())];
+    // `do_send` never waits on the owner's mailbox; if the owner is gone the message is dropped
+    // with `reply`, and the receiver below sees that at once.
+    owner.do_send(GetTemplate { id, reply });
+
+    let answer = match tokio::time::timeout(state.request_timeout, answer).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_owner_gone)) => {
+            return Err(ApiError::Unavailable(format!(
+                "template {id} cannot be loaded right now: its key owner is not running"
+            )))
+        }
+        Err(_deadline) => {
+            // Leaving only drops our receiver: the flight goes on and fills the cache.
+            state.metrics.waiter_timeouts_total.inc();
+            return Err(ApiError::Unavailable(format!(
+                "template {id} could not be loaded within {} ms; retry shortly",
+                state.request_timeout.as_millis()
+            )));
+        }
+    };
+    match answer.result {
+        Ok(Lookup::Found(body)) => Ok(HttpResponse::Ok()
+            .insert_header((header::CONTENT_TYPE, mime_json()))
+            .insert_header(("X-Cache", answer.x_cache.as_str()))
+            .body(body)),
+        Ok(Lookup::NotFound) => Err(ApiError::TemplateNotFound(id)),
+        Err(e) => Err(ApiError::Unavailable(format!(
+            "template {id} cannot be loaded right now: {e}"
+        ))),
+    }
+}
+
+/// `GET /template-details` takes no body: a request that carries one is a client mistake.
+fn reject_body(req: &HttpRequest) -> Result<(), ApiError> {
+    let headers = req.headers();
+    let has_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() != "0");
+    if has_length || headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(ApiError::BadRequest(
+            "GET /template-details takes no request body; pass the id in the query string: ?id=N"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Extracts the one `id` parameter. Other parameters (cache busters and the like) are ignored.
+pub fn parse_id(query: &str) -> Result<i64, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "the query string is not valid URL encoding; expected ?id=N with N {ID_RANGE}"
+        ))
+    })?;
+    let mut ids = pairs.into_iter().filter(|(k, _)| k == "id").map(|(_, v)| v);
+    let (Some(raw), None) = (ids.next(), ids.next()) else {
+        let count = query
+            .split('&')
+            .filter(|p| p.split('=').next() == Some("id"))
+            .count();
+        return Err(ApiError::BadRequest(if count == 0 {
+            format!("missing query parameter `id`: expected ?id=N with N {ID_RANGE}")
+        } else {
+            format!("query parameter `id` was given {count} times: give it exactly once")
+        }));
+    };
+    let shown = shorten(&raw);
+    let bad = |why: &str| {
+        ApiError::BadRequest(format!("invalid id {shown:?}: {why}; expected {ID_RANGE}"))
+    };
+    if raw.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "query parameter `id` is empty: expected {ID_RANGE}"
+        )));
+    }
+    let (negative, digits) = match raw.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, raw.as_str()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("not a whole number"));
+    }
+    if negative && digits.bytes().any(|b| b != b'0') {
+        return Err(bad("it is negative"));
+    }
+    match digits.parse::<i64>() {
+        Err(_) => Err(bad("it is too large")),
+        Ok(0) => Err(bad("ids start at 1")),
+        Ok(id) => Ok(id),
+    }
+}
+
+/// Echoing a megabyte of garbage back in an error helps nobody.
+fn shorten(raw: &str) -> String {
+    const MAX: usize = 40;
+    match raw.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &raw[..cut]),
+        None => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(query: &str) -> String {
+        match parse_id(query) {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("{query:?} should be rejected, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_full_positive_range() {
+        assert_eq!(parse_id("id=1").ok(), Some(1));
+        assert_eq!(parse_id("id=9223372036854775807").ok(), Some(i64::MAX));
+        assert_eq!(parse_id("id=0042").ok(), Some(42));
+        assert_eq!(
+            parse_id("id=5&_=123").ok(),
+            Some(5),
+            "other parameters are ignored"
+        );
+    }
+
+    #[test]
+    fn rejects_each_malformed_id_with_a_reason() {
+        for (query, reason) in [
+            ("", "missing"),
+            ("foo=1", "missing"),
+            ("id=", "empty"),
+            ("id", "empty"),
+            ("id=0", "start at 1"),
+            ("id=-0", "start at 1"),
+            ("id=-3", "negative"),
+            ("id=abc", "not a whole number"),
+            ("id=1.5", "not a whole number"),
+            ("id=+1", "not a whole number"),
+            ("id=%201", "not a whole number"),
+            ("id=1e3", "not a whole number"),
+            ("id=9223372036854775808", "too large"),
+            ("id=99999999999999999999999999", "too large"),
+            ("id=1&id=2", "2 times"),
+            ("id=1&id=1", "2 times"),
+        ] {
+            let m = message(query);
+            assert!(m.contains(reason), "{query:?}: {m}");
+        }
+    }
+
+    #[test]
+    fn long_values_are_shortened_in_messages() {
+        let m = message(&format!("id={}", "x".repeat(10_000)));
+        assert!(m.len() < 200, "{m}");
+    }
+}

@@ -1,0 +1,14 @@
+//! singleflight: a read-through template service that ends cache stampedes.
+//!
+//! `GET /template-details?id=N` reads a template through Redis (cache-aside) backed by
+//! PostgreSQL. Requests for one key go to the one [`actors::key_owner::KeyOwner`] that owns it,
+//! which runs at most one load per key at a time and answers every waiter with its result.
+
+pub mod actors;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod migrate;
+pub mod schema;
+pub mod startup;
+pub mod template;

@@ -1,0 +1,142 @@
+//! The service's own Prometheus metrics, registered in the same registry as actix-web-prom's
+//! `http_request_total` and `http_request_duration_seconds`, so one `/metrics` scrape shows all.
+//!
+//! The five seed names (`http_in_flight_requests`, `cache_hits_total`, `cache_misses_total`,
+//! `db_hits_total`, `singleflight_shared_total`) are kept exactly so the seed's dashboard and
+//! queries work unchanged. Per `/template-details` request that reached an owner, exactly one of
+//! `cache_hits_total` / `cache_misses_total` moves, so `hits / (hits + misses)` is the hit rate.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Handles to every metric. Cloning is cheap (each handle is an `Arc`), so each actor and HTTP
+/// worker keeps its own copy.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests being processed now (all endpoints).
+    pub http_in_flight_requests: IntGauge,
+    /// Answers produced from a cache (Redis).
+    pub cache_hits_total: IntCounter,
+    /// Answers for which no usable cached value existed.
+    pub cache_misses_total: IntCounter,
+    /// Queries actually sent to PostgreSQL.
+    pub db_hits_total: IntCounter,
+    /// Callers that received another caller's in-flight database load (`X-Cache: SHARED`).
+    pub singleflight_shared_total: IntCounter,
+    /// Callers that joined another caller's in-flight Redis read instead of reading Redis themselves.
+    pub cache_reads_coalesced_total: IntCounter,
+    /// Flights by how they ended: `cache`, `database`, `not_found`, `error`.
+    pub flights_total: IntCounterVec,
+    /// Waiters that gave up at their deadline (answered 503 while the flight went on).
+    pub waiter_timeouts_total: IntCounter,
+    /// Redis calls that failed, by kind: `timeout`, `io`, `protocol`, `decode`.
+    pub redis_errors_total: IntCounterVec,
+    /// Failed database loads, by kind: `pool_timeout`, `connect`, `query_timeout`, `query`.
+    pub db_errors_total: IntCounterVec,
+    /// Time from asking the pool for a connection to having the row.
+    pub db_query_duration_seconds: Histogram,
+    /// Keys with a flight in progress, per owner shard.
+    pub key_owner_inflight_keys: IntGaugeVec,
+    /// Requests waiting for a flight, per owner shard.
+    pub key_owner_waiters: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["shard"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+
+        let http_in_flight_requests = IntGauge::new(
+            "http_in_flight_requests",
+            "HTTP requests being processed now",
+        )?;
+        registry.register(Box::new(http_in_flight_requests.clone()))?;
+        let db_query_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "db_query_duration_seconds",
+                "Time to load one template from PostgreSQL, pool wait included",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        registry.register(Box::new(db_query_duration_seconds.clone()))?;
+
+        let metrics = Metrics {
+            http_in_flight_requests,
+            cache_hits_total: counter("cache_hits_total", "Answers served from a cache")?,
+            cache_misses_total: counter(
+                "cache_misses_total",
+                "Answers for which no usable cached value existed",
+            )?,
+            db_hits_total: counter("db_hits_total", "Queries sent to PostgreSQL")?,
+            singleflight_shared_total: counter(
+                "singleflight_shared_total",
+                "Callers that received another caller's in-flight database load",
+            )?,
+            cache_reads_coalesced_total: counter(
+                "cache_reads_coalesced_total",
+                "Callers that joined another caller's in-flight Redis read",
+            )?,
+            flights_total: counter_vec(
+                "singleflight_flights_total",
+                "Flights (one cache read and at most one database load) by how they ended",
+                "result",
+            )?,
+            waiter_timeouts_total: counter(
+                "singleflight_waiter_timeouts_total",
+                "Requests answered 503 at their deadline while the flight went on",
+            )?,
+            redis_errors_total: counter_vec(
+                "redis_errors_total",
+                "Failed Redis calls by kind (each one treated as a cache miss)",
+                "kind",
+            )?,
+            db_errors_total: counter_vec(
+                "db_errors_total",
+                "Failed database loads by kind",
+                "kind",
+            )?,
+            db_query_duration_seconds,
+            key_owner_inflight_keys: gauge_vec(
+                "key_owner_inflight_keys",
+                "Keys with a flight in progress, per KeyOwner shard",
+            )?,
+            key_owner_waiters: gauge_vec(
+                "key_owner_waiters",
+                "Requests waiting on a flight, per KeyOwner shard",
+            )?,
+            registry,
+        };
+        // Make the labelled series exist from the first scrape, so dashboards and rate() see 0
+        // rather than "no data" before the first error.
+        for kind in ["timeout", "io", "protocol", "decode"] {
+            metrics.redis_errors_total.with_label_values(&[kind]);
+        }
+        for kind in ["pool_timeout", "connect", "query_timeout", "query"] {
+            metrics.db_errors_total.with_label_values(&[kind]);
+        }
+        for result in ["cache", "database", "not_found", "error"] {
+            metrics.flights_total.with_label_values(&[result]);
+        }
+        Ok(metrics)
+    }
+}

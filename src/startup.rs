@@ -1,0 +1,193 @@
+//! The one way to start the service, used by `main` and by the tests.
+//!
+//! [`Application::build`] applies migrations, starts the actors, binds the listener and returns
+//! the server ready to run, with the port it got (tests bind port 0).
+//!
+//! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
+//! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`]; and
+//! `HTTP_WORKERS` actix-web workers.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::dev::{Server, ServerHandle, Service};
+use actix_web::{web, App, HttpServer};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetricsBuilder};
+
+use crate::actors::cache::{CacheActor, CacheSettings};
+use crate::actors::db::{DbActor, DbSettings};
+use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps};
+use crate::config::Settings;
+use crate::http::{self, AppState, InFlight};
+use crate::metrics::Metrics;
+
+/// How long start-up waits for PostgreSQL to accept connections before giving up.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("REDIS_URL is not usable: {0}")]
+    RedisUrl(String),
+    #[error("database migrations: {0}")]
+    Migrations(String),
+    #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    arbiters: Vec<Arbiter>,
+    metrics: Metrics,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        CacheActor::check_url(&settings.redis_url).map_err(StartupError::RedisUrl)?;
+        let applied = crate::migrate::run_pending(&settings.database_url, MIGRATION_PATIENCE)
+            .await
+            .map_err(StartupError::Migrations)?;
+        log::info!("database schema is current ({applied} migrations applied now)");
+
+        let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
+        let mut arbiters = Vec::new();
+
+        let db_arbiter = Arbiter::new();
+        let db_settings = DbSettings {
+            database_url: settings.database_url.clone(),
+            pool_size: settings.db_pool_size,
+            acquire_timeout: settings.db_acquire_timeout,
+            query_timeout: settings.db_query_timeout,
+        };
+        let db_metrics = metrics.clone();
+        let db = DbActor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+            DbActor::new(db_settings, db_metrics)
+        });
+        arbiters.push(db_arbiter);
+
+        let cache_settings = CacheSettings {
+            redis_url: settings.redis_url.clone(),
+            timeout: settings.redis_timeout,
+            ttl: settings.cache_ttl,
+        };
+        let mut owners = Vec::with_capacity(settings.key_owner_shards);
+        let mut caches = Vec::with_capacity(settings.key_owner_shards);
+        for shard in 0..settings.key_owner_shards {
+            let arbiter = Arbiter::new();
+            let (cs, cm) = (cache_settings.clone(), metrics.clone());
+            let cache =
+                CacheActor::start_in_arbiter(&arbiter.handle(), move |_| CacheActor::new(cs, cm));
+            let deps = KeyOwnerDeps {
+                cache_get: cache.clone().recipient(),
+                cache_set: cache.clone().recipient(),
+                db: db.clone().recipient(),
+                flight_timeout: settings.flight_timeout,
+                coalesce: settings.coalesce,
+                metrics: metrics.clone(),
+            };
+            owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {
+                KeyOwner::new(shard, deps)
+            }));
+            caches.push(cache);
+            arbiters.push(arbiter);
+        }
+
+        let prometheus = PrometheusMetricsBuilder::new("")
+            .registry(metrics.registry.clone())
+            .endpoint("/metrics")
+            .exclude("/metrics")
+            .mask_unmatched_patterns("UNMATCHED")
+            .metrics_configuration(
+                ActixMetricsConfiguration::default()
+                    .http_requests_total_name("http_request_total")
+                    .http_requests_duration_seconds_name("http_request_duration_seconds"),
+            )
+            .build()
+            .map_err(|e| StartupError::Metrics(e.to_string()))?;
+
+        let state = web::Data::new(AppState {
+            owners,
+            db,
+            cache_probe: caches[0].clone(),
+            request_timeout: settings.request_timeout,
+            metrics: metrics.clone(),
+        });
+        let in_flight = metrics.http_in_flight_requests.clone();
+        let bind_err = |source| StartupError::Bind {
+            addr: settings.http_addr,
+            source,
+        };
+        let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
+        let port = listener.local_addr().map_err(bind_err)?.port();
+        let server = HttpServer::new(move || {
+            let in_flight = in_flight.clone();
+            App::new()
+                .wrap(prometheus.clone())
+                .wrap_fn(move |req, srv| {
+                    // A scrape is not traffic: counting it would show one request in flight
+                    // on every sample.
+                    let guard = (req.path() != "/metrics").then(|| InFlight::enter(&in_flight));
+                    let response = srv.call(req);
+                    async move {
+                        let response = response.await;
+                        drop(guard);
+                        response
+                    }
+                })
+                .app_data(state.clone())
+                .configure(http::routes)
+        })
+        .workers(settings.http_workers)
+        // On SIGTERM/SIGINT: stop accepting, give in-flight requests this long to finish.
+        .shutdown_timeout(10)
+        .listen(listener)
+        .map_err(bind_err)?
+        .run();
+        log::info!(
+            "listening on {} ({} key owner shards, coalescing {})",
+            listener_addr(settings.http_addr, port),
+            settings.key_owner_shards,
+            if settings.coalesce { "on" } else { "off" }
+        );
+        Ok(Application {
+            port,
+            server,
+            arbiters,
+            metrics,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (gracefully) from elsewhere, e.g. a test.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves until the server is stopped (SIGTERM/SIGINT or [`ServerHandle::stop`]), then
+    /// stops the actor threads.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        result
+    }
+}
+
+fn listener_addr(addr: std::net::SocketAddr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip(), port)
+}
