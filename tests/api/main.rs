@@ -1,0 +1,11 @@
+//! Black-box tests through real HTTP against real PostgreSQL and Redis, which the support module
+//! starts on free loopback ports. One binary, so one pair of servers serves every test; each test
+//! gets its own database and its own Redis keyspace, so tests run in parallel.
+
+mod support;
+
+mod config;
+mod health;
+mod metrics;
+mod redis_down;
+mod template_details;

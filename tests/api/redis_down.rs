@@ -1,0 +1,73 @@
+//! Redis is an optimisation: with no Redis at all the service starts and answers from
+//! PostgreSQL, and says it is degraded.
+
+use crate::support::{header, spawn_app_with};
+
+#[actix_rt::test]
+async fn the_service_starts_and_answers_from_postgresql_with_redis_down() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let app = spawn_app_with(|s| s.redis_url = format!("redis://127.0.0.1:{closed_port}/")).await;
+
+    for _ in 0..3 {
+        let response = app.template(12).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-cache"),
+            "MISS",
+            "nothing can be cached"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["id"], 12);
+    }
+    assert_eq!(app.metric("db_hits_total").await, 3.0);
+    assert!(
+        app.metric("redis_errors_total").await >= 3.0,
+        "each failed Redis call is counted"
+    );
+
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200, "Redis down is degraded, not unready");
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["checks"]["redis"]
+            .as_str()
+            .unwrap()
+            .starts_with("degraded"),
+        "{body}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
+    let app = spawn_app_with(|_| {}).await;
+    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SET")
+        .arg("template:77")
+        .arg("not a template")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let response = app.template(77).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-cache"), "MISS");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["id"], 77);
+    let decode_errors = app.metrics_text().await;
+    assert!(decode_errors.contains(r#"redis_errors_total{kind="decode"} 1"#));
+
+    let stored: String = redis::cmd("GET")
+        .arg("template:77")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        stored.starts_with("{\"id\":77"),
+        "the bad value was overwritten: {stored}"
+    );
+    assert_eq!(header(&app.template(77).await, "x-cache"), "HIT");
+}

@@ -1,0 +1,176 @@
+//! The one test harness: [`spawn_app`] starts the real service (the same
+//! [`Application::build`] that `main` uses) on a free port, against a fresh database and a fresh
+//! Redis keyspace of the shared test servers.
+
+pub mod servers;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use singleflight::config::Settings;
+use singleflight::startup::Application;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    pub redis_url: String,
+    handle: ServerHandle,
+}
+
+/// Starts the service with test defaults.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the service after `customize` adjusted its settings (a short TTL, Redis elsewhere, …).
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let servers = servers::servers();
+    let database = create_database(servers).await;
+    let mut settings = Settings {
+        http_addr: "127.0.0.1:0".parse().expect("loopback address"),
+        http_workers: 2,
+        database_url: servers.pg_url(&database),
+        redis_url: servers.redis_url(servers::next_redis_db()),
+        // Two owners, so that tests cross shards as in a real deployment.
+        key_owner_shards: 2,
+        // A loaded CI machine may take longer than production's tight bound to answer.
+        redis_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    customize(&mut settings);
+    let (database_url, redis_url) = (settings.database_url.clone(), settings.redis_url.clone());
+    let app = Application::build(settings)
+        .await
+        .expect("the service starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    actix_rt::spawn(app.run_until_stopped());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client");
+    TestApp {
+        address,
+        client,
+        database_url,
+        redis_url,
+        handle,
+    }
+}
+
+/// A database of its own for one test.
+async fn create_database(servers: &servers::Servers) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut admin = AsyncPgConnection::establish(&servers.pg_admin_url())
+        .await
+        .expect("connect to the test PostgreSQL");
+    diesel::sql_query(format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+    name
+}
+
+impl TestApp {
+    /// Drops this test's database (terminating the service's connections to it), to play a
+    /// PostgreSQL that stopped answering for this service.
+    pub async fn drop_database(&self) {
+        let servers = servers::servers();
+        let name = self
+            .database_url
+            .rsplit('/')
+            .next()
+            .expect("database name")
+            .to_owned();
+        let mut admin = AsyncPgConnection::establish(&servers.pg_admin_url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .expect("drop the test database");
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{}", self.address, path_and_query))
+            .send()
+            .await
+            .expect("the request is answered")
+    }
+
+    pub async fn template(&self, id: i64) -> reqwest::Response {
+        self.get(&format!("/template-details?id={id}")).await
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The sum of every series of metric `name` in a fresh scrape (0 if absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        sum_metric(&self.metrics_text().await, name)
+    }
+
+    /// Opens `n` keep-alive connections, so that a following burst of `n` requests is sent at
+    /// once rather than paced by TCP handshakes.
+    pub async fn warm_connections(&self, n: usize) {
+        let requests = (0..n).map(|_| self.get("/healthz"));
+        for response in futures_util::future::join_all(requests).await {
+            assert_eq!(response.status(), 200);
+        }
+    }
+
+    /// `n` concurrent requests for one template: (status, X-Cache, body) of each.
+    pub async fn burst(&self, id: i64, n: usize) -> Vec<(u16, String, String)> {
+        let requests = (0..n).map(|_| async move {
+            let response = self.template(id).await;
+            let status = response.status().as_u16();
+            let x_cache = header(&response, "x-cache");
+            (status, x_cache, response.text().await.expect("body"))
+        });
+        futures_util::future::join_all(requests).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Sends the stop command now; the server winds down on its own threads.
+        drop(self.handle.stop(false));
+    }
+}
+
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Sums the samples of `name` (with any labels) in Prometheus text format.
+pub fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
