@@ -8,4 +8,5 @@ mod config;
 mod health;
 mod metrics;
 mod redis_down;
+mod shutdown;
 mod template_details;
