@@ -38,6 +38,25 @@ pub struct Settings {
     pub flight_timeout: Duration,
     /// `COALESCE`: `on` deduplicates concurrent loads of one key; `off` is the A/B baseline.
     pub coalesce: bool,
+    /// `NEAR_CACHE_TTL_MS`: how long an owner serves a key from its own memory without asking
+    /// Redis; zero disables the near cache.
+    pub near_cache_ttl: Duration,
+    /// `NEAR_CACHE_CAPACITY`: keys each owner remembers (least recently used go first).
+    pub near_cache_capacity: usize,
+    /// `MAX_STALE_SECS`: how old a remembered value may be and still be served (`X-Cache: STALE`)
+    /// when loading a fresh one fails.
+    pub max_stale: Duration,
+    /// `NEGATIVE_TTL_SECS`: how long "no such template" is cached.
+    pub negative_ttl: Duration,
+    /// `MAX_PENDING_KEYS`: keys with a flight in progress per owner; beyond, requests for new
+    /// keys are shed (503) at once.
+    pub max_pending_keys: usize,
+    /// `MAX_WAITERS_PER_KEY`: requests waiting on one flight; beyond, shed (503) at once.
+    pub max_waiters_per_key: usize,
+    /// `BREAKER_FAILURES`: consecutive Redis failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// `BREAKER_OPEN_MS`: how long an open breaker skips Redis before probing it.
+    pub breaker_open: Duration,
 }
 
 impl Default for Settings {
@@ -56,6 +75,14 @@ impl Default for Settings {
             request_timeout: Duration::from_millis(2000),
             flight_timeout: Duration::from_millis(5000),
             coalesce: true,
+            near_cache_ttl: Duration::from_millis(1000),
+            near_cache_capacity: 10_000,
+            max_stale: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(5),
+            max_pending_keys: 10_000,
+            max_waiters_per_key: 10_000,
+            breaker_failures: 5,
+            breaker_open: Duration::from_millis(1000),
         }
     }
 }
@@ -139,6 +166,38 @@ impl Settings {
                 d.flight_timeout,
             )?,
             coalesce: on_off(get("COALESCE"), "COALESCE", d.coalesce)?,
+            near_cache_ttl: millis_or_zero(
+                get("NEAR_CACHE_TTL_MS"),
+                "NEAR_CACHE_TTL_MS",
+                d.near_cache_ttl,
+            )?,
+            near_cache_capacity: positive(
+                get("NEAR_CACHE_CAPACITY"),
+                "NEAR_CACHE_CAPACITY",
+                d.near_cache_capacity,
+            )?,
+            max_stale: secs_or_zero(get("MAX_STALE_SECS"), "MAX_STALE_SECS", d.max_stale)?,
+            negative_ttl: secs_or_zero(
+                get("NEGATIVE_TTL_SECS"),
+                "NEGATIVE_TTL_SECS",
+                d.negative_ttl,
+            )?,
+            max_pending_keys: positive(
+                get("MAX_PENDING_KEYS"),
+                "MAX_PENDING_KEYS",
+                d.max_pending_keys,
+            )?,
+            max_waiters_per_key: positive(
+                get("MAX_WAITERS_PER_KEY"),
+                "MAX_WAITERS_PER_KEY",
+                d.max_waiters_per_key,
+            )?,
+            breaker_failures: positive(
+                get("BREAKER_FAILURES"),
+                "BREAKER_FAILURES",
+                d.breaker_failures as usize,
+            )? as u32,
+            breaker_open: millis(get("BREAKER_OPEN_MS"), "BREAKER_OPEN_MS", d.breaker_open)?,
         })
     }
 }
@@ -181,6 +240,44 @@ fn millis(
         None => Ok(default),
         Some(v) => match v.parse::<u64>() {
             Ok(ms @ 1..=600_000) => Ok(Duration::from_millis(ms)),
+            _ => Err(ConfigError {
+                var,
+                value: v.to_owned(),
+                expected: EXPECTED,
+            }),
+        },
+    }
+}
+
+fn millis_or_zero(
+    raw: Option<&str>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    const EXPECTED: &str = "milliseconds, a whole number from 0 (off) to 600000";
+    match raw {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(ms @ 0..=600_000) => Ok(Duration::from_millis(ms)),
+            _ => Err(ConfigError {
+                var,
+                value: v.to_owned(),
+                expected: EXPECTED,
+            }),
+        },
+    }
+}
+
+fn secs_or_zero(
+    raw: Option<&str>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    const EXPECTED: &str = "seconds, a whole number from 0 (off) to 86400";
+    match raw {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(s @ 0..=86_400) => Ok(Duration::from_secs(s)),
             _ => Err(ConfigError {
                 var,
                 value: v.to_owned(),

@@ -29,9 +29,22 @@ pub struct Metrics {
     pub cache_reads_coalesced_total: IntCounter,
     /// Flights by how they ended: `cache`, `database`, `not_found`, `error`.
     pub flights_total: IntCounterVec,
+    /// Answers served by an owner's near cache without a Redis round trip (also in
+    /// `cache_hits_total`).
+    pub near_cache_hits_total: IntCounter,
+    /// Expired values served on purpose because a fresh load failed (`X-Cache: STALE`).
+    pub stale_answers_total: IntCounter,
+    /// Requests answered 503 at once because an owner was at a bound, by `reason`.
+    pub shed_requests_total: IntCounterVec,
+    /// Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open (probing).
+    pub redis_breaker_state: IntGaugeVec,
+    /// Breaker transitions by the state entered (`open`, `half_open`, `closed`).
+    pub redis_breaker_transitions_total: IntCounterVec,
+    /// Redis calls not made because the breaker was open (each one a cache miss at no cost).
+    pub redis_calls_skipped_total: IntCounter,
     /// Waiters that gave up at their deadline (answered 503 while the flight went on).
     pub waiter_timeouts_total: IntCounter,
-    /// Redis calls that failed, by kind: `timeout`, `io`, `protocol`, `decode`.
+    /// Redis calls that failed, by kind: `timeout`, `refused`, `io`, `protocol`, `decode`.
     pub redis_errors_total: IntCounterVec,
     /// Failed database loads, by kind: `pool_timeout`, `connect`, `query_timeout`, `query`.
     pub db_errors_total: IntCounterVec,
@@ -101,6 +114,32 @@ impl Metrics {
                 "Flights (one cache read and at most one database load) by how they ended",
                 "result",
             )?,
+            near_cache_hits_total: counter(
+                "near_cache_hits_total",
+                "Answers served from a KeyOwner's near cache without a Redis round trip",
+            )?,
+            stale_answers_total: counter(
+                "stale_answers_total",
+                "Expired values served because a fresh load failed (X-Cache: STALE)",
+            )?,
+            shed_requests_total: counter_vec(
+                "shed_requests_total",
+                "Requests answered 503 at once because a KeyOwner was at a bound",
+                "reason",
+            )?,
+            redis_breaker_state: gauge_vec(
+                "redis_breaker_state",
+                "Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open",
+            )?,
+            redis_breaker_transitions_total: counter_vec(
+                "redis_breaker_transitions_total",
+                "Redis circuit breaker transitions by the state entered",
+                "to",
+            )?,
+            redis_calls_skipped_total: counter(
+                "redis_calls_skipped_total",
+                "Redis calls not made because the circuit breaker was open",
+            )?,
             waiter_timeouts_total: counter(
                 "singleflight_waiter_timeouts_total",
                 "Requests answered 503 at their deadline while the flight went on",
@@ -128,11 +167,19 @@ impl Metrics {
         };
         // Make the labelled series exist from the first scrape, so dashboards and rate() see 0
         // rather than "no data" before the first error.
-        for kind in ["timeout", "io", "protocol", "decode"] {
+        for kind in ["timeout", "refused", "io", "protocol", "decode"] {
             metrics.redis_errors_total.with_label_values(&[kind]);
         }
         for kind in ["pool_timeout", "connect", "query_timeout", "query"] {
             metrics.db_errors_total.with_label_values(&[kind]);
+        }
+        for reason in ["pending_keys", "waiters"] {
+            metrics.shed_requests_total.with_label_values(&[reason]);
+        }
+        for to in ["open", "half_open", "closed"] {
+            metrics
+                .redis_breaker_transitions_total
+                .with_label_values(&[to]);
         }
         for result in ["cache", "database", "not_found", "error"] {
             metrics.flights_total.with_label_values(&[result]);

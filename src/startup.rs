@@ -17,7 +17,7 @@ use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetricsBuilder};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
-use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps};
+use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, OwnerSettings};
 use crate::config::Settings;
 use crate::http::{self, AppState, InFlight};
 use crate::metrics::Metrics;
@@ -76,20 +76,23 @@ impl Application {
             redis_url: settings.redis_url.clone(),
             timeout: settings.redis_timeout,
             ttl: settings.cache_ttl,
+            negative_ttl: settings.negative_ttl,
+            breaker_failures: settings.breaker_failures,
+            breaker_open: settings.breaker_open,
         };
         let mut owners = Vec::with_capacity(settings.key_owner_shards);
         let mut caches = Vec::with_capacity(settings.key_owner_shards);
         for shard in 0..settings.key_owner_shards {
             let arbiter = Arbiter::new();
             let (cs, cm) = (cache_settings.clone(), metrics.clone());
-            let cache =
-                CacheActor::start_in_arbiter(&arbiter.handle(), move |_| CacheActor::new(cs, cm));
+            let cache = CacheActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                CacheActor::new(shard, cs, cm)
+            });
             let deps = KeyOwnerDeps {
                 cache_get: cache.clone().recipient(),
                 cache_set: cache.clone().recipient(),
                 db: db.clone().recipient(),
-                flight_timeout: settings.flight_timeout,
-                coalesce: settings.coalesce,
+                settings: OwnerSettings::from(&settings),
                 metrics: metrics.clone(),
             };
             owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {

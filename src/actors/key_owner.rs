@@ -3,42 +3,55 @@
 //! # Ownership
 //! Every template id belongs to exactly one owner, chosen by [`shard_for`]. All requests for an id
 //! reach that owner's mailbox, and an actor handles one message at a time, so the owner's plain
-//! `HashMap` of pending flights needs no lock: mailbox serialization *is* the deduplication.
+//! maps need no lock: mailbox serialization *is* the deduplication.
+//!
+//! # Near cache
+//! The owner remembers the latest answer for its recent keys (an LRU of `NEAR_CACHE_CAPACITY`
+//! entries). For `NEAR_CACHE_TTL_MS` after a load an entry is *fresh* and answers at once, with no
+//! Redis round trip: hot keys cost no I/O at all, and when Redis is gone the database sees at most
+//! one load per key per TTL, however high the request rate. Older entries are kept (until evicted)
+//! only as a fallback: see stale-if-error.
 //!
 //! # Flights
-//! The first [`GetTemplate`] for an id with no pending flight starts one: a cache read, on a miss
-//! a database load, then a cache write of what was loaded. The flight runs as a future spawned on
-//! the owner's context (`ctx.spawn`), so the owner keeps handling messages — for other keys and
-//! for this one — while it is in the air; keys never wait on each other. Requests for the id that
-//! arrive while the flight is pending join its waiter list instead of starting another.
+//! A request that finds no fresh entry and no pending flight for its id starts one: a cache read,
+//! on a miss a database load, then a cache write of what was loaded. The flight runs as a future
+//! spawned on the owner's context (`ctx.spawn`), so the owner keeps handling messages — for other
+//! keys and for this one — while it is in the air; keys never wait on each other. Requests for the
+//! id that arrive while the flight is pending join its waiter list instead of starting another.
 //!
 //! A flight ends only after its cache write was attempted, so a request that arrives after the
-//! flight's entry is removed finds the value in Redis. Then, in one step of the actor:
-//! the entry is removed and every waiter is answered with the same result.
+//! flight's entry is removed finds the value cached. Then, in one step of the actor: the entry
+//! is removed, the near cache is updated, and every waiter is answered with the same result.
 //!
 //! # What every waiter is guaranteed
-//! - exactly one answer, the flight's result, or an error if the flight failed, timed out
-//!   (`FLIGHT_TIMEOUT_MS`) or panicked — never silence, so no waiter hangs on the owner;
+//! - exactly one answer: the flight's result; or, if the flight failed, timed out
+//!   (`FLIGHT_TIMEOUT_MS`) or panicked, the remembered value if it is younger than
+//!   `MAX_STALE_SECS` (`X-Cache: STALE`), else an error — never silence, so no waiter hangs;
 //! - a waiter that goes away (its HTTP request was cancelled or hit its deadline) just drops its
-//!   receiver: the flight goes on and still fills the cache for everyone after it;
-//! - errors are never cached: a failed flight leaves no entry, and the next request starts anew.
+//!   receiver: the flight goes on and still fills the caches for everyone after it;
+//! - errors are never cached: a failed flight leaves no entry, and the next request starts anew;
+//! - bounded memory: at most `MAX_PENDING_KEYS` flights and `MAX_WAITERS_PER_KEY` waiters each;
+//!   a request beyond either bound is answered at once with an overload error (shed).
 //!
-//! With `COALESCE=off` every request runs a flight of its own and nothing is shared: the
-//! baseline that shows what coalescing saves.
+//! With `COALESCE=off` every request runs a flight of its own, nothing is shared and the near
+//! cache is not used: the baseline that shows what coalescing saves.
 //!
 //! The owner talks to Redis and PostgreSQL only through [`Recipient`]s, so tests put fakes there.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use futures_util::FutureExt;
+use lru::LruCache;
 use tokio::sync::oneshot;
 
 use crate::actors::cache::{CacheGet, CacheSet};
 use crate::actors::db::{DbError, FetchTemplate};
+use crate::config::Settings;
 use crate::metrics::Metrics;
 
 /// Picks the owner of `id` among `shards` owners. A multiplicative hash spreads consecutive ids
@@ -64,7 +77,7 @@ pub enum Origin {
     Database,
 }
 
-/// Why a flight produced no answer. Every waiter of the flight receives the same error.
+/// Why a request got no answer. Every waiter of a failed flight receives the same error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FlightError {
     #[error("database unavailable: {0}")]
@@ -75,17 +88,39 @@ pub enum FlightError {
     Timeout(Duration),
     #[error("loading failed unexpectedly")]
     Panicked,
+    /// Shed before any work: the owner is at one of its bounds.
+    #[error("the service is overloaded ({0}); retry shortly")]
+    Shed(ShedReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShedReason {
+    #[error("too many keys loading at once")]
+    PendingKeys,
+    #[error("too many requests waiting for this key")]
+    Waiters,
+}
+
+impl ShedReason {
+    fn label(self) -> &'static str {
+        match self {
+            ShedReason::PendingKeys => "pending_keys",
+            ShedReason::Waiters => "waiters",
+        }
+    }
 }
 
 /// How the `X-Cache` header describes an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XCache {
-    /// Served from a cache.
+    /// Served from a cache (Redis or the owner's near cache).
     Hit,
     /// This request's own flight loaded it from PostgreSQL.
     Miss,
     /// This request waited on another request's database load and shared its result.
     Shared,
+    /// An expired value, served on purpose because loading a fresh one failed.
+    Stale,
 }
 
 impl XCache {
@@ -94,6 +129,7 @@ impl XCache {
             XCache::Hit => "HIT",
             XCache::Miss => "MISS",
             XCache::Shared => "SHARED",
+            XCache::Stale => "STALE",
         }
     }
 }
@@ -114,14 +150,47 @@ pub struct GetTemplate {
     pub reply: oneshot::Sender<Answer>,
 }
 
-/// The owner's collaborators and limits.
+/// The owner's behaviour and bounds; a subset of [`Settings`].
+#[derive(Debug, Clone)]
+pub struct OwnerSettings {
+    pub flight_timeout: Duration,
+    pub coalesce: bool,
+    pub near_cache_ttl: Duration,
+    pub near_cache_capacity: usize,
+    pub negative_ttl: Duration,
+    pub max_stale: Duration,
+    pub max_pending_keys: usize,
+    pub max_waiters_per_key: usize,
+}
+
+impl From<&Settings> for OwnerSettings {
+    fn from(s: &Settings) -> Self {
+        OwnerSettings {
+            flight_timeout: s.flight_timeout,
+            coalesce: s.coalesce,
+            near_cache_ttl: s.near_cache_ttl,
+            near_cache_capacity: s.near_cache_capacity,
+            negative_ttl: s.negative_ttl,
+            max_stale: s.max_stale,
+            max_pending_keys: s.max_pending_keys,
+            max_waiters_per_key: s.max_waiters_per_key,
+        }
+    }
+}
+
+impl Default for OwnerSettings {
+    fn default() -> Self {
+        OwnerSettings::from(&Settings::default())
+    }
+}
+
+/// The owner's collaborators and settings.
 #[derive(Clone)]
 pub struct KeyOwnerDeps {
     pub cache_get: Recipient<CacheGet>,
     pub cache_set: Recipient<CacheSet>,
     pub db: Recipient<FetchTemplate>,
-    pub flight_timeout: Duration,
-    pub coalesce: bool,
+    pub settings: OwnerSettings,
     pub metrics: Metrics,
 }
 
@@ -141,21 +210,36 @@ struct Flight {
     waiters: Vec<Waiter>,
 }
 
+/// The latest answer the owner saw for a key.
+struct Remembered {
+    lookup: Lookup,
+    loaded_at: Instant,
+}
+
 pub struct KeyOwner {
     /// This owner's shard number, as the `shard` label of its metrics.
     shard: String,
     deps: KeyOwnerDeps,
     /// Pending flights by template id, each with its waiters. Only coalesced flights live here.
     pending_waiters: HashMap<i64, Flight>,
+    /// Latest answers of recent keys, fresh for `near_cache_ttl`, usable when stale up to
+    /// `max_stale`. `None` when neither use is enabled.
+    near_cache: Option<LruCache<i64, Remembered>>,
     next_flight_id: u64,
 }
 
 impl KeyOwner {
     pub fn new(shard: usize, deps: KeyOwnerDeps) -> Self {
+        let s = &deps.settings;
+        let remember = !s.near_cache_ttl.is_zero() || !s.max_stale.is_zero();
+        let near_cache = NonZeroUsize::new(s.near_cache_capacity)
+            .filter(|_| remember)
+            .map(LruCache::new);
         KeyOwner {
             shard: shard.to_string(),
             deps,
             pending_waiters: HashMap::new(),
+            near_cache,
             next_flight_id: 0,
         }
     }
@@ -174,12 +258,43 @@ impl KeyOwner {
             .with_label_values(&[&self.shard])
     }
 
+    /// A fresh remembered answer for `id`, if any.
+    fn fresh(&mut self, id: i64) -> Option<Lookup> {
+        let s = &self.deps.settings;
+        let (ttl, negative_ttl) = (s.near_cache_ttl, s.negative_ttl.min(s.near_cache_ttl));
+        let entry = self.near_cache.as_mut()?.get(&id)?;
+        let fresh_for = match entry.lookup {
+            Lookup::Found(_) => ttl,
+            Lookup::NotFound => negative_ttl,
+        };
+        (entry.loaded_at.elapsed() < fresh_for).then(|| entry.lookup.clone())
+    }
+
+    /// A remembered answer for `id` young enough to stand in for a failed load.
+    fn stale(&mut self, id: i64) -> Option<Lookup> {
+        let max_stale = self.deps.settings.max_stale;
+        let entry = self.near_cache.as_mut()?.peek(&id)?;
+        (entry.loaded_at.elapsed() < max_stale).then(|| entry.lookup.clone())
+    }
+
+    fn remember(&mut self, id: i64, lookup: &Lookup) {
+        if let Some(cache) = self.near_cache.as_mut() {
+            cache.put(
+                id,
+                Remembered {
+                    lookup: lookup.clone(),
+                    loaded_at: Instant::now(),
+                },
+            );
+        }
+    }
+
     /// Starts a flight for `id` whose result is handed to `on_done` inside the actor.
     fn spawn_flight<F>(&mut self, id: i64, ctx: &mut Context<Self>, on_done: F)
     where
         F: FnOnce(&mut Self, FlightResult) + 'static,
     {
-        let timeout = self.deps.flight_timeout;
+        let timeout = self.deps.settings.flight_timeout;
         // A panic inside the flight (a bug in a collaborator) must not take the owner down with
         // every other key's waiters: it becomes an error like any other.
         let flight = AssertUnwindSafe(run_flight(id, self.deps.clone())).catch_unwind();
@@ -196,8 +311,24 @@ impl KeyOwner {
         }));
     }
 
+    /// Turns a flight's result into what its waiters get: the result itself (remembered), or
+    /// for a failure a stale remembered value when there is one.
+    fn settle(&mut self, id: i64, result: FlightResult) -> Settled {
+        match result {
+            Ok((lookup, origin)) => {
+                self.remember(id, &lookup);
+                Settled::Fresh(lookup, origin)
+            }
+            Err(e) => match self.stale(id) {
+                Some(lookup) => Settled::Stale(lookup),
+                None => Settled::Failed(e),
+            },
+        }
+    }
+
     /// Answers every waiter of a coalesced flight and forgets the flight.
     fn finish_flight(&mut self, id: i64, flight_id: u64, result: FlightResult) {
+        let settled = self.settle(id, result);
         let waiters = match self.pending_waiters.get(&id) {
             Some(flight) if flight.id == flight_id => self
                 .pending_waiters
@@ -210,9 +341,28 @@ impl KeyOwner {
         };
         self.waiters_gauge().sub(waiters.len() as i64);
         for waiter in waiters {
-            answer(&self.deps.metrics, waiter, &result);
+            answer(&self.deps.metrics, waiter, &settled);
         }
     }
+
+    fn shed(&self, reply: oneshot::Sender<Answer>, reason: ShedReason) {
+        self.deps
+            .metrics
+            .shed_requests_total
+            .with_label_values(&[reason.label()])
+            .inc();
+        let _ = reply.send(Answer {
+            result: Err(FlightError::Shed(reason)),
+            x_cache: XCache::Miss,
+        });
+    }
+}
+
+/// What the waiters of a finished flight are told.
+enum Settled {
+    Fresh(Lookup, Origin),
+    Stale(Lookup),
+    Failed(FlightError),
 }
 
 impl Actor for KeyOwner {
@@ -223,24 +373,45 @@ impl Handler<GetTemplate> for KeyOwner {
     type Result = ();
 
     fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
-        self.waiters_gauge().inc();
-        if !self.deps.coalesce {
+        if !self.deps.settings.coalesce {
+            self.waiters_gauge().inc();
             let waiter = Waiter {
                 reply,
                 started_it: true,
             };
             self.spawn_flight(id, ctx, move |owner, result| {
                 owner.waiters_gauge().dec();
-                answer(&owner.deps.metrics, waiter, &result);
+                let settled = match result {
+                    Ok((lookup, origin)) => Settled::Fresh(lookup, origin),
+                    Err(e) => Settled::Failed(e),
+                };
+                answer(&owner.deps.metrics, waiter, &settled);
+            });
+            return;
+        }
+        if let Some(lookup) = self.fresh(id) {
+            let metrics = &self.deps.metrics;
+            metrics.cache_hits_total.inc();
+            metrics.near_cache_hits_total.inc();
+            let _ = reply.send(Answer {
+                result: Ok(lookup),
+                x_cache: XCache::Hit,
             });
             return;
         }
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
+            if flight.waiters.len() >= self.deps.settings.max_waiters_per_key {
+                return self.shed(reply, ShedReason::Waiters);
+            }
             flight.waiters.push(Waiter {
                 reply,
                 started_it: false,
             });
+            self.waiters_gauge().inc();
             return;
+        }
+        if self.pending_waiters.len() >= self.deps.settings.max_pending_keys {
+            return self.shed(reply, ShedReason::PendingKeys);
         }
         self.next_flight_id += 1;
         let flight_id = self.next_flight_id;
@@ -254,6 +425,7 @@ impl Handler<GetTemplate> for KeyOwner {
                 }],
             },
         );
+        self.waiters_gauge().inc();
         self.spawn_flight(id, ctx, move |owner, result| {
             owner.finish_flight(id, flight_id, result)
         });
@@ -261,28 +433,26 @@ impl Handler<GetTemplate> for KeyOwner {
 }
 
 /// The flight itself: cache read, on a miss a database load, then a cache write of what was
-/// loaded. A cache error is a miss; a failed cache write is logged (by the cache actor) and
+/// loaded. A cache error is a miss; a failed cache write is counted (by the cache actor) and
 /// does not fail the flight, whose value is good.
 async fn run_flight(id: i64, deps: KeyOwnerDeps) -> FlightResult {
-    if let Ok(Ok(Some(body))) = deps.cache_get.send(CacheGet(id)).await {
-        return Ok((Lookup::Found(body), Origin::Cache));
+    if let Ok(Ok(Some(lookup))) = deps.cache_get.send(CacheGet(id)).await {
+        return Ok((lookup, Origin::Cache));
     }
-    match deps.db.send(FetchTemplate(id)).await {
-        Err(_mailbox) => Err(FlightError::DatabaseActorGone),
-        Ok(Err(e)) => Err(FlightError::Database(e)),
-        Ok(Ok(None)) => Ok((Lookup::NotFound, Origin::Database)),
-        Ok(Ok(Some(template))) => {
-            let body = template.to_body();
-            let _ = deps
-                .cache_set
-                .send(CacheSet {
-                    id,
-                    body: body.clone(),
-                })
-                .await;
-            Ok((Lookup::Found(body), Origin::Database))
-        }
-    }
+    let lookup = match deps.db.send(FetchTemplate(id)).await {
+        Err(_mailbox) => return Err(FlightError::DatabaseActorGone),
+        Ok(Err(e)) => return Err(FlightError::Database(e)),
+        Ok(Ok(None)) => Lookup::NotFound,
+        Ok(Ok(Some(template))) => Lookup::Found(template.to_body()),
+    };
+    let _ = deps
+        .cache_set
+        .send(CacheSet {
+            id,
+            lookup: lookup.clone(),
+        })
+        .await;
+    Ok((lookup, Origin::Database))
 }
 
 fn count_flight(metrics: &Metrics, result: &FlightResult) {
@@ -297,31 +467,40 @@ fn count_flight(metrics: &Metrics, result: &FlightResult) {
 
 /// Sends one waiter its answer and counts it. A waiter that left is still counted: its request
 /// was served as far as the owner is concerned, and the counts must add up to the flights' work.
-fn answer(metrics: &Metrics, waiter: Waiter, result: &FlightResult) {
-    let x_cache = match (result, waiter.started_it) {
-        (Ok((_, Origin::Cache)), started_it) => {
+fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
+    let (result, x_cache) = match settled {
+        Settled::Fresh(lookup, Origin::Cache) => {
             metrics.cache_hits_total.inc();
-            if !started_it {
+            if !waiter.started_it {
                 metrics.cache_reads_coalesced_total.inc();
             }
-            XCache::Hit
+            (Ok(lookup.clone()), XCache::Hit)
         }
-        (_, true) => {
+        Settled::Fresh(lookup, Origin::Database) => {
             metrics.cache_misses_total.inc();
-            XCache::Miss
-        }
-        (_, false) => {
-            metrics.cache_misses_total.inc();
-            if result.is_ok() {
+            if waiter.started_it {
+                (Ok(lookup.clone()), XCache::Miss)
+            } else {
                 metrics.singleflight_shared_total.inc();
+                (Ok(lookup.clone()), XCache::Shared)
             }
-            XCache::Shared
+        }
+        Settled::Stale(lookup) => {
+            metrics.cache_misses_total.inc();
+            metrics.stale_answers_total.inc();
+            (Ok(lookup.clone()), XCache::Stale)
+        }
+        Settled::Failed(e) => {
+            metrics.cache_misses_total.inc();
+            let x_cache = if waiter.started_it {
+                XCache::Miss
+            } else {
+                XCache::Shared
+            };
+            (Err(e.clone()), x_cache)
         }
     };
-    let _ = waiter.reply.send(Answer {
-        result: result.clone().map(|(lookup, _)| lookup),
-        x_cache,
-    });
+    let _ = waiter.reply.send(Answer { result, x_cache });
 }
 
 #[cfg(test)]

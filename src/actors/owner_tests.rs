@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::web::Bytes;
 use chrono::Utc;
 use tokio::sync::oneshot;
 
@@ -19,8 +18,9 @@ use crate::template::Template;
 /// A cache that keeps bodies in its own map and counts calls. `get_delay` holds every read in
 /// the air for a while, to make concurrent requests meet.
 struct FakeCache {
-    store: HashMap<i64, Bytes>,
+    store: HashMap<i64, Lookup>,
     get_delay: Duration,
+    forgetful: bool,
     gets: Arc<AtomicUsize>,
     sets: Arc<AtomicUsize>,
 }
@@ -30,7 +30,7 @@ impl Actor for FakeCache {
 }
 
 impl Handler<CacheGet> for FakeCache {
-    type Result = ResponseFuture<Result<Option<Bytes>, CacheError>>;
+    type Result = ResponseFuture<Result<Option<Lookup>, CacheError>>;
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         self.gets.fetch_add(1, Ordering::SeqCst);
         let value = self.store.get(&id).cloned();
@@ -46,7 +46,9 @@ impl Handler<CacheSet> for FakeCache {
     type Result = Result<(), CacheError>;
     fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
         self.sets.fetch_add(1, Ordering::SeqCst);
-        self.store.insert(msg.id, msg.body);
+        if !self.forgetful {
+            self.store.insert(msg.id, msg.lookup);
+        }
         Ok(())
     }
 }
@@ -57,6 +59,8 @@ enum DbMode {
     Rows,
     /// The first `n` queries fail, later ones succeed.
     FailFirst(usize),
+    /// The first `n` queries succeed, later ones fail.
+    FailAfter(usize),
     /// Every query panics inside the database actor.
     Panic,
     /// No query ever answers.
@@ -87,6 +91,7 @@ impl Handler<FetchTemplate> for FakeDb {
                 DbMode::Panic => panic!("fake database panics while loading {id}"),
                 DbMode::Hang => std::future::pending().await,
                 DbMode::FailFirst(k) if n < k => Err(DbError::Query("fake failure".into())),
+                DbMode::FailAfter(k) if n >= k => Err(DbError::Query("fake failure".into())),
                 _ if !(1..=1000).contains(&id) => Ok(None),
                 _ => Ok(Some(template(id))),
             }
@@ -117,8 +122,9 @@ struct Setup {
     db_delays: HashMap<i64, Duration>,
     cache_delay: Duration,
     cached: Vec<i64>,
-    coalesce: bool,
-    flight_timeout: Duration,
+    /// The fake cache forgets every write (a Redis that is always empty).
+    forgetful_cache: bool,
+    owner: OwnerSettings,
 }
 
 impl Default for Setup {
@@ -129,8 +135,8 @@ impl Default for Setup {
             db_delays: HashMap::new(),
             cache_delay: Duration::ZERO,
             cached: Vec::new(),
-            coalesce: true,
-            flight_timeout: Duration::from_secs(5),
+            forgetful_cache: false,
+            owner: OwnerSettings::default(),
         }
     }
 }
@@ -149,13 +155,14 @@ impl Setup {
         let store = self
             .cached
             .iter()
-            .map(|&id| (id, template(id).to_body()))
+            .map(|&id| (id, Lookup::Found(template(id).to_body())))
             .collect();
         let (g, s) = (cache_gets.clone(), cache_sets.clone());
-        let cache_delay = self.cache_delay;
+        let (cache_delay, forgetful) = (self.cache_delay, self.forgetful_cache);
         let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| FakeCache {
             store,
             get_delay: cache_delay,
+            forgetful,
             gets: g,
             sets: s,
         });
@@ -172,8 +179,7 @@ impl Setup {
             cache_get: cache.clone().recipient(),
             cache_set: cache.recipient(),
             db: db.recipient(),
-            flight_timeout: self.flight_timeout,
-            coalesce: self.coalesce,
+            settings: self.owner,
             metrics: metrics.clone(),
         };
         let owner =
@@ -363,7 +369,10 @@ async fn a_failed_flight_answers_every_waiter_and_is_not_cached() {
 async fn a_flight_that_times_out_answers_every_waiter_and_leaves_no_entry() {
     let h = Setup {
         mode: DbMode::Hang,
-        flight_timeout: Duration::from_millis(200),
+        owner: OwnerSettings {
+            flight_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
         ..Default::default()
     }
     .start();
@@ -413,7 +422,10 @@ async fn not_found_is_shared_like_any_answer() {
 #[actix_rt::test]
 async fn coalesce_off_makes_every_request_load_on_its_own() {
     let h = Setup {
-        coalesce: false,
+        owner: OwnerSettings {
+            coalesce: false,
+            ..Default::default()
+        },
         ..Default::default()
     }
     .start();
@@ -423,6 +435,186 @@ async fn coalesce_off_makes_every_request_load_on_its_own() {
     assert_eq!(count(&answers, XCache::Miss), 50);
     assert_eq!(h.metrics.singleflight_shared_total.get(), 0);
     assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+}
+
+fn near_cache_ttl(ms: u64) -> OwnerSettings {
+    OwnerSettings {
+        near_cache_ttl: Duration::from_millis(ms),
+        ..Default::default()
+    }
+}
+
+#[actix_rt::test]
+async fn the_near_cache_answers_fresh_keys_without_a_cache_read() {
+    let h = Setup {
+        owner: near_cache_ttl(300),
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    assert_eq!(h.one(4).await.x_cache, XCache::Miss);
+    for _ in 0..50 {
+        assert_eq!(h.one(4).await.x_cache, XCache::Hit);
+    }
+    assert_eq!(
+        h.cache_gets.load(Ordering::SeqCst),
+        1,
+        "no Redis read while fresh"
+    );
+    assert_eq!(h.metrics.near_cache_hits_total.get(), 50);
+
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        h.one(4).await.x_cache,
+        XCache::Hit,
+        "from Redis after the near TTL"
+    );
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 2);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn not_found_is_remembered_too() {
+    let h = Setup {
+        forgetful_cache: true,
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    for _ in 0..20 {
+        assert_eq!(h.one(5555).await.result, Ok(Lookup::NotFound));
+    }
+    assert_eq!(
+        h.db_queries.load(Ordering::SeqCst),
+        1,
+        "one query per unknown id per window"
+    );
+}
+
+#[actix_rt::test]
+async fn a_failed_load_answers_a_remembered_value_as_stale() {
+    let h = Setup {
+        mode: DbMode::FailAfter(1),
+        forgetful_cache: true,
+        db_delay: Duration::ZERO,
+        owner: near_cache_ttl(50),
+        ..Default::default()
+    }
+    .start();
+    let fresh = h.one(6).await;
+    assert_eq!(fresh.x_cache, XCache::Miss);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+
+    let answers = h.burst(6, 10).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.x_cache == XCache::Stale && a.result == fresh.result));
+    assert_eq!(h.metrics.stale_answers_total.get(), 10);
+    assert_eq!(
+        h.db_queries.load(Ordering::SeqCst),
+        2,
+        "the failed reload was one query"
+    );
+}
+
+#[actix_rt::test]
+async fn without_max_stale_a_failed_load_is_an_error() {
+    let h = Setup {
+        mode: DbMode::FailAfter(1),
+        forgetful_cache: true,
+        db_delay: Duration::ZERO,
+        owner: OwnerSettings {
+            near_cache_ttl: Duration::from_millis(50),
+            max_stale: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .start();
+    assert!(h.one(6).await.result.is_ok());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(matches!(
+        h.one(6).await.result,
+        Err(FlightError::Database(_))
+    ));
+}
+
+#[actix_rt::test]
+async fn requests_beyond_the_owner_bounds_are_shed_at_once() {
+    let h = Setup {
+        db_delay: Duration::from_millis(300),
+        owner: OwnerSettings {
+            max_pending_keys: 2,
+            max_waiters_per_key: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .start();
+    let first = h.ask(1);
+    let second = h.ask(2);
+    let started = Instant::now();
+    let third = h.one(3).await;
+    assert_eq!(
+        third.result,
+        Err(FlightError::Shed(ShedReason::PendingKeys))
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "shed without waiting"
+    );
+
+    let joined: Vec<_> = (0..4).map(|_| h.ask(1)).collect();
+    let mut shed = 0;
+    for rx in joined {
+        if rx.await.expect("answered").result == Err(FlightError::Shed(ShedReason::Waiters)) {
+            shed += 1;
+        }
+    }
+    assert_eq!(shed, 2, "key 1 takes its starter and 2 more waiters");
+    assert!(first.await.expect("answered").result.is_ok());
+    assert!(second.await.expect("answered").result.is_ok());
+    assert_eq!(
+        h.metrics
+            .shed_requests_total
+            .with_label_values(&["pending_keys"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        h.metrics
+            .shed_requests_total
+            .with_label_values(&["waiters"])
+            .get(),
+        2
+    );
+    assert_eq!((h.pending_flights(), h.waiting()), (0, 0));
+    assert!(
+        h.one(3).await.result.is_ok(),
+        "served once the load is gone"
+    );
+}
+
+#[actix_rt::test]
+async fn the_near_cache_is_bounded() {
+    let h = Setup {
+        forgetful_cache: true,
+        db_delay: Duration::ZERO,
+        owner: OwnerSettings {
+            near_cache_capacity: 10,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .start();
+    for id in 1..=30 {
+        let _ = h.one(id).await;
+    }
+    // Ids 21..=30 are remembered; 1 was evicted and must be loaded again.
+    let _ = h.one(30).await;
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 30);
+    let _ = h.one(1).await;
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 31);
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //! deadline, answer.
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
 
-use crate::actors::key_owner::{shard_for, GetTemplate, Lookup};
+use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Lookup};
 use crate::http::error::{mime_json, ApiError};
 use crate::http::AppState;
 
@@ -46,7 +46,15 @@ pub async fn template_details(
             .insert_header((header::CONTENT_TYPE, mime_json()))
             .insert_header(("X-Cache", answer.x_cache.as_str()))
             .body(body)),
-        Ok(Lookup::NotFound) => Err(ApiError::TemplateNotFound(id)),
+        Ok(Lookup::NotFound) => {
+            let mut response = ApiError::TemplateNotFound(id).error_response();
+            response.headers_mut().insert(
+                header::HeaderName::from_static("x-cache"),
+                header::HeaderValue::from_static(answer.x_cache.as_str()),
+            );
+            Ok(response)
+        }
+        Err(e @ FlightError::Shed(_)) => Err(ApiError::Unavailable(e.to_string())),
         Err(e) => Err(ApiError::Unavailable(format!(
             "template {id} cannot be loaded right now: {e}"
         ))),

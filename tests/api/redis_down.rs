@@ -1,15 +1,19 @@
 //! Redis is an optimisation: with no Redis at all the service starts and answers from
 //! PostgreSQL, and says it is degraded.
 
-use crate::support::{header, spawn_app_with};
+use std::time::Duration;
+
+use crate::support::{closed_port, header, spawn_app_with};
 
 #[actix_rt::test]
 async fn the_service_starts_and_answers_from_postgresql_with_redis_down() {
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let app = spawn_app_with(|s| s.redis_url = format!("redis://127.0.0.1:{closed_port}/")).await;
+    let closed_port = closed_port();
+    let app = spawn_app_with(|s| {
+        s.redis_url = format!("redis://127.0.0.1:{closed_port}/");
+        // Without the owners' near cache nothing can be cached at all: every request loads.
+        s.near_cache_ttl = Duration::ZERO;
+    })
+    .await;
 
     for _ in 0..3 {
         let response = app.template(12).await;
@@ -70,4 +74,32 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
         "the bad value was overwritten: {stored}"
     );
     assert_eq!(header(&app.template(77).await, "x-cache"), "HIT");
+}
+
+#[actix_rt::test]
+async fn with_redis_down_the_near_cache_bounds_database_load_per_key() {
+    let closed_port = closed_port();
+    let app = spawn_app_with(|s| {
+        s.redis_url = format!("redis://127.0.0.1:{closed_port}/");
+        s.near_cache_ttl = Duration::from_secs(5);
+    })
+    .await;
+    app.warm_connections(50).await;
+    for _ in 0..4 {
+        for id in [21, 22, 23] {
+            let answers = app.burst(id, 50).await;
+            assert!(answers.iter().all(|(status, ..)| *status == 200));
+        }
+    }
+    assert_eq!(
+        app.metric("db_hits_total").await,
+        3.0,
+        "one load per key per near-cache TTL"
+    );
+    // With Redis down each of the 600 answers was the one load per key, shared with it, or
+    // served by the near cache; rounds 2..4 entirely by the near cache.
+    let near = app.metric("near_cache_hits_total").await;
+    let shared = app.metric("singleflight_shared_total").await;
+    assert_eq!(near + shared + 3.0, 600.0, "near {near}, shared {shared}");
+    assert!(near >= 450.0, "near {near}");
 }

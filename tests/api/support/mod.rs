@@ -61,6 +61,14 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
     }
 }
 
+/// A loopback port nothing listens on, so connecting to it is refused. The shared servers are
+/// started first: they pick free ports too, and must not pick this one after we let it go.
+pub fn closed_port() -> u16 {
+    let _ = servers::servers();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
 /// A database of its own for one test.
 async fn create_database(servers: &servers::Servers) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
