@@ -19,8 +19,13 @@ pub struct Settings {
     pub database_url: String,
     /// `REDIS_URL`: Redis connection URL.
     pub redis_url: String,
-    /// `CACHE_TTL_SECS`: how long a template stays in Redis.
+    /// `CACHE_TTL_SECS`: how long a cached template is fresh (its soft TTL).
     pub cache_ttl: Duration,
+    /// `CACHE_GRACE_SECS`: how much longer Redis keeps it, to answer while one background
+    /// refresh runs (refresh-ahead); zero makes expiry a plain miss.
+    pub cache_grace: Duration,
+    /// `TTL_JITTER_PCT`: each write's TTL is spread by up to this many percent either way.
+    pub ttl_jitter_pct: u32,
     /// `KEY_OWNER_SHARDS`: number of KeyOwner actors, each on its own thread.
     pub key_owner_shards: usize,
     /// `DB_POOL_SIZE`: maximum PostgreSQL connections held by the DbActor's pool.
@@ -67,6 +72,8 @@ impl Default for Settings {
             database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             cache_ttl: Duration::from_secs(30),
+            cache_grace: Duration::from_secs(30),
+            ttl_jitter_pct: 10,
             key_owner_shards: default_shards(),
             db_pool_size: 10,
             db_acquire_timeout: Duration::from_millis(500),
@@ -137,6 +144,8 @@ impl Settings {
                 "CACHE_TTL_SECS",
                 d.cache_ttl.as_secs() as usize,
             )? as u64),
+            cache_grace: secs_or_zero(get("CACHE_GRACE_SECS"), "CACHE_GRACE_SECS", d.cache_grace)?,
+            ttl_jitter_pct: percent(get("TTL_JITTER_PCT"), "TTL_JITTER_PCT", d.ttl_jitter_pct)?,
             key_owner_shards: positive(
                 get("KEY_OWNER_SHARDS"),
                 "KEY_OWNER_SHARDS",
@@ -278,6 +287,21 @@ fn secs_or_zero(
         None => Ok(default),
         Some(v) => match v.parse::<u64>() {
             Ok(s @ 0..=86_400) => Ok(Duration::from_secs(s)),
+            _ => Err(ConfigError {
+                var,
+                value: v.to_owned(),
+                expected: EXPECTED,
+            }),
+        },
+    }
+}
+
+fn percent(raw: Option<&str>, var: &'static str, default: u32) -> Result<u32, ConfigError> {
+    const EXPECTED: &str = "a whole percentage from 0 to 50";
+    match raw {
+        None => Ok(default),
+        Some(v) => match v.parse::<u32>() {
+            Ok(p @ 0..=50) => Ok(p),
             _ => Err(ConfigError {
                 var,
                 value: v.to_owned(),

@@ -32,8 +32,17 @@ pub struct Metrics {
     /// Answers served by an owner's near cache without a Redis round trip (also in
     /// `cache_hits_total`).
     pub near_cache_hits_total: IntCounter,
-    /// Expired values served on purpose because a fresh load failed (`X-Cache: STALE`).
+    /// Expired values served on purpose (`X-Cache: STALE`): while a refresh runs, or because
+    /// a fresh load failed.
     pub stale_answers_total: IntCounter,
+    /// Background refreshes of soft-expired keys (refresh-ahead).
+    pub refreshes_total: IntCounter,
+    /// Change notifications received from PostgreSQL (per replica, one per changed row).
+    pub invalidations_total: IntCounter,
+    /// Times the LISTEN connection was (re)established.
+    pub listener_connects_total: IntCounter,
+    /// 1 while the LISTEN connection is up.
+    pub listener_connected: IntGauge,
     /// Requests answered 503 at once because an owner was at a bound, by `reason`.
     pub shed_requests_total: IntCounterVec,
     /// Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open (probing).
@@ -82,6 +91,11 @@ impl Metrics {
             "HTTP requests being processed now",
         )?;
         registry.register(Box::new(http_in_flight_requests.clone()))?;
+        let listener_connected = IntGauge::new(
+            "listener_connected",
+            "1 while the LISTEN connection for change notifications is up",
+        )?;
+        registry.register(Box::new(listener_connected.clone()))?;
         let db_query_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "db_query_duration_seconds",
@@ -120,8 +134,21 @@ impl Metrics {
             )?,
             stale_answers_total: counter(
                 "stale_answers_total",
-                "Expired values served because a fresh load failed (X-Cache: STALE)",
+                "Expired values served on purpose, while refreshing or because a load failed",
             )?,
+            refreshes_total: counter(
+                "refreshes_total",
+                "Background refreshes of soft-expired keys",
+            )?,
+            invalidations_total: counter(
+                "invalidations_total",
+                "Template change notifications received from PostgreSQL",
+            )?,
+            listener_connects_total: counter(
+                "listener_connects_total",
+                "Times the LISTEN connection for change notifications was established",
+            )?,
+            listener_connected,
             shed_requests_total: counter_vec(
                 "shed_requests_total",
                 "Requests answered 503 at once because a KeyOwner was at a bound",

@@ -4,7 +4,8 @@
 //! the server ready to run, with the port it got (tests bind port 0).
 //!
 //! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
-//! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`]; and
+//! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`] and the
+//! [`ChangeListener`]; and
 //! `HTTP_WORKERS` actix-web workers.
 
 use std::net::TcpListener;
@@ -18,9 +19,13 @@ use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetricsBuilder};
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
 use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, OwnerSettings};
+use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
 use crate::http::{self, AppState, InFlight};
 use crate::metrics::Metrics;
+
+/// How long start-up waits for the change listener's first `LISTEN`.
+const LISTEN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How long start-up waits for PostgreSQL to accept connections before giving up.
 const MIGRATION_PATIENCE: Duration = Duration::from_secs(15);
@@ -76,6 +81,8 @@ impl Application {
             redis_url: settings.redis_url.clone(),
             timeout: settings.redis_timeout,
             ttl: settings.cache_ttl,
+            grace: settings.cache_grace,
+            jitter_pct: settings.ttl_jitter_pct,
             negative_ttl: settings.negative_ttl,
             breaker_failures: settings.breaker_failures,
             breaker_open: settings.breaker_open,
@@ -91,6 +98,7 @@ impl Application {
             let deps = KeyOwnerDeps {
                 cache_get: cache.clone().recipient(),
                 cache_set: cache.clone().recipient(),
+                cache_del: cache.clone().recipient(),
                 db: db.clone().recipient(),
                 settings: OwnerSettings::from(&settings),
                 metrics: metrics.clone(),
@@ -100,6 +108,26 @@ impl Application {
             }));
             caches.push(cache);
             arbiters.push(arbiter);
+        }
+
+        // Change notifications, on the database arbiter. Nothing is served before the first
+        // LISTEN is in place (bounded: with PostgreSQL slow to answer, start anyway and let the
+        // listener keep trying; it marks everything suspect when it does connect).
+        let (listening_tx, listening) = tokio::sync::oneshot::channel();
+        let (url, lo, lc, lm) = (
+            settings.database_url.clone(),
+            owners.clone(),
+            caches.clone(),
+            metrics.clone(),
+        );
+        ChangeListener::start_in_arbiter(&arbiters[0].handle(), move |_| {
+            ChangeListener::new(url, lo, lc, lm, listening_tx)
+        });
+        if tokio::time::timeout(LISTEN_PATIENCE, listening)
+            .await
+            .is_err()
+        {
+            log::warn!("not yet listening for template changes; starting anyway");
         }
 
         let prometheus = PrometheusMetricsBuilder::new("")

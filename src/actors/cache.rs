@@ -79,12 +79,34 @@ impl CacheError {
     }
 }
 
+/// A value found in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub lookup: Lookup,
+    /// Past its soft expiry (or loaded before notifications may have been missed): still
+    /// servable, but due for a refresh.
+    pub stale: bool,
+}
+
 /// Read a template: `Ok(None)` on a miss, `Ok(Some(NotFound))` for a cached "no such template".
-/// A value that is not a valid body for this id is an `Err(Decode)`, so the caller reloads it and
-/// the write overwrites the bad value.
+/// A value that is not a valid entry for this id is an `Err(Decode)`, so the caller reloads it
+/// and the write overwrites the bad value.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<Lookup>, CacheError>")]
+#[rtype(result = "Result<Option<Cached>, CacheError>")]
 pub struct CacheGet(pub i64);
+
+/// Remove a template's entry (its row changed).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CacheDel(pub i64);
+
+/// Entries loaded before this moment may predate changes whose notifications were missed:
+/// treat them as soft-expired.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct MarkSuspect {
+    pub before_unix_ms: u64,
+}
 
 /// Store what a load found: a body for `CACHE_TTL_SECS`, a "not found" for `NEGATIVE_TTL_SECS`.
 #[derive(Debug, Message)]
@@ -103,16 +125,105 @@ pub struct PingCache;
 pub struct CacheSettings {
     pub redis_url: String,
     pub timeout: Duration,
+    /// Soft TTL: how long an entry is fresh.
     pub ttl: Duration,
+    /// How much longer than its soft TTL Redis keeps an entry, to serve while refreshing.
+    pub grace: Duration,
+    /// The soft TTL of each write is spread by up to this many percent either way.
+    pub jitter_pct: u32,
     pub negative_ttl: Duration,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
 }
 
-/// The value stored in Redis for "no template has this id". It cannot be mistaken for a body:
-/// a body is a JSON object with a `name`.
+/// The payload stored for "no template has this id". It cannot be mistaken for a body: a body is
+/// a JSON object with a `name`.
 fn not_found_marker(id: i64) -> String {
     format!("{{\"not_found\":{id}}}")
+}
+
+/// An entry in Redis: one header line, then the payload (a template's JSON body, which has no
+/// raw newline, or the not-found marker):
+///
+/// ```text
+/// sf1 <loaded_at unix ms> <soft expiry unix ms>
+/// {"id":1,"name":...}
+/// ```
+///
+/// Times are wall-clock so that every replica reads them alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub loaded_at_ms: u64,
+    pub soft_expiry_ms: u64,
+    pub lookup: Lookup,
+}
+
+const ENTRY_TAG: &str = "sf1";
+
+impl Entry {
+    pub fn encode(&self, id: i64) -> Vec<u8> {
+        let mut out = format!(
+            "{ENTRY_TAG} {} {}\n",
+            self.loaded_at_ms, self.soft_expiry_ms
+        )
+        .into_bytes();
+        match &self.lookup {
+            Lookup::Found(body) => out.extend_from_slice(body),
+            Lookup::NotFound => out.extend_from_slice(not_found_marker(id).as_bytes()),
+        }
+        out
+    }
+
+    /// Parses an entry for `id`; `None` for anything else (another program's value, a truncated
+    /// write, an older format, a body for another id).
+    pub fn decode(raw: Bytes, id: i64) -> Option<Entry> {
+        let newline = raw.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&raw[..newline]).ok()?;
+        let mut fields = header.split(' ');
+        if fields.next()? != ENTRY_TAG {
+            return None;
+        }
+        let loaded_at_ms = fields.next()?.parse().ok()?;
+        let soft_expiry_ms = fields.next()?.parse().ok()?;
+        if fields.next().is_some() {
+            return None;
+        }
+        let payload = raw.slice(newline + 1..);
+        let lookup = if payload == not_found_marker(id).as_bytes() {
+            Lookup::NotFound
+        } else if Template::body_is_valid_for(&payload, id) {
+            Lookup::Found(payload)
+        } else {
+            return None;
+        };
+        Some(Entry {
+            loaded_at_ms,
+            soft_expiry_ms,
+            lookup,
+        })
+    }
+}
+
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `ttl` spread by up to `pct` percent either way, so keys filled together do not expire
+/// together. `seed` picks the point in the window (any well-mixed number will do).
+pub fn jittered(ttl: Duration, pct: u32, seed: u64) -> Duration {
+    if pct == 0 {
+        return ttl;
+    }
+    // splitmix64: a cheap, well-mixed map from the seed to a uniform 64-bit number.
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // in [0, 1)
+    let factor = 1.0 + (pct as f64 / 100.0) * (2.0 * unit - 1.0);
+    ttl.mul_f64(factor.max(0.0))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +259,11 @@ pub struct CacheActor {
     metrics: Metrics,
     shard: String,
     breaker: Breaker,
+    /// Entries loaded before this wall-clock time are treated as soft-expired (see
+    /// [`MarkSuspect`]).
+    suspect_before_ms: u64,
+    /// Feeds the TTL jitter; different on every write.
+    writes: u64,
 }
 
 impl CacheActor {
@@ -167,6 +283,8 @@ impl CacheActor {
             metrics,
             shard,
             breaker: Breaker::Closed { failures: 0 },
+            suspect_before_ms: 0,
+            writes: 0,
         }
     }
 
@@ -341,25 +459,26 @@ impl Actor for CacheActor {
 }
 
 impl Handler<CacheGet> for CacheActor {
-    type Result = ResponseActFuture<Self, Result<Option<Lookup>, CacheError>>;
+    type Result = ResponseActFuture<Self, Result<Option<Cached>, CacheError>>;
 
     fn handle(&mut self, CacheGet(id): CacheGet, ctx: &mut Self::Context) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
+        let suspect_before_ms = self.suspect_before_ms;
         self.call(ctx, async move {
             let mut conn = conn?;
             let value: Option<Vec<u8>> = conn
                 .get(cache_key(id))
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
-            match value {
-                None => Ok(None),
-                Some(body) if Template::body_is_valid_for(&body, id) => {
-                    Ok(Some(Lookup::Found(Bytes::from(body))))
-                }
-                Some(body) if body == not_found_marker(id).as_bytes() => Ok(Some(Lookup::NotFound)),
-                Some(_) => Err(CacheError::Decode(id)),
-            }
+            let Some(raw) = value else { return Ok(None) };
+            let entry = Entry::decode(Bytes::from(raw), id).ok_or(CacheError::Decode(id))?;
+            let stale =
+                unix_ms_now() >= entry.soft_expiry_ms || entry.loaded_at_ms < suspect_before_ms;
+            Ok(Some(Cached {
+                lookup: entry.lookup,
+                stale,
+            }))
         })
     }
 }
@@ -372,25 +491,66 @@ impl Handler<CacheSet> for CacheActor {
         CacheSet { id, lookup }: CacheSet,
         ctx: &mut Self::Context,
     ) -> Self::Result {
-        let (value, ttl) = match lookup {
-            Lookup::Found(body) => (body, self.settings.ttl),
-            Lookup::NotFound if self.settings.negative_ttl.is_zero() => {
+        let s = &self.settings;
+        let (soft, hard) = match lookup {
+            Lookup::Found(_) => {
+                self.writes = self.writes.wrapping_add(1);
+                let seed = (id as u64).rotate_left(32) ^ self.writes ^ unix_ms_now();
+                let soft = jittered(s.ttl, s.jitter_pct, seed);
+                (soft, soft + s.grace)
+            }
+            Lookup::NotFound if s.negative_ttl.is_zero() => {
                 return Box::pin(fut::ready(Ok(())));
             }
-            Lookup::NotFound => (
-                Bytes::from(not_found_marker(id)),
-                self.settings.negative_ttl,
-            ),
+            Lookup::NotFound => (s.negative_ttl, s.negative_ttl),
         };
+        let now = unix_ms_now();
+        let entry = Entry {
+            loaded_at_ms: now,
+            soft_expiry_ms: now + soft.as_millis() as u64,
+            lookup,
+        };
+        let value = entry.encode(id);
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let ttl_secs = ttl.as_secs().max(1);
+        let hard_ms = (hard.as_millis() as u64).max(1);
         self.call(ctx, async move {
             let mut conn = conn?;
-            conn.set_ex::<_, _, ()>(cache_key(id), value.as_ref(), ttl_secs)
+            redis::cmd("SET")
+                .arg(cache_key(id))
+                .arg(value)
+                .arg("PX")
+                .arg(hard_ms)
+                .query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))
         })
+    }
+}
+
+impl Handler<CacheDel> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let del = self.call(ctx, async move {
+            let mut conn = conn?;
+            conn.del::<_, ()>(cache_key(id))
+                .await
+                .map_err(|e| CacheError::from_redis(e, timeout))
+        });
+        // A delete that fails (Redis unreachable) leaves at most one soft TTL of an old value:
+        // the listener also marks everything suspect when it reconnects after a gap.
+        ctx.spawn(del.map(|_, _, _| ()));
+    }
+}
+
+impl Handler<MarkSuspect> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: MarkSuspect, _: &mut Self::Context) {
+        self.suspect_before_ms = self.suspect_before_ms.max(msg.before_unix_ms);
     }
 }
 
@@ -405,5 +565,68 @@ impl Handler<PingCache> for CacheActor {
             actor.record(&result);
             result
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(id: i64) -> Bytes {
+        Template {
+            id,
+            name: "n".into(),
+            content: "line one\nline two".into(),
+            updated_at: chrono::Utc::now(),
+        }
+        .to_body()
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        for lookup in [Lookup::Found(body(3)), Lookup::NotFound] {
+            let entry = Entry {
+                loaded_at_ms: 10,
+                soft_expiry_ms: 20,
+                lookup,
+            };
+            let raw = Bytes::from(entry.encode(3));
+            assert_eq!(Entry::decode(raw, 3), Some(entry));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_not_an_entry() {
+        let good = Entry {
+            loaded_at_ms: 1,
+            soft_expiry_ms: 2,
+            lookup: Lookup::Found(body(3)),
+        };
+        assert_eq!(
+            Entry::decode(Bytes::from(good.encode(3)), 4),
+            None,
+            "a body for another id"
+        );
+        for raw in [
+            body(3).to_vec(),                // a bare body (older format)
+            b"sf1 1 2\n{\"id\":3}".to_vec(), // not a whole template
+            b"sf1 x 2\n".to_vec(),           // a bad header
+            b"sf2 1 2\n{}".to_vec(),         // another format
+            b"garbage".to_vec(),
+        ] {
+            assert_eq!(Entry::decode(Bytes::from(raw.clone()), 3), None, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_ttls_over_the_window() {
+        let ttl = Duration::from_secs(30);
+        let ttls: Vec<Duration> = (0..1000).map(|i| jittered(ttl, 10, i)).collect();
+        let (min, max) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
+        assert!(*min >= Duration::from_secs(27) && *max <= Duration::from_secs(33));
+        assert!(*min < Duration::from_millis(27_300) && *max > Duration::from_millis(32_700));
+        let below = ttls.iter().filter(|t| **t < ttl).count();
+        assert!((400..600).contains(&below), "{below} of 1000 below the TTL");
+        assert_eq!(jittered(ttl, 0, 7), ttl);
     }
 }

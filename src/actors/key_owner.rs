@@ -23,6 +23,15 @@
 //! flight's entry is removed finds the value cached. Then, in one step of the actor: the entry
 //! is removed, the near cache is updated, and every waiter is answered with the same result.
 //!
+//! # Refresh-ahead and invalidation
+//! Redis entries carry a soft expiry (`CACHE_TTL_SECS`, jittered) and live `CACHE_GRACE_SECS`
+//! longer. A read that finds a soft-expired value answers its waiters with it at once
+//! (`X-Cache: STALE`), keeps it in the near cache, and the same flight goes on to reload the key
+//! in the background: a key that has a value never makes a request wait on PostgreSQL.
+//! When the row changes, [`Invalidate`] drops the key from the near cache and Redis, and marks a
+//! pending flight *dirty*: what it brings back may predate the change, so it is answered but not
+//! remembered, and its Redis write is removed again.
+//!
 //! # What every waiter is guaranteed
 //! - exactly one answer: the flight's result; or, if the flight failed, timed out
 //!   (`FLIGHT_TIMEOUT_MS`) or panicked, the remembered value if it is younger than
@@ -49,7 +58,7 @@ use futures_util::FutureExt;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::actors::cache::{CacheGet, CacheSet};
+use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached};
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -189,10 +198,23 @@ impl Default for OwnerSettings {
 pub struct KeyOwnerDeps {
     pub cache_get: Recipient<CacheGet>,
     pub cache_set: Recipient<CacheSet>,
+    pub cache_del: Recipient<CacheDel>,
     pub db: Recipient<FetchTemplate>,
     pub settings: OwnerSettings,
     pub metrics: Metrics,
 }
+
+/// Drop what this owner knows of `id` because the row changed: the near-cache entry, the Redis
+/// entry, and whatever a pending flight is about to store.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Invalidate(pub i64);
+
+/// Notifications may have been missed (the listening connection dropped): forget every
+/// remembered value, and do not trust what pending flights bring back.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ForgetAll;
 
 type FlightResult = Result<(Lookup, Origin), FlightError>;
 
@@ -208,6 +230,9 @@ struct Flight {
     /// Distinguishes this flight from any later one for the same key.
     id: u64,
     waiters: Vec<Waiter>,
+    /// The row changed while the flight was in the air: what it brings back may be older than
+    /// the change, so it is answered to its waiters but neither remembered nor left in Redis.
+    dirty: bool,
 }
 
 /// The latest answer the owner saw for a key.
@@ -289,57 +314,145 @@ impl KeyOwner {
         }
     }
 
-    /// Starts a flight for `id` whose result is handed to `on_done` inside the actor.
-    fn spawn_flight<F>(&mut self, id: i64, ctx: &mut Context<Self>, on_done: F)
+    /// Runs one stage of a flight (`stage` is a future made from `deps`) as a future on the
+    /// owner's context, bounded by the flight timeout, with a panic turned into an error, and
+    /// hands its result to `on_done` inside the actor.
+    fn spawn_stage<T, Fut, F>(&mut self, ctx: &mut Context<Self>, stage: Fut, on_done: F)
     where
-        F: FnOnce(&mut Self, FlightResult) + 'static,
+        T: 'static,
+        Fut: std::future::Future<Output = Result<T, FlightError>> + 'static,
+        F: FnOnce(&mut Self, Result<T, FlightError>, &mut Context<Self>) + 'static,
     {
         let timeout = self.deps.settings.flight_timeout;
         // A panic inside the flight (a bug in a collaborator) must not take the owner down with
         // every other key's waiters: it becomes an error like any other.
-        let flight = AssertUnwindSafe(run_flight(id, self.deps.clone())).catch_unwind();
-        let bounded = tokio::time::timeout(timeout, flight).map(move |outcome| match outcome {
+        let guarded = AssertUnwindSafe(stage).catch_unwind();
+        let bounded = tokio::time::timeout(timeout, guarded).map(move |outcome| match outcome {
             Err(_elapsed) => Err(FlightError::Timeout(timeout)),
             Ok(Err(_panic)) => Err(FlightError::Panicked),
             Ok(Ok(result)) => result,
         });
-        self.inflight_keys().inc();
-        ctx.spawn(bounded.into_actor(self).map(move |result, owner, _| {
-            owner.inflight_keys().dec();
-            count_flight(&owner.deps.metrics, &result);
-            on_done(owner, result);
-        }));
+        ctx.spawn(
+            bounded
+                .into_actor(self)
+                .map(move |result, owner, ctx| on_done(owner, result, ctx)),
+        );
     }
 
-    /// Turns a flight's result into what its waiters get: the result itself (remembered), or
-    /// for a failure a stale remembered value when there is one.
-    fn settle(&mut self, id: i64, result: FlightResult) -> Settled {
+    /// Starts a coalesced flight for `id` with its first waiter.
+    fn start_flight(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+        self.next_flight_id += 1;
+        let flight_id = self.next_flight_id;
+        let first = Waiter {
+            reply,
+            started_it: true,
+        };
+        self.pending_waiters.insert(
+            id,
+            Flight {
+                id: flight_id,
+                waiters: vec![first],
+                dirty: false,
+            },
+        );
+        self.waiters_gauge().inc();
+        self.inflight_keys().inc();
+        let read = read_cache(id, self.deps.clone());
+        self.spawn_stage(ctx, read, move |owner, result, ctx| {
+            owner.on_cache_read(id, flight_id, result, ctx)
+        });
+    }
+
+    /// Stage one is over: a fresh value ends the flight; a soft-expired one is answered at once
+    /// and refreshed in the background (refresh-ahead); a miss goes on to the database.
+    fn on_cache_read(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        result: Result<Option<Cached>, FlightError>,
+        ctx: &mut Context<Self>,
+    ) {
         match result {
+            Ok(Some(Cached {
+                lookup,
+                stale: false,
+            })) => self.finish_flight(id, flight_id, Ok((lookup, Origin::Cache))),
+            Ok(Some(Cached {
+                lookup,
+                stale: true,
+            })) => {
+                // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
+                // the near cache serves it while the refresh runs, and the refresh replaces it.
+                let waiters = self.take_waiters(id, flight_id);
+                let dirty = self.pending_waiters.get(&id).is_some_and(|f| f.dirty);
+                if !dirty {
+                    self.remember(id, &lookup);
+                }
+                for waiter in waiters {
+                    answer(
+                        &self.deps.metrics,
+                        waiter,
+                        &Settled::Revalidating(lookup.clone()),
+                    );
+                }
+                self.deps.metrics.refreshes_total.inc();
+                self.load(id, flight_id, ctx);
+            }
+            Ok(None) | Err(_) => self.load(id, flight_id, ctx),
+        }
+    }
+
+    /// Stage two: load from PostgreSQL and store in Redis, then finish the flight.
+    fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
+        let load = load_and_store(id, self.deps.clone());
+        self.spawn_stage(ctx, load, move |owner, result, _| {
+            owner.finish_flight(
+                id,
+                flight_id,
+                result.map(|lookup| (lookup, Origin::Database)),
+            )
+        });
+    }
+
+    /// Removes and returns the waiters of flight `flight_id` for `id`, leaving the (now
+    /// waiter-less) flight pending.
+    fn take_waiters(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
+        let waiters = match self.pending_waiters.get_mut(&id) {
+            Some(flight) if flight.id == flight_id => std::mem::take(&mut flight.waiters),
+            _ => Vec::new(),
+        };
+        self.waiters_gauge().sub(waiters.len() as i64);
+        waiters
+    }
+
+    /// Answers every waiter of a flight and forgets the flight.
+    fn finish_flight(&mut self, id: i64, flight_id: u64, result: FlightResult) {
+        self.inflight_keys().dec();
+        count_flight(&self.deps.metrics, &result);
+        let waiters = self.take_waiters(id, flight_id);
+        let dirty = match self.pending_waiters.get(&id) {
+            Some(flight) if flight.id == flight_id => {
+                self.pending_waiters.remove(&id).is_some_and(|f| f.dirty)
+            }
+            // Unreachable by construction (only this flight removes its entry), but a newer
+            // flight's entry must never be removed by an older flight.
+            _ => false,
+        };
+        let settled = match result {
             Ok((lookup, origin)) => {
-                self.remember(id, &lookup);
+                if dirty {
+                    // It may have stored a value from before the change: remove it again.
+                    self.deps.cache_del.do_send(CacheDel(id));
+                } else {
+                    self.remember(id, &lookup);
+                }
                 Settled::Fresh(lookup, origin)
             }
             Err(e) => match self.stale(id) {
                 Some(lookup) => Settled::Stale(lookup),
                 None => Settled::Failed(e),
             },
-        }
-    }
-
-    /// Answers every waiter of a coalesced flight and forgets the flight.
-    fn finish_flight(&mut self, id: i64, flight_id: u64, result: FlightResult) {
-        let settled = self.settle(id, result);
-        let waiters = match self.pending_waiters.get(&id) {
-            Some(flight) if flight.id == flight_id => self
-                .pending_waiters
-                .remove(&id)
-                .map(|f| f.waiters)
-                .unwrap_or_default(),
-            // Unreachable by construction (only this flight removes its entry), but a newer
-            // flight's waiters must never be answered with an older flight's result.
-            _ => Vec::new(),
         };
-        self.waiters_gauge().sub(waiters.len() as i64);
         for waiter in waiters {
             answer(&self.deps.metrics, waiter, &settled);
         }
@@ -356,11 +469,46 @@ impl KeyOwner {
             x_cache: XCache::Miss,
         });
     }
+
+    /// `COALESCE=off`: this request's own cache read and, on a miss, its own load.
+    fn run_alone(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+        self.waiters_gauge().inc();
+        self.inflight_keys().inc();
+        let deps = self.deps.clone();
+        let alone = async move {
+            match read_cache(id, deps.clone()).await {
+                Ok(Some(cached)) => Ok((cached.lookup, Origin::Cache)),
+                _ => load_and_store(id, deps)
+                    .await
+                    .map(|lookup| (lookup, Origin::Database)),
+            }
+        };
+        self.spawn_stage(ctx, alone, move |owner, result, _| {
+            owner.waiters_gauge().dec();
+            owner.inflight_keys().dec();
+            count_flight(&owner.deps.metrics, &result);
+            let settled = match result {
+                Ok((lookup, origin)) => Settled::Fresh(lookup, origin),
+                Err(e) => Settled::Failed(e),
+            };
+            answer(
+                &owner.deps.metrics,
+                Waiter {
+                    reply,
+                    started_it: true,
+                },
+                &settled,
+            );
+        });
+    }
 }
 
-/// What the waiters of a finished flight are told.
+/// What the waiters of a flight are told.
 enum Settled {
     Fresh(Lookup, Origin),
+    /// A soft-expired cached value, answered while a refresh runs.
+    Revalidating(Lookup),
+    /// A remembered value, answered because the load failed.
     Stale(Lookup),
     Failed(FlightError),
 }
@@ -374,20 +522,7 @@ impl Handler<GetTemplate> for KeyOwner {
 
     fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
         if !self.deps.settings.coalesce {
-            self.waiters_gauge().inc();
-            let waiter = Waiter {
-                reply,
-                started_it: true,
-            };
-            self.spawn_flight(id, ctx, move |owner, result| {
-                owner.waiters_gauge().dec();
-                let settled = match result {
-                    Ok((lookup, origin)) => Settled::Fresh(lookup, origin),
-                    Err(e) => Settled::Failed(e),
-                };
-                answer(&owner.deps.metrics, waiter, &settled);
-            });
-            return;
+            return self.run_alone(id, reply, ctx);
         }
         if let Some(lookup) = self.fresh(id) {
             let metrics = &self.deps.metrics;
@@ -399,8 +534,9 @@ impl Handler<GetTemplate> for KeyOwner {
             });
             return;
         }
+        let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            if flight.waiters.len() >= self.deps.settings.max_waiters_per_key {
+            if flight.waiters.len() >= max_waiters {
                 return self.shed(reply, ShedReason::Waiters);
             }
             flight.waiters.push(Waiter {
@@ -413,32 +549,52 @@ impl Handler<GetTemplate> for KeyOwner {
         if self.pending_waiters.len() >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
-        self.next_flight_id += 1;
-        let flight_id = self.next_flight_id;
-        self.pending_waiters.insert(
-            id,
-            Flight {
-                id: flight_id,
-                waiters: vec![Waiter {
-                    reply,
-                    started_it: true,
-                }],
-            },
-        );
-        self.waiters_gauge().inc();
-        self.spawn_flight(id, ctx, move |owner, result| {
-            owner.finish_flight(id, flight_id, result)
-        });
+        self.start_flight(id, reply, ctx);
     }
 }
 
-/// The flight itself: cache read, on a miss a database load, then a cache write of what was
-/// loaded. A cache error is a miss; a failed cache write is counted (by the cache actor) and
-/// does not fail the flight, whose value is good.
-async fn run_flight(id: i64, deps: KeyOwnerDeps) -> FlightResult {
-    if let Ok(Ok(Some(lookup))) = deps.cache_get.send(CacheGet(id)).await {
-        return Ok((lookup, Origin::Cache));
+impl Handler<Invalidate> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, Invalidate(id): Invalidate, _: &mut Self::Context) {
+        self.deps.metrics.invalidations_total.inc();
+        if let Some(cache) = self.near_cache.as_mut() {
+            cache.pop(&id);
+        }
+        if let Some(flight) = self.pending_waiters.get_mut(&id) {
+            flight.dirty = true;
+        }
+        self.deps.cache_del.do_send(CacheDel(id));
     }
+}
+
+impl Handler<ForgetAll> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, _: ForgetAll, _: &mut Self::Context) {
+        if let Some(cache) = self.near_cache.as_mut() {
+            cache.clear();
+        }
+        for flight in self.pending_waiters.values_mut() {
+            flight.dirty = true;
+        }
+    }
+}
+
+/// Stage one of a flight: the cache read. A cache error is a miss.
+async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, FlightError> {
+    Ok(deps
+        .cache_get
+        .send(CacheGet(id))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten())
+}
+
+/// Stage two: the database load, then the cache write of what was loaded. A failed cache write
+/// is counted (by the cache actor) and does not fail the flight, whose value is good.
+async fn load_and_store(id: i64, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
     let lookup = match deps.db.send(FetchTemplate(id)).await {
         Err(_mailbox) => return Err(FlightError::DatabaseActorGone),
         Ok(Err(e)) => return Err(FlightError::Database(e)),
@@ -452,7 +608,7 @@ async fn run_flight(id: i64, deps: KeyOwnerDeps) -> FlightResult {
             lookup: lookup.clone(),
         })
         .await;
-    Ok((lookup, Origin::Database))
+    Ok(lookup)
 }
 
 fn count_flight(metrics: &Metrics, result: &FlightResult) {
@@ -484,6 +640,11 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
                 metrics.singleflight_shared_total.inc();
                 (Ok(lookup.clone()), XCache::Shared)
             }
+        }
+        Settled::Revalidating(lookup) => {
+            metrics.cache_hits_total.inc();
+            metrics.stale_answers_total.inc();
+            (Ok(lookup.clone()), XCache::Stale)
         }
         Settled::Stale(lookup) => {
             metrics.cache_misses_total.inc();

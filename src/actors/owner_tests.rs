@@ -11,18 +11,20 @@ use chrono::Utc;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::actors::cache::{CacheError, CacheGet, CacheSet};
+use crate::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::template::Template;
 
 /// A cache that keeps bodies in its own map and counts calls. `get_delay` holds every read in
 /// the air for a while, to make concurrent requests meet.
 struct FakeCache {
-    store: HashMap<i64, Lookup>,
+    /// Each value, and whether it is past its soft expiry.
+    store: HashMap<i64, (Lookup, bool)>,
     get_delay: Duration,
     forgetful: bool,
     gets: Arc<AtomicUsize>,
     sets: Arc<AtomicUsize>,
+    dels: Arc<AtomicUsize>,
 }
 
 impl Actor for FakeCache {
@@ -30,10 +32,13 @@ impl Actor for FakeCache {
 }
 
 impl Handler<CacheGet> for FakeCache {
-    type Result = ResponseFuture<Result<Option<Lookup>, CacheError>>;
+    type Result = ResponseFuture<Result<Option<Cached>, CacheError>>;
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         self.gets.fetch_add(1, Ordering::SeqCst);
-        let value = self.store.get(&id).cloned();
+        let value = self.store.get(&id).map(|(lookup, stale)| Cached {
+            lookup: lookup.clone(),
+            stale: *stale,
+        });
         let delay = self.get_delay;
         Box::pin(async move {
             tokio::time::sleep(delay).await;
@@ -42,12 +47,20 @@ impl Handler<CacheGet> for FakeCache {
     }
 }
 
+impl Handler<CacheDel> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
+        self.dels.fetch_add(1, Ordering::SeqCst);
+        self.store.remove(&id);
+    }
+}
+
 impl Handler<CacheSet> for FakeCache {
     type Result = Result<(), CacheError>;
     fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
         self.sets.fetch_add(1, Ordering::SeqCst);
         if !self.forgetful {
-            self.store.insert(msg.id, msg.lookup);
+            self.store.insert(msg.id, (msg.lookup, false));
         }
         Ok(())
     }
@@ -112,6 +125,7 @@ struct Harness {
     owner: Addr<KeyOwner>,
     cache_gets: Arc<AtomicUsize>,
     cache_sets: Arc<AtomicUsize>,
+    cache_dels: Arc<AtomicUsize>,
     db_queries: Arc<AtomicUsize>,
     metrics: Metrics,
 }
@@ -122,6 +136,8 @@ struct Setup {
     db_delays: HashMap<i64, Duration>,
     cache_delay: Duration,
     cached: Vec<i64>,
+    /// Ids whose cached value is past its soft expiry.
+    stale_cached: Vec<i64>,
     /// The fake cache forgets every write (a Redis that is always empty).
     forgetful_cache: bool,
     owner: OwnerSettings,
@@ -135,6 +151,7 @@ impl Default for Setup {
             db_delays: HashMap::new(),
             cache_delay: Duration::ZERO,
             cached: Vec::new(),
+            stale_cached: Vec::new(),
             forgetful_cache: false,
             owner: OwnerSettings::default(),
         }
@@ -145,19 +162,17 @@ impl Setup {
     /// Starts the owner on an arbiter of its own, as in the service, and the fakes on another,
     /// so that a panicking fake takes down only its own thread.
     fn start(self) -> Harness {
-        let (gets, sets, queries) = Default::default();
-        let (cache_gets, cache_sets, db_queries): (
-            Arc<AtomicUsize>,
-            Arc<AtomicUsize>,
-            Arc<AtomicUsize>,
-        ) = (gets, sets, queries);
+        let counter = || Arc::new(AtomicUsize::new(0));
+        let (cache_gets, cache_sets, cache_dels, db_queries) =
+            (counter(), counter(), counter(), counter());
         let fakes = Arbiter::new();
-        let store = self
-            .cached
-            .iter()
-            .map(|&id| (id, Lookup::Found(template(id).to_body())))
+        let fresh = self.cached.iter().map(|&id| (id, false));
+        let stale = self.stale_cached.iter().map(|&id| (id, true));
+        let store = fresh
+            .chain(stale)
+            .map(|(id, stale)| (id, (Lookup::Found(template(id).to_body()), stale)))
             .collect();
-        let (g, s) = (cache_gets.clone(), cache_sets.clone());
+        let (g, s, d) = (cache_gets.clone(), cache_sets.clone(), cache_dels.clone());
         let (cache_delay, forgetful) = (self.cache_delay, self.forgetful_cache);
         let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| FakeCache {
             store,
@@ -165,6 +180,7 @@ impl Setup {
             forgetful,
             gets: g,
             sets: s,
+            dels: d,
         });
         let q = db_queries.clone();
         let (mode, delays, default_delay) = (self.mode, self.db_delays, self.db_delay);
@@ -177,7 +193,8 @@ impl Setup {
         let metrics = Metrics::new().expect("metrics");
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
-            cache_set: cache.recipient(),
+            cache_set: cache.clone().recipient(),
+            cache_del: cache.recipient(),
             db: db.recipient(),
             settings: self.owner,
             metrics: metrics.clone(),
@@ -188,6 +205,7 @@ impl Setup {
             owner,
             cache_gets,
             cache_sets,
+            cache_dels,
             db_queries,
             metrics,
         }
@@ -615,6 +633,103 @@ async fn the_near_cache_is_bounded() {
     assert_eq!(h.db_queries.load(Ordering::SeqCst), 30);
     let _ = h.one(1).await;
     assert_eq!(h.db_queries.load(Ordering::SeqCst), 31);
+}
+
+#[actix_rt::test]
+async fn a_soft_expired_value_is_answered_at_once_and_refreshed_once() {
+    let h = Setup {
+        stale_cached: vec![8],
+        db_delay: Duration::from_millis(300),
+        ..Default::default()
+    }
+    .start();
+    let answers = h.burst(8, 50).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.x_cache == XCache::Stale || a.x_cache == XCache::Hit));
+    assert!(answers
+        .iter()
+        .all(|a| matches!(a.result, Ok(Lookup::Found(_)))));
+    // Every answer arrived while the refresh was still loading: nobody waited on the database.
+    assert_eq!(h.pending_flights(), 1, "the refresh is still in the air");
+    assert_eq!(h.metrics.refreshes_total.get(), 1);
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.pending_flights(), 0);
+    assert_eq!(
+        h.db_queries.load(Ordering::SeqCst),
+        1,
+        "exactly one refresh"
+    );
+    assert_eq!(
+        h.cache_sets.load(Ordering::SeqCst),
+        1,
+        "the refresh rewrote the entry"
+    );
+    assert_eq!(h.one(8).await.x_cache, XCache::Hit);
+    assert_eq!(h.metrics.cache_misses_total.get(), 0, "no request missed");
+}
+
+#[actix_rt::test]
+async fn invalidate_drops_the_key_everywhere() {
+    let h = Setup {
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    assert_eq!(h.one(9).await.x_cache, XCache::Miss);
+    assert_eq!(h.one(9).await.x_cache, XCache::Hit);
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 1, "near cache");
+
+    h.owner.do_send(Invalidate(9));
+    assert_eq!(
+        h.one(9).await.x_cache,
+        XCache::Miss,
+        "reloaded, not served from memory"
+    );
+    assert_eq!(h.cache_dels.load(Ordering::SeqCst), 1);
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 2);
+    assert_eq!(h.metrics.invalidations_total.get(), 1);
+}
+
+#[actix_rt::test]
+async fn a_flight_invalidated_in_the_air_is_answered_but_not_kept() {
+    let h = Setup {
+        db_delay: Duration::from_millis(200),
+        ..Default::default()
+    }
+    .start();
+    let waiter = h.ask(10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.owner.do_send(Invalidate(10));
+    let answer = waiter.await.expect("answered");
+    assert_eq!(answer.x_cache, XCache::Miss);
+    // The flight wrote what it loaded before the change; that write is deleted again.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.cache_dels.load(Ordering::SeqCst), 2);
+    assert_eq!(h.one(10).await.x_cache, XCache::Miss, "not remembered");
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 2);
+}
+
+#[actix_rt::test]
+async fn forget_all_empties_the_near_cache() {
+    let h = Setup {
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    for id in 1..=5 {
+        let _ = h.one(id).await;
+    }
+    h.owner.do_send(ForgetAll);
+    for id in 1..=5 {
+        assert_eq!(
+            h.one(id).await.x_cache,
+            XCache::Hit,
+            "from the (fake) Redis, not memory"
+        );
+    }
+    assert_eq!(h.cache_gets.load(Ordering::SeqCst), 10);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 mod support;
 
 mod config;
+mod freshness;
 mod health;
 mod metrics;
 mod redis_down;

@@ -69,8 +69,15 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    let (header_line, body) = stored
+        .split_once('\n')
+        .expect("an entry: header line, then body");
     assert!(
-        stored.starts_with("{\"id\":77"),
+        header_line.starts_with("sf1 "),
+        "the bad value was overwritten: {stored}"
+    );
+    assert!(
+        body.starts_with("{\"id\":77"),
         "the bad value was overwritten: {stored}"
     );
     assert_eq!(header(&app.template(77).await, "x-cache"), "HIT");

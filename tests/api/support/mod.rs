@@ -107,6 +107,18 @@ impl TestApp {
             .expect("drop the test database");
     }
 
+    /// Runs one SQL statement against this test's database (as another client of PostgreSQL
+    /// would: the service learns of it only through notifications).
+    pub async fn execute_sql(&self, sql: &str) -> usize {
+        let mut conn = AsyncPgConnection::establish(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        diesel::sql_query(sql)
+            .execute(&mut conn)
+            .await
+            .expect("run the statement")
+    }
+
     pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
         self.client
             .get(format!("{}{}", self.address, path_and_query))

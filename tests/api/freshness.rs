@@ -1,0 +1,204 @@
+//! Expiry without a stampede or a wait (refresh-ahead, jitter), and changes visible within a
+//! second (invalidation through LISTEN/NOTIFY).
+
+use std::time::{Duration, Instant};
+
+use crate::support::{header, spawn_app, spawn_app_with, TestApp};
+
+/// Polls template `id` until `done(status, body)` holds; returns how long that took.
+async fn time_until(app: &TestApp, id: i64, done: impl Fn(u16, &str) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let response = app.template(id).await;
+        let status = response.status().as_u16();
+        let body = response.text().await.expect("body");
+        if done(status, &body) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never became visible: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn an_update_is_served_within_a_second_and_a_delete_is_404_within_a_second() {
+    // A long TTL and near cache: only an invalidation can make the change visible in time.
+    let app = spawn_app_with(|s| s.cache_ttl = Duration::from_secs(300)).await;
+    assert_eq!(app.template(30).await.status(), 200);
+    assert_eq!(header(&app.template(30).await, "x-cache"), "HIT");
+
+    app.execute_sql("UPDATE templates SET name = 'Renamed template' WHERE id = 30")
+        .await;
+    let took = time_until(&app, 30, |status, body| {
+        status == 200 && body.contains("Renamed template")
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(1),
+        "update visible after {took:?}"
+    );
+
+    app.execute_sql("DELETE FROM templates WHERE id = 30").await;
+    let took = time_until(&app, 30, |status, _| status == 404).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "delete visible after {took:?}"
+    );
+    assert!(app.metric("invalidations_total").await >= 2.0);
+}
+
+#[actix_rt::test]
+async fn a_new_row_replaces_a_cached_not_found() {
+    let app = spawn_app_with(|s| s.negative_ttl = Duration::from_secs(300)).await;
+    assert_eq!(app.template(5000).await.status(), 404);
+    assert_eq!(
+        header(&app.template(5000).await, "x-cache"),
+        "HIT",
+        "not found is cached"
+    );
+    app.execute_sql("INSERT INTO templates (id, name, content) VALUES (5000, 'New', 'Hello')")
+        .await;
+    let took = time_until(&app, 5000, |status, _| status == 200).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "insert visible after {took:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn the_listener_reconnects_when_its_connection_is_killed() {
+    let app = spawn_app_with(|s| s.cache_ttl = Duration::from_secs(300)).await;
+    assert_eq!(app.metric("listener_connects_total").await, 1.0);
+    assert_eq!(app.template(31).await.status(), 200);
+
+    let killed = app
+        .execute_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .await;
+    assert_eq!(
+        killed, 1,
+        "the listener's connection was found and terminated"
+    );
+    let started = Instant::now();
+    while app.metric("listener_connects_total").await < 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the listener did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.metric("listener_connected").await, 1.0);
+
+    app.execute_sql("UPDATE templates SET name = 'After reconnect' WHERE id = 31")
+        .await;
+    let took = time_until(&app, 31, |_, body| body.contains("After reconnect")).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "update visible after {took:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn hot_keys_never_miss_or_wait_across_a_soft_expiry() {
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(1);
+        s.ttl_jitter_pct = 0;
+        s.near_cache_ttl = Duration::from_millis(200);
+    })
+    .await;
+    app.warm_connections(20).await;
+    let ids = [41, 42, 43];
+    for id in ids {
+        assert_eq!(header(&app.template(id).await, "x-cache"), "MISS");
+    }
+    let db_after_load = app.metric("db_hits_total").await;
+
+    // 3.5 s of steady load: each key crosses its soft expiry three times.
+    let started = Instant::now();
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    while started.elapsed() < Duration::from_millis(3500) {
+        for id in ids {
+            for (status, x_cache, _) in app.burst(id, 10).await {
+                assert_eq!(status, 200);
+                *seen.entry(x_cache).or_default() += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.get("MISS"), None, "{seen:?}");
+    assert_eq!(
+        seen.get("SHARED"),
+        None,
+        "nobody waited on the database: {seen:?}"
+    );
+    assert!(
+        seen.get("STALE").is_some_and(|n| *n >= 3),
+        "served while refreshing: {seen:?}"
+    );
+
+    let refreshes = app.metric("refreshes_total").await;
+    let queries = app.metric("db_hits_total").await - db_after_load;
+    assert_eq!(queries, refreshes, "every query was a background refresh");
+    // At most one refresh per key per soft expiry (3.5 s / 1 s, plus the one in the air).
+    assert!((3.0..=15.0).contains(&refreshes), "{refreshes} refreshes");
+}
+
+#[actix_rt::test]
+async fn keys_filled_together_expire_spread_over_the_jitter_window() {
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(100);
+        s.cache_grace = Duration::ZERO;
+        s.ttl_jitter_pct = 10;
+    })
+    .await;
+    let ids: Vec<i64> = (100..160).collect();
+    let requests = ids.iter().map(|&id| app.template(id));
+    for response in futures_util::future::join_all(requests).await {
+        assert_eq!(response.status(), 200);
+    }
+    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut ttls = Vec::new();
+    for id in &ids {
+        let ms: i64 = redis::cmd("PTTL")
+            .arg(format!("template:{id}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ttls.push(ms);
+    }
+    let (min, max) = (*ttls.iter().min().unwrap(), *ttls.iter().max().unwrap());
+    assert!(
+        min >= 89_000 && max <= 110_000,
+        "within ±10 % of 100 s: {min}..{max}"
+    );
+    assert!(
+        max - min >= 10_000,
+        "spread over the window, not together: {min}..{max}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_restart_treats_cached_values_as_suspect() {
+    // Two service instances over one database and one Redis keyspace, one after the other:
+    // the second may have missed notifications, so what it finds in Redis is served but
+    // refreshed once.
+    let first = spawn_app().await;
+    assert_eq!(first.template(50).await.status(), 200);
+    let (database_url, redis_url) = (first.database_url.clone(), first.redis_url.clone());
+    drop(first);
+    let second = spawn_app_with(|s| {
+        s.database_url = database_url;
+        s.redis_url = redis_url;
+    })
+    .await;
+    assert_eq!(header(&second.template(50).await, "x-cache"), "STALE");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(second.metric("refreshes_total").await, 1.0);
+    assert_eq!(header(&second.template(50).await, "x-cache"), "HIT");
+}
