@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# scripts/stack.sh: run singleflight's PostgreSQL + Redis natively (no Docker),
-# with all their state in a project-local .stack/ folder.
+# scripts/stack.sh: run singleflight's PostgreSQL, Redis and Prometheus natively
+# (no Docker), with all their state in a project-local .stack/ folder.
 #
 # Usage: scripts/stack.sh [up|start|stop|status|env|help]
-#   up      (default) install missing packages, start PostgreSQL and Redis, then
-#           run the service in the foreground: exec cargo run --release
-#           (Ctrl-C stops the service; the databases keep running)
-#   start   like `up`, but only PostgreSQL and Redis (idempotent)
-#   stop    stop PostgreSQL (fast shutdown) and Redis; fine if already stopped
+#   up      (default) install missing packages, start PostgreSQL, Redis and
+#           Prometheus, then run the service in the foreground:
+#           exec cargo run --release
+#           (Ctrl-C stops the service; the other servers keep running)
+#   start   like `up`, but only PostgreSQL, Redis and Prometheus (idempotent:
+#           what is already running is reused)
+#   stop    stop PostgreSQL (fast shutdown), Redis and Prometheus; fine if
+#           already stopped
 #   status  running or not, pid, port, data dir and log of each server
 #   env     print export lines for the running stack:
 #             eval "$(scripts/stack.sh env)"
@@ -15,17 +18,26 @@
 # Environment:
 #   PG_PORT     PostgreSQL port (default 5432), listens on 127.0.0.1 only
 #   REDIS_PORT  Redis port (default 6379), listens on 127.0.0.1 only
-#   HTTP_ADDR   passed through to the service (its default is 0.0.0.0:8080)
+#   PROM_PORT   Prometheus port (default 9090), listens on 127.0.0.1 only
+#   HTTP_ADDR   passed through to the service (its default is 0.0.0.0:8080);
+#               Prometheus scrapes the service there (127.0.0.1 for 0.0.0.0)
 #   RUST_LOG    passed through to the service (default: info)
+#   STACK_DIR   where all state lives (default: .stack at the repository root)
 #
-# Layout (at the repository root):
-#   .stack/pg/data  .stack/pg/postgres.log  .stack/pg/run (unix socket)
-#   .stack/redis/   .stack/redis/redis.log  .stack/redis/redis.pid
-# It never touches system-wide services or Debian's own PostgreSQL cluster.
+# Layout (under STACK_DIR, by default .stack/ at the repository root):
+#   pg/data  pg/postgres.log  pg/run (unix socket)
+#   redis/   redis/redis.log  redis/redis.pid
+#   prometheus/data  prometheus/prometheus.log  prometheus/prometheus.pid
+#   prometheus/prometheus.yaml (the project's prometheus.yaml, with its
+#   compose target app:8080 rewritten to where the service listens)
+# It never touches Debian's own PostgreSQL cluster or system-wide services
+# (except the prometheus service that Debian's package starts when this
+# script installs it: that one is stopped and disabled, as it takes :9090).
 set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
-STACK=$ROOT/.stack
+STACK=${STACK_DIR:-$ROOT/.stack}
+[[ $STACK == /* ]] || STACK=$PWD/$STACK
 PG_DIR=$STACK/pg
 PG_DATA=$PG_DIR/data
 PG_LOG=$PG_DIR/postgres.log
@@ -34,6 +46,17 @@ REDIS_DIR=$STACK/redis
 REDIS_LOG=$REDIS_DIR/redis.log
 REDIS_PIDFILE=$REDIS_DIR/redis.pid
 REDIS_PORTFILE=$REDIS_DIR/redis.port
+PROM_DIR=$STACK/prometheus
+PROM_DATA=$PROM_DIR/data
+PROM_LOG=$PROM_DIR/prometheus.log
+PROM_PIDFILE=$PROM_DIR/prometheus.pid
+PROM_PORTFILE=$PROM_DIR/prometheus.port
+PROM_CONFIG=$PROM_DIR/prometheus.yaml
+PROM_TARGETFILE=$PROM_DIR/prometheus.target
+# The project's scrape config, written for docker-compose: it scrapes "app:8080"
+# (quoted, as the target is written there).
+PROM_SOURCE=$ROOT/prometheus.yaml
+PROM_COMPOSE_TARGET='"app:8080"'
 DB_NAME=singleflight
 ME=${0}
 CMD=${1:-up}
@@ -42,8 +65,10 @@ CMD=${1:-up}
 # on another port is adopted (when not chosen) or reported (when chosen).
 PG_PORT_SET=${PG_PORT+yes}
 REDIS_PORT_SET=${REDIS_PORT+yes}
+PROM_PORT_SET=${PROM_PORT+yes}
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
+PROM_PORT=${PROM_PORT:-9090}
 PG_BIN=""
 
 say() { printf 'stack: %s\n' "$*"; }
@@ -69,10 +94,20 @@ usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
+# STACK_DIR ends up inside a postgres option string ('-k <dir>'), so it may not
+# contain quotes or line breaks.
+check_stack_dir() {
+  if [[ $STACK == *[\'\"$'\n']* ]]; then
+    die "STACK_DIR=$STACK contains a quote or a line break, which PostgreSQL's options cannot carry." \
+      "use a plain path, e.g. STACK_DIR=/tmp/singleflight-stack $ME $CMD"
+  fi
+}
+
 check_port_value() { # NAME VALUE
   if ! [[ $2 =~ ^[0-9]{1,5}$ ]] || ((10#$2 < 1 || 10#$2 > 65535)); then
     local example=6380
     [[ $1 != PG_PORT ]] || example=5433
+    [[ $1 != PROM_PORT ]] || example=9091
     die "$1=$2 is not a valid TCP port." "use a number between 1 and 65535, e.g. $1=$example $ME $CMD"
   fi
 }
@@ -108,6 +143,8 @@ port_taken_die() { # WHAT PORT VARNAME
                       "stop it yourself if you do not need it (pg_ctlcluster <version> main stop), or use another port.") ;;
     *redis*) hint=("if this is the system redis-server service, this script leaves it alone;"
                    "stop it yourself if you do not need it (service redis-server stop), or use another port.") ;;
+    *prometheus*) hint=("if this is the system prometheus service (Debian's package starts one on :9090 where systemd runs),"
+                        "stop it yourself if you do not need it (systemctl disable --now prometheus), or use another port.") ;;
   esac
   die "port $port (for $what) is already in use by something that is not this project's $what." \
     "$holder" \
@@ -143,7 +180,12 @@ missing_packages() {
   command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
   command -v redis-cli >/dev/null 2>&1 || pkgs+=(redis-tools)
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
-  if is_root && ! command -v runuser >/dev/null 2>&1; then pkgs+=(util-linux); fi
+  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    pkgs+=(prometheus)
+  fi
+  if ! command -v setsid >/dev/null 2>&1 || { is_root && ! command -v runuser >/dev/null 2>&1; }; then
+    pkgs+=(util-linux)
+  fi
   printf '%s\n' "${pkgs[@]}"
 }
 
@@ -159,11 +201,27 @@ ensure_packages() {
   say "installing missing packages: ${pkgs[*]}"
   apt-get update ||
     die "apt-get update failed." "check network access / apt sources, then run '$ME $CMD' again."
-  DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" ||
+  # No recommends: prometheus would bring node-exporter, a system service of its own.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" ||
     die "apt-get install ${pkgs[*]} failed." "fix the apt error above, then run '$ME $CMD' again."
+  if [[ " ${pkgs[*]} " == *" prometheus "* ]]; then stop_system_prometheus; fi
   mapfile -t pkgs < <(missing_packages | sed '/^$/d')
   ((${#pkgs[@]} == 0)) ||
-    die "still missing after apt-get install: ${pkgs[*]}" "check that /usr/lib/postgresql/*/bin, redis-server, redis-cli and curl exist."
+    die "still missing after apt-get install: ${pkgs[*]}" \
+      "check that /usr/lib/postgresql/*/bin, redis-server, redis-cli, curl, prometheus, promtool and setsid exist."
+}
+
+# Where systemd runs, installing Debian's prometheus package starts a system-wide
+# Prometheus on :9090, which would hold the port of the project's own. This script
+# just installed it, so it takes it back out of the way (and says how to undo that).
+stop_system_prometheus() {
+  command -v systemctl >/dev/null 2>&1 || return 0
+  systemctl is-active --quiet prometheus 2>/dev/null || return 0
+  say "prometheus: Debian's package started a system-wide prometheus service on :9090;"
+  say "            stopping and disabling it so the project's own can listen there"
+  say "            (to get it back: systemctl enable --now prometheus)"
+  systemctl disable --now prometheus >/dev/null 2>&1 ||
+    warn "warning: could not stop the system prometheus service; if :9090 stays taken, use PROM_PORT=9091"
 }
 
 # ----------------------------------------------------------- postgresql --
@@ -438,19 +496,191 @@ redis_stop() {
   say "redis: stopped"
 }
 
+# ----------------------------------------------------------- prometheus --
+
+# host:port where Prometheus finds the service: HTTP_ADDR (the service's own
+# default 0.0.0.0:8080), with a wildcard or localhost host turned into loopback.
+service_target() {
+  local addr=${HTTP_ADDR:-0.0.0.0:8080} host port
+  port=${addr##*:}
+  host=${addr%:*}
+  if [[ $addr != *:* ]] || ! [[ $port =~ ^[0-9]{1,5}$ ]] || ((10#$port < 1 || 10#$port > 65535)); then
+    die "HTTP_ADDR=$addr has no fixed TCP port, and Prometheus needs one to scrape the service." \
+      "use an address like 0.0.0.0:8080 or 127.0.0.1:8081: HTTP_ADDR=0.0.0.0:8080 $ME $CMD"
+  fi
+  case $host in
+    0.0.0.0 | "" | localhost) host=127.0.0.1 ;;
+    "[::]") host="[::1]" ;;
+  esac
+  printf '%s:%s\n' "$host" "$((10#$port))"
+}
+
+# Pid of this project's prometheus (from its pid file), or fail.
+prom_pid() {
+  local pid
+  [[ -r $PROM_PIDFILE ]] || return 1
+  pid=$(<"$PROM_PIDFILE")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  alive "$pid" || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == prometheus ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+prom_running_port() {
+  local port=""
+  [[ -r $PROM_PORTFILE ]] && port=$(<"$PROM_PORTFILE")
+  printf '%s\n' "${port:-$PROM_PORT}"
+}
+
+prom_get() { # PORT PATH: the body of a GET, or fail
+  curl -fsS --max-time 2 "http://127.0.0.1:$1$2" 2>/dev/null
+}
+
+# True if the Prometheus answering on PORT keeps its data in our data dir.
+prom_is_ours() { # PORT
+  prom_get "$1" /api/v1/status/flags | grep -qF "\"storage.tsdb.path\":\"$PROM_DATA\""
+}
+
+# Writes the project's prometheus.yaml to FILE with its compose target replaced by TARGET,
+# and checks the result with promtool, so a broken prometheus.yaml is reported as such.
+prom_render_config() { # TARGET FILE
+  local target=$1 file=$2 out
+  [[ -r $PROM_SOURCE ]] ||
+    die "$PROM_SOURCE is missing (the scrape config the native and the compose stack share)." \
+      "restore it: git -C '$ROOT' checkout -- prometheus.yaml"
+  grep -qF "$PROM_COMPOSE_TARGET" "$PROM_SOURCE" ||
+    die "$PROM_SOURCE does not name the compose target $PROM_COMPOSE_TARGET, so this script cannot point it at the service." \
+      "keep the target written as $PROM_COMPOSE_TARGET (with the quotes) in $PROM_SOURCE; docker-compose.yaml needs it too."
+  {
+    printf '# Written by scripts/stack.sh from %s: target %s -> "%s".\n' "$PROM_SOURCE" "$PROM_COMPOSE_TARGET" "$target"
+    printf '# Edit that file, not this copy (it is rewritten on every start).\n'
+    sed "s/$PROM_COMPOSE_TARGET/\"$target\"/g" "$PROM_SOURCE"
+  } >"$file"
+  if ! out=$(promtool check config "$file" 2>&1); then
+    printf '%s\n' "$out" >&2
+    die "promtool rejects the scrape config made from $PROM_SOURCE (output above)." \
+      "fix $PROM_SOURCE (check it with: promtool check config prometheus.yaml), then run '$ME $CMD' again."
+  fi
+}
+
+# Waits until PID answers /-/ready on PORT (up to ~30 s); fails if it dies first.
+prom_wait_ready() { # PID PORT
+  local i
+  for ((i = 0; i < 150; i++)); do
+    alive "$1" || return 1
+    prom_get "$2" /-/ready >/dev/null && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+# Where the running prometheus scrapes (from its config), and the target's health as it
+# last saw it: "up", or "down: <last scrape error>".
+prom_target_health() { # PORT
+  local body health err
+  body=$(prom_get "$1" /api/v1/targets) || { printf 'unknown (the targets API did not answer)\n'; return 0; }
+  health=$(printf '%s' "$body" | grep -o '"health":"[a-z]*"' | head -n 1 | cut -d'"' -f4)
+  err=$(printf '%s' "$body" | grep -o '"lastError":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+  case $health in
+    up) printf 'up\n' ;;
+    "") printf 'not listed yet (Prometheus lists it within a few seconds of starting)\n' ;;
+    unknown) printf 'not scraped yet\n' ;;
+    *) printf '%s%s\n' "$health" "${err:+: $err}" ;;
+  esac
+}
+
+prom_start() {
+  local pid port target new
+  target=$(service_target)
+  make_stack_dir
+  mkdir -p "$PROM_DIR" "$PROM_DATA"
+  new=$PROM_CONFIG.new
+  prom_render_config "$target" "$new"
+  if pid=$(prom_pid); then
+    port=$(prom_running_port)
+    if [[ $port != "$PROM_PORT" ]]; then
+      [[ -n $PROM_PORT_SET ]] &&
+        die "this project's prometheus is already running on port $port, not PROM_PORT=$PROM_PORT." \
+          "use it as is: PROM_PORT=$port $ME $CMD" \
+          "or move it: $ME stop && PROM_PORT=$PROM_PORT $ME $CMD"
+      PROM_PORT=$port
+    fi
+    { prom_wait_ready "$pid" "$PROM_PORT" && prom_is_ours "$PROM_PORT"; } ||
+      die "this project's prometheus (pid $pid) runs but does not answer on 127.0.0.1:$PROM_PORT." \
+        "see $PROM_LOG; restart it: $ME stop && $ME $CMD"
+    if cmp -s "$new" "$PROM_CONFIG"; then
+      rm -f "$new"
+    else
+      mv "$new" "$PROM_CONFIG"
+      printf '%s\n' "$target" >"$PROM_TARGETFILE"
+      kill -HUP "$pid" # Prometheus reloads its configuration on SIGHUP
+      say "prometheus: scrape config changed, reloaded it (now scraping $target)"
+    fi
+    say "prometheus: already running (pid $pid) on 127.0.0.1:$PROM_PORT, reusing it"
+    return 0
+  fi
+  if port_open "$PROM_PORT"; then port_taken_die prometheus "$PROM_PORT" PROM_PORT; fi
+  mv "$new" "$PROM_CONFIG"
+  printf '%s\n' "$target" >"$PROM_TARGETFILE"
+  rm -f "$PROM_PIDFILE"
+  say "prometheus: starting on 127.0.0.1:$PROM_PORT, scraping $target every 5 s (log: $PROM_LOG)"
+  # setsid: a session of its own, so that Ctrl-C on `up` (which reaches the whole
+  # foreground process group) stops the service but not Prometheus.
+  setsid prometheus --config.file="$PROM_CONFIG" --storage.tsdb.path="$PROM_DATA" \
+    --storage.tsdb.retention.time=7d --web.listen-address="127.0.0.1:$PROM_PORT" \
+    </dev/null >>"$PROM_LOG" 2>&1 &
+  pid=$!
+  printf '%s\n' "$pid" >"$PROM_PIDFILE"
+  printf '%s\n' "$PROM_PORT" >"$PROM_PORTFILE"
+  if ! prom_wait_ready "$pid" "$PROM_PORT"; then
+    tail -n 20 "$PROM_LOG" >&2 2>/dev/null || true
+    alive "$pid" && kill -TERM "$pid" 2>/dev/null
+    rm -f "$PROM_PIDFILE" "$PROM_PORTFILE"
+    die "prometheus did not become ready on 127.0.0.1:$PROM_PORT within 30 s (log above, full log: $PROM_LOG)." \
+      "fix the cause in the log, then run '$ME $CMD' again."
+  fi
+  prom_pid >/dev/null ||
+    die "prometheus answers, but pid $pid from $PROM_PIDFILE is not it." "run '$ME stop', then '$ME $CMD' again."
+  say "prometheus: started (pid $pid)"
+}
+
+prom_stop() {
+  local pid i
+  if ! pid=$(prom_pid); then
+    say "prometheus: not running"
+    rm -f "$PROM_PIDFILE" "$PROM_PORTFILE"
+    return 0
+  fi
+  say "prometheus: stopping (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.2; done
+  ! alive "$pid" ||
+    die "prometheus (pid $pid) did not stop within 20 s." "see $PROM_LOG; as a last resort: kill -KILL $pid"
+  rm -f "$PROM_PIDFILE" "$PROM_PORTFILE"
+  say "prometheus: stopped"
+}
+
 # ------------------------------------------------------------- commands --
 
 # Fail before starting anything if a port is held by a foreign process.
 preflight_ports() {
   if ! pg_pid >/dev/null && port_open "$PG_PORT"; then port_taken_die postgres "$PG_PORT" PG_PORT; fi
   if ! redis_pid >/dev/null && port_open "$REDIS_PORT"; then port_taken_die redis "$REDIS_PORT" REDIS_PORT; fi
+  if ! prom_pid >/dev/null && port_open "$PROM_PORT"; then port_taken_die prometheus "$PROM_PORT" PROM_PORT; fi
 }
 
 start_stack() {
+  local target
+  target=$(service_target)
+  if ((PROM_PORT == ${target##*:})); then
+    die "PROM_PORT and the service's HTTP port (HTTP_ADDR=${HTTP_ADDR:-0.0.0.0:8080}) are both $PROM_PORT." \
+      "give Prometheus another port, e.g. PROM_PORT=9090 $ME $CMD"
+  fi
   ensure_packages
   preflight_ports
   pg_start
   redis_start
+  prom_start
 }
 
 print_urls() {
@@ -463,6 +693,7 @@ cmd_start() {
   say "ready:"
   say "  postgres  127.0.0.1:$PG_PORT  db '$DB_NAME', user postgres (trust)  data $PG_DATA"
   say "  redis     127.0.0.1:$REDIS_PORT  dir $REDIS_DIR"
+  say "  prometheus http://127.0.0.1:$PROM_PORT  scrapes the service at $(service_target) every 5 s  data $PROM_DATA"
   say "to point the service (or tests) at it:  eval \"\$($ME env)\""
   say "stop it with: $ME stop"
 }
@@ -470,6 +701,7 @@ cmd_start() {
 cmd_stop() {
   pg_stop
   redis_stop
+  prom_stop
 }
 
 cmd_status() {
@@ -504,6 +736,19 @@ cmd_status() {
   printf '          data dir: %s\n' "$REDIS_DIR"
   printf '          log file: %s\n' "$REDIS_LOG"
   printf '          pid file: %s\n' "$REDIS_PIDFILE"
+  if pid=$(prom_pid); then
+    port=$(prom_running_port)
+    printf 'prometheus: running, pid %s, port %s (127.0.0.1), http://127.0.0.1:%s/targets\n' "$pid" "$port" "$port"
+    printf '          scrapes: %s every 5 s, target %s\n' "$(cat "$PROM_TARGETFILE" 2>/dev/null || printf 'unknown')" "$(prom_target_health "$port")"
+  else
+    printf 'prometheus: not running (port %s when started)\n' "$PROM_PORT"
+    if port_open "$PROM_PORT"; then
+      printf '          note: port %s is in use by something else: %s\n' "$PROM_PORT" "$(port_holder "$PROM_PORT" | head -n 1)"
+    fi
+  fi
+  printf '          data dir: %s\n' "$PROM_DATA"
+  printf '          log file: %s\n' "$PROM_LOG"
+  printf '          config:   %s (from %s)\n' "$PROM_CONFIG" "$PROM_SOURCE"
 }
 
 cmd_env() {
@@ -554,9 +799,10 @@ cmd_up() {
   esac
   say "postgres  127.0.0.1:$PG_PORT   DATABASE_URL=$DATABASE_URL"
   say "redis     127.0.0.1:$REDIS_PORT   REDIS_URL=$REDIS_URL"
+  say "prometheus http://127.0.0.1:$PROM_PORT   scrapes $(service_target) every 5 s (targets: http://127.0.0.1:$PROM_PORT/targets)"
   say "service   http://$http_host:$http_port   (HTTP_ADDR=${HTTP_ADDR:-<service default 0.0.0.0:8080>}, RUST_LOG=$RUST_LOG)"
   say "try:      curl 'http://$curl_host:$http_port/template-details?id=1'"
-  say "building and running the service (cargo run --release); Ctrl-C stops it, the databases keep running ('$ME stop' stops them)"
+  say "building and running the service (cargo run --release); Ctrl-C stops it; PostgreSQL, Redis and Prometheus keep running ('$ME stop' stops them)"
   cd "$ROOT"
   exec cargo run --release --bin singleflight
 }
@@ -567,12 +813,16 @@ main() {
     up | start | stop | status | env) ;;
     *) usage >&2; die "unknown command '$CMD'." "use one of: up (default), start, stop, status, env" ;;
   esac
+  check_stack_dir
   check_port_value PG_PORT "$PG_PORT"
   check_port_value REDIS_PORT "$REDIS_PORT"
+  check_port_value PROM_PORT "$PROM_PORT"
   PG_PORT=$((10#$PG_PORT))
   REDIS_PORT=$((10#$REDIS_PORT))
-  if ((10#$PG_PORT == 10#$REDIS_PORT)); then
-    die "PG_PORT and REDIS_PORT are both $PG_PORT." "give them different ports, e.g. PG_PORT=5433 REDIS_PORT=6380 $ME $CMD"
+  PROM_PORT=$((10#$PROM_PORT))
+  if ((PG_PORT == REDIS_PORT || PG_PORT == PROM_PORT || REDIS_PORT == PROM_PORT)); then
+    die "PG_PORT=$PG_PORT, REDIS_PORT=$REDIS_PORT and PROM_PORT=$PROM_PORT must be three different ports." \
+      "e.g. PG_PORT=5433 REDIS_PORT=6380 PROM_PORT=9091 $ME $CMD"
   fi
   case $CMD in
     up) cmd_up ;;

@@ -5,6 +5,7 @@
 mod support;
 
 mod config;
+mod dashboard;
 mod freshness;
 mod health;
 mod metrics;
