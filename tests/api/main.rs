@@ -6,6 +6,7 @@ mod support;
 
 mod config;
 mod dashboard;
+mod faults;
 mod freshness;
 mod health;
 mod metrics;

@@ -2,6 +2,7 @@
 //! [`Application::build`] that `main` uses) on a free port, against a fresh database and a fresh
 //! Redis keyspace of the shared test servers.
 
+pub mod fault_proxy;
 pub mod servers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
