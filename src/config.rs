@@ -227,16 +227,27 @@ fn parse<T: std::str::FromStr>(
     }
 }
 
-fn positive(raw: Option<&str>, var: &'static str, default: usize) -> Result<usize, ConfigError> {
-    const EXPECTED: &str = "a whole number from 1 to 100000";
-    match parse(raw, var, EXPECTED, default)? {
-        n @ 1..=100_000 => Ok(n),
+/// A whole number within `range`, or `None` when the variable is not set.
+fn whole(
+    raw: Option<&str>,
+    var: &'static str,
+    expected: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(v) = raw else { return Ok(None) };
+    match v.parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(Some(n)),
         _ => Err(ConfigError {
             var,
-            value: raw.unwrap_or_default().to_owned(),
-            expected: EXPECTED,
+            value: v.to_owned(),
+            expected,
         }),
     }
+}
+
+fn positive(raw: Option<&str>, var: &'static str, default: usize) -> Result<usize, ConfigError> {
+    let n = whole(raw, var, "a whole number from 1 to 100000", 1..=100_000)?;
+    Ok(n.map_or(default, |n| n as usize))
 }
 
 fn millis(
@@ -244,18 +255,13 @@ fn millis(
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    const EXPECTED: &str = "milliseconds, a whole number from 1 to 600000";
-    match raw {
-        None => Ok(default),
-        Some(v) => match v.parse::<u64>() {
-            Ok(ms @ 1..=600_000) => Ok(Duration::from_millis(ms)),
-            _ => Err(ConfigError {
-                var,
-                value: v.to_owned(),
-                expected: EXPECTED,
-            }),
-        },
-    }
+    let n = whole(
+        raw,
+        var,
+        "milliseconds, a whole number from 1 to 600000",
+        1..=600_000,
+    )?;
+    Ok(n.map_or(default, Duration::from_millis))
 }
 
 fn millis_or_zero(
@@ -263,18 +269,13 @@ fn millis_or_zero(
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    const EXPECTED: &str = "milliseconds, a whole number from 0 (off) to 600000";
-    match raw {
-        None => Ok(default),
-        Some(v) => match v.parse::<u64>() {
-            Ok(ms @ 0..=600_000) => Ok(Duration::from_millis(ms)),
-            _ => Err(ConfigError {
-                var,
-                value: v.to_owned(),
-                expected: EXPECTED,
-            }),
-        },
-    }
+    let n = whole(
+        raw,
+        var,
+        "milliseconds, a whole number from 0 (off) to 600000",
+        0..=600_000,
+    )?;
+    Ok(n.map_or(default, Duration::from_millis))
 }
 
 fn secs_or_zero(
@@ -282,33 +283,18 @@ fn secs_or_zero(
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    const EXPECTED: &str = "seconds, a whole number from 0 (off) to 86400";
-    match raw {
-        None => Ok(default),
-        Some(v) => match v.parse::<u64>() {
-            Ok(s @ 0..=86_400) => Ok(Duration::from_secs(s)),
-            _ => Err(ConfigError {
-                var,
-                value: v.to_owned(),
-                expected: EXPECTED,
-            }),
-        },
-    }
+    let n = whole(
+        raw,
+        var,
+        "seconds, a whole number from 0 (off) to 86400",
+        0..=86_400,
+    )?;
+    Ok(n.map_or(default, Duration::from_secs))
 }
 
 fn percent(raw: Option<&str>, var: &'static str, default: u32) -> Result<u32, ConfigError> {
-    const EXPECTED: &str = "a whole percentage from 0 to 50";
-    match raw {
-        None => Ok(default),
-        Some(v) => match v.parse::<u32>() {
-            Ok(p @ 0..=50) => Ok(p),
-            _ => Err(ConfigError {
-                var,
-                value: v.to_owned(),
-                expected: EXPECTED,
-            }),
-        },
-    }
+    let n = whole(raw, var, "a whole percentage from 0 to 50", 0..=50)?;
+    Ok(n.map_or(default, |n| n as u32))
 }
 
 fn on_off(raw: Option<&str>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -385,6 +371,13 @@ mod tests {
         assert_eq!(s.key_owner_shards, 4);
         assert!(!s.coalesce);
         assert_eq!(s.redis_timeout, Duration::from_millis(20));
+
+        let off = Settings::from_vars(&vars(&[
+            ("NEAR_CACHE_TTL_MS", "0"),
+            ("CACHE_GRACE_SECS", "0"),
+        ]))
+        .expect("zero turns these off");
+        assert!(off.near_cache_ttl.is_zero() && off.cache_grace.is_zero());
     }
 
     #[test]
@@ -397,6 +390,10 @@ mod tests {
             ("REDIS_URL", "127.0.0.1:6379", "redis://"),
             ("DATABASE_URL", "mysql://x/y", "postgres://"),
             ("REQUEST_TIMEOUT_MS", "-5", "milliseconds"),
+            ("REQUEST_TIMEOUT_MS", "0", "from 1"),
+            ("TTL_JITTER_PCT", "60", "percentage"),
+            ("CACHE_GRACE_SECS", "1.5", "seconds"),
+            ("NEAR_CACHE_TTL_MS", "soon", "0 (off)"),
         ] {
             let err = Settings::from_vars(&vars(&[(var, value)])).expect_err(var);
             let msg = err.to_string();
