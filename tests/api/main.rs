@@ -9,6 +9,7 @@ mod dashboard;
 mod faults;
 mod freshness;
 mod health;
+mod loadtest;
 mod metrics;
 mod redis_down;
 mod shutdown;

@@ -1,0 +1,220 @@
+//! What the actor layer costs per request: the KeyOwner round trip (ask → owner → answer, and
+//! through the cache actor when the owner's near cache cannot answer) with fake cache and
+//! database actors, so that neither Redis nor PostgreSQL is in the figure. Throughput is in
+//! requests (elements) per second.
+//!
+//! - `sequential/near_cache` and `sequential/cache_actor`, one owner: one request at a time,
+//!   answered from the owner's near cache, or (near cache off) by a flight through the cache
+//!   actor: the latency of the round trip, two thread hops (bench thread → owner thread →
+//!   bench thread) plus the owner's own work.
+//! - `hot_key/{1,2,4}_shards`: 256 requests in flight, all for one key, service defaults.
+//! - `spread/{1,2,4}_shards`: 256 requests in flight over 1,000 keys spread across the owners by
+//!   `shard_for`, as the HTTP workers do, service defaults (near cache on).
+//! - `spread_cache_actor/{1,2,4}_shards`: the same with the near cache off, so every request
+//!   is a flight through the owner's cache actor (as a service with `NEAR_CACHE_TTL_MS=0`).
+//!
+//! As in the service, each owner runs on an arbiter (thread) of its own with its cache actor
+//! beside it; the fake database gets a thread of its own. The requests come from the bench
+//! thread, which stands in for the HTTP workers: on a 2-core machine it competes with the
+//! owners for the cores, just as the workers do.
+//!
+//! `cargo bench --bench key_owner`
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::oneshot;
+
+use singleflight::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
+use singleflight::actors::db::{DbError, FetchTemplate};
+use singleflight::actors::key_owner::{
+    shard_for, Answer, GetTemplate, KeyOwner, KeyOwnerDeps, Lookup, OwnerSettings,
+};
+use singleflight::metrics::Metrics;
+use singleflight::template::Template;
+
+/// Templates the fakes know: ids `1..=KEYS`.
+const KEYS: i64 = 1000;
+/// Requests kept in flight by the concurrent benchmarks (about the `wrk -c200` of the hot-path
+/// figures in BENCHMARKS.md).
+const IN_FLIGHT: usize = 256;
+
+fn template(id: i64) -> Template {
+    Template {
+        id,
+        name: format!("Template {id}"),
+        content: "Hello {{customer.first_name}}, your order {{order.id}} has shipped.".into(),
+        updated_at: Utc::now(),
+    }
+}
+
+/// A cache that already holds every template (fresh) and answers at once.
+struct FakeCache {
+    store: HashMap<i64, Lookup>,
+}
+
+impl Actor for FakeCache {
+    type Context = Context<Self>;
+}
+
+impl Handler<CacheGet> for FakeCache {
+    type Result = Result<Option<Cached>, CacheError>;
+    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.get(&id).map(|lookup| Cached {
+            lookup: lookup.clone(),
+            stale: false,
+        }))
+    }
+}
+
+impl Handler<CacheSet> for FakeCache {
+    type Result = Result<(), CacheError>;
+    fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
+        self.store.insert(msg.id, msg.lookup);
+        Ok(())
+    }
+}
+
+impl Handler<CacheDel> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
+        self.store.remove(&id);
+    }
+}
+
+/// A database that answers at once (the cache holds every key, so it is asked only if a
+/// benchmark asks for an unknown key).
+struct FakeDb;
+
+impl Actor for FakeDb {
+    type Context = Context<Self>;
+}
+
+impl Handler<FetchTemplate> for FakeDb {
+    type Result = Result<Option<Template>, DbError>;
+    fn handle(&mut self, FetchTemplate(id): FetchTemplate, _: &mut Self::Context) -> Self::Result {
+        Ok((1..=KEYS).contains(&id).then(|| template(id)))
+    }
+}
+
+/// `shards` owners as the service starts them, on arbiters that live as long as this value.
+struct Owners {
+    owners: Vec<Addr<KeyOwner>>,
+    _arbiters: Vec<Arbiter>,
+}
+
+impl Owners {
+    fn start(shards: usize, settings: &OwnerSettings) -> Owners {
+        let mut arbiters = Vec::new();
+        let db_arbiter = Arbiter::new();
+        let db = FakeDb::start_in_arbiter(&db_arbiter.handle(), |_| FakeDb);
+        arbiters.push(db_arbiter);
+        let metrics = Metrics::new().expect("a fresh metrics registry");
+        let mut owners = Vec::new();
+        for shard in 0..shards {
+            let arbiter = Arbiter::new();
+            let store = (1..=KEYS)
+                .map(|id| (id, Lookup::Found(template(id).to_body())))
+                .collect();
+            let cache = FakeCache::start_in_arbiter(&arbiter.handle(), |_| FakeCache { store });
+            let deps = KeyOwnerDeps {
+                cache_get: cache.clone().recipient(),
+                cache_set: cache.clone().recipient(),
+                cache_del: cache.recipient(),
+                db: db.clone().recipient(),
+                settings: settings.clone(),
+                metrics: metrics.clone(),
+            };
+            owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {
+                KeyOwner::new(shard, deps)
+            }));
+            arbiters.push(arbiter);
+        }
+        Owners {
+            owners,
+            _arbiters: arbiters,
+        }
+    }
+
+    fn ask(&self, id: i64) -> oneshot::Receiver<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.owners[shard_for(id, self.owners.len())].do_send(GetTemplate { id, reply });
+        answer
+    }
+
+    /// Sends `n` requests for the ids `next_id` yields, at most `window` in flight, and returns
+    /// how long it took until the last answer arrived.
+    async fn drive(&self, n: u64, window: usize, mut next_id: impl FnMut() -> i64) -> Duration {
+        let started = Instant::now();
+        let mut in_flight = FuturesUnordered::new();
+        let mut sent = 0u64;
+        while sent < n && in_flight.len() < window {
+            in_flight.push(self.ask(next_id()));
+            sent += 1;
+        }
+        while let Some(answer) = in_flight.next().await {
+            let answer = answer.expect("the owner answers every request");
+            assert!(answer.result.is_ok(), "{answer:?}");
+            if sent < n {
+                in_flight.push(self.ask(next_id()));
+                sent += 1;
+            }
+        }
+        started.elapsed()
+    }
+}
+
+/// A cheap deterministic id sequence over `1..=KEYS` (a multiplicative step that visits
+/// every key), so that the spread benchmark costs no random-number generation.
+fn spread_ids() -> impl FnMut() -> i64 {
+    let mut i: i64 = 0;
+    move || {
+        i = (i + 617) % KEYS;
+        i + 1
+    }
+}
+
+fn key_owner(c: &mut Criterion) {
+    let system = System::new();
+    let defaults = OwnerSettings::default();
+    let no_near_cache = OwnerSettings {
+        near_cache_ttl: Duration::ZERO,
+        ..OwnerSettings::default()
+    };
+    let mut group = c.benchmark_group("key_owner");
+    group
+        .throughput(Throughput::Elements(1))
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+
+    for (label, settings) in [("near_cache", &defaults), ("cache_actor", &no_near_cache)] {
+        let one = system.block_on(async { Owners::start(1, settings) });
+        group.bench_function(BenchmarkId::new("sequential", label), |b| {
+            b.iter_custom(|iters| system.block_on(one.drive(iters, 1, || 1)))
+        });
+    }
+
+    for shards in [1, 2, 4] {
+        let label = format!("{shards}_shards");
+        let owners = system.block_on(async { Owners::start(shards, &defaults) });
+        group.bench_function(BenchmarkId::new("hot_key", &label), |b| {
+            b.iter_custom(|iters| system.block_on(owners.drive(iters, IN_FLIGHT, || 1)))
+        });
+        group.bench_function(BenchmarkId::new("spread", &label), |b| {
+            b.iter_custom(|iters| system.block_on(owners.drive(iters, IN_FLIGHT, spread_ids())))
+        });
+        let owners = system.block_on(async { Owners::start(shards, &no_near_cache) });
+        group.bench_function(BenchmarkId::new("spread_cache_actor", &label), |b| {
+            b.iter_custom(|iters| system.block_on(owners.drive(iters, IN_FLIGHT, spread_ids())))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, key_owner);
+criterion_main!(benches);

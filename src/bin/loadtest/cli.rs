@@ -1,0 +1,446 @@
+//! Command-line options, and the [`Plan`] they turn into once checked.
+//!
+//! Every option is optional on the command line and gets its default from the scenario, so that
+//! `loadtest stampede` and `loadtest spread` each start from sensible values. An option that the
+//! chosen scenario does not use is an error rather than silently ignored, and every count and
+//! duration has an upper bound: no run can go on without end.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Sends load to a running singleflight service and reports what its `/metrics` counted.
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Load test for the singleflight service: the seed's waves, a cold-key stampede, a hot key, or spread ids.",
+    after_help = "Scenarios and their defaults:\n  \
+        seed      25 waves: 200 concurrent requests for one random id of 1..=100, then one request for\n            \
+                  each id 1..=100 at once, then a 1 s pause (the seed's loadtest.sh)\n  \
+        stampede  10 rounds of 200 simultaneous requests for one cold id from 1..=1200 (an id not\n            \
+                  requested earlier in the run; --redis-url evicts it first)\n  \
+        hot       200 connections asking for id 1 for 10 s\n  \
+        spread    200 connections asking for uniform (or --dist zipf) ids from 1..=1000 for 10 s\n\n\
+        The report's service figures (total requests, hit rate, DB queries, shared) are the change in\n\
+        the service's own /metrics counters between a scrape before and one after the run."
+)]
+pub struct Args {
+    /// Which load to send.
+    #[arg(value_enum, default_value_t = Scenario::Seed)]
+    pub scenario: Scenario,
+
+    /// Base URL of the service (http only).
+    #[arg(long, default_value = "http://localhost:8080")]
+    pub url: String,
+
+    /// seed: requests per wave; stampede: simultaneous requests per round; hot, spread:
+    /// connections kept busy [default: 200]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+
+    /// seed: number of waves [default: 25]
+    #[arg(long)]
+    pub waves: Option<u32>,
+
+    /// hot, spread: how long to send, e.g. 10s, 500ms, 1m [default: 10s]
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// seed: ids 1..=N requested after each wave [default: 100]; spread: ids drawn from 1..=N
+    /// [default: 1000]; stampede: cold ids chosen from 1..=N [default: 1200]
+    #[arg(long)]
+    pub ids: Option<u64>,
+
+    /// stampede: number of rounds [default: 10]
+    #[arg(long)]
+    pub rounds: Option<u32>,
+
+    /// hot: the id asked for [default: 1]
+    #[arg(long)]
+    pub id: Option<i64>,
+
+    /// spread: how ids are drawn [default: uniform]
+    #[arg(long, value_enum)]
+    pub dist: Option<Dist>,
+
+    /// spread with --dist zipf: the exponent s (id k is drawn with weight 1/k^s) [default: 1.0]
+    #[arg(long)]
+    pub zipf_exponent: Option<f64>,
+
+    /// seed: pause between waves [default: 1s, as in the seed]
+    #[arg(long, value_parser = parse_duration)]
+    pub pause: Option<Duration>,
+
+    /// stampede: evict each round's key from this Redis (DEL template:N) before the round, so the
+    /// key is cold even if an earlier run cached it
+    #[arg(long)]
+    pub redis_url: Option<String>,
+
+    /// Longest wait for one response.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+
+    /// Seed of the random choices (wave ids, cold ids, spread ids), to repeat a run exactly.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Print the report as one JSON object on stdout instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    Seed,
+    Stampede,
+    Hot,
+    Spread,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Seed => "seed",
+            Scenario::Stampede => "stampede",
+            Scenario::Hot => "hot",
+            Scenario::Spread => "spread",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dist {
+    Uniform,
+    Zipf,
+}
+
+/// How ids are drawn in the spread scenario.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum IdDist {
+    Uniform,
+    Zipf { exponent: f64 },
+}
+
+/// A checked run: what to send, where, and how long to wait for each answer.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// `http://host:port`, without a trailing slash.
+    pub base: String,
+    pub timeout: Duration,
+    pub json: bool,
+    pub rng_seed: u64,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Seed {
+        waves: u32,
+        concurrency: usize,
+        ids: u64,
+        pause: Duration,
+    },
+    Stampede {
+        concurrency: usize,
+        rounds: u32,
+        ids: u64,
+        redis_url: Option<String>,
+    },
+    Hot {
+        concurrency: usize,
+        duration: Duration,
+        id: i64,
+    },
+    Spread {
+        concurrency: usize,
+        duration: Duration,
+        ids: u64,
+        dist: IdDist,
+    },
+}
+
+impl Kind {
+    pub fn scenario(&self) -> Scenario {
+        match self {
+            Kind::Seed { .. } => Scenario::Seed,
+            Kind::Stampede { .. } => Scenario::Stampede,
+            Kind::Hot { .. } => Scenario::Hot,
+            Kind::Spread { .. } => Scenario::Spread,
+        }
+    }
+}
+
+pub const MAX_CONCURRENCY: usize = 10_000;
+pub const MAX_WAVES: u32 = 1_000;
+pub const MAX_ROUNDS: u32 = 1_000;
+pub const MAX_IDS: u64 = 1_000_000;
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Args {
+    /// Checks the options against the scenario and fills in its defaults.
+    pub fn plan(&self) -> Result<Plan, String> {
+        let base = base_url(&self.url)?;
+        if self.timeout < Duration::from_millis(1) || self.timeout > MAX_TIMEOUT {
+            return Err(format!(
+                "--timeout must be from 1ms to {}s",
+                MAX_TIMEOUT.as_secs()
+            ));
+        }
+        self.reject_unused()?;
+        let concurrency = check_range(
+            "--concurrency",
+            self.concurrency.unwrap_or(200),
+            1,
+            MAX_CONCURRENCY,
+        )?;
+        let kind = match self.scenario {
+            Scenario::Seed => Kind::Seed {
+                waves: check_range("--waves", self.waves.unwrap_or(25), 1, MAX_WAVES)?,
+                concurrency,
+                // Each wave requests all of them at once, so they count as concurrency.
+                ids: check_range("--ids", self.ids.unwrap_or(100), 1, MAX_CONCURRENCY as u64)?,
+                pause: match self.pause.unwrap_or(Duration::from_secs(1)) {
+                    p if p > MAX_PAUSE => {
+                        return Err(format!("--pause must be at most {}s", MAX_PAUSE.as_secs()))
+                    }
+                    p => p,
+                },
+            },
+            Scenario::Stampede => {
+                let rounds = check_range("--rounds", self.rounds.unwrap_or(10), 1, MAX_ROUNDS)?;
+                let ids = check_range("--ids", self.ids.unwrap_or(1200), 1, MAX_IDS)?;
+                if u64::from(rounds) > ids {
+                    return Err(format!(
+                        "--rounds {rounds} needs as many distinct cold ids, but --ids {ids} offers only {ids}"
+                    ));
+                }
+                Kind::Stampede {
+                    concurrency,
+                    rounds,
+                    ids,
+                    redis_url: self.redis_url.clone(),
+                }
+            }
+            Scenario::Hot => Kind::Hot {
+                concurrency,
+                duration: self.checked_duration()?,
+                id: match self.id.unwrap_or(1) {
+                    id if id >= 1 => id,
+                    id => return Err(format!("--id must be a positive template id, not {id}")),
+                },
+            },
+            Scenario::Spread => Kind::Spread {
+                concurrency,
+                duration: self.checked_duration()?,
+                ids: check_range("--ids", self.ids.unwrap_or(1000), 1, MAX_IDS)?,
+                dist: match self.dist.unwrap_or(Dist::Uniform) {
+                    Dist::Uniform => IdDist::Uniform,
+                    Dist::Zipf => {
+                        let exponent = self.zipf_exponent.unwrap_or(1.0);
+                        if !(exponent.is_finite() && exponent > 0.0 && exponent <= 10.0) {
+                            return Err(format!(
+                                "--zipf-exponent must be a number above 0 and at most 10, not {exponent}"
+                            ));
+                        }
+                        IdDist::Zipf { exponent }
+                    }
+                },
+            },
+        };
+        Ok(Plan {
+            base,
+            timeout: self.timeout,
+            json: self.json,
+            rng_seed: self.seed.unwrap_or_else(rand::random),
+            kind,
+        })
+    }
+
+    fn checked_duration(&self) -> Result<Duration, String> {
+        let d = self.duration.unwrap_or(Duration::from_secs(10));
+        if d < Duration::from_millis(100) || d > MAX_DURATION {
+            return Err(format!(
+                "--duration must be from 100ms to {}s",
+                MAX_DURATION.as_secs()
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Names every given option that the scenario would not use.
+    fn reject_unused(&self) -> Result<(), String> {
+        use Scenario::*;
+        let s = self.scenario;
+        let given: [(&str, bool, &[Scenario]); 9] = [
+            ("--waves", self.waves.is_some(), &[Seed]),
+            ("--pause", self.pause.is_some(), &[Seed]),
+            ("--rounds", self.rounds.is_some(), &[Stampede]),
+            ("--redis-url", self.redis_url.is_some(), &[Stampede]),
+            ("--duration", self.duration.is_some(), &[Hot, Spread]),
+            ("--id", self.id.is_some(), &[Hot]),
+            ("--ids", self.ids.is_some(), &[Seed, Stampede, Spread]),
+            ("--dist", self.dist.is_some(), &[Spread]),
+            ("--zipf-exponent", self.zipf_exponent.is_some(), &[Spread]),
+        ];
+        let unused: Vec<&str> = given
+            .iter()
+            .filter(|(_, set, applies)| *set && !applies.contains(&s))
+            .map(|(name, _, _)| *name)
+            .collect();
+        if !unused.is_empty() {
+            return Err(format!(
+                "{} not used by the {} scenario (see --help)",
+                plural(&unused),
+                s.name()
+            ));
+        }
+        if self.zipf_exponent.is_some() && self.dist != Some(Dist::Zipf) {
+            return Err("--zipf-exponent needs --dist zipf".to_owned());
+        }
+        Ok(())
+    }
+}
+
+fn plural(names: &[&str]) -> String {
+    match names {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(", ")),
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    if value < min || value > max {
+        return Err(format!("{name} must be from {min} to {max}, not {value}"));
+    }
+    Ok(value)
+}
+
+/// Reduces `--url` to `http://host[:port]`. Only plain HTTP: the client has no TLS, since the
+/// load is meant for a service on this machine.
+fn base_url(raw: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(raw).map_err(|e| {
+        format!("--url {raw:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8080")
+    })?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "--url {raw:?}: only http:// is supported, not {}://",
+            url.scheme()
+        ));
+    }
+    let Some(host) = url.host_str() else {
+        return Err(format!("--url {raw:?} has no host"));
+    };
+    if !(url.path() == "/" || url.path().is_empty()) || url.query().is_some() {
+        return Err(format!(
+            "--url {raw:?}: give the service's base URL (e.g. http://127.0.0.1:8080), without a path"
+        ));
+    }
+    Ok(match url.port() {
+        Some(port) => format!("http://{host}:{port}"),
+        None => format!("http://{host}"),
+    })
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, or a plain number of seconds (`1.5`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration; expected e.g. 10s, 500ms, 2m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {raw:?}; use ms, s, m or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{raw:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let mut argv = vec!["loadtest"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .plan()
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn the_default_is_the_seed_test() {
+        let p = plan(&[]).expect("defaults are valid");
+        assert_eq!(p.base, "http://localhost:8080");
+        match p.kind {
+            Kind::Seed {
+                waves,
+                concurrency,
+                ids,
+                pause,
+            } => assert_eq!(
+                (waves, concurrency, ids, pause),
+                (25, 200, 100, Duration::from_secs(1))
+            ),
+            other => panic!("expected the seed scenario, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_of_another_scenario_are_rejected() {
+        let e = plan(&["hot", "--waves", "3"]).expect_err("--waves is for seed");
+        assert!(e.contains("--waves") && e.contains("hot"), "{e}");
+        let e = plan(&["seed", "--rounds", "3", "--duration", "1s"]).expect_err("two unused");
+        assert!(e.contains("--rounds, --duration are"), "{e}");
+        assert!(plan(&["spread", "--zipf-exponent", "1.2"]).is_err());
+        assert!(plan(&["spread", "--dist", "zipf", "--zipf-exponent", "1.2"]).is_ok());
+    }
+
+    #[test]
+    fn counts_and_durations_are_bounded() {
+        assert!(plan(&["--waves", "0"]).is_err());
+        assert!(plan(&["--concurrency", "100000"]).is_err());
+        assert!(plan(&["hot", "--duration", "2h"]).is_err());
+        assert!(plan(&["stampede", "--rounds", "20", "--ids", "10"]).is_err());
+        assert!(plan(&["hot", "--id", "0"]).is_err());
+    }
+
+    #[test]
+    fn urls_are_reduced_to_scheme_host_and_port() {
+        assert_eq!(
+            base_url("http://127.0.0.1:18081/"),
+            Ok("http://127.0.0.1:18081".into())
+        );
+        assert_eq!(base_url("http://localhost"), Ok("http://localhost".into()));
+        assert!(base_url("https://127.0.0.1").is_err());
+        assert!(base_url("127.0.0.1:8080").is_err());
+        assert!(base_url("http://127.0.0.1:8080/template-details?id=1").is_err());
+    }
+}

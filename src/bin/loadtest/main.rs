@@ -1,0 +1,90 @@
+//! `loadtest`: sends load to a running singleflight service and prints the seed's results table.
+//!
+//! The seed's README ended with a table (total requests, cache hit rate, DB queries,
+//! singleflight shared) that a person assembled by hand from Grafana. This program prints it,
+//! and every figure in it is the change in one of the service's own `/metrics` counters
+//! between a scrape before the run and one after: nothing is computed from what we sent.
+//! What only the client can know (latency percentiles, status codes, `X-Cache` values,
+//! throughput) is counted from the responses and printed beside it, so the two can be checked
+//! against each other.
+//!
+//! Scenarios (`loadtest --help` for every option):
+//! - `seed` (default): the seed's `loadtest.sh` — per wave, 200 simultaneous requests for one
+//!   random id of 1..=100, then one request for each id 1..=100 at once, then a 1 s pause;
+//!   25 waves, 7,500 requests;
+//! - `stampede`: rounds of 200 simultaneous requests for one cold key, with the DB queries each
+//!   round cost;
+//! - `hot`: one key, for a duration; `spread`: uniform or Zipf ids, for a duration.
+//!
+//! The load shares the machine's cores with the service when both run on one host; see
+//! BENCHMARKS.md for what that means for the figures.
+
+mod cli;
+mod client;
+mod prom;
+mod report;
+mod run;
+mod tally;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Why a run produced no report. Each message says what was wrong and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadtestError {
+    #[error("cannot reach the service at {url}: {reason}\n(is it running? `scripts/stack.sh up` starts it on :8080; --url names another address)")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} answered HTTP {status}; expected the service's Prometheus metrics (is --url the singleflight service?)")]
+    MetricsStatus { url: String, status: u16 },
+    #[error("{url} has no {names}: the report needs it (is --url the singleflight service?)")]
+    MissingMetrics { url: String, names: String },
+    #[error("the counter {name} went down from {before} to {after} during the run: the service restarted, so the run cannot be reported")]
+    CounterWentDown {
+        name: &'static str,
+        before: f64,
+        after: f64,
+    },
+    #[error("Redis at {url} (--redis-url): {reason}")]
+    Redis { url: String, reason: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error("a request task failed: {0}")]
+    Task(String),
+}
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let plan = match args.plan() {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("loadtest: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::run(&plan)) {
+        Ok(result) => {
+            let report = report::Report::new(&plan, result);
+            if plan.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

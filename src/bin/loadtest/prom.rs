@@ -1,0 +1,223 @@
+//! Reading the service's counters from `/metrics` (Prometheus text format).
+//!
+//! The report's service figures are differences between two [`Snapshot`]s, so they are exactly
+//! what the service counted, including any traffic that was not ours.
+
+use serde::Serialize;
+
+use crate::LoadtestError;
+
+/// The counters the report needs, each summed over all its label sets.
+pub const COUNTERS: [&str; 5] = [
+    "http_request_total",
+    "cache_hits_total",
+    "cache_misses_total",
+    "db_hits_total",
+    "singleflight_shared_total",
+];
+
+/// `http_request_total` has labels (endpoint, method, status) and no series at all until the
+/// service has answered its first request, so a fresh service may lack it before the run.
+const APPEARS_WITH_FIRST_REQUEST: &str = "http_request_total";
+
+/// The five counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot([f64; 5]);
+
+/// The change of the five counters over a run: what the service itself counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Deltas {
+    pub http_request_total: u64,
+    pub cache_hits_total: u64,
+    pub cache_misses_total: u64,
+    pub db_hits_total: u64,
+    pub singleflight_shared_total: u64,
+}
+
+impl Deltas {
+    /// `hits / (hits + misses)`, or `None` when no request reached a key owner.
+    pub fn cache_hit_rate(&self) -> Option<f64> {
+        let lookups = self.cache_hits_total + self.cache_misses_total;
+        (lookups > 0).then(|| self.cache_hits_total as f64 / lookups as f64)
+    }
+
+    /// PostgreSQL queries per HTTP request served, or `None` when none was served.
+    pub fn db_queries_per_request(&self) -> Option<f64> {
+        (self.http_request_total > 0)
+            .then(|| self.db_hits_total as f64 / self.http_request_total as f64)
+    }
+}
+
+impl std::ops::AddAssign for Deltas {
+    fn add_assign(&mut self, o: Deltas) {
+        self.http_request_total += o.http_request_total;
+        self.cache_hits_total += o.cache_hits_total;
+        self.cache_misses_total += o.cache_misses_total;
+        self.db_hits_total += o.db_hits_total;
+        self.singleflight_shared_total += o.singleflight_shared_total;
+    }
+}
+
+impl Snapshot {
+    /// Reads the counters from a scrape. `before_run` tolerates a missing `http_request_total`
+    /// (a service that has not served a request yet has no series for it); any other missing
+    /// counter is an error naming it.
+    pub fn parse(text: &str, base: &str, before_run: bool) -> Result<Snapshot, LoadtestError> {
+        let mut values = [0.0; 5];
+        let mut missing = Vec::new();
+        for (slot, name) in values.iter_mut().zip(COUNTERS) {
+            match sum(text, name) {
+                Some(v) => *slot = v,
+                None if before_run && name == APPEARS_WITH_FIRST_REQUEST => *slot = 0.0,
+                None => missing.push(name),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(LoadtestError::MissingMetrics {
+                url: format!("{base}/metrics"),
+                names: missing.join(", "),
+            });
+        }
+        Ok(Snapshot(values))
+    }
+
+    /// `later - self`, counter by counter. A counter that went down means the service restarted
+    /// between the scrapes, and the difference would be meaningless.
+    pub fn until(&self, later: &Snapshot) -> Result<Deltas, LoadtestError> {
+        let mut d = [0u64; 5];
+        for (i, name) in COUNTERS.iter().enumerate() {
+            let (a, b) = (self.0[i], later.0[i]);
+            if b < a {
+                return Err(LoadtestError::CounterWentDown {
+                    name,
+                    before: a,
+                    after: b,
+                });
+            }
+            d[i] = (b - a).round() as u64;
+        }
+        Ok(Deltas {
+            http_request_total: d[0],
+            cache_hits_total: d[1],
+            cache_misses_total: d[2],
+            db_hits_total: d[3],
+            singleflight_shared_total: d[4],
+        })
+    }
+}
+
+/// The sum of every sample of metric `name` (any labels), or `None` if there is no sample.
+pub fn sum(text: &str, name: &str) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((metric, value)) = split_sample(line) else {
+            continue;
+        };
+        if metric == name {
+            if let Ok(v) = value.parse::<f64>() {
+                *total.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    total
+}
+
+/// Splits `name{labels} value [timestamp]` into the name and the value. Label values may hold
+/// spaces, braces and escaped quotes, so the label set is skipped quote-aware.
+fn split_sample(line: &str) -> Option<(&str, &str)> {
+    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        let mut in_quotes = false;
+        let mut escaped = false;
+        let mut close = None;
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                '}' if !in_quotes => {
+                    close = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[close? + 1..];
+    }
+    let value = rest.split_whitespace().next()?;
+    Some((name, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCRAPE: &str = r#"# HELP http_request_total requests
+# TYPE http_request_total counter
+http_request_total{endpoint="/template-details",method="GET",status="200"} 7300
+http_request_total{endpoint="/template-details",method="GET",status="503"} 2
+http_request_total{endpoint="we{ird} \"x\" y",method="GET",status="404"} 1 1700000000000
+http_request_total_extra 99
+cache_hits_total 7000
+cache_misses_total 302
+db_hits_total 220
+singleflight_shared_total 18
+"#;
+
+    #[test]
+    fn sums_every_label_set_and_nothing_else() {
+        assert_eq!(sum(SCRAPE, "http_request_total"), Some(7303.0));
+        assert_eq!(sum(SCRAPE, "db_hits_total"), Some(220.0));
+        assert_eq!(sum(SCRAPE, "no_such_metric"), None);
+    }
+
+    #[test]
+    fn a_missing_counter_is_named() {
+        let text = SCRAPE.replace("db_hits_total 220\n", "");
+        match Snapshot::parse(&text, "http://x", false) {
+            Err(LoadtestError::MissingMetrics { names, .. }) => assert_eq!(names, "db_hits_total"),
+            other => panic!("expected a missing-metric error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_request_total_may_be_absent_only_before_the_run() {
+        let fresh: String = SCRAPE
+            .lines()
+            .filter(|l| !l.contains("http_request_total{"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let before = Snapshot::parse(&fresh, "http://x", true).expect("tolerated before");
+        assert!(Snapshot::parse(&fresh, "http://x", false).is_err());
+        let after = Snapshot::parse(SCRAPE, "http://x", false).expect("complete");
+        let d = before.until(&after).expect("counters only grow");
+        assert_eq!(d.http_request_total, 7303);
+        assert_eq!(d.db_hits_total, 0);
+        assert!(
+            after.until(&before).is_err(),
+            "a counter going down is an error"
+        );
+    }
+
+    #[test]
+    fn rates_are_undefined_without_traffic() {
+        let d = Deltas::default();
+        assert_eq!(d.cache_hit_rate(), None);
+        assert_eq!(d.db_queries_per_request(), None);
+        let d = Deltas {
+            http_request_total: 100,
+            cache_hits_total: 97,
+            cache_misses_total: 3,
+            db_hits_total: 3,
+            singleflight_shared_total: 0,
+        };
+        assert_eq!(d.cache_hit_rate(), Some(0.97));
+        assert_eq!(d.db_queries_per_request(), Some(0.03));
+    }
+}

@@ -1,0 +1,326 @@
+//! The report: the seed's table (from the service's counters), then what the client measured,
+//! as text or as one JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cli::{IdDist, Kind, Plan};
+use crate::prom::Deltas;
+use crate::run::{thousands, RunResult};
+use crate::tally::Latency;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub url: String,
+    pub settings: serde_json::Value,
+    /// The seed of the random choices; `--seed` with it repeats the run's ids.
+    pub rng_seed: u64,
+    /// What the service's counters moved by between the scrapes before and after the run.
+    pub metrics: Deltas,
+    /// `cache_hits_total / (cache_hits_total + cache_misses_total)`, from `metrics`.
+    pub cache_hit_rate: Option<f64>,
+    /// `db_hits_total / http_request_total`, from `metrics`.
+    pub db_queries_per_request: Option<f64>,
+    /// Requests the client sent (responses + failures).
+    pub requests: u64,
+    pub responses: u64,
+    /// Requests that got no complete response (timeout, connection error).
+    pub failures: u64,
+    /// Wall clock from the first request to the last answer, pauses included.
+    pub elapsed_seconds: f64,
+    /// Time with requests in the air (seed: pauses excluded; stampede: between rounds excluded).
+    pub active_seconds: f64,
+    /// Responses per second of `active_seconds`.
+    pub throughput_rps: f64,
+    pub latency_ms: Latency,
+    pub status: BTreeMap<String, u64>,
+    pub x_cache: BTreeMap<&'static str, u64>,
+    pub distinct_ids: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<RoundReport>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub id: i64,
+    pub evicted: bool,
+    pub db_queries: u64,
+    pub singleflight_shared: u64,
+    pub responses: u64,
+    pub failures: u64,
+    pub x_cache: BTreeMap<&'static str, u64>,
+    pub latency_ms: Latency,
+}
+
+impl Report {
+    pub fn new(plan: &Plan, run: RunResult) -> Report {
+        let active = run.active.as_secs_f64();
+        let rounds = run
+            .rounds
+            .iter()
+            .map(|r| RoundReport {
+                round: r.round,
+                id: r.id,
+                evicted: r.evicted,
+                db_queries: r.deltas.db_hits_total,
+                singleflight_shared: r.deltas.singleflight_shared_total,
+                responses: r.tally.responses,
+                failures: r.tally.failures,
+                x_cache: r.tally.x_cache.clone(),
+                latency_ms: r.tally.latency(),
+            })
+            .collect();
+        Report {
+            scenario: plan.kind.scenario().name(),
+            url: plan.base.clone(),
+            settings: settings(&plan.kind),
+            rng_seed: plan.rng_seed,
+            metrics: run.deltas,
+            cache_hit_rate: run.deltas.cache_hit_rate(),
+            db_queries_per_request: run.deltas.db_queries_per_request(),
+            requests: run.tally.requests(),
+            responses: run.tally.responses,
+            failures: run.tally.failures,
+            elapsed_seconds: run.elapsed.as_secs_f64(),
+            active_seconds: active,
+            throughput_rps: if active > 0.0 {
+                run.tally.responses as f64 / active
+            } else {
+                0.0
+            },
+            latency_ms: run.tally.latency(),
+            status: run.tally.status.clone(),
+            x_cache: run.tally.x_cache.clone(),
+            distinct_ids: run.tally.ids.len() as u64,
+            rounds,
+            notes: run.notes,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of numbers, strings and maps with string keys always serializes.
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let m = &self.metrics;
+        let _ = writeln!(
+            out,
+            "loadtest {} against {}: {}",
+            self.scenario,
+            self.url,
+            describe(&self.settings, self.scenario)
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "  The seed's table (change in the service's /metrics over the run)"
+        );
+        let _ = writeln!(out, "  | Metric               | Value");
+        let _ = writeln!(out, "  |----------------------|---------");
+        let _ = writeln!(
+            out,
+            "  | Total requests       | {}",
+            thousands(m.http_request_total)
+        );
+        let _ = writeln!(
+            out,
+            "  | Cache hit rate       | {}",
+            percent(self.cache_hit_rate)
+        );
+        let _ = writeln!(
+            out,
+            "  | DB queries           | {}",
+            thousands(m.db_hits_total)
+        );
+        let _ = writeln!(
+            out,
+            "  | Singleflight shared  | {}",
+            thousands(m.singleflight_shared_total)
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "  Measured by the client");
+        let _ = writeln!(
+            out,
+            "  requests             {} sent, {} answered, {} failed, {} distinct ids",
+            thousands(self.requests),
+            thousands(self.responses),
+            thousands(self.failures),
+            thousands(self.distinct_ids)
+        );
+        let _ = writeln!(
+            out,
+            "  time                 {:.2} s with requests in the air, {:.2} s in all",
+            self.active_seconds, self.elapsed_seconds
+        );
+        let _ = writeln!(
+            out,
+            "  throughput           {} req/s",
+            thousands(self.throughput_rps.round() as u64)
+        );
+        let l = &self.latency_ms;
+        let _ = writeln!(
+            out,
+            "  latency              p50 {}  p95 {}  p99 {}  max {}",
+            ms(l.p50),
+            ms(l.p95),
+            ms(l.p99),
+            ms(l.max)
+        );
+        let _ = writeln!(
+            out,
+            "  status               {}",
+            counts(self.status.iter().map(|(k, v)| (k.as_str(), *v)))
+        );
+        let _ = writeln!(
+            out,
+            "  X-Cache              {}",
+            counts(self.x_cache.iter().map(|(k, v)| (*k, *v)))
+        );
+        let _ = writeln!(
+            out,
+            "  DB queries/request   {}",
+            self.db_queries_per_request
+                .map_or("n/a".to_owned(), |r| format!("{r:.4}"))
+        );
+        let _ = writeln!(
+            out,
+            "  cache lookups        {} hits + {} misses (service counters)",
+            thousands(m.cache_hits_total),
+            thousands(m.cache_misses_total)
+        );
+        if !self.rounds.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  Rounds (DB queries and shared: change in /metrics over the round)"
+            );
+            let _ = writeln!(out, "  round       id  DB queries  shared    MISS  SHARED     HIT  failed   p99 ms   max ms");
+            for r in &self.rounds {
+                let x = |k: &str| r.x_cache.get(k).copied().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "  {:>5} {:>8}  {:>10}  {:>6}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7.2}  {:>7.2}",
+                    r.round,
+                    r.id,
+                    r.db_queries,
+                    r.singleflight_shared,
+                    x("MISS"),
+                    x("SHARED"),
+                    x("HIT"),
+                    r.failures,
+                    r.latency_ms.p99,
+                    r.latency_ms.max
+                );
+            }
+            let per_round: Vec<String> = self
+                .rounds
+                .iter()
+                .map(|r| r.db_queries.to_string())
+                .collect();
+            let _ = writeln!(out, "  DB queries per round: {}", per_round.join(" "));
+        }
+        for note in &self.notes {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "  note: {note}");
+        }
+        out
+    }
+}
+
+fn settings(kind: &Kind) -> serde_json::Value {
+    match kind {
+        Kind::Seed {
+            waves,
+            concurrency,
+            ids,
+            pause,
+        } => json!({
+            "waves": waves, "concurrency": concurrency, "ids": ids,
+            "pause_seconds": pause.as_secs_f64(),
+        }),
+        Kind::Stampede {
+            concurrency,
+            rounds,
+            ids,
+            redis_url,
+        } => json!({
+            "concurrency": concurrency, "rounds": rounds, "ids": ids,
+            "evict_via_redis": redis_url,
+        }),
+        Kind::Hot {
+            concurrency,
+            duration,
+            id,
+        } => json!({
+            "concurrency": concurrency, "duration_seconds": duration.as_secs_f64(), "id": id,
+        }),
+        Kind::Spread {
+            concurrency,
+            duration,
+            ids,
+            dist,
+        } => json!({
+            "concurrency": concurrency, "duration_seconds": duration.as_secs_f64(), "ids": ids,
+            "dist": match dist { IdDist::Uniform => "uniform", IdDist::Zipf { .. } => "zipf" },
+            "zipf_exponent": match dist { IdDist::Zipf { exponent } => Some(*exponent), IdDist::Uniform => None },
+        }),
+    }
+}
+
+fn describe(s: &serde_json::Value, scenario: &str) -> String {
+    let n = |k: &str| s[k].to_string();
+    match scenario {
+        "seed" => format!(
+            "{} waves of {} concurrent requests for one id, each followed by one request for each of ids 1..={}, {} s apart",
+            n("waves"), n("concurrency"), n("ids"), n("pause_seconds")
+        ),
+        "stampede" => format!(
+            "{} rounds of {} simultaneous requests for one cold id from 1..={}{}",
+            n("rounds"),
+            n("concurrency"),
+            n("ids"),
+            if s["evict_via_redis"].is_null() { "" } else { " (evicted from Redis first)" }
+        ),
+        "hot" => format!("{} connections asking for id {} for {} s", n("concurrency"), n("id"), n("duration_seconds")),
+        _ => format!(
+            "{} connections asking for {} ids from 1..={} for {} s",
+            n("concurrency"),
+            s["dist"].as_str().unwrap_or("?"),
+            n("ids"),
+            n("duration_seconds")
+        ),
+    }
+}
+
+fn percent(rate: Option<f64>) -> String {
+    rate.map_or("n/a (no lookups)".to_owned(), |r| {
+        format!("{:.1} %", r * 100.0)
+    })
+}
+
+fn ms(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
+}
+
+fn counts<'a>(items: impl Iterator<Item = (&'a str, u64)>) -> String {
+    let parts: Vec<String> = items
+        .map(|(k, v)| format!("{k} {}", thousands(v)))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join("  ")
+    }
+}
