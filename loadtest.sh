@@ -17,4 +17,4 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 cargo build --quiet --release --bin loadtest >&2
-exec target/release/loadtest "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/loadtest" "$@"
