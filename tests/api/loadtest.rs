@@ -212,6 +212,15 @@ async fn bad_options_are_rejected_with_the_reason() {
         (vec!["--url", "https://127.0.0.1:1"], "only http://"),
         (vec!["spread", "--duration", "forever"], "not a duration"),
         (vec!["sideways"], "invalid value 'sideways'"),
+        (
+            vec!["--updates", "3"],
+            "--updates is not used by the seed scenario",
+        ),
+        (vec!["hot", "--updates", "0"], "--updates must be from 1"),
+        (
+            vec!["hot", "--updates", "2", "--database-url", "mysql://x/y"],
+            "--database-url must be a URL like postgres://",
+        ),
     ] {
         let output = loadtest(&args).await;
         assert_eq!(
@@ -224,4 +233,59 @@ async fn bad_options_are_rejected_with_the_reason() {
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[actix_rt::test]
+async fn updates_during_a_run_are_reported_as_seen_by_the_service() {
+    let app = spawn_app().await;
+    let output = loadtest(&[
+        "spread",
+        "--url",
+        &app.address,
+        "--ids",
+        "50",
+        "--concurrency",
+        "20",
+        "--duration",
+        "2s",
+        "--updates",
+        "6",
+        "--database-url",
+        &app.database_url,
+        "--json",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    let v = &report["update_visibility"];
+    assert_eq!(number(v, &["updates"]), 6.0, "{v}");
+    assert_eq!(number(v, &["seen"]), 6.0, "every change was served: {v}");
+    assert_eq!(number(v, &["not_seen"]), 0.0);
+    assert!(number(v, &["p50_ms"]) <= number(v, &["max_ms"]));
+    assert!(
+        app.metric("invalidations_total").await >= 6.0,
+        "the changes went through NOTIFY"
+    );
+
+    // A --updates run against a database without the row is an error that says so.
+    let missing = loadtest(&[
+        "hot",
+        "--url",
+        &app.address,
+        "--id",
+        "999999",
+        "--duration",
+        "1s",
+        "--updates",
+        "1",
+        "--database-url",
+        &app.database_url,
+    ])
+    .await;
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("template 999999 does not exist"),
+        "{}",
+        stderr(&missing)
+    );
 }

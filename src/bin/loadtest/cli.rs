@@ -77,6 +77,18 @@ pub struct Args {
     #[arg(long)]
     pub redis_url: Option<String>,
 
+    /// hot, spread: during the run, update this many random templates (evenly spaced) in
+    /// PostgreSQL and report how long each took to be served by the service (by polling)
+    #[arg(long)]
+    pub updates: Option<u32>,
+
+    /// with --updates: the PostgreSQL the service reads
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/singleflight"
+    )]
+    pub database_url: String,
+
     /// Longest wait for one response.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -131,7 +143,18 @@ pub struct Plan {
     pub json: bool,
     pub rng_seed: u64,
     pub kind: Kind,
+    /// Updates to make during the run, to measure how soon they are served.
+    pub updates: Option<Updates>,
 }
+
+/// `--updates`: how many, and where.
+#[derive(Debug, Clone)]
+pub struct Updates {
+    pub count: u32,
+    pub database_url: String,
+}
+
+pub const MAX_UPDATES: u32 = 10_000;
 
 #[derive(Debug, Clone)]
 pub enum Kind {
@@ -256,6 +279,23 @@ impl Args {
             json: self.json,
             rng_seed: self.seed.unwrap_or_else(rand::random),
             kind,
+            updates: match self.updates {
+                None => None,
+                Some(count) => Some(Updates {
+                    count: check_range("--updates", count, 1, MAX_UPDATES)?,
+                    database_url: match self.database_url.split_once("://") {
+                        Some(("postgres" | "postgresql", rest)) if !rest.is_empty() => {
+                            self.database_url.clone()
+                        }
+                        _ => {
+                            return Err(format!(
+                                "--database-url must be a URL like postgres://user@host:5432/dbname, not {:?}",
+                                self.database_url
+                            ))
+                        }
+                    },
+                }),
+            },
         })
     }
 
@@ -274,7 +314,8 @@ impl Args {
     fn reject_unused(&self) -> Result<(), String> {
         use Scenario::*;
         let s = self.scenario;
-        let given: [(&str, bool, &[Scenario]); 9] = [
+        let given: [(&str, bool, &[Scenario]); 10] = [
+            ("--updates", self.updates.is_some(), &[Hot, Spread]),
             ("--waves", self.waves.is_some(), &[Seed]),
             ("--pause", self.pause.is_some(), &[Seed]),
             ("--rounds", self.rounds.is_some(), &[Stampede]),

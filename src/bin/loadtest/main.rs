@@ -25,6 +25,7 @@ mod prom;
 mod report;
 mod run;
 mod tally;
+mod updates;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,8 @@ pub enum LoadtestError {
     },
     #[error("Redis at {url} (--redis-url): {reason}")]
     Redis { url: String, reason: String },
+    #[error("PostgreSQL at {url} (--database-url, for --updates): {reason}")]
+    Database { url: String, reason: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
     #[error("a request task failed: {0}")]

@@ -42,7 +42,41 @@ pub struct Report {
     pub distinct_ids: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rounds: Vec<RoundReport>,
+    /// `--updates`: how soon changes made in PostgreSQL during the run were served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_visibility: Option<VisibilityReport>,
     pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VisibilityReport {
+    pub updates: u32,
+    pub seen: u32,
+    /// Changes not served within the poll limit; not part of the percentiles.
+    pub not_seen: u32,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+impl VisibilityReport {
+    fn new(v: &crate::updates::Visibility) -> VisibilityReport {
+        let mut ms: Vec<f64> = v.delays.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        // Nearest-rank percentile over the changes seen.
+        let rank = |q: f64| -> Option<f64> {
+            let n = ms.len();
+            (n > 0).then(|| ms[((q * n as f64).ceil() as usize).clamp(1, n) - 1])
+        };
+        VisibilityReport {
+            updates: ms.len() as u32 + v.not_seen,
+            seen: ms.len() as u32,
+            not_seen: v.not_seen,
+            p50_ms: rank(0.50),
+            p99_ms: rank(0.99),
+            max_ms: ms.last().copied(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +133,7 @@ impl Report {
             x_cache: run.tally.x_cache.clone(),
             distinct_ids: run.tally.ids.len() as u64,
             rounds,
+            update_visibility: run.visibility.as_ref().map(VisibilityReport::new),
             notes: run.notes,
         }
     }
@@ -226,6 +261,20 @@ impl Report {
                 .map(|r| r.db_queries.to_string())
                 .collect();
             let _ = writeln!(out, "  DB queries per round: {}", per_round.join(" "));
+        }
+        if let Some(v) = &self.update_visibility {
+            let shown = |x: Option<f64>| x.map_or("n/a".to_owned(), ms);
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  updates visible      {} of {} changes served within {} s: p50 {}  p99 {}  max {}",
+                v.seen,
+                v.updates,
+                crate::updates::GIVE_UP.as_secs(),
+                shown(v.p50_ms),
+                shown(v.p99_ms),
+                shown(v.max_ms)
+            );
         }
         for note in &self.notes {
             let _ = writeln!(out);

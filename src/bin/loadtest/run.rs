@@ -34,6 +34,8 @@ pub struct RunResult {
     pub active: Duration,
     pub rounds: Vec<Round>,
     pub notes: Vec<String>,
+    /// `--updates`: how soon changes made during the run were served.
+    pub visibility: Option<crate::updates::Visibility>,
 }
 
 /// One stampede round: the key, what the service counted, what the client saw.
@@ -91,14 +93,14 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
             duration,
             id,
         } => {
-            for_duration(
+            let load = for_duration(
                 &ctx,
                 plan.rng_seed,
                 *concurrency,
                 *duration,
                 IdPicker::Fixed(*id),
-            )
-            .await
+            );
+            with_updates(&ctx, plan, *id..=*id, *duration, load).await
         }
         Kind::Spread {
             concurrency,
@@ -107,12 +109,39 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
             dist,
         } => {
             let picker = IdPicker::new(*ids, *dist);
-            for_duration(&ctx, plan.rng_seed, *concurrency, *duration, picker).await
+            let load = for_duration(&ctx, plan.rng_seed, *concurrency, *duration, picker);
+            with_updates(&ctx, plan, 1..=*ids as i64, *duration, load).await
         }
     };
     printer.abort();
     progress.finish();
     result
+}
+
+/// Runs `load`, and with `--updates` the updates beside it.
+async fn with_updates(
+    ctx: &Ctx,
+    plan: &Plan,
+    ids: std::ops::RangeInclusive<i64>,
+    duration: Duration,
+    load: impl std::future::Future<Output = Result<RunResult, LoadtestError>>,
+) -> Result<RunResult, LoadtestError> {
+    let Some(updates) = &plan.updates else {
+        return load.await;
+    };
+    let changes = crate::updates::run(
+        &ctx.client,
+        &ctx.base,
+        &updates.database_url,
+        ids,
+        updates.count,
+        duration,
+        plan.rng_seed,
+    );
+    let (result, visibility) = tokio::join!(load, changes);
+    let mut result = result?;
+    result.visibility = Some(visibility?);
+    Ok(result)
 }
 
 /// The seed's load test: per wave, `concurrency` simultaneous requests for one random id of
@@ -149,6 +178,7 @@ async fn seed(
         active,
         rounds: Vec::new(),
         notes: Vec::new(),
+        visibility: None,
     })
 }
 
@@ -271,6 +301,7 @@ async fn stampede(
         active,
         rounds: results,
         notes,
+        visibility: None,
     })
 }
 
@@ -369,6 +400,7 @@ async fn for_duration(
         active: elapsed,
         rounds: Vec::new(),
         notes: Vec::new(),
+        visibility: None,
     })
 }
 
