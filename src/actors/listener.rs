@@ -89,8 +89,6 @@ async fn listen_forever(
     loop {
         match connect_and_listen(&url).await {
             Ok(mut conn) => {
-                links.metrics.listener_connects_total.inc();
-                links.metrics.listener_connected.set(1);
                 // Anything remembered may predate a change we were not told about.
                 let before_unix_ms = unix_ms_now();
                 for owner in &links.owners {
@@ -99,6 +97,8 @@ async fn listen_forever(
                 for cache in &links.caches {
                     cache.do_send(MarkSuspect { before_unix_ms });
                 }
+                links.metrics.listener_connects_total.inc();
+                links.metrics.listener_connected.set(1);
                 if let Some(tx) = listening.take() {
                     let _ = tx.send(());
                 }

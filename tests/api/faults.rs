@@ -869,3 +869,81 @@ async fn ten_thousand_unknown_ids_twice_cost_at_most_one_query_each() {
     let settled = settle(&app, SETTLE, Figures::idle).await;
     assert!(settled.idle(), "nothing left pending: {settled:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL restarted: change notifications resume
+// ---------------------------------------------------------------------------------------------
+
+/// Waits (bounded) until `metric` satisfies `done`.
+async fn wait_for_metric(app: &TestApp, metric: &str, done: impl Fn(f64) -> bool) {
+    let started = Instant::now();
+    while !done(app.metric(metric).await) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{metric} never got there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn after_a_postgresql_restart_the_listener_reconnects_and_changes_are_seen_again() {
+    let proxy = postgres_proxy();
+    let app = spawn_app_with(|s: &mut Settings| {
+        s.database_url = via(&proxy, &s.database_url);
+        // Only an invalidation can make a change visible within a second.
+        s.cache_ttl = Duration::from_secs(300);
+    })
+    .await;
+    assert_eq!(app.metric("listener_connects_total").await, 1.0);
+    assert_eq!(app.template(60).await.status(), 200);
+
+    // As in a restart: every connection is dropped, and new ones fail for a while.
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut();
+    wait_for_metric(&app, "listener_connected", |v| v == 0.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_mode(Mode::Pass);
+    wait_for_metric(&app, "listener_connects_total", |v| v >= 2.0).await;
+    // Having reconnected, the service distrusts what it cached (notifications may have been
+    // missed): a read finds the key suspect, answers it STALE and refreshes it (the first
+    // refresh may fail on a pooled connection the outage broke; the next read retries). Once a
+    // refresh has stored the row, the key is a plain hit — so from there only a notification can
+    // make the next change visible before the 300 s TTL.
+    let loaded = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("singleflight_flights_total{result=\"database\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let loads_before = loaded(&app.metrics_text().await);
+    let started = Instant::now();
+    while loaded(&app.metrics_text().await) <= loads_before {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the key was never refreshed"
+        );
+        assert_eq!(app.template(60).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        app.metric("refreshes_total").await >= 1.0,
+        "the suspect key was refreshed"
+    );
+    assert_eq!(header(&app.template(60).await, "x-cache"), "HIT");
+
+    app.execute_sql("UPDATE templates SET name = 'After the restart' WHERE id = 60")
+        .await;
+    let started = Instant::now();
+    loop {
+        let body = app.template(60).await.text().await.expect("body");
+        if body.contains("After the restart") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the change was not served within 1 s of the commit: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -93,6 +93,11 @@ async fn the_listener_reconnects_when_its_connection_is_killed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.metric("listener_connected").await, 1.0);
+    // Having reconnected, the service refreshes what it cached (notifications may have been
+    // missed) on first read; after that only a notification can show the next change in time.
+    assert_eq!(header(&app.template(31).await, "x-cache"), "STALE");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(header(&app.template(31).await, "x-cache"), "HIT");
 
     app.execute_sql("UPDATE templates SET name = 'After reconnect' WHERE id = 31")
         .await;
