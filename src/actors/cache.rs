@@ -259,6 +259,9 @@ pub struct CacheActor {
     metrics: Metrics,
     shard: String,
     breaker: Breaker,
+    /// Counts the times the breaker opened; a call's outcome only counts for the epoch it began
+    /// in, so a slow failure from before a trip cannot re-open a breaker that has since closed.
+    breaker_epoch: u64,
     /// Entries loaded before this wall-clock time are treated as soft-expired (see
     /// [`MarkSuspect`]).
     suspect_before_ms: u64,
@@ -283,6 +286,7 @@ impl CacheActor {
             metrics,
             shard,
             breaker: Breaker::Closed { failures: 0 },
+            breaker_epoch: 0,
             suspect_before_ms: 0,
             writes: 0,
         }
@@ -322,6 +326,7 @@ impl CacheActor {
 
     /// Opens the breaker and drops the connection, which may be stalled behind a partition.
     fn trip(&mut self) {
+        self.breaker_epoch += 1;
         self.set_breaker(Breaker::Open {
             since: Instant::now(),
         });
@@ -351,12 +356,15 @@ impl CacheActor {
         }));
     }
 
-    /// Feeds a call's outcome to the breaker. Outcomes of calls that began before the breaker
-    /// opened change nothing.
-    fn record<T>(&mut self, result: &Result<T, CacheError>) {
+    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker. Outcomes
+    /// of calls that began before the breaker last opened change nothing.
+    fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>) {
         let Breaker::Closed { failures } = self.breaker else {
             return;
         };
+        if epoch != self.breaker_epoch {
+            return;
+        }
         match result {
             Err(e) if e.is_connectivity() => {
                 if failures + 1 >= self.settings.breaker_failures {
@@ -387,8 +395,9 @@ impl CacheActor {
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
         let bounded = bounded(op, self.settings.timeout, self.metrics.clone());
-        Box::pin(bounded.into_actor(self).map(|result, actor, _| {
-            actor.record(&result);
+        let epoch = self.breaker_epoch;
+        Box::pin(bounded.into_actor(self).map(move |result, actor, _| {
+            actor.record(epoch, &result);
             result
         }))
     }
@@ -540,9 +549,14 @@ impl Handler<CacheDel> for CacheActor {
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))
         });
-        // A delete that fails (Redis unreachable) leaves at most one soft TTL of an old value:
-        // the listener also marks everything suspect when it reconnects after a gap.
-        ctx.spawn(del.map(|_, _, _| ()));
+        // A delete that fails or is skipped (Redis unreachable, breaker open) would leave the
+        // old value to be served for a whole TTL once Redis answers again: instead, every entry
+        // written before now becomes suspect (served, but refreshed on first read).
+        ctx.spawn(del.map(|result, actor, _| {
+            if result.is_err() {
+                actor.suspect_before_ms = actor.suspect_before_ms.max(unix_ms_now());
+            }
+        }));
     }
 }
 
@@ -561,8 +575,9 @@ impl Handler<PingCache> for CacheActor {
         if !matches!(self.breaker, Breaker::Closed { .. }) {
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
-        Box::pin(self.ping().into_actor(self).map(|result, actor, _| {
-            actor.record(&result);
+        let epoch = self.breaker_epoch;
+        Box::pin(self.ping().into_actor(self).map(move |result, actor, _| {
+            actor.record(epoch, &result);
             result
         }))
     }

@@ -106,19 +106,22 @@ fn connect(
     timeout: Duration,
     statement_timeout_ms: u128,
 ) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
-    async move {
-        let mut conn = tokio::time::timeout(timeout, AsyncPgConnection::establish(&url))
-            .await
-            .map_err(|_| {
-                diesel::ConnectionError::BadConnection(format!(
-                    "connecting took longer than {timeout:?}"
-                ))
-            })??;
+    // The whole setup is bounded, not only the connect: bb8 puts no limit on a connection being
+    // made, and a server that accepts and then stops answering would hold a pool slot for good.
+    let setup = async move {
+        let mut conn = AsyncPgConnection::establish(&url).await?;
         diesel::sql_query(format!("SET statement_timeout = {statement_timeout_ms}"))
             .execute(&mut conn)
             .await
             .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
         Ok(conn)
+    };
+    async move {
+        tokio::time::timeout(timeout, setup).await.map_err(|_| {
+            diesel::ConnectionError::BadConnection(format!(
+                "connecting took longer than {timeout:?}"
+            ))
+        })?
     }
     .boxed()
 }

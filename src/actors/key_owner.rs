@@ -33,17 +33,19 @@
 //! remembered, and its Redis write is removed again.
 //!
 //! # What every waiter is guaranteed
-//! - exactly one answer: the flight's result; or, if the flight failed, timed out
-//!   (`FLIGHT_TIMEOUT_MS`) or panicked, the remembered value if it is younger than
-//!   `MAX_STALE_SECS` (`X-Cache: STALE`), else an error — never silence, so no waiter hangs;
+//! - exactly one answer: the flight's result; or, if the flight failed, timed out (each stage —
+//!   cache read, load and write — within `FLIGHT_TIMEOUT_MS`) or panicked, the value remembered
+//!   within the last `MAX_STALE_SECS` (`X-Cache: STALE`), else an error — never silence, so no
+//!   waiter hangs;
 //! - a waiter that goes away (its HTTP request was cancelled or hit its deadline) just drops its
 //!   receiver: the flight goes on and still fills the caches for everyone after it;
 //! - errors are never cached: a failed flight leaves no entry, and the next request starts anew;
 //! - bounded memory: at most `MAX_PENDING_KEYS` flights and `MAX_WAITERS_PER_KEY` waiters each;
 //!   a request beyond either bound is answered at once with an overload error (shed).
 //!
-//! With `COALESCE=off` every request runs a flight of its own, nothing is shared and the near
-//! cache is not used: the baseline that shows what coalescing saves.
+//! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
+//! cache, refresh-ahead, shedding and the dirty marking of in-flight loads are all off. It is a
+//! measurement baseline that shows what they save, not a mode to run in production.
 //!
 //! The owner talks to Redis and PostgreSQL only through [`Recipient`]s, so tests put fakes there.
 
@@ -128,7 +130,8 @@ pub enum XCache {
     Miss,
     /// This request waited on another request's database load and shared its result.
     Shared,
-    /// An expired value, served on purpose because loading a fresh one failed.
+    /// An expired value, served on purpose: while one refresh reloads it, or because loading a
+    /// fresh one failed.
     Stale,
 }
 
@@ -233,6 +236,10 @@ struct Flight {
     /// The row changed while the flight was in the air: what it brings back may be older than
     /// the change, so it is answered to its waiters but neither remembered nor left in Redis.
     dirty: bool,
+    /// Set when the flight found a soft-expired value, answered its waiters with it and is now
+    /// reloading the key in the background: requests arriving meanwhile get this value at once
+    /// (`STALE`) rather than wait on PostgreSQL. Cleared when the row changes.
+    serving: Option<Lookup>,
 }
 
 /// The latest answer the owner saw for a key.
@@ -353,6 +360,7 @@ impl KeyOwner {
                 id: flight_id,
                 waiters: vec![first],
                 dirty: false,
+                serving: None,
             },
         );
         self.waiters_gauge().inc();
@@ -384,7 +392,15 @@ impl KeyOwner {
                 // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
                 // the near cache serves it while the refresh runs, and the refresh replaces it.
                 let waiters = self.take_waiters(id, flight_id);
-                let dirty = self.pending_waiters.get(&id).is_some_and(|f| f.dirty);
+                let dirty = match self.pending_waiters.get_mut(&id) {
+                    Some(flight) if flight.id == flight_id => {
+                        if !flight.dirty {
+                            flight.serving = Some(lookup.clone());
+                        }
+                        flight.dirty
+                    }
+                    _ => true,
+                };
                 if !dirty {
                     self.remember(id, &lookup);
                 }
@@ -438,12 +454,14 @@ impl KeyOwner {
             // flight's entry must never be removed by an older flight.
             _ => false,
         };
+        if dirty {
+            // It may have stored a value from before the change (even if it then failed or timed
+            // out waiting for the write's reply): remove it again.
+            self.deps.cache_del.do_send(CacheDel(id));
+        }
         let settled = match result {
             Ok((lookup, origin)) => {
-                if dirty {
-                    // It may have stored a value from before the change: remove it again.
-                    self.deps.cache_del.do_send(CacheDel(id));
-                } else {
+                if !dirty {
                     self.remember(id, &lookup);
                 }
                 Settled::Fresh(lookup, origin)
@@ -477,7 +495,8 @@ impl KeyOwner {
         let deps = self.deps.clone();
         let alone = async move {
             match read_cache(id, deps.clone()).await {
-                Ok(Some(cached)) => Ok((cached.lookup, Origin::Cache)),
+                // A soft-expired value is a miss here: this mode has no background refresh.
+                Ok(Some(cached)) if !cached.stale => Ok((cached.lookup, Origin::Cache)),
                 _ => load_and_store(id, deps)
                     .await
                     .map(|lookup| (lookup, Origin::Database)),
@@ -536,6 +555,13 @@ impl Handler<GetTemplate> for KeyOwner {
         }
         let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
+            if let Some(lookup) = flight.serving.clone() {
+                let waiter = Waiter {
+                    reply,
+                    started_it: false,
+                };
+                return answer(&self.deps.metrics, waiter, &Settled::Revalidating(lookup));
+            }
             if flight.waiters.len() >= max_waiters {
                 return self.shed(reply, ShedReason::Waiters);
             }
@@ -563,6 +589,7 @@ impl Handler<Invalidate> for KeyOwner {
         }
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
             flight.dirty = true;
+            flight.serving = None;
         }
         self.deps.cache_del.do_send(CacheDel(id));
     }
@@ -577,6 +604,7 @@ impl Handler<ForgetAll> for KeyOwner {
         }
         for flight in self.pending_waiters.values_mut() {
             flight.dirty = true;
+            flight.serving = None;
         }
     }
 }

@@ -671,6 +671,42 @@ async fn a_soft_expired_value_is_answered_at_once_and_refreshed_once() {
 }
 
 #[actix_rt::test]
+async fn requests_during_a_refresh_get_the_soft_expired_value_at_once() {
+    // No near cache: only the refreshing flight itself can spare them the wait.
+    let h = Setup {
+        stale_cached: vec![8],
+        db_delay: Duration::from_millis(300),
+        owner: OwnerSettings {
+            near_cache_ttl: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .start();
+    assert_eq!(h.one(8).await.x_cache, XCache::Stale);
+    let during = h.burst(8, 20).await;
+    assert!(
+        during.iter().all(|a| a.x_cache == XCache::Stale),
+        "{:?}",
+        during[0]
+    );
+    assert_eq!(
+        h.pending_flights(),
+        1,
+        "answered while the refresh is still loading"
+    );
+    assert_eq!(h.metrics.refreshes_total.get(), 1);
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        h.one(8).await.x_cache,
+        XCache::Hit,
+        "the refreshed value, from the cache"
+    );
+    assert_eq!(h.db_queries.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
 async fn invalidate_drops_the_key_everywhere() {
     let h = Setup {
         db_delay: Duration::ZERO,
