@@ -156,28 +156,38 @@ impl Settings {
             db_acquire_timeout: millis(
                 get("DB_ACQUIRE_TIMEOUT_MS"),
                 "DB_ACQUIRE_TIMEOUT_MS",
+                1,
                 d.db_acquire_timeout,
             )?,
             db_query_timeout: millis(
                 get("DB_QUERY_TIMEOUT_MS"),
                 "DB_QUERY_TIMEOUT_MS",
+                1,
                 d.db_query_timeout,
             )?,
-            redis_timeout: millis(get("REDIS_TIMEOUT_MS"), "REDIS_TIMEOUT_MS", d.redis_timeout)?,
+            redis_timeout: millis(
+                get("REDIS_TIMEOUT_MS"),
+                "REDIS_TIMEOUT_MS",
+                1,
+                d.redis_timeout,
+            )?,
             request_timeout: millis(
                 get("REQUEST_TIMEOUT_MS"),
                 "REQUEST_TIMEOUT_MS",
+                1,
                 d.request_timeout,
             )?,
             flight_timeout: millis(
                 get("FLIGHT_TIMEOUT_MS"),
                 "FLIGHT_TIMEOUT_MS",
+                1,
                 d.flight_timeout,
             )?,
             coalesce: on_off(get("COALESCE"), "COALESCE", d.coalesce)?,
-            near_cache_ttl: millis_or_zero(
+            near_cache_ttl: millis(
                 get("NEAR_CACHE_TTL_MS"),
                 "NEAR_CACHE_TTL_MS",
+                0,
                 d.near_cache_ttl,
             )?,
             near_cache_capacity: positive(
@@ -206,7 +216,7 @@ impl Settings {
                 "BREAKER_FAILURES",
                 d.breaker_failures as usize,
             )? as u32,
-            breaker_open: millis(get("BREAKER_OPEN_MS"), "BREAKER_OPEN_MS", d.breaker_open)?,
+            breaker_open: millis(get("BREAKER_OPEN_MS"), "BREAKER_OPEN_MS", 1, d.breaker_open)?,
         })
     }
 }
@@ -250,32 +260,19 @@ fn positive(raw: Option<&str>, var: &'static str, default: usize) -> Result<usiz
     Ok(n.map_or(default, |n| n as usize))
 }
 
+/// Milliseconds from `min` (0 meaning "off") to 600000.
 fn millis(
     raw: Option<&str>,
     var: &'static str,
+    min: u64,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let n = whole(
-        raw,
-        var,
-        "milliseconds, a whole number from 1 to 600000",
-        1..=600_000,
-    )?;
-    Ok(n.map_or(default, Duration::from_millis))
-}
-
-fn millis_or_zero(
-    raw: Option<&str>,
-    var: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let n = whole(
-        raw,
-        var,
-        "milliseconds, a whole number from 0 (off) to 600000",
-        0..=600_000,
-    )?;
-    Ok(n.map_or(default, Duration::from_millis))
+    let expected = if min == 0 {
+        "milliseconds, a whole number from 0 (off) to 600000"
+    } else {
+        "milliseconds, a whole number from 1 to 600000"
+    };
+    Ok(whole(raw, var, expected, min..=600_000)?.map_or(default, Duration::from_millis))
 }
 
 fn secs_or_zero(
