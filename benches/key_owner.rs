@@ -66,7 +66,7 @@ impl Handler<CacheGet> for FakeCache {
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         Ok(self.store.get(&id).map(|lookup| Cached {
             lookup: lookup.clone(),
-            stale: false,
+            fresh_for: Duration::from_secs(30),
         }))
     }
 }
@@ -96,7 +96,11 @@ impl Actor for FakeDb {
 
 impl Handler<FetchTemplate> for FakeDb {
     type Result = Result<Option<Template>, DbError>;
-    fn handle(&mut self, FetchTemplate(id): FetchTemplate, _: &mut Self::Context) -> Self::Result {
+    fn handle(
+        &mut self,
+        FetchTemplate { id, .. }: FetchTemplate,
+        _: &mut Self::Context,
+    ) -> Self::Result {
         Ok((1..=KEYS).contains(&id).then(|| template(id)))
     }
 }

@@ -30,8 +30,11 @@ pub struct Settings {
     pub key_owner_shards: usize,
     /// `DB_POOL_SIZE`: maximum PostgreSQL connections held by the DbActor's pool.
     pub db_pool_size: u32,
-    /// `DB_ACQUIRE_TIMEOUT_MS`: longest wait for a pooled connection (bb8 would wait 30 s).
-    pub db_acquire_timeout: Duration,
+    /// `DB_POOL_MIN_IDLE`: connections kept open while idle, opened at start and replaced in the
+    /// background, so that no request waits for one to be opened (at most `DB_POOL_SIZE`).
+    pub db_pool_min_idle: u32,
+    /// `DB_CONNECT_TIMEOUT_MS`: longest time to open one connection (off the request path).
+    pub db_connect_timeout: Duration,
     /// `DB_QUERY_TIMEOUT_MS`: longest a query may run; also sent as `statement_timeout`.
     pub db_query_timeout: Duration,
     /// `REDIS_TIMEOUT_MS`: longest wait for one Redis command (and for connecting).
@@ -76,7 +79,8 @@ impl Default for Settings {
             ttl_jitter_pct: 10,
             key_owner_shards: default_shards(),
             db_pool_size: 10,
-            db_acquire_timeout: Duration::from_millis(500),
+            db_pool_min_idle: 10,
+            db_connect_timeout: Duration::from_millis(5000),
             db_query_timeout: Duration::from_millis(1000),
             redis_timeout: Duration::from_millis(50),
             request_timeout: Duration::from_millis(2000),
@@ -124,7 +128,16 @@ impl Settings {
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let get = |name: &str| vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
         let d = Settings::default();
-        Ok(Settings {
+        if let Some(v) = get("DB_ACQUIRE_TIMEOUT_MS") {
+            return Err(ConfigError {
+                var: "DB_ACQUIRE_TIMEOUT_MS",
+                value: v.to_owned(),
+                expected: "it unset: it was retired, since a load now waits for a connection as \
+                           long as its flight has left (FLIGHT_TIMEOUT_MS), and connections are \
+                           opened in the background within DB_CONNECT_TIMEOUT_MS",
+            });
+        }
+        let settings = Settings {
             http_addr: parse(
                 get("HTTP_ADDR"),
                 "HTTP_ADDR",
@@ -153,11 +166,23 @@ impl Settings {
             )?,
             db_pool_size: positive(get("DB_POOL_SIZE"), "DB_POOL_SIZE", d.db_pool_size as usize)?
                 as u32,
-            db_acquire_timeout: millis(
-                get("DB_ACQUIRE_TIMEOUT_MS"),
-                "DB_ACQUIRE_TIMEOUT_MS",
+            db_pool_min_idle: match whole(
+                get("DB_POOL_MIN_IDLE"),
+                "DB_POOL_MIN_IDLE",
+                "a whole number from 0 to DB_POOL_SIZE",
+                0..=100_000,
+            )? {
+                Some(n) => n as u32,
+                // Unset: keep every connection of the pool open.
+                None => {
+                    positive(get("DB_POOL_SIZE"), "DB_POOL_SIZE", d.db_pool_size as usize)? as u32
+                }
+            },
+            db_connect_timeout: millis(
+                get("DB_CONNECT_TIMEOUT_MS"),
+                "DB_CONNECT_TIMEOUT_MS",
                 1,
-                d.db_acquire_timeout,
+                d.db_connect_timeout,
             )?,
             db_query_timeout: millis(
                 get("DB_QUERY_TIMEOUT_MS"),
@@ -217,7 +242,15 @@ impl Settings {
                 d.breaker_failures as usize,
             )? as u32,
             breaker_open: millis(get("BREAKER_OPEN_MS"), "BREAKER_OPEN_MS", 1, d.breaker_open)?,
-        })
+        };
+        if settings.db_pool_min_idle > settings.db_pool_size {
+            return Err(ConfigError {
+                var: "DB_POOL_MIN_IDLE",
+                value: settings.db_pool_min_idle.to_string(),
+                expected: "a whole number from 0 to DB_POOL_SIZE",
+            });
+        }
+        Ok(settings)
     }
 }
 
@@ -351,6 +384,19 @@ mod tests {
         assert_eq!(s.request_timeout, Duration::from_millis(2000));
         assert!(s.coalesce);
         assert!(s.key_owner_shards >= 1);
+        assert_eq!(
+            s.db_pool_min_idle, s.db_pool_size,
+            "every connection kept open"
+        );
+    }
+
+    #[test]
+    fn min_idle_follows_the_pool_size_unless_set() {
+        let s = Settings::from_vars(&vars(&[("DB_POOL_SIZE", "4")])).expect("valid");
+        assert_eq!((s.db_pool_size, s.db_pool_min_idle), (4, 4));
+        let s = Settings::from_vars(&vars(&[("DB_POOL_SIZE", "4"), ("DB_POOL_MIN_IDLE", "0")]))
+            .expect("valid");
+        assert_eq!(s.db_pool_min_idle, 0);
     }
 
     #[test]
@@ -391,6 +437,9 @@ mod tests {
             ("TTL_JITTER_PCT", "60", "percentage"),
             ("CACHE_GRACE_SECS", "1.5", "seconds"),
             ("NEAR_CACHE_TTL_MS", "soon", "0 (off)"),
+            ("DB_POOL_MIN_IDLE", "11", "to DB_POOL_SIZE"),
+            ("DB_CONNECT_TIMEOUT_MS", "0", "from 1"),
+            ("DB_ACQUIRE_TIMEOUT_MS", "500", "retired"),
         ] {
             let err = Settings::from_vars(&vars(&[(var, value)])).expect_err(var);
             let msg = err.to_string();

@@ -1,5 +1,6 @@
 use singleflight::config::Settings;
 use singleflight::startup::Application;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
@@ -18,11 +19,39 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    actix_web::rt::spawn(stop_on_signals(app.handle()));
     match app.run_until_stopped().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("singleflight: server error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C) stops the server gracefully: it stops accepting and finishes the
+/// requests in flight (up to its shutdown timeout). A second signal stops it at once.
+async fn stop_on_signals(server: actix_web::dev::ServerHandle) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot listen for SIGTERM/SIGINT; stop the service with SIGKILL");
+        return;
+    };
+    let mut graceful = true;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if graceful {
+            log::info!("{name}: finishing the requests in flight, then stopping");
+        } else {
+            log::warn!("{name} again: stopping now");
+        }
+        // Not awaited: the server's own future reports when it has stopped.
+        drop(server.stop(graceful));
+        graceful = false;
     }
 }

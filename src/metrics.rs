@@ -55,8 +55,20 @@ pub struct Metrics {
     pub waiter_timeouts_total: IntCounter,
     /// Redis calls that failed, by kind: `timeout`, `refused`, `io`, `protocol`, `decode`.
     pub redis_errors_total: IntCounterVec,
-    /// Failed database loads, by kind: `pool_timeout`, `connect`, `query_timeout`, `query`.
+    /// Failed database loads, by kind: `unavailable`, `pool_timeout`, `query_timeout`, `query`,
+    /// `panicked`.
     pub db_errors_total: IntCounterVec,
+    /// 1 while PostgreSQL is reachable, 0 while it is known to be down (loads fail fast).
+    pub db_available: IntGauge,
+    /// Pooled PostgreSQL connections by `state`: `idle` or `in_use`.
+    pub db_pool_connections: IntGaugeVec,
+    /// Actors restarted after stopping unexpectedly, by `actor` (`key_owner`, `cache`, `db`).
+    pub actor_restarts_total: IntCounterVec,
+    /// Requests whose client had gone before their owner got to them: no work was started.
+    pub requests_abandoned_total: IntCounter,
+    /// Redis entries read but not used because they were loaded before the service last learned
+    /// it may have missed a change (each one a cache miss).
+    pub cache_suspect_entries_total: IntCounter,
     /// Time from asking the pool for a connection to having the row.
     pub db_query_duration_seconds: Histogram,
     /// Keys with a flight in progress, per owner shard.
@@ -96,6 +108,19 @@ impl Metrics {
             "1 while the LISTEN connection for change notifications is up",
         )?;
         registry.register(Box::new(listener_connected.clone()))?;
+        let db_available = IntGauge::new(
+            "db_available",
+            "1 while PostgreSQL is reachable, 0 while it is known to be down",
+        )?;
+        registry.register(Box::new(db_available.clone()))?;
+        let db_pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "db_pool_connections",
+                "Pooled PostgreSQL connections by state (idle, in_use)",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(db_pool_connections.clone()))?;
         let db_query_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "db_query_duration_seconds",
@@ -181,6 +206,21 @@ impl Metrics {
                 "Failed database loads by kind",
                 "kind",
             )?,
+            db_available,
+            db_pool_connections,
+            actor_restarts_total: counter_vec(
+                "actor_restarts_total",
+                "Actors restarted after stopping unexpectedly",
+                "actor",
+            )?,
+            requests_abandoned_total: counter(
+                "requests_abandoned_total",
+                "Requests whose client had gone before their KeyOwner got to them",
+            )?,
+            cache_suspect_entries_total: counter(
+                "cache_suspect_entries_total",
+                "Redis entries not used because they predate a possibly missed change",
+            )?,
             db_query_duration_seconds,
             key_owner_inflight_keys: gauge_vec(
                 "key_owner_inflight_keys",
@@ -197,8 +237,14 @@ impl Metrics {
         for kind in ["timeout", "refused", "io", "protocol", "decode"] {
             metrics.redis_errors_total.with_label_values(&[kind]);
         }
-        for kind in ["pool_timeout", "connect", "query_timeout", "query"] {
+        for kind in crate::actors::db::DbError::KINDS {
             metrics.db_errors_total.with_label_values(&[kind]);
+        }
+        for state in ["idle", "in_use"] {
+            metrics.db_pool_connections.with_label_values(&[state]);
+        }
+        for actor in ["key_owner", "cache", "db"] {
+            metrics.actor_restarts_total.with_label_values(&[actor]);
         }
         for reason in ["pending_keys", "waiters"] {
             metrics.shed_requests_total.with_label_values(&[reason]);

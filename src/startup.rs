@@ -49,8 +49,22 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
-    arbiters: Vec<Arbiter>,
+    /// Held for its `Drop`, which stops the actor threads.
+    _arbiters: Arbiters,
     metrics: Metrics,
+}
+
+/// The actor threads. Dropping them stops them — when the server has finished, and also when
+/// an [`Application`] is dropped without running to the end (a test whose runtime ends first):
+/// an arbiter left running would keep its pool's connections open for good.
+struct Arbiters(Vec<Arbiter>);
+
+impl Drop for Arbiters {
+    fn drop(&mut self) {
+        for arbiter in &self.0 {
+            arbiter.stop();
+        }
+    }
 }
 
 impl Application {
@@ -68,11 +82,12 @@ impl Application {
         let db_settings = DbSettings {
             database_url: settings.database_url.clone(),
             pool_size: settings.db_pool_size,
-            acquire_timeout: settings.db_acquire_timeout,
+            min_idle: settings.db_pool_min_idle,
+            connect_timeout: settings.db_connect_timeout,
             query_timeout: settings.db_query_timeout,
         };
         let db_metrics = metrics.clone();
-        let db = DbActor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+        let db = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
             DbActor::new(db_settings, db_metrics)
         });
         arbiters.push(db_arbiter);
@@ -92,7 +107,7 @@ impl Application {
         for shard in 0..settings.key_owner_shards {
             let arbiter = Arbiter::new();
             let (cs, cm) = (cache_settings.clone(), metrics.clone());
-            let cache = CacheActor::start_in_arbiter(&arbiter.handle(), move |_| {
+            let cache = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
                 CacheActor::new(shard, cs, cm)
             });
             let deps = KeyOwnerDeps {
@@ -103,7 +118,7 @@ impl Application {
                 settings: OwnerSettings::from(&settings),
                 metrics: metrics.clone(),
             };
-            owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {
+            owners.push(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
                 KeyOwner::new(shard, deps)
             }));
             caches.push(cache);
@@ -120,7 +135,7 @@ impl Application {
             caches.clone(),
             metrics.clone(),
         );
-        ChangeListener::start_in_arbiter(&arbiters[0].handle(), move |_| {
+        Supervisor::start_in_arbiter(&arbiters[0].handle(), move |_| {
             ChangeListener::new(url, lo, lc, lm, listening_tx)
         });
         if tokio::time::timeout(LISTEN_PATIENCE, listening)
@@ -176,7 +191,9 @@ impl Application {
                 .configure(http::routes)
         })
         .workers(settings.http_workers)
-        // On SIGTERM/SIGINT: stop accepting, give in-flight requests this long to finish.
+        // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
+        // graceful stop the server stops accepting and gives in-flight requests this long.
+        .disable_signals()
         .shutdown_timeout(10)
         .listen(listener)
         .map_err(bind_err)?
@@ -190,7 +207,7 @@ impl Application {
         Ok(Application {
             port,
             server,
-            arbiters,
+            _arbiters: Arbiters(arbiters),
             metrics,
         })
     }
@@ -211,11 +228,8 @@ impl Application {
     /// Serves until the server is stopped (SIGTERM/SIGINT or [`ServerHandle::stop`]), then
     /// stops the actor threads.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let result = self.server.await;
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
-        result
+        self.server.await
+        // `self._arbiters` is dropped here, stopping the actor threads.
     }
 }
 

@@ -8,9 +8,9 @@
 //! # Circuit breaker
 //! A black-holed Redis (packets dropped, nothing refused) would cost every call the full timeout.
 //! After `BREAKER_FAILURES` consecutive connectivity failures (timeouts, refusals, I/O errors) the
-//! breaker *opens*: calls are skipped at no cost and answered as misses. After `BREAKER_OPEN_MS`
-//! the next call finds it due for a probe: the breaker goes *half-open* and the actor itself sends
-//! one `PING` in the background (no request waits on it). Success closes the breaker; failure
+//! breaker *opens*: calls are skipped at no cost and answered as misses. `BREAKER_OPEN_MS` later
+//! the breaker goes *half-open* and the actor itself sends one `PING` (no request waits on it, and
+//! none is needed to trigger it). Success closes the breaker; failure
 //! opens it for another period. Opening also replaces the connection, so a connection stalled
 //! behind a partition is never reused: the probe dials afresh.
 //!
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
+use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
@@ -79,18 +80,25 @@ impl CacheError {
     }
 }
 
-/// A value found in Redis.
+/// A usable value found in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cached {
     pub lookup: Lookup,
-    /// Past its soft expiry (or loaded before notifications may have been missed): still
-    /// servable, but due for a refresh.
-    pub stale: bool,
+    /// How much longer the entry is fresh. Zero once past its soft expiry: then it is servable
+    /// only as `STALE`, while one refresh reloads it.
+    pub fresh_for: Duration,
+}
+
+impl Cached {
+    pub fn is_soft_expired(&self) -> bool {
+        self.fresh_for.is_zero()
+    }
 }
 
 /// Read a template: `Ok(None)` on a miss, `Ok(Some(NotFound))` for a cached "no such template".
 /// A value that is not a valid entry for this id is an `Err(Decode)`, so the caller reloads it
-/// and the write overwrites the bad value.
+/// and the write overwrites the bad value. An entry loaded before the service last learned that
+/// it may have missed a change ([`MarkSuspect`]) is a miss too: it may be older than that change.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Option<Cached>, CacheError>")]
 pub struct CacheGet(pub i64);
@@ -100,20 +108,24 @@ pub struct CacheGet(pub i64);
 #[rtype(result = "()")]
 pub struct CacheDel(pub i64);
 
-/// Entries loaded before this moment may predate changes whose notifications were missed:
-/// treat them as soft-expired.
+/// Entries loaded before this moment may predate changes whose notifications were missed: treat
+/// them as misses (they are reloaded, and overwritten by the reload).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct MarkSuspect {
     pub before_unix_ms: u64,
 }
 
-/// Store what a load found: a body for `CACHE_TTL_SECS`, a "not found" for `NEGATIVE_TTL_SECS`.
+/// Store what a load found: a body fresh for `CACHE_TTL_SECS`, a "not found" for
+/// `NEGATIVE_TTL_SECS`, both counted from `loaded_at_ms`, when the database read began.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), CacheError>")]
 pub struct CacheSet {
     pub id: i64,
     pub lookup: Lookup,
+    /// Wall-clock time (unix ms) at which the load's database read began: the entry's age, and
+    /// what [`MarkSuspect`] compares with.
+    pub loaded_at_ms: u64,
 }
 
 /// Readiness probe: `PING` (reported as degraded while the breaker is open).
@@ -324,41 +336,43 @@ impl CacheActor {
         self.breaker = next;
     }
 
-    /// Opens the breaker and drops the connection, which may be stalled behind a partition.
-    fn trip(&mut self) {
+    /// Opens the breaker, drops the connection (it may be stalled behind a partition), and
+    /// schedules the probe: recovery is found on the actor's own clock, whether or not requests
+    /// keep coming.
+    fn trip(&mut self, ctx: &mut Context<Self>) {
         self.breaker_epoch += 1;
         self.set_breaker(Breaker::Open {
             since: Instant::now(),
         });
         self.conn = connect_lazily(&self.settings);
+        let epoch = self.breaker_epoch;
+        ctx.run_later(self.settings.breaker_open, move |actor, ctx| {
+            if epoch == actor.breaker_epoch && matches!(actor.breaker, Breaker::Open { .. }) {
+                actor.probe(ctx);
+            }
+        });
     }
 
-    /// Whether a call may go to Redis now; starts the background probe when one is due.
-    fn admit(&mut self, ctx: &mut Context<Self>) -> bool {
-        match self.breaker {
-            Breaker::Closed { .. } => true,
-            Breaker::HalfOpen => false,
-            Breaker::Open { since } => {
-                if since.elapsed() >= self.settings.breaker_open {
-                    self.probe(ctx);
-                }
-                false
-            }
-        }
+    /// Whether a call may go to Redis now.
+    fn admit(&self) -> bool {
+        matches!(self.breaker, Breaker::Closed { .. })
     }
 
     fn probe(&mut self, ctx: &mut Context<Self>) {
         self.set_breaker(Breaker::HalfOpen);
         let ping = self.ping();
-        ctx.spawn(ping.into_actor(self).map(|result, actor, _| match result {
-            Ok(()) => actor.set_breaker(Breaker::Closed { failures: 0 }),
-            Err(_) => actor.trip(),
-        }));
+        ctx.spawn(
+            ping.into_actor(self)
+                .map(|result, actor, ctx| match result {
+                    Ok(()) => actor.set_breaker(Breaker::Closed { failures: 0 }),
+                    Err(_) => actor.trip(ctx),
+                }),
+        );
     }
 
     /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker. Outcomes
     /// of calls that began before the breaker last opened change nothing.
-    fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>) {
+    fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>, ctx: &mut Context<Self>) {
         let Breaker::Closed { failures } = self.breaker else {
             return;
         };
@@ -368,7 +382,7 @@ impl CacheActor {
         match result {
             Err(e) if e.is_connectivity() => {
                 if failures + 1 >= self.settings.breaker_failures {
-                    self.trip();
+                    self.trip(ctx);
                 } else {
                     self.breaker = Breaker::Closed {
                         failures: failures + 1,
@@ -381,23 +395,19 @@ impl CacheActor {
 
     /// Runs one Redis call under the configured timeout, counts its failure, and feeds the
     /// breaker — or skips it at once while the breaker is open.
-    fn call<T, F>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        op: F,
-    ) -> ResponseActFuture<Self, Result<T, CacheError>>
+    fn call<T, F>(&mut self, op: F) -> ResponseActFuture<Self, Result<T, CacheError>>
     where
         T: 'static,
         F: std::future::Future<Output = Result<T, CacheError>> + 'static,
     {
-        if !self.admit(ctx) {
+        if !self.admit() {
             self.metrics.redis_calls_skipped_total.inc();
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
         let bounded = bounded(op, self.settings.timeout, self.metrics.clone());
         let epoch = self.breaker_epoch;
-        Box::pin(bounded.into_actor(self).map(move |result, actor, _| {
-            actor.record(epoch, &result);
+        Box::pin(bounded.into_actor(self).map(move |result, actor, ctx| {
+            actor.record(epoch, &result, ctx);
             result
         }))
     }
@@ -443,8 +453,11 @@ async fn bounded<T>(
     timeout: Duration,
     metrics: Metrics,
 ) -> Result<T, CacheError> {
-    let result = match tokio::time::timeout(timeout, op).await {
-        Ok(r) => r,
+    // A panic inside the client (a bug) is a failed call like any other, not a dead actor.
+    let guarded = std::panic::AssertUnwindSafe(op).catch_unwind();
+    let result = match tokio::time::timeout(timeout, guarded).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_panic)) => Err(CacheError::Protocol("the redis client panicked".into())),
         Err(_) => Err(CacheError::Timeout(timeout)),
     };
     if let Err(e) = &result {
@@ -467,14 +480,34 @@ impl Actor for CacheActor {
     }
 }
 
+/// A cache actor that stopped (only a bug can stop it: failed calls are results, and panics
+/// inside the client are caught) starts again with a fresh connection and a closed breaker. What
+/// it knows of suspect entries is kept: forgetting it would serve them.
+impl Supervised for CacheActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        log::error!(
+            "the cache actor (shard {}) stopped unexpectedly; restarting it",
+            self.shard
+        );
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&["cache"])
+            .inc();
+        self.conn = connect_lazily(&self.settings);
+        self.breaker_epoch += 1;
+        self.set_breaker(Breaker::Closed { failures: 0 });
+    }
+}
+
 impl Handler<CacheGet> for CacheActor {
     type Result = ResponseActFuture<Self, Result<Option<Cached>, CacheError>>;
 
-    fn handle(&mut self, CacheGet(id): CacheGet, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
         let suspect_before_ms = self.suspect_before_ms;
-        self.call(ctx, async move {
+        let metrics = self.metrics.clone();
+        self.call(async move {
             let mut conn = conn?;
             let value: Option<Vec<u8>> = conn
                 .get(cache_key(id))
@@ -482,11 +515,14 @@ impl Handler<CacheGet> for CacheActor {
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
             let Some(raw) = value else { return Ok(None) };
             let entry = Entry::decode(Bytes::from(raw), id).ok_or(CacheError::Decode(id))?;
-            let stale =
-                unix_ms_now() >= entry.soft_expiry_ms || entry.loaded_at_ms < suspect_before_ms;
+            if entry.loaded_at_ms < suspect_before_ms {
+                metrics.cache_suspect_entries_total.inc();
+                return Ok(None);
+            }
+            let fresh_ms = entry.soft_expiry_ms.saturating_sub(unix_ms_now());
             Ok(Some(Cached {
                 lookup: entry.lookup,
-                stale,
+                fresh_for: Duration::from_millis(fresh_ms),
             }))
         })
     }
@@ -497,8 +533,12 @@ impl Handler<CacheSet> for CacheActor {
 
     fn handle(
         &mut self,
-        CacheSet { id, lookup }: CacheSet,
-        ctx: &mut Self::Context,
+        CacheSet {
+            id,
+            lookup,
+            loaded_at_ms,
+        }: CacheSet,
+        _: &mut Self::Context,
     ) -> Self::Result {
         let s = &self.settings;
         let (soft, hard) = match lookup {
@@ -513,17 +553,18 @@ impl Handler<CacheSet> for CacheActor {
             }
             Lookup::NotFound => (s.negative_ttl, s.negative_ttl),
         };
-        let now = unix_ms_now();
+        // Ages count from the database read, not from this write.
         let entry = Entry {
-            loaded_at_ms: now,
-            soft_expiry_ms: now + soft.as_millis() as u64,
+            loaded_at_ms,
+            soft_expiry_ms: loaded_at_ms + soft.as_millis() as u64,
             lookup,
         };
         let value = entry.encode(id);
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let hard_ms = (hard.as_millis() as u64).max(1);
-        self.call(ctx, async move {
+        let expires_ms = loaded_at_ms + hard.as_millis() as u64;
+        let hard_ms = expires_ms.saturating_sub(unix_ms_now()).max(1);
+        self.call(async move {
             let mut conn = conn?;
             redis::cmd("SET")
                 .arg(cache_key(id))
@@ -543,7 +584,7 @@ impl Handler<CacheDel> for CacheActor {
     fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let del = self.call(ctx, async move {
+        let del = self.call(async move {
             let mut conn = conn?;
             conn.del::<_, ()>(cache_key(id))
                 .await
@@ -576,8 +617,8 @@ impl Handler<PingCache> for CacheActor {
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
         let epoch = self.breaker_epoch;
-        Box::pin(self.ping().into_actor(self).map(move |result, actor, _| {
-            actor.record(epoch, &result);
+        Box::pin(self.ping().into_actor(self).map(move |result, actor, ctx| {
+            actor.record(epoch, &result, ctx);
             result
         }))
     }

@@ -1,55 +1,112 @@
 //! `DbActor`: owns the bb8 pool of diesel-async PostgreSQL connections.
 //!
-//! Every wait on the database is bounded: acquiring a pooled connection
-//! (`DB_ACQUIRE_TIMEOUT_MS`; bb8's own default of 30 s is far too long for a request path) and
-//! running a query (`DB_QUERY_TIMEOUT_MS`, enforced on both sides: the server's
-//! `statement_timeout` cancels the work, the client-side timeout frees the caller even if the
-//! server never answers). Building the pool opens no connection, so the service starts while
-//! PostgreSQL is still down and connects when it comes up.
+//! # A slow database is not a failed one
+//! Connections are opened *off* the request path: the pool keeps `DB_POOL_MIN_IDLE` of them open
+//! (bb8 `min_idle`), opens them when the actor starts, and replaces broken or expired ones in the
+//! background (its reaper runs every second). Opening one — connect, authenticate, set
+//! `statement_timeout`, prepare the template query — has a bound of its own
+//! (`DB_CONNECT_TIMEOUT_MS`), long enough for a server far away. So a burst after an idle period
+//! finds the connections ready, and pays one round trip per query.
+//!
+//! A load waits for a free connection for as long as its flight has left ([`FetchTemplate`]
+//! carries the deadline), not for a fixed time: a busy pool on a slow network is waited for; only
+//! the flight's own deadline (and each request's, in the handler) bounds it. A checked-out
+//! connection that closed meanwhile (a server restart) is dropped without a round trip and
+//! another one taken. Each query is bounded twice: by the server's `statement_timeout`
+//! (`DB_QUERY_TIMEOUT_MS`), which cancels the work and leaves the connection usable, and by a
+//! client-side timeout a little longer, which frees the caller even if the server never answers.
+//!
+//! # Failing fast where the database is known to be down
+//! [`Reachability`] records what the last attempts said: a connection attempt that fails (refused,
+//! reset, or no answer within the connect timeout), or a query the server never answered, marks
+//! PostgreSQL *down*; the next connection opened or query answered marks it up again. While it is
+//! down, loads fail at once ([`DbError::Unavailable`]) — the owners then answer with a value they
+//! remember (`STALE`) or `503` — and a load already waiting for a connection is released the moment
+//! it goes down. Every half second the actor tries a fresh connection (and bb8 its
+//! replenishment), so recovery is noticed without any request paying for the probe. A server
+//! that is merely full ("too many clients") is not down: it is waited for like a busy pool.
+//!
+//! # Panics
+//! A panic inside a database call (a bug in a driver) is caught and reported as
+//! [`DbError::Panicked`] to that load's flight; the actor and its pool live on.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use diesel::prelude::*;
-use diesel_async::pooled_connection::bb8::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolableConnection,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
 
+/// Slack over `statement_timeout` for the client-side bound, so that the server's own
+/// cancellation (which leaves the connection usable) normally wins.
+const CLIENT_SLACK: Duration = Duration::from_millis(100);
+
+/// How often the actor looks at the pool: gauges, and a connection attempt while down.
+const TICK: Duration = Duration::from_millis(500);
+
+/// How often bb8 reaps expired connections and tops the pool up to `min_idle`.
+const REAPER_RATE: Duration = Duration::from_secs(1);
+
 /// Why a load from PostgreSQL failed. Cloned to every waiter of the flight.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DbError {
-    #[error("no database connection became free within {0:?}")]
+    /// PostgreSQL is known to be unreachable: failed at once, without waiting.
+    #[error("the database is unreachable ({0})")]
+    Unavailable(String),
+    /// The flight's deadline passed while every connection was busy.
+    #[error("no database connection became free within the {0:?} the load had left")]
     PoolTimeout(Duration),
-    #[error("cannot connect to the database: {0}")]
-    Connect(String),
     #[error("the query took longer than {0:?}")]
     QueryTimeout(Duration),
     #[error("the query failed: {0}")]
     Query(String),
+    #[error("the database call panicked")]
+    Panicked,
 }
 
 impl DbError {
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
+            DbError::Unavailable(_) => "unavailable",
             DbError::PoolTimeout(_) => "pool_timeout",
-            DbError::Connect(_) => "connect",
             DbError::QueryTimeout(_) => "query_timeout",
             DbError::Query(_) => "query",
+            DbError::Panicked => "panicked",
         }
     }
+
+    /// Every kind, for metrics that should show zero before the first error.
+    pub const KINDS: [&'static str; 5] = [
+        "unavailable",
+        "pool_timeout",
+        "query_timeout",
+        "query",
+        "panicked",
+    ];
 }
 
-/// Load one template by id: `Ok(None)` when no such row exists.
+/// Load one template by id: `Ok(None)` when no such row exists. Waiting for a connection and the
+/// query end by `deadline` (the flight's).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Option<Template>, DbError>")]
-pub struct FetchTemplate(pub i64);
+pub struct FetchTemplate {
+    pub id: i64,
+    pub deadline: Instant,
+}
 
-/// Readiness probe: one `SELECT 1` through the pool, bounded by the given timeout.
+/// Readiness probe: one `SELECT 1` through the pool, bounded by the given timeout; fails at once
+/// while the database is known to be down.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), DbError>")]
 pub struct PingDb(pub Duration);
@@ -59,27 +116,99 @@ pub struct PingDb(pub Duration);
 pub struct DbSettings {
     pub database_url: String,
     pub pool_size: u32,
-    pub acquire_timeout: Duration,
+    /// Connections kept open when idle (at most `pool_size`).
+    pub min_idle: u32,
+    /// Longest time to open one connection (connect, authenticate, set up).
+    pub connect_timeout: Duration,
     pub query_timeout: Duration,
 }
 
 type PgPool = Pool<AsyncPgConnection>;
 
+/// Whether PostgreSQL is known to be unreachable, and why. Written by the connection set-up (which
+/// bb8 runs in background tasks on the actor's thread) and by loads; read by loads, which also
+/// wait on it to be released the moment it goes down.
+#[derive(Clone)]
+pub struct Reachability {
+    /// `None` while reachable; `Some(why)` while down.
+    state: Arc<watch::Sender<Option<String>>>,
+    metrics: Metrics,
+}
+
+impl Reachability {
+    fn new(metrics: Metrics) -> Self {
+        metrics.db_available.set(1);
+        Reachability {
+            state: Arc::new(watch::Sender::new(None)),
+            metrics,
+        }
+    }
+
+    fn up(&self) {
+        let changed = self.state.send_if_modified(|s| s.take().is_some());
+        if changed {
+            log::info!("the database is reachable again");
+            self.metrics.db_available.set(1);
+        }
+    }
+
+    fn down(&self, why: String) {
+        let changed = self.state.send_if_modified(|s| {
+            let was_up = s.is_none();
+            *s = Some(why.clone());
+            was_up
+        });
+        if changed {
+            log::warn!("the database is unreachable ({why}); failing loads fast until it answers");
+            self.metrics.db_available.set(0);
+        }
+    }
+
+    /// Why the database is down, or `None` while it is reachable.
+    pub fn why_down(&self) -> Option<String> {
+        self.state.borrow().clone()
+    }
+
+    /// Resolves when the database is (or goes) down, with the reason.
+    async fn until_down(&self) -> String {
+        let mut rx = self.state.subscribe();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The sender lives as long as `self`: unreachable, but never resolve wrongly.
+            Err(_) => return std::future::pending().await,
+        };
+        why
+    }
+}
+
 pub struct DbActor {
     pool: PgPool,
     settings: DbSettings,
     metrics: Metrics,
+    reachability: Reachability,
+    /// A connection attempt made by [`DbActor::tick`] while down is still in the air.
+    probing: bool,
 }
 
 impl DbActor {
-    /// Builds the pool without connecting. Must run on the thread (arbiter) the actor will live
-    /// on, so that connections and their background tasks live there too.
+    /// Builds the pool and starts opening its `min_idle` connections in the background (start-up
+    /// does not wait for them, so the service starts while PostgreSQL is still down). Must run on
+    /// the thread (arbiter) the actor will live on, so that connections and their background
+    /// tasks live there too.
     pub fn new(settings: DbSettings, metrics: Metrics) -> Self {
-        let statement_timeout_ms = settings.query_timeout.as_millis();
-        let connect_timeout = settings.acquire_timeout;
+        let reachability = Reachability::new(metrics.clone());
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
+        let (connect_timeout, statement_timeout_ms) =
+            (settings.connect_timeout, settings.query_timeout.as_millis());
+        let reach = reachability.clone();
         config.custom_setup = Box::new(move |url| {
-            connect(url.to_owned(), connect_timeout, statement_timeout_ms).boxed()
+            connect(
+                url.to_owned(),
+                connect_timeout,
+                statement_timeout_ms,
+                reach.clone(),
+            )
+            .boxed()
         });
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
             &settings.database_url,
@@ -87,43 +216,106 @@ impl DbActor {
         );
         let pool = Pool::builder()
             .max_size(settings.pool_size)
-            .connection_timeout(settings.acquire_timeout)
-            // Broken connections are found when used; a test query per checkout would double the
-            // round trips of every load.
+            .min_idle(Some(settings.min_idle.min(settings.pool_size)))
+            // bb8's bound on one `get` and on retrying a failed connect. Loads bound their own
+            // wait by their deadline (and ask again if this fires first); this only has to be
+            // long enough for a slow server to be connected to.
+            .connection_timeout(connect_timeout)
+            .reaper_rate(REAPER_RATE)
+            // Broken connections are found without a round trip (see `checkout`); a test query
+            // per checkout would double the round trips of every load.
             .test_on_check_out(false)
             .build_unchecked(manager);
         DbActor {
             pool,
             settings,
             metrics,
+            reachability,
+            probing: false,
         }
+    }
+
+    /// Every [`TICK`]: pool gauges; while down, one connection attempt in the background (its
+    /// outcome is recorded by the connection set-up).
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let state = self.pool.state();
+        let idle = i64::from(state.idle_connections);
+        let open = i64::from(state.connections);
+        let gauge = &self.metrics.db_pool_connections;
+        gauge.with_label_values(&["idle"]).set(idle);
+        gauge.with_label_values(&["in_use"]).set(open - idle);
+        if self.probing || self.reachability.why_down().is_none() {
+            return;
+        }
+        self.probing = true;
+        let pool = self.pool.clone();
+        ctx.spawn(
+            async move {
+                // A dedicated connection: a pooled one may be stuck behind a partition that a
+                // fresh connection would find healed (or still there).
+                drop(pool.dedicated_connection().await);
+            }
+            .into_actor(self)
+            .map(|(), actor, _| actor.probing = false),
+        );
     }
 }
 
-/// Opens one connection and sets its server-side `statement_timeout`.
+/// Opens one connection: connect, set its server-side `statement_timeout`, and prepare the
+/// template query (diesel-async caches prepared statements per connection, so the first load on
+/// it costs one round trip, not two). Records the outcome in `reach`.
 fn connect(
     url: String,
     timeout: Duration,
     statement_timeout_ms: u128,
+    reach: Reachability,
 ) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
-    // The whole setup is bounded, not only the connect: bb8 puts no limit on a connection being
-    // made, and a server that accepts and then stops answering would hold a pool slot for good.
+    // The whole set-up is bounded, not only the connect: a server that accepts and then stops
+    // answering must not hold a pool slot for good.
     let setup = async move {
         let mut conn = AsyncPgConnection::establish(&url).await?;
         diesel::sql_query(format!("SET statement_timeout = {statement_timeout_ms}"))
             .execute(&mut conn)
             .await
             .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+        load_template(&mut conn, 0)
+            .await
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
         Ok(conn)
     };
     async move {
-        tokio::time::timeout(timeout, setup).await.map_err(|_| {
-            diesel::ConnectionError::BadConnection(format!(
+        let result = match tokio::time::timeout(timeout, setup).await {
+            Ok(result) => result,
+            Err(_) => Err(diesel::ConnectionError::BadConnection(format!(
                 "connecting took longer than {timeout:?}"
-            ))
-        })?
+            ))),
+        };
+        match &result {
+            Ok(_) => reach.up(),
+            Err(e) if is_server_full(&e.to_string()) => {
+                log::warn!("PostgreSQL refused a connection because it is full: {e}")
+            }
+            Err(e) => reach.down(e.to_string()),
+        }
+        result
     }
     .boxed()
+}
+
+/// "Too many clients" is a busy server, not an unreachable one.
+fn is_server_full(message: &str) -> bool {
+    message.contains("too many") || message.contains("connection slots")
+}
+
+/// The one query this service runs, used by loads and by the connection set-up alike (so that
+/// the set-up prepares exactly the statement loads will use).
+async fn load_template(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<Option<Template>> {
+    templates::table
+        .find(id)
+        .select(Template::as_select())
+        .first(conn)
+        .await
+        .optional()
 }
 
 impl Actor for DbActor {
@@ -133,28 +325,90 @@ impl Actor for DbActor {
         // Loads arrive from every owner at once; the default capacity (16) would make senders
         // wait on the mailbox rather than on the pool, whose own bound is the one that matters.
         ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(TICK, Self::tick);
+    }
+}
+
+/// The DbActor holds nothing a restart must rebuild (the pool is shared with its futures), so a
+/// stop — which only a bug can cause, panics being caught — just starts it again.
+impl Supervised for DbActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        log::error!("the database actor stopped unexpectedly; restarting it");
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&["db"])
+            .inc();
+        self.probing = false;
     }
 }
 
 impl Handler<FetchTemplate> for DbActor {
     type Result = ResponseFuture<Result<Option<Template>, DbError>>;
 
-    fn handle(&mut self, FetchTemplate(id): FetchTemplate, _: &mut Self::Context) -> Self::Result {
-        let pool = self.pool.clone();
-        let metrics = self.metrics.clone();
-        let settings = self.settings.clone();
+    fn handle(&mut self, msg: FetchTemplate, _: &mut Self::Context) -> Self::Result {
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
+        let (settings, reach) = (self.settings.clone(), self.reachability.clone());
         Box::pin(async move {
             let started = Instant::now();
-            let result = fetch(&pool, &settings, &metrics, id).await;
+            let load = fetch(&pool, &settings, &metrics, &reach, msg.id, msg.deadline);
+            let result = guard_panics(load).await;
             metrics
                 .db_query_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
             if let Err(e) = &result {
                 metrics.db_errors_total.with_label_values(&[e.kind()]).inc();
-                log::warn!("loading template {id} failed: {e}");
+                log::warn!("loading template {} failed: {e}", msg.id);
             }
             result
         })
+    }
+}
+
+/// Turns a panic inside a database call into [`DbError::Panicked`] for its caller, instead of
+/// taking the actor (and every other load in it) down.
+pub async fn guard_panics<T>(
+    call: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(_panic) => {
+            log::error!("a database call panicked");
+            Err(DbError::Panicked)
+        }
+    }
+}
+
+/// A pooled connection that is open, waited for until `deadline` — or an error at once while the
+/// database is known to be down.
+async fn checkout<'a>(
+    pool: &'a PgPool,
+    reach: &Reachability,
+    deadline: Instant,
+) -> Result<PooledConnection<'a, AsyncPgConnection>, DbError> {
+    let asked = Instant::now();
+    loop {
+        if let Some(why) = reach.why_down() {
+            return Err(DbError::Unavailable(why));
+        }
+        let wait = tokio::time::timeout_at(deadline.into(), pool.get());
+        let got = tokio::select! {
+            why = reach.until_down() => return Err(DbError::Unavailable(why)),
+            got = wait => got,
+        };
+        match got {
+            Err(_deadline) => return Err(DbError::PoolTimeout(asked.elapsed())),
+            // bb8's own bound fired first: ask again while the deadline allows.
+            Ok(Err(bb8::RunError::TimedOut)) => continue,
+            Ok(Err(bb8::RunError::User(e))) => return Err(DbError::Unavailable(e.to_string())),
+            Ok(Ok(mut conn)) => {
+                if PoolableConnection::is_broken(&mut *conn) {
+                    // Closed under us (a server restart): dropping it makes bb8 discard and
+                    // replace it; take another.
+                    continue;
+                }
+                return Ok(conn);
+            }
+        }
     }
 }
 
@@ -162,24 +416,25 @@ async fn fetch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
+    reach: &Reachability,
     id: i64,
+    deadline: Instant,
 ) -> Result<Option<Template>, DbError> {
-    let mut conn = pool
-        .get()
-        .await
-        .map_err(|e| pool_error(e, settings.acquire_timeout))?;
+    let mut conn = checkout(pool, reach, deadline).await?;
     metrics.db_hits_total.inc();
-    let query = templates::table
-        .find(id)
-        .select(Template::as_select())
-        .first(&mut conn);
-    // A little slack over statement_timeout so that the server's own cancellation, which leaves
-    // the connection usable, normally wins.
-    let client_timeout = settings.query_timeout + Duration::from_millis(100);
-    match tokio::time::timeout(client_timeout, query).await {
-        Err(_) => Err(DbError::QueryTimeout(settings.query_timeout)),
-        Ok(Ok(t)) => Ok(Some(t)),
-        Ok(Err(diesel::result::Error::NotFound)) => Ok(None),
+    let left = deadline.saturating_duration_since(Instant::now());
+    let silent_server = settings.query_timeout + CLIENT_SLACK;
+    match tokio::time::timeout(silent_server.min(left), load_template(&mut conn, id)).await {
+        Err(_) if left < silent_server => Err(DbError::QueryTimeout(left)),
+        Err(_) => {
+            // Not even statement_timeout answered: the server is not reachable.
+            reach.down(format!("no answer to a query within {silent_server:?}"));
+            Err(DbError::QueryTimeout(settings.query_timeout))
+        }
+        Ok(Ok(template)) => {
+            reach.up();
+            Ok(template)
+        }
         Ok(Err(e)) if is_statement_timeout(&e) => {
             Err(DbError::QueryTimeout(settings.query_timeout))
         }
@@ -191,33 +446,70 @@ fn is_statement_timeout(e: &diesel::result::Error) -> bool {
     e.to_string().contains("statement timeout")
 }
 
-fn pool_error(
-    e: bb8::RunError<diesel_async::pooled_connection::PoolError>,
-    acquire_timeout: Duration,
-) -> DbError {
-    match e {
-        bb8::RunError::TimedOut => DbError::PoolTimeout(acquire_timeout),
-        bb8::RunError::User(e) => DbError::Connect(e.to_string()),
-    }
-}
-
 impl Handler<PingDb> for DbActor {
     type Result = ResponseFuture<Result<(), DbError>>;
 
     fn handle(&mut self, PingDb(timeout): PingDb, _: &mut Self::Context) -> Self::Result {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let ping = async {
-                let mut conn = pool.get().await.map_err(|e| pool_error(e, timeout))?;
-                diesel::sql_query("SELECT 1")
-                    .execute(&mut conn)
-                    .await
-                    .map_err(|e| DbError::Query(e.to_string()))
-            };
-            match tokio::time::timeout(timeout, ping).await {
+        let (pool, reach) = (self.pool.clone(), self.reachability.clone());
+        Box::pin(guard_panics(async move {
+            let deadline = Instant::now() + timeout;
+            let mut conn = checkout(&pool, &reach, deadline).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, diesel::sql_query("SELECT 1").execute(&mut conn)).await
+            {
                 Err(_) => Err(DbError::QueryTimeout(timeout)),
-                Ok(r) => r.map(|_| ()),
+                Ok(Err(e)) => Err(DbError::Query(e.to_string())),
+                Ok(Ok(_)) => Ok(()),
             }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_rt::test]
+    async fn a_panicking_call_is_reported_as_a_panic() {
+        let result: Result<(), DbError> = guard_panics(async {
+            if std::hint::black_box(true) {
+                panic!("a driver bug");
+            }
+            Ok(())
         })
+        .await;
+        assert_eq!(result, Err(DbError::Panicked));
+        assert_eq!(guard_panics(async { Ok(7) }).await, Ok(7));
+    }
+
+    #[test]
+    fn a_full_server_is_not_a_down_one() {
+        assert!(is_server_full("FATAL: sorry, too many clients already"));
+        assert!(is_server_full(
+            "FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute"
+        ));
+        assert!(!is_server_full(
+            "error connecting to server: Connection refused (os error 111)"
+        ));
+    }
+
+    #[actix_rt::test]
+    async fn reachability_releases_waiters_when_it_goes_down() {
+        let reach = Reachability::new(Metrics::new().expect("metrics"));
+        assert_eq!(reach.why_down(), None);
+        let waiting = actix_rt::spawn({
+            let reach = reach.clone();
+            async move { reach.until_down().await }
+        });
+        reach.down("refused".into());
+        let why = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("released")
+            .expect("joined");
+        assert_eq!(why, "refused");
+        assert_eq!(reach.metrics.db_available.get(), 0);
+        reach.up();
+        assert_eq!(reach.why_down(), None);
+        assert_eq!(reach.metrics.db_available.get(), 1);
     }
 }

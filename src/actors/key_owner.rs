@@ -5,47 +5,57 @@
 //! reach that owner's mailbox, and an actor handles one message at a time, so the owner's plain
 //! maps need no lock: mailbox serialization *is* the deduplication.
 //!
-//! # Near cache
-//! The owner remembers the latest answer for its recent keys (an LRU of `NEAR_CACHE_CAPACITY`
-//! entries). For `NEAR_CACHE_TTL_MS` after a load an entry is *fresh* and answers at once, with no
-//! Redis round trip: hot keys cost no I/O at all, and when Redis is gone the database sees at most
-//! one load per key per TTL, however high the request rate. Older entries are kept (until evicted)
-//! only as a fallback: see stale-if-error.
-//!
 //! # Flights
-//! A request that finds no fresh entry and no pending flight for its id starts one: a cache read,
-//! on a miss a database load, then a cache write of what was loaded. The flight runs as a future
-//! spawned on the owner's context (`ctx.spawn`), so the owner keeps handling messages — for other
-//! keys and for this one — while it is in the air; keys never wait on each other. Requests for the
-//! id that arrive while the flight is pending join its waiter list instead of starting another.
+//! A request that finds no fresh value and no flight for its id starts one: a Redis read; on a
+//! miss a PostgreSQL load; then a Redis write of what was loaded. Each stage runs as a future on
+//! the owner's context (`ctx.spawn`), so the owner keeps handling messages — for other keys and
+//! for this one — while it is in the air; keys never wait on each other. Requests for the id that
+//! arrive meanwhile join the flight. A flight moves through phases:
 //!
-//! A flight ends only after its cache write was attempted, so a request that arrives after the
-//! flight's entry is removed finds the value cached. Then, in one step of the actor: the entry
-//! is removed, the near cache is updated, and every waiter is answered with the same result.
+//! | phase | entered when | a request arriving now |
+//! |---|---|---|
+//! | loading | the flight starts | waits for the flight (`SHARED`, or `HIT` from Redis) |
+//! | refreshing | Redis had a soft-expired value: it was answered, PostgreSQL reloads the key | gets that value at once (`STALE`) |
+//! | storing | PostgreSQL answered: the waiters were answered, the value is being written to Redis | gets the loaded value at once (`SHARED`) |
 //!
-//! # Refresh-ahead and invalidation
-//! Redis entries carry a soft expiry (`CACHE_TTL_SECS`, jittered) and live `CACHE_GRACE_SECS`
-//! longer. A read that finds a soft-expired value answers its waiters with it at once
-//! (`X-Cache: STALE`), keeps it in the near cache, and the same flight goes on to reload the key
-//! in the background: a key that has a value never makes a request wait on PostgreSQL.
-//! When the row changes, [`Invalidate`] drops the key from the near cache and Redis, and marks a
-//! pending flight *dirty*: what it brings back may predate the change, so it is answered but not
-//! remembered, and its Redis write is removed again.
+//! The flight ends when its Redis write was attempted, so a request after it finds Redis filled.
+//!
+//! # Freshness
+//! **Invariant: a request that arrives after the owner learned of a change ([`Invalidate`] for its
+//! key, [`ForgetAll`] for every key) is never answered with data loaded before it, and no such
+//! data is written to Redis.** The states a key can be in, and what moves it between them:
+//!
+//! | state | answered as | leaves it by |
+//! |---|---|---|
+//! | fresh in the near cache (the owner's LRU) | `HIT`, no I/O | its `fresh_until` passing: `NEAR_CACHE_TTL_MS` from the database read (`NEGATIVE_TTL_SECS` if shorter, for "not found"), never past the Redis entry's soft expiry; a change drops it |
+//! | remembered, no longer fresh | only when a load fails: `STALE`, up to `MAX_STALE_SECS` after it was seen | a change drops it; LRU eviction |
+//! | fresh in Redis | `HIT` | its soft expiry: `CACHE_TTL_SECS` (jittered) after the database read; a change deletes it |
+//! | soft-expired in Redis | `STALE` at once, while one refresh reloads it | the refresh's write; `CACHE_GRACE_SECS` later Redis drops it |
+//! | suspect in Redis (loaded before the last [`ForgetAll`] or a failed delete) | a miss: reloaded | the reload's write |
+//! | in a flight | `MISS` / `SHARED` / `STALE`, by phase | the flight ending; a change *supersedes* it |
+//! | in a superseded flight | only to the waiters that joined before the change; never remembered, never written to Redis (if its write was already in the air, the entry is deleted again) | the flight ending |
+//!
+//! A superseded flight is moved out of the way ([`KeyOwner::superseded`]): a request after the
+//! change starts a new flight, whose load begins after the change. Ages are counted from the
+//! database read's start, not from the Redis write, so an entry written late is never younger
+//! than its data.
 //!
 //! # What every waiter is guaranteed
 //! - exactly one answer: the flight's result; or, if the flight failed, timed out (each stage —
-//!   cache read, load and write — within `FLIGHT_TIMEOUT_MS`) or panicked, the value remembered
-//!   within the last `MAX_STALE_SECS` (`X-Cache: STALE`), else an error — never silence, so no
-//!   waiter hangs;
+//!   cache read, load, write — within `FLIGHT_TIMEOUT_MS`) or panicked, the value remembered
+//!   within the last `MAX_STALE_SECS` (`X-Cache: STALE`), else an error — never silence;
 //! - a waiter that goes away (its HTTP request was cancelled or hit its deadline) just drops its
-//!   receiver: the flight goes on and still fills the caches for everyone after it;
+//!   receiver: the flight goes on and still fills the caches for everyone after it; a request
+//!   whose client is already gone when the owner gets to it starts nothing;
 //! - errors are never cached: a failed flight leaves no entry, and the next request starts anew;
-//! - bounded memory: at most `MAX_PENDING_KEYS` flights and `MAX_WAITERS_PER_KEY` waiters each;
-//!   a request beyond either bound is answered at once with an overload error (shed).
+//! - bounded memory: at most `MAX_PENDING_KEYS` flights (superseded ones included) and
+//!   `MAX_WAITERS_PER_KEY` waiters each; a request beyond either bound is shed at once;
+//! - if the owner itself panics, every waiter is answered with an error and the owner restarts
+//!   with empty state (see [`crate::actors::contain`]).
 //!
 //! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
-//! cache, refresh-ahead, shedding and the dirty marking of in-flight loads are all off. It is a
-//! measurement baseline that shows what they save, not a mode to run in production.
+//! cache, refresh-ahead, shedding and superseding are all off. It is a measurement baseline that
+//! shows what they save, not a mode to run in production.
 //!
 //! The owner talks to Redis and PostgreSQL only through [`Recipient`]s, so tests put fakes there.
 
@@ -60,7 +70,8 @@ use futures_util::FutureExt;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached};
+use crate::actors::cache::{unix_ms_now, CacheDel, CacheGet, CacheSet, Cached};
+use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -97,8 +108,9 @@ pub enum FlightError {
     DatabaseActorGone,
     #[error("loading took longer than {0:?}")]
     Timeout(Duration),
-    #[error("loading failed unexpectedly")]
-    Panicked,
+    /// A panic while loading: in a database call, or in the owner itself.
+    #[error("loading failed unexpectedly: {0} panicked")]
+    Panicked(&'static str),
     /// Shed before any work: the owner is at one of its bounds.
     #[error("the service is overloaded ({0}); retry shortly")]
     Shed(ShedReason),
@@ -208,18 +220,21 @@ pub struct KeyOwnerDeps {
 }
 
 /// Drop what this owner knows of `id` because the row changed: the near-cache entry, the Redis
-/// entry, and whatever a pending flight is about to store.
+/// entry, and the pending flight (superseded: requests from now on start a new one).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Invalidate(pub i64);
 
-/// Notifications may have been missed (the listening connection dropped): forget every
-/// remembered value, and do not trust what pending flights bring back.
+/// Notifications may have been missed (the listening connection was (re)established): forget
+/// every remembered value, and supersede every pending flight.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct ForgetAll;
 
-type FlightResult = Result<(Lookup, Origin), FlightError>;
+/// Readiness: answered at once by a running owner.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Alive;
 
 /// One request waiting for a flight.
 struct Waiter {
@@ -228,36 +243,56 @@ struct Waiter {
     started_it: bool,
 }
 
+/// Where a flight is; see the module docs.
+enum Phase {
+    Loading,
+    /// Serving this soft-expired value while PostgreSQL reloads the key.
+    Refreshing(Lookup),
+    /// Loaded (and answered); the Redis write is in the air.
+    Storing(Lookup),
+}
+
 /// A flight in progress for one key.
 struct Flight {
     /// Distinguishes this flight from any later one for the same key.
     id: u64,
     waiters: Vec<Waiter>,
-    /// The row changed while the flight was in the air: what it brings back may be older than
-    /// the change, so it is answered to its waiters but neither remembered nor left in Redis.
-    dirty: bool,
-    /// Set when the flight found a soft-expired value, answered its waiters with it and is now
-    /// reloading the key in the background: requests arriving meanwhile get this value at once
-    /// (`STALE`) rather than wait on PostgreSQL. Cleared when the row changes.
-    serving: Option<Lookup>,
+    phase: Phase,
 }
 
 /// The latest answer the owner saw for a key.
 struct Remembered {
     lookup: Lookup,
-    loaded_at: Instant,
+    /// Answered as `HIT` until then.
+    fresh_until: Instant,
+    /// When the value was read (from PostgreSQL: when the read began); `MAX_STALE_SECS` counts
+    /// from here.
+    seen_at: Instant,
 }
 
 pub struct KeyOwner {
     /// This owner's shard number, as the `shard` label of its metrics.
     shard: String,
     deps: KeyOwnerDeps,
-    /// Pending flights by template id, each with its waiters. Only coalesced flights live here.
+    /// The flight that requests for a key join, by template id.
     pending_waiters: HashMap<i64, Flight>,
-    /// Latest answers of recent keys, fresh for `near_cache_ttl`, usable when stale up to
-    /// `max_stale`. `None` when neither use is enabled.
+    /// Flights superseded by a change while in the air, by flight id: they answer the waiters
+    /// that joined before the change, and nothing else (see the module docs).
+    superseded: HashMap<u64, Flight>,
+    /// Latest answers of recent keys, fresh until their `fresh_until`, usable when a load fails
+    /// up to `max_stale`. `None` when neither use is enabled.
     near_cache: Option<LruCache<i64, Remembered>>,
     next_flight_id: u64,
+}
+
+/// What the waiters of a flight are told.
+enum Settled {
+    Fresh(Lookup, Origin),
+    /// A soft-expired cached value, answered while a refresh runs.
+    Revalidating(Lookup),
+    /// A remembered value, answered because the load failed.
+    Stale(Lookup),
+    Failed(FlightError),
 }
 
 impl KeyOwner {
@@ -271,6 +306,7 @@ impl KeyOwner {
             shard: shard.to_string(),
             deps,
             pending_waiters: HashMap::new(),
+            superseded: HashMap::new(),
             near_cache,
             next_flight_id: 0,
         }
@@ -292,33 +328,66 @@ impl KeyOwner {
 
     /// A fresh remembered answer for `id`, if any.
     fn fresh(&mut self, id: i64) -> Option<Lookup> {
-        let s = &self.deps.settings;
-        let (ttl, negative_ttl) = (s.near_cache_ttl, s.negative_ttl.min(s.near_cache_ttl));
         let entry = self.near_cache.as_mut()?.get(&id)?;
-        let fresh_for = match entry.lookup {
-            Lookup::Found(_) => ttl,
-            Lookup::NotFound => negative_ttl,
-        };
-        (entry.loaded_at.elapsed() < fresh_for).then(|| entry.lookup.clone())
+        (Instant::now() < entry.fresh_until).then(|| entry.lookup.clone())
     }
 
     /// A remembered answer for `id` young enough to stand in for a failed load.
     fn stale(&mut self, id: i64) -> Option<Lookup> {
         let max_stale = self.deps.settings.max_stale;
         let entry = self.near_cache.as_mut()?.peek(&id)?;
-        (entry.loaded_at.elapsed() < max_stale).then(|| entry.lookup.clone())
+        (entry.seen_at.elapsed() < max_stale).then(|| entry.lookup.clone())
     }
 
-    fn remember(&mut self, id: i64, lookup: &Lookup) {
+    /// Remembers `lookup`, read at `seen_at`, fresh for the near-cache TTL but never longer than
+    /// `fresh_for` (what is left of its soft TTL in Redis).
+    fn remember(&mut self, id: i64, lookup: &Lookup, seen_at: Instant, fresh_for: Duration) {
+        let s = &self.deps.settings;
+        let ttl = match lookup {
+            Lookup::Found(_) => s.near_cache_ttl,
+            Lookup::NotFound => s.negative_ttl.min(s.near_cache_ttl),
+        };
         if let Some(cache) = self.near_cache.as_mut() {
             cache.put(
                 id,
                 Remembered {
                     lookup: lookup.clone(),
-                    loaded_at: Instant::now(),
+                    fresh_until: seen_at + ttl.min(fresh_for),
+                    seen_at,
                 },
             );
         }
+    }
+
+    /// Flight `flight_id` for `id`, wherever it is, and whether it is still the current one.
+    fn flight_mut(&mut self, id: i64, flight_id: u64) -> Option<(&mut Flight, bool)> {
+        match self.pending_waiters.get_mut(&id) {
+            Some(flight) if flight.id == flight_id => Some((flight, true)),
+            _ => self.superseded.get_mut(&flight_id).map(|f| (f, false)),
+        }
+    }
+
+    /// Removes flight `flight_id` for `id`; `true` with it if it was the current one.
+    fn remove_flight(&mut self, id: i64, flight_id: u64) -> Option<(Flight, bool)> {
+        if self
+            .pending_waiters
+            .get(&id)
+            .is_some_and(|f| f.id == flight_id)
+        {
+            let flight = self.pending_waiters.remove(&id)?;
+            return Some((flight, true));
+        }
+        self.superseded.remove(&flight_id).map(|f| (f, false))
+    }
+
+    /// Takes the waiters of flight `flight_id`, leaving it pending without them.
+    fn take_waiters(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
+        let waiters = self
+            .flight_mut(id, flight_id)
+            .map(|(flight, _)| std::mem::take(&mut flight.waiters))
+            .unwrap_or_default();
+        self.waiters_gauge().sub(waiters.len() as i64);
+        waiters
     }
 
     /// Runs one stage of a flight (`stage` is a future made from `deps`) as a future on the
@@ -331,19 +400,19 @@ impl KeyOwner {
         F: FnOnce(&mut Self, Result<T, FlightError>, &mut Context<Self>) + 'static,
     {
         let timeout = self.deps.settings.flight_timeout;
-        // A panic inside the flight (a bug in a collaborator) must not take the owner down with
-        // every other key's waiters: it becomes an error like any other.
+        // A panic inside the flight (a bug in a collaborator's client code) must not take the
+        // owner down with every other key's waiters: it becomes an error like any other.
         let guarded = AssertUnwindSafe(stage).catch_unwind();
         let bounded = tokio::time::timeout(timeout, guarded).map(move |outcome| match outcome {
             Err(_elapsed) => Err(FlightError::Timeout(timeout)),
-            Ok(Err(_panic)) => Err(FlightError::Panicked),
+            Ok(Err(_panic)) => Err(FlightError::Panicked("the flight")),
             Ok(Ok(result)) => result,
         });
-        ctx.spawn(
-            bounded
-                .into_actor(self)
-                .map(move |result, owner, ctx| on_done(owner, result, ctx)),
-        );
+        ctx.spawn(bounded.into_actor(self).map(move |result, owner, ctx| {
+            contain(owner, ctx, "a KeyOwner flight callback", |owner, ctx| {
+                on_done(owner, result, ctx)
+            });
+        }));
     }
 
     /// Starts a coalesced flight for `id` with its first waiter.
@@ -359,8 +428,7 @@ impl KeyOwner {
             Flight {
                 id: flight_id,
                 waiters: vec![first],
-                dirty: false,
-                serving: None,
+                phase: Phase::Loading,
             },
         );
         self.waiters_gauge().inc();
@@ -371,8 +439,8 @@ impl KeyOwner {
         });
     }
 
-    /// Stage one is over: a fresh value ends the flight; a soft-expired one is answered at once
-    /// and refreshed in the background (refresh-ahead); a miss goes on to the database.
+    /// The Redis read is over: a fresh value ends the flight; a soft-expired one is answered at
+    /// once and reloaded in the background (refresh-ahead); a miss goes on to the database.
     fn on_cache_read(
         &mut self,
         id: i64,
@@ -380,36 +448,30 @@ impl KeyOwner {
         result: Result<Option<Cached>, FlightError>,
         ctx: &mut Context<Self>,
     ) {
+        let Some((_, current)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
         match result {
-            Ok(Some(Cached {
-                lookup,
-                stale: false,
-            })) => self.finish_flight(id, flight_id, Ok((lookup, Origin::Cache))),
-            Ok(Some(Cached {
-                lookup,
-                stale: true,
-            })) => {
-                // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
-                // the near cache serves it while the refresh runs, and the refresh replaces it.
-                let waiters = self.take_waiters(id, flight_id);
-                let dirty = match self.pending_waiters.get_mut(&id) {
-                    Some(flight) if flight.id == flight_id => {
-                        if !flight.dirty {
-                            flight.serving = Some(lookup.clone());
-                        }
-                        flight.dirty
-                    }
-                    _ => true,
-                };
-                if !dirty {
-                    self.remember(id, &lookup);
+            Ok(Some(cached)) if !cached.is_soft_expired() => {
+                if current {
+                    self.remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
                 }
-                for waiter in waiters {
-                    answer(
-                        &self.deps.metrics,
-                        waiter,
-                        &Settled::Revalidating(lookup.clone()),
-                    );
+                self.finish(id, flight_id, Settled::Fresh(cached.lookup, Origin::Cache));
+            }
+            Ok(Some(cached)) => {
+                // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
+                // arrivals get it while the refresh runs, and the refresh replaces it. Not put in
+                // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
+                let stale = Settled::Revalidating(cached.lookup.clone());
+                for waiter in self.take_waiters(id, flight_id) {
+                    answer(&self.deps.metrics, waiter, &stale);
+                }
+                if !current {
+                    // Superseded: its waiters are answered, and a refresh would be old news.
+                    return self.finish(id, flight_id, stale);
+                }
+                if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                    flight.phase = Phase::Refreshing(cached.lookup);
                 }
                 self.deps.metrics.refreshes_total.inc();
                 self.load(id, flight_id, ctx);
@@ -418,59 +480,77 @@ impl KeyOwner {
         }
     }
 
-    /// Stage two: load from PostgreSQL and store in Redis, then finish the flight.
+    /// Loads `id` from PostgreSQL, within the flight timeout.
     fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
-        let load = load_and_store(id, self.deps.clone());
-        self.spawn_stage(ctx, load, move |owner, result, _| {
-            owner.finish_flight(
-                id,
-                flight_id,
-                result.map(|lookup| (lookup, Origin::Database)),
-            )
+        let read_at = (Instant::now(), unix_ms_now());
+        let deadline = read_at.0 + self.deps.settings.flight_timeout;
+        let load = fetch(id, deadline, self.deps.clone());
+        self.spawn_stage(ctx, load, move |owner, result, ctx| {
+            owner.on_loaded(id, flight_id, result, read_at, ctx)
         });
     }
 
-    /// Removes and returns the waiters of flight `flight_id` for `id`, leaving the (now
-    /// waiter-less) flight pending.
-    fn take_waiters(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
-        let waiters = match self.pending_waiters.get_mut(&id) {
-            Some(flight) if flight.id == flight_id => std::mem::take(&mut flight.waiters),
-            _ => Vec::new(),
+    /// PostgreSQL answered. A current flight answers its waiters at once, remembers the value
+    /// and writes it to Redis; a superseded one only answers its waiters.
+    fn on_loaded(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        result: Result<Lookup, FlightError>,
+        (read_at, read_at_ms): (Instant, u64),
+        ctx: &mut Context<Self>,
+    ) {
+        let Some((_, current)) = self.flight_mut(id, flight_id) else {
+            return;
         };
-        self.waiters_gauge().sub(waiters.len() as i64);
-        waiters
+        let lookup = match result {
+            Err(e) => {
+                let settled = match self.stale(id) {
+                    Some(lookup) => Settled::Stale(lookup),
+                    None => Settled::Failed(e),
+                };
+                return self.finish(id, flight_id, settled);
+            }
+            Ok(lookup) if !current => {
+                return self.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database));
+            }
+            Ok(lookup) => lookup,
+        };
+        self.remember(id, &lookup, read_at, Duration::MAX);
+        let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
+        for waiter in self.take_waiters(id, flight_id) {
+            answer(&self.deps.metrics, waiter, &loaded);
+        }
+        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+            flight.phase = Phase::Storing(lookup.clone());
+        }
+        let write = self.deps.cache_set.send(CacheSet {
+            id,
+            lookup: lookup.clone(),
+            loaded_at_ms: read_at_ms,
+        });
+        // A failed write is counted by the cache actor; the value is good either way.
+        let write = async move {
+            let _ = write.await;
+            Ok(())
+        };
+        self.spawn_stage(ctx, write, move |owner, _: Result<(), _>, _| {
+            owner.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database))
+        });
     }
 
-    /// Answers every waiter of a flight and forgets the flight.
-    fn finish_flight(&mut self, id: i64, flight_id: u64, result: FlightResult) {
-        self.inflight_keys().dec();
-        count_flight(&self.deps.metrics, &result);
+    /// Ends a flight: answers the waiters it still has and forgets it. A flight superseded while
+    /// its Redis write was in the air deletes what it wrote.
+    fn finish(&mut self, id: i64, flight_id: u64, settled: Settled) {
         let waiters = self.take_waiters(id, flight_id);
-        let dirty = match self.pending_waiters.get(&id) {
-            Some(flight) if flight.id == flight_id => {
-                self.pending_waiters.remove(&id).is_some_and(|f| f.dirty)
-            }
-            // Unreachable by construction (only this flight removes its entry), but a newer
-            // flight's entry must never be removed by an older flight.
-            _ => false,
+        let Some((flight, current)) = self.remove_flight(id, flight_id) else {
+            return;
         };
-        if dirty {
-            // It may have stored a value from before the change (even if it then failed or timed
-            // out waiting for the write's reply): remove it again.
+        if !current && matches!(flight.phase, Phase::Storing(_)) {
             self.deps.cache_del.do_send(CacheDel(id));
         }
-        let settled = match result {
-            Ok((lookup, origin)) => {
-                if !dirty {
-                    self.remember(id, &lookup);
-                }
-                Settled::Fresh(lookup, origin)
-            }
-            Err(e) => match self.stale(id) {
-                Some(lookup) => Settled::Stale(lookup),
-                None => Settled::Failed(e),
-            },
-        };
+        self.inflight_keys().dec();
+        count_flight(&self.deps.metrics, &settled);
         for waiter in waiters {
             answer(&self.deps.metrics, waiter, &settled);
         }
@@ -488,58 +568,51 @@ impl KeyOwner {
         });
     }
 
-    /// `COALESCE=off`: this request's own cache read and, on a miss, its own load.
+    /// `COALESCE=off`: this request's own cache read and, on a miss, its own load and write.
     fn run_alone(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
         self.waiters_gauge().inc();
         self.inflight_keys().inc();
         let deps = self.deps.clone();
+        let timeout = deps.settings.flight_timeout;
         let alone = async move {
             match read_cache(id, deps.clone()).await {
                 // A soft-expired value is a miss here: this mode has no background refresh.
-                Ok(Some(cached)) if !cached.stale => Ok((cached.lookup, Origin::Cache)),
-                _ => load_and_store(id, deps)
-                    .await
-                    .map(|lookup| (lookup, Origin::Database)),
+                Ok(Some(cached)) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
+                _ => {
+                    let read_at_ms = unix_ms_now();
+                    let lookup = fetch(id, Instant::now() + timeout, deps.clone()).await?;
+                    let write = CacheSet {
+                        id,
+                        lookup: lookup.clone(),
+                        loaded_at_ms: read_at_ms,
+                    };
+                    let _ = deps.cache_set.send(write).await;
+                    Ok((lookup, Origin::Database))
+                }
             }
         };
         self.spawn_stage(ctx, alone, move |owner, result, _| {
             owner.waiters_gauge().dec();
             owner.inflight_keys().dec();
-            count_flight(&owner.deps.metrics, &result);
             let settled = match result {
                 Ok((lookup, origin)) => Settled::Fresh(lookup, origin),
                 Err(e) => Settled::Failed(e),
             };
-            answer(
-                &owner.deps.metrics,
-                Waiter {
-                    reply,
-                    started_it: true,
-                },
-                &settled,
-            );
+            count_flight(&owner.deps.metrics, &settled);
+            let waiter = Waiter {
+                reply,
+                started_it: true,
+            };
+            answer(&owner.deps.metrics, waiter, &settled);
         });
     }
-}
 
-/// What the waiters of a flight are told.
-enum Settled {
-    Fresh(Lookup, Origin),
-    /// A soft-expired cached value, answered while a refresh runs.
-    Revalidating(Lookup),
-    /// A remembered value, answered because the load failed.
-    Stale(Lookup),
-    Failed(FlightError),
-}
-
-impl Actor for KeyOwner {
-    type Context = Context<Self>;
-}
-
-impl Handler<GetTemplate> for KeyOwner {
-    type Result = ();
-
-    fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
+    fn get_template(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+        if reply.is_closed() {
+            // The client left while the request sat in the mailbox: nobody would read the answer.
+            self.deps.metrics.requests_abandoned_total.inc();
+            return;
+        }
         if !self.deps.settings.coalesce {
             return self.run_alone(id, reply, ctx);
         }
@@ -555,27 +628,74 @@ impl Handler<GetTemplate> for KeyOwner {
         }
         let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            if let Some(lookup) = flight.serving.clone() {
-                let waiter = Waiter {
-                    reply,
-                    started_it: false,
-                };
-                return answer(&self.deps.metrics, waiter, &Settled::Revalidating(lookup));
-            }
-            if flight.waiters.len() >= max_waiters {
-                return self.shed(reply, ShedReason::Waiters);
-            }
-            flight.waiters.push(Waiter {
+            let waiter = Waiter {
                 reply,
                 started_it: false,
-            });
-            self.waiters_gauge().inc();
-            return;
+            };
+            match &flight.phase {
+                Phase::Refreshing(lookup) => {
+                    let settled = Settled::Revalidating(lookup.clone());
+                    return answer(&self.deps.metrics, waiter, &settled);
+                }
+                Phase::Storing(lookup) => {
+                    let settled = Settled::Fresh(lookup.clone(), Origin::Database);
+                    return answer(&self.deps.metrics, waiter, &settled);
+                }
+                Phase::Loading if flight.waiters.len() >= max_waiters => {
+                    return self.shed(waiter.reply, ShedReason::Waiters);
+                }
+                Phase::Loading => {
+                    flight.waiters.push(waiter);
+                    self.waiters_gauge().inc();
+                    return;
+                }
+            }
         }
-        if self.pending_waiters.len() >= self.deps.settings.max_pending_keys {
+        let flights = self.pending_waiters.len() + self.superseded.len();
+        if flights >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
         self.start_flight(id, reply, ctx);
+    }
+}
+
+impl Actor for KeyOwner {
+    type Context = Context<Self>;
+}
+
+/// After a panic (see [`contain`]) the owner's state may be half-updated: every waiter is
+/// answered with an error, and the owner starts again with nothing pending or remembered. Its
+/// address, and so its mailbox, stay the same.
+impl Supervised for KeyOwner {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        self.deps
+            .metrics
+            .actor_restarts_total
+            .with_label_values(&["key_owner"])
+            .inc();
+        let current = std::mem::take(&mut self.pending_waiters).into_values();
+        let superseded = std::mem::take(&mut self.superseded).into_values();
+        let failed = Settled::Failed(FlightError::Panicked("the key owner"));
+        for flight in current.chain(superseded) {
+            for waiter in flight.waiters {
+                answer(&self.deps.metrics, waiter, &failed);
+            }
+        }
+        if let Some(cache) = self.near_cache.as_mut() {
+            cache.clear();
+        }
+        self.inflight_keys().set(0);
+        self.waiters_gauge().set(0);
+    }
+}
+
+impl Handler<GetTemplate> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
+        contain(self, ctx, "a KeyOwner request", |owner, ctx| {
+            owner.get_template(id, reply, ctx)
+        });
     }
 }
 
@@ -587,9 +707,8 @@ impl Handler<Invalidate> for KeyOwner {
         if let Some(cache) = self.near_cache.as_mut() {
             cache.pop(&id);
         }
-        if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            flight.dirty = true;
-            flight.serving = None;
+        if let Some(flight) = self.pending_waiters.remove(&id) {
+            self.superseded.insert(flight.id, flight);
         }
         self.deps.cache_del.do_send(CacheDel(id));
     }
@@ -602,14 +721,19 @@ impl Handler<ForgetAll> for KeyOwner {
         if let Some(cache) = self.near_cache.as_mut() {
             cache.clear();
         }
-        for flight in self.pending_waiters.values_mut() {
-            flight.dirty = true;
-            flight.serving = None;
+        for (_, flight) in self.pending_waiters.drain() {
+            self.superseded.insert(flight.id, flight);
         }
     }
 }
 
-/// Stage one of a flight: the cache read. A cache error is a miss.
+impl Handler<Alive> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, _: Alive, _: &mut Self::Context) {}
+}
+
+/// The Redis read. A cache error is a miss.
 async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, FlightError> {
     Ok(deps
         .cache_get
@@ -620,31 +744,23 @@ async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, Fligh
         .flatten())
 }
 
-/// Stage two: the database load, then the cache write of what was loaded. A failed cache write
-/// is counted (by the cache actor) and does not fail the flight, whose value is good.
-async fn load_and_store(id: i64, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
-    let lookup = match deps.db.send(FetchTemplate(id)).await {
-        Err(_mailbox) => return Err(FlightError::DatabaseActorGone),
-        Ok(Err(e)) => return Err(FlightError::Database(e)),
-        Ok(Ok(None)) => Lookup::NotFound,
-        Ok(Ok(Some(template))) => Lookup::Found(template.to_body()),
-    };
-    let _ = deps
-        .cache_set
-        .send(CacheSet {
-            id,
-            lookup: lookup.clone(),
-        })
-        .await;
-    Ok(lookup)
+/// The database load, ending by `deadline`.
+async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
+    match deps.db.send(FetchTemplate { id, deadline }).await {
+        Err(_mailbox) => Err(FlightError::DatabaseActorGone),
+        Ok(Err(DbError::Panicked)) => Err(FlightError::Panicked("a database call")),
+        Ok(Err(e)) => Err(FlightError::Database(e)),
+        Ok(Ok(None)) => Ok(Lookup::NotFound),
+        Ok(Ok(Some(template))) => Ok(Lookup::Found(template.to_body())),
+    }
 }
 
-fn count_flight(metrics: &Metrics, result: &FlightResult) {
-    let label = match result {
-        Ok((_, Origin::Cache)) => "cache",
-        Ok((Lookup::Found(_), Origin::Database)) => "database",
-        Ok((Lookup::NotFound, Origin::Database)) => "not_found",
-        Err(_) => "error",
+fn count_flight(metrics: &Metrics, settled: &Settled) {
+    let label = match settled {
+        Settled::Fresh(_, Origin::Cache) | Settled::Revalidating(_) => "cache",
+        Settled::Fresh(Lookup::Found(_), Origin::Database) => "database",
+        Settled::Fresh(Lookup::NotFound, Origin::Database) => "not_found",
+        Settled::Stale(_) | Settled::Failed(_) => "error",
     };
     metrics.flights_total.with_label_values(&[label]).inc();
 }

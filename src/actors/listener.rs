@@ -60,6 +60,10 @@ impl ChangeListener {
     }
 }
 
+/// The listener's loop never ends on its own; if the actor stops anyway, it starts listening
+/// afresh (and, on connecting, tells every owner to forget what it remembers).
+impl Supervised for ChangeListener {}
+
 impl Actor for ChangeListener {
     type Context = Context<Self>;
 

@@ -2,8 +2,39 @@
 //! [`cache::CacheActor`]s that own Redis connections, and the [`db::DbActor`] that owns the
 //! PostgreSQL pool, and the [`listener::ChangeListener`] that turns row changes into
 //! invalidations.
+//!
+//! Every one of them runs under an actix [`Supervisor`](actix::Supervisor): if it stops, it is
+//! started again with the same address, so senders never hold a dead one. A panic does not stop
+//! an actor by itself — it would unwind through the arbiter and end the actor for good, with no
+//! restart — so handlers and flight callbacks run inside [`contain`], which turns a panic into a
+//! stop (and so a restart that resets the actor's state).
 
 pub mod cache;
 pub mod db;
 pub mod key_owner;
 pub mod listener;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use actix::{Actor, ActorContext, Context};
+
+/// Runs `f` on `actor`. A panic inside it is logged and stops the actor (its supervisor then
+/// restarts it), and `None` is returned; otherwise `f`'s result.
+pub(crate) fn contain<A, R>(
+    actor: &mut A,
+    ctx: &mut Context<A>,
+    what: &str,
+    f: impl FnOnce(&mut A, &mut Context<A>) -> R,
+) -> Option<R>
+where
+    A: Actor<Context = Context<A>>,
+{
+    match catch_unwind(AssertUnwindSafe(|| f(actor, ctx))) {
+        Ok(result) => Some(result),
+        Err(_panic) => {
+            log::error!("{what} panicked; restarting the actor");
+            ctx.stop();
+            None
+        }
+    }
+}

@@ -1,7 +1,10 @@
 //! `/healthz` (liveness) and `/readyz` (readiness).
 //!
-//! Ready means PostgreSQL answers: without it, uncached templates cannot be served. Redis being
-//! down only makes the service slower, so it is reported as `degraded`, not unready.
+//! Ready means PostgreSQL answers and every actor a request may need is running — each KeyOwner
+//! and the DbActor (each runs under a supervisor, so one that stopped is restarted; one that
+//! cannot be makes the service unready rather than failing its keys' share of requests in
+//! silence). Redis being down only makes the service slower, so it is reported as `degraded`,
+//! not unready.
 
 use std::time::Duration;
 
@@ -10,6 +13,7 @@ use serde_json::json;
 
 use crate::actors::cache::PingCache;
 use crate::actors::db::PingDb;
+use crate::actors::key_owner::Alive;
 use crate::http::AppState;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -21,21 +25,41 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let db = state.db.send(PingDb(PROBE_TIMEOUT));
     let redis = state.cache_probe.send(PingCache);
-    let (db, redis) = futures_util::future::join(db, redis).await;
+    let owners = futures_util::future::join_all(
+        state
+            .owners
+            .iter()
+            .map(|owner| tokio::time::timeout(PROBE_TIMEOUT, owner.send(Alive))),
+    );
+    let (db, redis, owners) = futures_util::future::join3(db, redis, owners).await;
     let database = match db {
         Ok(Ok(())) => "ok".to_owned(),
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "error: the database actor is not running".to_owned(),
+    };
+    let stopped: Vec<usize> = owners
+        .iter()
+        .enumerate()
+        .filter(|(_, answer)| !matches!(answer, Ok(Ok(()))))
+        .map(|(shard, _)| shard)
+        .collect();
+    let key_owners = if stopped.is_empty() {
+        format!("ok: {} running", owners.len())
+    } else {
+        format!(
+            "error: shards {stopped:?} of {} not answering",
+            owners.len()
+        )
     };
     let redis = match redis {
         Ok(Ok(())) => "ok".to_owned(),
         Ok(Err(e)) => format!("degraded: {e}; serving from PostgreSQL"),
         Err(_) => "degraded: the cache actor is not running".to_owned(),
     };
-    let ready = database == "ok";
+    let ready = database == "ok" && stopped.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "unready" },
-        "checks": {"database": database, "redis": redis},
+        "checks": {"database": database, "redis": redis, "key_owners": key_owners},
     });
     if ready {
         HttpResponse::Ok().json(body)

@@ -16,6 +16,8 @@ async fn healthz_and_readyz_are_ok_when_everything_is_up() {
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["database"], "ok");
     assert_eq!(body["checks"]["redis"], "ok");
+    // Every owner was asked, not one (the test app runs two).
+    assert_eq!(body["checks"]["key_owners"], "ok: 2 running");
 }
 
 #[actix_rt::test]

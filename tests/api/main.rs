@@ -13,4 +13,5 @@ mod loadtest;
 mod metrics;
 mod redis_down;
 mod shutdown;
+mod slow_network;
 mod template_details;

@@ -27,6 +27,32 @@ async fn metrics_show_the_seed_names_and_do_not_count_themselves() {
                 .any(|l| l.starts_with(&format!("# TYPE {name} "))),
             "{name} missing from /metrics"
         );
+        // A sample, not only a declaration: the histogram's is its `_count`.
+        let sample = if name.ends_with("_seconds") {
+            format!("{name}_count")
+        } else {
+            name.to_owned()
+        };
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{sample} "))
+                    || l.starts_with(&format!("{sample}{{"))),
+            "{name} has no sample in /metrics"
+        );
+    }
+    // The traffic above moved every counter of the seed's table.
+    for name in [
+        "http_request_total",
+        "http_request_duration_seconds_count",
+        "cache_hits_total",
+        "cache_misses_total",
+        "db_hits_total",
+        "singleflight_shared_total",
+    ] {
+        assert!(
+            sum_metric(&text, name) > 0.0,
+            "{name} did not move:\n{text}"
+        );
     }
     assert!(text.contains("# TYPE http_request_duration_seconds histogram"));
     assert!(

@@ -1,10 +1,26 @@
 //! The real binary stops gracefully on SIGTERM and SIGINT: it stops accepting, finishes what is
-//! in flight and exits 0.
+//! in flight — here, loads from a PostgreSQL 150 ms away — and exits 0.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::servers;
+use crate::faults::{postgres_proxy, via};
+use crate::support::fault_proxy::Mode;
+use crate::support::{servers, sum_metric};
+
+/// Requests in flight when the signal arrives.
+const IN_FLIGHT: usize = 50;
+
+async fn idle_connections(client: &reqwest::Client, url: &str) -> f64 {
+    let Ok(response) = client.get(format!("{url}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("db_pool_connections{state=\"idle\"} "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
 
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -12,14 +28,16 @@ fn free_port() -> u16 {
 }
 
 #[actix_rt::test]
-async fn the_binary_exits_cleanly_on_sigterm_and_sigint() {
+async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and_sigint() {
     let servers = servers::servers();
-    for signal in ["TERM", "INT"] {
+    for (round, signal) in ["TERM", "INT"].into_iter().enumerate() {
         let port = free_port();
-        // Reuses the shared `postgres` database: migrations are idempotent.
+        let proxy = postgres_proxy();
+        // Reuses the shared `postgres` database (migrations are idempotent), with a Redis
+        // keyspace of its own: every id below is cold.
         let mut child = Command::new(env!("CARGO_BIN_EXE_singleflight"))
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", servers.pg_url("postgres"))
+            .env("DATABASE_URL", via(&proxy, &servers.pg_url("postgres")))
             .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -31,19 +49,59 @@ async fn the_binary_exits_cleanly_on_sigterm_and_sigint() {
         let url = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
         loop {
-            if let Ok(r) = client
-                .get(format!("{url}/template-details?id=3"))
-                .send()
-                .await
-            {
-                assert_eq!(r.status(), 200);
-                break;
+            if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+                if r.status() == 200 {
+                    break;
+                }
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "the service did not come up"
+                "the service did not become ready"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Every pooled connection open before the network turns slow, as after any idle period.
+        let started = Instant::now();
+        while idle_connections(&client, &url).await < 10.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the pool never opened its connections"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proxy.set_mode(Mode::Latency(Duration::from_millis(150)));
+
+        let first_id = 100 + (round * IN_FLIGHT) as i64;
+        let requests: Vec<_> = (first_id..first_id + IN_FLIGHT as i64)
+            .map(|id| {
+                let (client, url) = (client.clone(), url.clone());
+                actix_rt::spawn(async move {
+                    let response = client
+                        .get(format!("{url}/template-details?id={id}"))
+                        .send()
+                        .await?;
+                    Ok::<_, reqwest::Error>(response.status().as_u16())
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        loop {
+            let text = client
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("metrics text");
+            if sum_metric(&text, "http_in_flight_requests") >= IN_FLIGHT as f64 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the requests never were in flight together"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
 
         let status = Command::new("kill")
@@ -51,6 +109,16 @@ async fn the_binary_exits_cleanly_on_sigterm_and_sigint() {
             .status()
             .expect("run kill");
         assert!(status.success());
+        let mut statuses = Vec::new();
+        for request in requests {
+            statuses.push(request.await.expect("joined").map_err(|e| e.to_string()));
+        }
+        let ok = statuses.iter().filter(|s| **s == Ok(200)).count();
+        assert_eq!(
+            ok, IN_FLIGHT,
+            "SIG{signal}: requests in flight were not all finished: {statuses:?}"
+        );
+
         let deadline = Instant::now() + Duration::from_secs(15);
         let exit = loop {
             if let Some(exit) = child.try_wait().expect("wait for the service") {

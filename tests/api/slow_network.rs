@@ -1,0 +1,281 @@
+//! A database and a cache far away: latency is waited for, not mistaken for failure.
+//!
+//! PostgreSQL (or Redis) sits behind a [`FaultProxy`] in [`Mode::Latency`], which delays every
+//! chunk each way: a round trip costs twice the delay, as on a link that far away. The pool's
+//! connections are opened before the delay starts, as a service that has been running finds
+//! them; every test checks that the delay really applied (the burst could not have been served
+//! in less than one round trip).
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use crate::faults::{postgres_proxy, redis_proxy, via};
+use crate::support::fault_proxy::{FaultProxy, Mode};
+use crate::support::{header, spawn_app_with, TestApp};
+
+/// The service's default `REQUEST_TIMEOUT_MS`, spelled out because assertions derive from it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much later than the deadline an answer may arrive on a loaded 2-core CI machine.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Starts the service with PostgreSQL behind `proxy` (still passing traffic through), and waits
+/// until its pool has every connection open.
+async fn app_behind(proxy: &FaultProxy, coalesce: bool) -> TestApp {
+    let app = spawn_app_with(|s| {
+        s.database_url = via(proxy, &s.database_url);
+        s.request_timeout = REQUEST_TIMEOUT;
+        s.coalesce = coalesce;
+    })
+    .await;
+    let pool_size = singleflight::config::Settings::default().db_pool_size as f64;
+    let started = Instant::now();
+    while idle_connections(&app).await < pool_size {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the pool never opened its {pool_size} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app
+}
+
+/// The pool's idle connections, from `/metrics`.
+async fn idle_connections(app: &TestApp) -> f64 {
+    let text = app.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("db_pool_connections{state=\"idle\"} "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What a burst of distinct cold ids got.
+struct Burst {
+    statuses: Vec<u16>,
+    slowest: Duration,
+    took: Duration,
+}
+
+/// Sends one request for each of `ids` at once, over connections opened beforehand.
+async fn cold_burst(app: &TestApp, ids: std::ops::RangeInclusive<i64>) -> Burst {
+    app.warm_connections(ids.clone().count()).await;
+    let started = Instant::now();
+    let requests = ids.map(|id| async move {
+        let sent = Instant::now();
+        let response = app.template(id).await;
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        assert!(
+            status != 200 || body.contains(&format!("\"id\":{id},")),
+            "{id}: {body}"
+        );
+        (status, sent.elapsed())
+    });
+    let answers = join_all(requests).await;
+    Burst {
+        statuses: answers.iter().map(|(status, _)| *status).collect(),
+        slowest: answers
+            .iter()
+            .map(|(_, took)| *took)
+            .max()
+            .unwrap_or_default(),
+        took: started.elapsed(),
+    }
+}
+
+async fn every_cold_id_is_served(delay: Duration, ids: std::ops::RangeInclusive<i64>) {
+    let proxy = postgres_proxy();
+    let app = app_behind(&proxy, true).await;
+    proxy.set_mode(Mode::Latency(delay));
+    let n = ids.clone().count();
+    let burst = cold_burst(&app, ids).await;
+
+    let ok = burst.statuses.iter().filter(|s| **s == 200).count();
+    let errors = app.metric("db_errors_total").await;
+    assert_eq!(
+        ok, n,
+        "{ok}/{n} answered 200 with PostgreSQL {delay:?} per hop (took {:?}, db errors {errors})",
+        burst.took
+    );
+    assert_eq!(errors, 0.0);
+    assert_eq!(
+        app.metric("db_hits_total").await,
+        n as f64,
+        "one query per id"
+    );
+    assert!(
+        burst.slowest <= REQUEST_TIMEOUT + DEADLINE_MARGIN,
+        "slowest answer {:?}",
+        burst.slowest
+    );
+    assert!(
+        burst.took >= delay * 2,
+        "faster than one round trip ({:?}): the delay did not apply",
+        burst.took
+    );
+}
+
+#[actix_rt::test]
+async fn three_hundred_cold_ids_against_a_database_20ms_away_are_all_served() {
+    every_cold_id_is_served(Duration::from_millis(20), 1..=300).await;
+}
+
+#[actix_rt::test]
+async fn fifty_cold_ids_against_a_database_150ms_away_are_all_served() {
+    every_cold_id_is_served(Duration::from_millis(150), 1..=50).await;
+}
+
+#[actix_rt::test]
+async fn a_database_that_goes_down_is_failed_fast_and_found_again() {
+    let proxy = postgres_proxy();
+    let app = app_behind(&proxy, true).await;
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut();
+    let started = Instant::now();
+    while app.metric("db_available").await != 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never noticed");
+        let _ = app.template(900).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Known down: an uncached id is refused at once, not after the flight's deadline.
+    let asked = Instant::now();
+    let response = app.template(901).await;
+    assert_eq!(response.status(), 503);
+    assert!(!header(&response, "retry-after").is_empty());
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "failed fast, took {:?}",
+        asked.elapsed()
+    );
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+
+    proxy.set_mode(Mode::Pass);
+    let started = Instant::now();
+    loop {
+        let response = app.template(902).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not served again within 10 s of PostgreSQL coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.metric("db_available").await, 1.0);
+}
+
+#[actix_rt::test]
+async fn a_change_during_a_slow_cache_write_is_never_answered_with_the_old_row() {
+    // Redis 300 ms away per hop: a flight's write is in the air for 600 ms after its load.
+    let proxy = redis_proxy();
+    let app = spawn_app_with(|s| {
+        s.redis_url = via(&proxy, &s.redis_url);
+        s.redis_timeout = Duration::from_secs(3);
+        s.request_timeout = Duration::from_secs(10);
+        s.near_cache_ttl = Duration::ZERO;
+    })
+    .await;
+    proxy.set_mode(Mode::Latency(Duration::from_millis(300)));
+    // Connected to Redis (through the delay) before the rounds begin.
+    assert_eq!(app.template(1).await.status(), 200);
+    let direct_url = app
+        .redis_url
+        .replace(&proxy.addr().to_string(), &proxy.upstream().to_string());
+    let direct = redis::Client::open(direct_url.as_str()).expect("redis url");
+    let mut redis = direct
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis directly");
+
+    for round in 0..5 {
+        let id = 60 + round;
+        let first = app.template(id).await;
+        assert_eq!(header(&first, "x-cache"), "MISS");
+        let invalidations = app.metric("invalidations_total").await;
+        let name = format!("Renamed in round {round}");
+        app.execute_sql(&format!(
+            "UPDATE templates SET name = '{name}' WHERE id = {id}"
+        ))
+        .await;
+        let started = Instant::now();
+        while app.metric("invalidations_total").await <= invalidations {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no notification"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The service now knows of the change; the first flight's write may still be in the air.
+        let after = app.template(id).await;
+        let x_cache = header(&after, "x-cache");
+        let body = after.text().await.expect("body");
+        assert!(
+            body.contains(&name),
+            "round {round}: answered {x_cache} with the row from before the change: {body}"
+        );
+        // And what is left in Redis once every flight has ended is the new row (or nothing).
+        let started = Instant::now();
+        while app.metric("key_owner_inflight_keys").await > 0.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "flights never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cached: Option<String> = redis::cmd("GET")
+            .arg(format!("template:{id}"))
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        if let Some(entry) = cached {
+            assert!(entry.contains(&name), "round {round}: Redis holds {entry}");
+        }
+    }
+}
+
+/// The figures behind BENCHMARKS.md's "cold bursts against a distant database": 300 distinct
+/// cold ids at once against PostgreSQL 20 ms away per hop, for each pool size and with
+/// coalescing on and off, alternated, three runs each. A measurement, not a test: run it with
+/// `cargo test --release --test api -- --ignored --nocapture cold_burst_figures`.
+#[actix_rt::test]
+#[ignore = "a benchmark: prints figures for BENCHMARKS.md"]
+async fn cold_burst_figures() {
+    let delay = Duration::from_millis(20);
+    let ids = 1..=300;
+    println!("| run | DB_POOL_SIZE | COALESCE | answered 200 | burst took | ids served per second | slowest answer |");
+    println!("|---|---|---|---|---|---|---|");
+    for run in 1..=3 {
+        for pool_size in [10, 20] {
+            for coalesce in [true, false] {
+                let proxy = postgres_proxy();
+                let app = spawn_app_with(|s| {
+                    s.database_url = via(&proxy, &s.database_url);
+                    s.request_timeout = REQUEST_TIMEOUT;
+                    s.coalesce = coalesce;
+                    s.db_pool_size = pool_size;
+                    s.db_pool_min_idle = pool_size;
+                })
+                .await;
+                let started = Instant::now();
+                while idle_connections(&app).await < f64::from(pool_size) {
+                    assert!(started.elapsed() < Duration::from_secs(15));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                proxy.set_mode(Mode::Latency(delay));
+                let burst = cold_burst(&app, ids.clone()).await;
+                let ok = burst.statuses.iter().filter(|s| **s == 200).count();
+                println!(
+                    "| {run} | {pool_size} | {} | {ok}/{} | {:.2} s | {:.0} | {:.2} s |",
+                    if coalesce { "on" } else { "off" },
+                    burst.statuses.len(),
+                    burst.took.as_secs_f64(),
+                    ok as f64 / burst.took.as_secs_f64(),
+                    burst.slowest.as_secs_f64(),
+                );
+            }
+        }
+    }
+}
