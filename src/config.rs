@@ -35,6 +35,9 @@ pub struct Settings {
     pub db_pool_min_idle: u32,
     /// `DB_CONNECT_TIMEOUT_MS`: longest time to open one connection (off the request path).
     pub db_connect_timeout: Duration,
+    /// `DB_BATCH_MAX`: most template ids sent in one query when loads queue for a connection
+    /// (1 sends every load alone).
+    pub db_batch_max: usize,
     /// `DB_QUERY_TIMEOUT_MS`: longest a query may run; also sent as `statement_timeout`.
     pub db_query_timeout: Duration,
     /// `REDIS_TIMEOUT_MS`: longest wait for one Redis command (and for connecting).
@@ -81,6 +84,7 @@ impl Default for Settings {
             db_pool_size: 10,
             db_pool_min_idle: 10,
             db_connect_timeout: Duration::from_millis(5000),
+            db_batch_max: 100,
             db_query_timeout: Duration::from_millis(1000),
             redis_timeout: Duration::from_millis(50),
             request_timeout: Duration::from_millis(2000),
@@ -184,6 +188,7 @@ impl Settings {
                 1,
                 d.db_connect_timeout,
             )?,
+            db_batch_max: positive(get("DB_BATCH_MAX"), "DB_BATCH_MAX", d.db_batch_max)?,
             db_query_timeout: millis(
                 get("DB_QUERY_TIMEOUT_MS"),
                 "DB_QUERY_TIMEOUT_MS",

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub cache_suspect_entries_total: IntCounter,
     /// Time from asking the pool for a connection to having the row.
     pub db_query_duration_seconds: Histogram,
+    /// Ids loaded per query sent to PostgreSQL (loads queued while every connection was busy
+    /// are sent together).
+    pub db_keys_per_query: Histogram,
     /// Keys with a flight in progress, per owner shard.
     pub key_owner_inflight_keys: IntGaugeVec,
     /// Requests waiting for a flight, per owner shard.
@@ -131,6 +134,14 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(db_query_duration_seconds.clone()))?;
+        let db_keys_per_query = Histogram::with_opts(
+            HistogramOpts::new(
+                "db_keys_per_query",
+                "Template ids loaded per query sent to PostgreSQL",
+            )
+            .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
+        )?;
+        registry.register(Box::new(db_keys_per_query.clone()))?;
 
         let metrics = Metrics {
             http_in_flight_requests,
@@ -222,6 +233,7 @@ impl Metrics {
                 "Redis entries not used because they predate a possibly missed change",
             )?,
             db_query_duration_seconds,
+            db_keys_per_query,
             key_owner_inflight_keys: gauge_vec(
                 "key_owner_inflight_keys",
                 "Keys with a flight in progress, per KeyOwner shard",

@@ -85,6 +85,12 @@ impl Application {
             min_idle: settings.db_pool_min_idle,
             connect_timeout: settings.db_connect_timeout,
             query_timeout: settings.db_query_timeout,
+            // The baseline sends every load alone: batching would deduplicate at the database.
+            batch_max: if settings.coalesce {
+                settings.db_batch_max
+            } else {
+                1
+            },
         };
         let db_metrics = metrics.clone();
         let db = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {

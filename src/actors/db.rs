@@ -26,10 +26,20 @@
 //! replenishment), so recovery is noticed without any request paying for the probe. A server
 //! that is merely full ("too many clients") is not down: it is waited for like a busy pool.
 //!
+//! # Batching
+//! Loads do not queue on the pool one by one. The actor keeps at most `DB_POOL_SIZE` queries in
+//! the air; a load that finds one free is sent at once, alone — no window, no added latency —
+//! and loads that arrive while every connection is busy wait in the actor's queue, to be sent
+//! together as one query (`WHERE id = ANY($1)`, up to `DB_BATCH_MAX` ids) on the next connection
+//! that frees up. So a cold burst of distinct ids against a distant server costs a few round
+//! trips, not one per id per connection; each load still gets its own row, and its own error.
+//! (`COALESCE=off` sends every load alone, as the measurement baseline.)
+//!
 //! # Panics
 //! A panic inside a database call (a bug in a driver) is caught and reported as
 //! [`DbError::Panicked`] to that load's flight; the actor and its pool live on.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +52,7 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metrics;
 use crate::schema::templates;
@@ -121,6 +131,8 @@ pub struct DbSettings {
     /// Longest time to open one connection (connect, authenticate, set up).
     pub connect_timeout: Duration,
     pub query_timeout: Duration,
+    /// Most ids sent in one query; 1 sends every load alone.
+    pub batch_max: usize,
 }
 
 type PgPool = Pool<AsyncPgConnection>;
@@ -181,6 +193,13 @@ impl Reachability {
     }
 }
 
+/// A load waiting to be sent, and where its row goes.
+struct Waiting {
+    id: i64,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Option<Template>, DbError>>,
+}
+
 pub struct DbActor {
     pool: PgPool,
     settings: DbSettings,
@@ -188,6 +207,10 @@ pub struct DbActor {
     reachability: Reachability,
     /// A connection attempt made by [`DbActor::tick`] while down is still in the air.
     probing: bool,
+    /// Loads that arrived while `DB_POOL_SIZE` queries were in the air, oldest first.
+    queue: VecDeque<Waiting>,
+    /// Queries in the air (each on a connection of its own), at most `pool_size`.
+    queries_in_flight: u32,
 }
 
 impl DbActor {
@@ -232,6 +255,25 @@ impl DbActor {
             metrics,
             reachability,
             probing: false,
+            queue: VecDeque::new(),
+            queries_in_flight: 0,
+        }
+    }
+
+    /// Sends what is queued while fewer than `pool_size` queries are in the air: each query
+    /// takes the oldest loads, up to `batch_max` of them.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        while self.queries_in_flight < self.settings.pool_size && !self.queue.is_empty() {
+            let take = self.queue.len().min(self.settings.batch_max.max(1));
+            let batch: Vec<Waiting> = self.queue.drain(..take).collect();
+            self.queries_in_flight += 1;
+            let (pool, settings) = (self.pool.clone(), self.settings.clone());
+            let (metrics, reach) = (self.metrics.clone(), self.reachability.clone());
+            let query = async move { run_batch(&pool, &settings, &metrics, &reach, batch).await };
+            ctx.spawn(query.into_actor(self).map(|(), actor, ctx| {
+                actor.queries_in_flight -= 1;
+                actor.dispatch(ctx);
+            }));
         }
     }
 
@@ -278,7 +320,7 @@ fn connect(
             .execute(&mut conn)
             .await
             .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        load_template(&mut conn, 0)
+        load_templates(&mut conn, &[0])
             .await
             .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
         Ok(conn)
@@ -307,15 +349,15 @@ fn is_server_full(message: &str) -> bool {
     message.contains("too many") || message.contains("connection slots")
 }
 
-/// The one query this service runs, used by loads and by the connection set-up alike (so that
-/// the set-up prepares exactly the statement loads will use).
-async fn load_template(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<Option<Template>> {
+/// The one query this service runs (`WHERE id = ANY($1)`: one statement for any number of ids),
+/// used by loads and by the connection set-up alike, so that the set-up prepares exactly the
+/// statement loads will use.
+async fn load_templates(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<Template>> {
     templates::table
-        .find(id)
+        .filter(templates::id.eq_any(ids))
         .select(Template::as_select())
-        .first(conn)
+        .load(conn)
         .await
-        .optional()
 }
 
 impl Actor for DbActor {
@@ -339,19 +381,36 @@ impl Supervised for DbActor {
             .with_label_values(&["db"])
             .inc();
         self.probing = false;
+        // Their futures were dropped with the old context: whatever they had taken is answered
+        // by the closed channels; what is still queued is sent afresh.
+        self.queries_in_flight = 0;
     }
 }
 
 impl Handler<FetchTemplate> for DbActor {
     type Result = ResponseFuture<Result<Option<Template>, DbError>>;
 
-    fn handle(&mut self, msg: FetchTemplate, _: &mut Self::Context) -> Self::Result {
-        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
-        let (settings, reach) = (self.settings.clone(), self.reachability.clone());
+    fn handle(&mut self, msg: FetchTemplate, ctx: &mut Self::Context) -> Self::Result {
+        let started = Instant::now();
+        let (reply, row) = oneshot::channel();
+        let known_down = self.reachability.why_down();
+        match known_down {
+            // Known down: failed at once, without queueing.
+            Some(why) => drop(reply.send(Err(DbError::Unavailable(why)))),
+            None => {
+                self.queue.push_back(Waiting {
+                    id: msg.id,
+                    deadline: msg.deadline,
+                    reply,
+                });
+                self.dispatch(ctx);
+            }
+        }
+        let metrics = self.metrics.clone();
         Box::pin(async move {
-            let started = Instant::now();
-            let load = fetch(&pool, &settings, &metrics, &reach, msg.id, msg.deadline);
-            let result = guard_panics(load).await;
+            // A closed channel: the query's future was dropped mid-way, which only a panic (or
+            // the actor's restart after one) does.
+            let result = row.await.unwrap_or(Err(DbError::Panicked));
             metrics
                 .db_query_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -412,28 +471,69 @@ async fn checkout<'a>(
     }
 }
 
+/// Sends one query for every load of `batch` still within its deadline, and answers each with
+/// its own row (or the query's error).
+async fn run_batch(
+    pool: &PgPool,
+    settings: &DbSettings,
+    metrics: &Metrics,
+    reach: &Reachability,
+    batch: Vec<Waiting>,
+) {
+    let now = Instant::now();
+    let (live, late): (Vec<Waiting>, Vec<Waiting>) =
+        batch.into_iter().partition(|w| w.deadline > now);
+    for waiting in late {
+        let _ = waiting
+            .reply
+            .send(Err(DbError::PoolTimeout(Duration::ZERO)));
+    }
+    // Waited for as long as the most patient load allows; the others leave at their own
+    // deadline on the owner's side, and a row that arrives for them still fills the cache.
+    let Some(deadline) = live.iter().map(|w| w.deadline).max() else {
+        return;
+    };
+    let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
+    let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
+    match result {
+        Ok(mut rows) => {
+            for waiting in live {
+                let row = rows.remove(&waiting.id);
+                let _ = waiting.reply.send(Ok(row));
+            }
+        }
+        Err(e) => {
+            for waiting in live {
+                let _ = waiting.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One query for `ids`: the rows found, by id.
 async fn fetch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
     reach: &Reachability,
-    id: i64,
+    ids: &[i64],
     deadline: Instant,
-) -> Result<Option<Template>, DbError> {
+) -> Result<HashMap<i64, Template>, DbError> {
     let mut conn = checkout(pool, reach, deadline).await?;
     metrics.db_hits_total.inc();
+    metrics.db_keys_per_query.observe(ids.len() as f64);
     let left = deadline.saturating_duration_since(Instant::now());
     let silent_server = settings.query_timeout + CLIENT_SLACK;
-    match tokio::time::timeout(silent_server.min(left), load_template(&mut conn, id)).await {
+    match tokio::time::timeout(silent_server.min(left), load_templates(&mut conn, ids)).await {
         Err(_) if left < silent_server => Err(DbError::QueryTimeout(left)),
         Err(_) => {
             // Not even statement_timeout answered: the server is not reachable.
             reach.down(format!("no answer to a query within {silent_server:?}"));
             Err(DbError::QueryTimeout(settings.query_timeout))
         }
-        Ok(Ok(template)) => {
+        Ok(Ok(rows)) => {
             reach.up();
-            Ok(template)
+            Ok(rows.into_iter().map(|t| (t.id, t)).collect())
         }
         Ok(Err(e)) if is_statement_timeout(&e) => {
             Err(DbError::QueryTimeout(settings.query_timeout))

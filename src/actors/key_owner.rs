@@ -675,17 +675,17 @@ impl Supervised for KeyOwner {
             .inc();
         let current = std::mem::take(&mut self.pending_waiters).into_values();
         let superseded = std::mem::take(&mut self.superseded).into_values();
+        if let Some(cache) = self.near_cache.as_mut() {
+            cache.clear();
+        }
+        self.inflight_keys().set(0);
+        self.waiters_gauge().set(0);
         let failed = Settled::Failed(FlightError::Panicked("the key owner"));
         for flight in current.chain(superseded) {
             for waiter in flight.waiters {
                 answer(&self.deps.metrics, waiter, &failed);
             }
         }
-        if let Some(cache) = self.near_cache.as_mut() {
-            cache.clear();
-        }
-        self.inflight_keys().set(0);
-        self.waiters_gauge().set(0);
     }
 }
 

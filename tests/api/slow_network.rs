@@ -99,11 +99,10 @@ async fn every_cold_id_is_served(delay: Duration, ids: std::ops::RangeInclusive<
         burst.took
     );
     assert_eq!(errors, 0.0);
-    assert_eq!(
-        app.metric("db_hits_total").await,
-        n as f64,
-        "one query per id"
-    );
+    // Every id loaded exactly once, in at most one query per id (loads that queued while every
+    // connection was busy went together).
+    assert_eq!(app.metric("db_keys_per_query_sum").await, n as f64);
+    assert!(app.metric("db_hits_total").await <= n as f64);
     assert!(
         burst.slowest <= REQUEST_TIMEOUT + DEADLINE_MARGIN,
         "slowest answer {:?}",
