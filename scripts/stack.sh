@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # scripts/stack.sh: run singleflight's PostgreSQL, Redis and Prometheus natively
-# (no Docker), with all their state in a project-local .stack/ folder.
+# (no Docker), with all their state in a project-local .stack/ folder; with
+# REPLICAS=3, a fleet of the service behind HAProxy too.
 #
 # Usage: scripts/stack.sh [up|start|stop|status|env|help]
 #   up      (default) install missing packages, start PostgreSQL, Redis and
 #           Prometheus, then run the service in the foreground:
 #           exec cargo run --release
 #           (Ctrl-C stops the service; the other servers keep running)
+#           With REPLICAS=N (N > 1): build the service, run N replicas and
+#           HAProxy in front of them, and follow the replicas' logs in the
+#           foreground; Ctrl-C (or SIGTERM) stops HAProxy and the replicas
+#           gracefully (the other servers keep running)
 #   start   like `up`, but only PostgreSQL, Redis and Prometheus (idempotent:
-#           what is already running is reused)
-#   stop    stop PostgreSQL (fast shutdown), Redis and Prometheus; fine if
-#           already stopped
+#           what is already running is reused); with REPLICAS=N (N > 1) also
+#           the replicas and HAProxy, in the background
+#   stop    stop HAProxy and the replicas (if a fleet runs), PostgreSQL (fast
+#           shutdown), Redis and Prometheus; fine if already stopped
 #   status  running or not, pid, port, data dir and log of each server
 #   env     print export lines for the running stack:
 #             eval "$(scripts/stack.sh env)"
@@ -23,13 +29,26 @@
 #               Prometheus scrapes the service there (127.0.0.1 for 0.0.0.0)
 #   RUST_LOG    passed through to the service (default: info)
 #   STACK_DIR   where all state lives (default: .stack at the repository root)
+#   REPLICAS    how many replicas of the service to run (default 1: the
+#               service alone on HTTP_ADDR, no HAProxy). Above 1, replica i
+#               listens on 127.0.0.1:REPLICA_BASE_PORT+i-1, HAProxy spreads
+#               requests over the ready ones (round robin, health-checked on
+#               GET /readyz) on LB_PORT, Prometheus scrapes every replica,
+#               and HTTP_ADDR is not used
+#   LB_PORT     HAProxy's port (default 8080, on all interfaces like the
+#               service's own default), with REPLICAS > 1
+#   REPLICA_BASE_PORT  first replica's port (default 8081), with REPLICAS > 1
+#   SERVICE_BIN the service binary the replicas run (default: build it with
+#               cargo build --release), with REPLICAS > 1
 #
 # Layout (under STACK_DIR, by default .stack/ at the repository root):
 #   pg/data  pg/postgres.log  pg/run (unix socket)
 #   redis/   redis/redis.log  redis/redis.pid
 #   prometheus/data  prometheus/prometheus.log  prometheus/prometheus.pid
 #   prometheus/prometheus.yaml (the project's prometheus.yaml, with its
-#   compose target app:8080 rewritten to where the service listens)
+#   compose service discovery replaced by where the service listens)
+#   app/replica-<i>.log  app/replica-<i>.pid  (with REPLICAS > 1)
+#   haproxy/haproxy.cfg  haproxy/haproxy.log  haproxy/haproxy.pid
 # It never touches Debian's own PostgreSQL cluster or system-wide services
 # (except the prometheus service that Debian's package starts when this
 # script installs it: that one is stopped and disabled, as it takes :9090).
@@ -53,10 +72,17 @@ PROM_PIDFILE=$PROM_DIR/prometheus.pid
 PROM_PORTFILE=$PROM_DIR/prometheus.port
 PROM_CONFIG=$PROM_DIR/prometheus.yaml
 PROM_TARGETFILE=$PROM_DIR/prometheus.target
-# The project's scrape config, written for docker-compose: it scrapes "app:8080"
-# (quoted, as the target is written there).
+# The project's scrape config, written for docker-compose: it finds every replica of
+# the compose service `app` through Docker's DNS, on this one line, which the copy
+# made here replaces with the addresses where the service listens.
 PROM_SOURCE=$ROOT/prometheus.yaml
-PROM_COMPOSE_TARGET='"app:8080"'
+PROM_COMPOSE_DISCOVERY='dns_sd_configs: [{names: ["app"], type: A, port: 8080}]'
+APP_DIR=$STACK/app
+LB_DIR=$STACK/haproxy
+LB_CONFIG=$LB_DIR/haproxy.cfg
+LB_LOG=$LB_DIR/haproxy.log
+LB_PIDFILE=$LB_DIR/haproxy.pid
+LB_PORTFILE=$LB_DIR/haproxy.port
 DB_NAME=singleflight
 ME=${0}
 CMD=${1:-up}
@@ -69,6 +95,9 @@ PROM_PORT_SET=${PROM_PORT+yes}
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
 PROM_PORT=${PROM_PORT:-9090}
+REPLICAS=${REPLICAS:-1}
+LB_PORT=${LB_PORT:-8080}
+REPLICA_BASE_PORT=${REPLICA_BASE_PORT:-8081}
 PG_BIN=""
 
 say() { printf 'stack: %s\n' "$*"; }
@@ -82,6 +111,8 @@ die() {
   exit 1
 }
 is_root() { [[ $EUID -eq 0 ]]; }
+# True when a fleet of replicas behind HAProxy is asked for (REPLICAS > 1).
+fleet() { ((REPLICAS > 1)); }
 # True if PID exists and is not a zombie (containers whose PID 1 does not
 # reap promptly keep dead daemons around as zombies).
 alive() {
@@ -108,6 +139,8 @@ check_port_value() { # NAME VALUE
     local example=6380
     [[ $1 != PG_PORT ]] || example=5433
     [[ $1 != PROM_PORT ]] || example=9091
+    [[ $1 != LB_PORT ]] || example=8090
+    [[ $1 != REPLICA_BASE_PORT ]] || example=8091
     die "$1=$2 is not a valid TCP port." "use a number between 1 and 65535, e.g. $1=$example $ME $CMD"
   fi
 }
@@ -145,6 +178,10 @@ port_taken_die() { # WHAT PORT VARNAME
                    "stop it yourself if you do not need it (service redis-server stop), or use another port.") ;;
     *prometheus*) hint=("if this is the system prometheus service (Debian's package starts one on :9090 where systemd runs),"
                         "stop it yourself if you do not need it (systemctl disable --now prometheus), or use another port.") ;;
+    *singleflight* | *cargo*) hint=("this looks like the service itself: an earlier '$ME up' or a 'cargo run' of your own?"
+                                    "stop it (Ctrl-C where it runs), or use another port.") ;;
+    *haproxy*) hint=("if this is the system haproxy service (service haproxy status), this script leaves it alone;"
+                     "stop it yourself if you do not need it (service haproxy stop), or use another port.") ;;
   esac
   die "port $port (for $what) is already in use by something that is not this project's $what." \
     "$holder" \
@@ -186,7 +223,14 @@ missing_packages() {
   if ! command -v setsid >/dev/null 2>&1 || { is_root && ! command -v runuser >/dev/null 2>&1; }; then
     pkgs+=(util-linux)
   fi
+  if fleet && [[ -z $(haproxy_bin) ]]; then pkgs+=(haproxy); fi
   printf '%s\n' "${pkgs[@]}"
+}
+
+# Debian installs haproxy in /usr/sbin, which is not on a normal user's PATH.
+haproxy_bin() {
+  if command -v haproxy 2>/dev/null; then return 0; fi
+  if [[ -x /usr/sbin/haproxy ]]; then printf '/usr/sbin/haproxy\n'; fi
 }
 
 ensure_packages() {
@@ -208,7 +252,7 @@ ensure_packages() {
   mapfile -t pkgs < <(missing_packages | sed '/^$/d')
   ((${#pkgs[@]} == 0)) ||
     die "still missing after apt-get install: ${pkgs[*]}" \
-      "check that /usr/lib/postgresql/*/bin, redis-server, redis-cli, curl, prometheus, promtool and setsid exist."
+      "check that /usr/lib/postgresql/*/bin, redis-server, redis-cli, curl, prometheus, promtool, setsid (and haproxy for REPLICAS > 1) exist."
 }
 
 # Where systemd runs, installing Debian's prometheus package starts a system-wide
@@ -515,6 +559,17 @@ service_target() {
   printf '%s:%s\n' "$host" "$((10#$port))"
 }
 
+# Every host:port Prometheus scrapes, one a line: each replica's with REPLICAS > 1,
+# else the service's HTTP_ADDR.
+service_targets() {
+  local i
+  if fleet; then
+    for ((i = 1; i <= REPLICAS; i++)); do printf '127.0.0.1:%s\n' "$(replica_port "$i")"; done
+  else
+    service_target
+  fi
+}
+
 # Pid of this project's prometheus (from its pid file), or fail.
 prom_pid() {
   local pid
@@ -541,20 +596,26 @@ prom_is_ours() { # PORT
   prom_get "$1" /api/v1/status/flags | grep -qF "\"storage.tsdb.path\":\"$PROM_DATA\""
 }
 
-# Writes the project's prometheus.yaml to FILE with its compose target replaced by TARGET,
-# and checks the result with promtool, so a broken prometheus.yaml is reported as such.
-prom_render_config() { # TARGET FILE
-  local target=$1 file=$2 out
+# Writes the project's prometheus.yaml to FILE with its compose service discovery replaced
+# by the static TARGETs, and checks the result with promtool, so a broken prometheus.yaml
+# is reported as such.
+prom_render_config() { # FILE TARGET...
+  local file=$1 out source static
+  shift
   [[ -r $PROM_SOURCE ]] ||
     die "$PROM_SOURCE is missing (the scrape config the native and the compose stack share)." \
       "restore it: git -C '$ROOT' checkout -- prometheus.yaml"
-  grep -qF "$PROM_COMPOSE_TARGET" "$PROM_SOURCE" ||
-    die "$PROM_SOURCE does not name the compose target $PROM_COMPOSE_TARGET, so this script cannot point it at the service." \
-      "keep the target written as $PROM_COMPOSE_TARGET (with the quotes) in $PROM_SOURCE; docker-compose.yaml needs it too."
+  source=$(<"$PROM_SOURCE")
+  [[ $source == *"$PROM_COMPOSE_DISCOVERY"* ]] ||
+    die "$PROM_SOURCE does not contain the line '$PROM_COMPOSE_DISCOVERY', so this script cannot point it at the service." \
+      "keep that line exactly as it is in $PROM_SOURCE; docker-compose.yaml needs it too."
+  static=$(printf '"%s", ' "$@")
+  static="static_configs: [{targets: [${static%, }]}]"
   {
-    printf '# Written by scripts/stack.sh from %s: target %s -> "%s".\n' "$PROM_SOURCE" "$PROM_COMPOSE_TARGET" "$target"
+    printf '# Written by scripts/stack.sh from %s, with its compose service discovery\n' "$PROM_SOURCE"
+    printf '# replaced by: %s\n' "$static"
     printf '# Edit that file, not this copy (it is rewritten on every start).\n'
-    sed "s/$PROM_COMPOSE_TARGET/\"$target\"/g" "$PROM_SOURCE"
+    printf '%s\n' "${source//"$PROM_COMPOSE_DISCOVERY"/"$static"}"
   } >"$file"
   if ! out=$(promtool check config "$file" 2>&1); then
     printf '%s\n' "$out" >&2
@@ -574,13 +635,24 @@ prom_wait_ready() { # PID PORT
   return 1
 }
 
-# Where the running prometheus scrapes (from its config), and the target's health as it
-# last saw it: "up", or "down: <last scrape error>".
+# The targets' health as the running prometheus last saw it: "target up", or "target down:
+# <last scrape error>"; for several targets, how many are up (and the first error).
 prom_target_health() { # PORT
-  local body health err
-  body=$(prom_get "$1" /api/v1/targets) || { printf 'unknown (the targets API did not answer)\n'; return 0; }
-  health=$(printf '%s' "$body" | grep -o '"health":"[a-z]*"' | head -n 1 | cut -d'"' -f4)
-  err=$(printf '%s' "$body" | grep -o '"lastError":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+  local body health err healths=() up=0
+  body=$(prom_get "$1" /api/v1/targets) || { printf 'target unknown (the targets API did not answer)\n'; return 0; }
+  mapfile -t healths < <(printf '%s' "$body" | grep -o '"health":"[a-z]*"' | cut -d'"' -f4)
+  err=$(printf '%s' "$body" | grep -o '"lastError":"[^"]\+"' | head -n 1 | cut -d'"' -f4)
+  if ((${#healths[@]} > 1)); then
+    for health in "${healths[@]}"; do [[ $health != up ]] || up=$((up + 1)); done
+    if ((up == ${#healths[@]})); then
+      printf 'all %s targets up\n' "$up"
+    else
+      printf '%s of %s targets up%s\n' "$up" "${#healths[@]}" "${err:+ (first error: $err)}"
+    fi
+    return 0
+  fi
+  health=${healths[0]:-}
+  printf 'target '
   case $health in
     up) printf 'up\n' ;;
     "") printf 'not listed yet (Prometheus lists it within a few seconds of starting)\n' ;;
@@ -590,12 +662,14 @@ prom_target_health() { # PORT
 }
 
 prom_start() {
-  local pid port target new
-  target=$(service_target)
+  local pid port target targets=() new
+  target=$(service_targets)
+  mapfile -t targets <<<"$target"
+  target=${targets[*]}
   make_stack_dir
   mkdir -p "$PROM_DIR" "$PROM_DATA"
   new=$PROM_CONFIG.new
-  prom_render_config "$target" "$new"
+  prom_render_config "$new" "${targets[@]}"
   if pid=$(prom_pid); then
     port=$(prom_running_port)
     if [[ $port != "$PROM_PORT" ]]; then
@@ -660,6 +734,296 @@ prom_stop() {
   say "prometheus: stopped"
 }
 
+# ---------------------------------------------------------------- fleet --
+
+# With REPLICAS > 1: replicas of the service (app/replica-<i>.*) and HAProxy in front of
+# them (haproxy/*). Like Prometheus, each runs in a session of its own (setsid), so that
+# Ctrl-C on `up` reaches only this script, which then stops them in order: HAProxy first,
+# so that no new request reaches a replica that is shutting down, then the replicas, each
+# finishing the requests it serves (SIGTERM is the service's graceful shutdown).
+
+replica_port() { printf '%s\n' "$((REPLICA_BASE_PORT + $1 - 1))"; }
+
+# Pid of this project's replica I (from its pid file), or fail.
+replica_pid() { # I
+  local pid f=$APP_DIR/replica-$1.pid
+  [[ -r $f ]] || return 1
+  pid=$(<"$f")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  alive "$pid" || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == singleflight ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+replica_running_port() { # I
+  local port=""
+  [[ -r $APP_DIR/replica-$1.port ]] && port=$(<"$APP_DIR/replica-$1.port")
+  printf '%s\n' "${port:-$(replica_port "$1")}"
+}
+
+# The numbers of the replicas that have a pid file (running or not), in order: `stop` and
+# `status` find a fleet this way whatever REPLICAS says now.
+replica_indices() {
+  local f
+  for f in "$APP_DIR"/replica-*.pid; do
+    [[ -e $f ]] || continue
+    f=${f##*/replica-}
+    f=${f%.pid}
+    [[ $f =~ ^[0-9]+$ ]] && printf '%s\n' "$f"
+  done | sort -n
+}
+
+# True if a fleet was started here (a pid file of HAProxy or of a replica exists).
+fleet_started() { [[ -e $LB_PIDFILE ]] || [[ -n $(replica_indices) ]]; }
+
+# Sets SERVICE_BINARY: SERVICE_BIN, or the binary of a fresh `cargo build --release`.
+SERVICE_BINARY=""
+resolve_service_bin() {
+  local dir
+  if [[ -n ${SERVICE_BIN:-} ]]; then
+    [[ -f $SERVICE_BIN && -x $SERVICE_BIN ]] ||
+      die "SERVICE_BIN=$SERVICE_BIN is not an executable file." \
+        "point it at a built service (cargo build --release: target/release/singleflight), or unset it to let this script build one."
+    SERVICE_BINARY=$SERVICE_BIN
+    return 0
+  fi
+  ensure_cargo
+  say "building the service (cargo build --release --bin singleflight)"
+  (cd "$ROOT" && cargo build --release --bin singleflight) ||
+    die "cargo build --release failed (output above)." "fix the build, then run '$ME $CMD' again."
+  # CARGO_TARGET_DIR or a cargo config may move the target directory: ask cargo.
+  dir=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  SERVICE_BINARY=${dir:-$ROOT/target}/release/singleflight
+  [[ -x $SERVICE_BINARY ]] ||
+    die "cargo built the service, but $SERVICE_BINARY is not there." \
+      "set SERVICE_BIN to the binary it built: SERVICE_BIN=<path> $ME $CMD"
+}
+
+replica_start() { # I
+  local i=$1 pid port log
+  port=$(replica_port "$i")
+  log=$APP_DIR/replica-$i.log
+  if pid=$(replica_pid "$i"); then
+    if [[ $(replica_running_port "$i") != "$port" ]]; then
+      die "this project's replica $i already runs on port $(replica_running_port "$i"), not $port." \
+        "stop the fleet first: $ME stop && $ME $CMD"
+    fi
+    say "replica $i: already running (pid $pid) on 127.0.0.1:$port, reusing it ('$ME stop' first to run a new build)"
+    return 0
+  fi
+  if port_open "$port"; then port_taken_die "replica $i" "$port" REPLICA_BASE_PORT; fi
+  make_stack_dir
+  mkdir -p "$APP_DIR"
+  say "replica $i: starting on 127.0.0.1:$port (log: $log)"
+  HTTP_ADDR=127.0.0.1:$port setsid "$SERVICE_BINARY" </dev/null >>"$log" 2>&1 &
+  pid=$!
+  disown "$pid" # watched through its pid file; bash need not report how it ends
+  printf '%s\n' "$pid" >"$APP_DIR/replica-$i.pid"
+  printf '%s\n' "$port" >"$APP_DIR/replica-$i.port"
+}
+
+# Waits until replica I answers GET /readyz with 200 (up to 60 s: it applies migrations and
+# waits for PostgreSQL first); fails, showing its log, if it exits or does not get there.
+replica_wait_ready() { # I
+  local i=$1 pid port n log=$APP_DIR/replica-$1.log
+  pid=$(<"$APP_DIR/replica-$i.pid")
+  port=$(replica_running_port "$i")
+  for ((n = 0; n < 300; n++)); do
+    if ! alive "$pid"; then
+      tail -n 20 "$log" >&2 2>/dev/null || true
+      die "replica $i exited while starting (log above, full log: $log)." "fix the cause in the log, then run '$ME $CMD' again."
+    fi
+    if curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/readyz" 2>/dev/null; then
+      say "replica $i: ready (pid $pid)"
+      return 0
+    fi
+    sleep 0.2
+  done
+  tail -n 20 "$log" >&2 2>/dev/null || true
+  die "replica $i (pid $pid) did not answer GET /readyz with 200 on 127.0.0.1:$port within 60 s (log above, full log: $log)." \
+    "fix the cause in the log, then run '$ME stop' and '$ME $CMD' again."
+}
+
+replica_stop() { # I
+  local i=$1 pid n
+  if ! pid=$(replica_pid "$i"); then
+    say "replica $i: not running"
+    rm -f "$APP_DIR/replica-$i.pid" "$APP_DIR/replica-$i.port"
+    return 0
+  fi
+  say "replica $i: stopping (pid $pid, graceful)"
+  kill -TERM "$pid" 2>/dev/null || true
+  # The service gives in-flight requests up to 10 s after SIGTERM.
+  for ((n = 0; n < 75; n++)); do alive "$pid" || break; sleep 0.2; done
+  ! alive "$pid" ||
+    die "replica $i (pid $pid) did not stop within 15 s." "see $APP_DIR/replica-$i.log; as a last resort: kill -KILL $pid"
+  rm -f "$APP_DIR/replica-$i.pid" "$APP_DIR/replica-$i.port"
+  say "replica $i: stopped"
+}
+
+# Pid of this project's haproxy (from its pid file), or fail.
+lb_pid() {
+  local pid
+  [[ -r $LB_PIDFILE ]] || return 1
+  pid=$(<"$LB_PIDFILE")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  alive "$pid" || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == haproxy ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+lb_running_port() {
+  local port=""
+  [[ -r $LB_PORTFILE ]] && port=$(<"$LB_PORTFILE")
+  printf '%s\n' "${port:-$LB_PORT}"
+}
+
+# Writes HAProxy's configuration for REPLICAS replicas to FILE, and checks it with haproxy -c.
+lb_render_config() { # FILE
+  local file=$1 i out
+  {
+    cat <<CFG
+# Written by scripts/stack.sh (rewritten on every start): HAProxy on :$LB_PORT in front of
+# $REPLICAS replicas of singleflight. The compose stack's counterpart is deploy/haproxy/haproxy.cfg.
+global
+    log stdout format raw local0 notice
+    maxconn 4096
+    # A graceful stop (SIGUSR1) waits for open connections at most this long.
+    hard-stop-after 10s
+
+defaults
+    mode http
+    log global
+    option httplog
+    # Errors and servers going up or down are logged, not every request.
+    option dontlog-normal
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 10s
+    # A request whose replica refused the connection is sent to another one.
+    retries 2
+    option redispatch
+
+frontend singleflight
+    bind :$LB_PORT
+    default_backend replicas
+
+backend replicas
+    balance roundrobin
+    # A replica gets requests while GET /readyz answers 200 (it reaches PostgreSQL).
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server check inter 2s fall 2 rise 1
+CFG
+    for ((i = 1; i <= REPLICAS; i++)); do
+      printf '    server replica-%s 127.0.0.1:%s\n' "$i" "$(replica_port "$i")"
+    done
+  } >"$file"
+  if ! out=$("$(haproxy_bin)" -c -q -f "$file" 2>&1); then
+    printf '%s\n' "$out" >&2
+    die "haproxy rejects the configuration this script wrote to $file (output above)." \
+      "this is a bug in $ME; as a workaround run the replicas without HAProxy (REPLICAS=1)."
+  fi
+}
+
+lb_start() {
+  local pid port new n
+  make_stack_dir
+  mkdir -p "$LB_DIR"
+  new=$LB_CONFIG.new
+  lb_render_config "$new"
+  if pid=$(lb_pid); then
+    port=$(lb_running_port)
+    if [[ $port == "$LB_PORT" ]] && cmp -s "$new" "$LB_CONFIG"; then
+      rm -f "$new"
+      say "haproxy: already running (pid $pid) on :$LB_PORT, reusing it"
+      return 0
+    fi
+    say "haproxy: its configuration changed (REPLICAS, LB_PORT or REPLICA_BASE_PORT), restarting it"
+    lb_stop
+  fi
+  if port_open "$LB_PORT"; then port_taken_die haproxy "$LB_PORT" LB_PORT; fi
+  mv "$new" "$LB_CONFIG"
+  rm -f "$LB_PIDFILE"
+  say "haproxy: starting on :$LB_PORT, round robin over $REPLICAS replicas (log: $LB_LOG)"
+  # -db: stay in the foreground (of its own session), so that its pid is the one we know.
+  setsid "$(haproxy_bin)" -db -f "$LB_CONFIG" </dev/null >>"$LB_LOG" 2>&1 &
+  pid=$!
+  disown "$pid"
+  printf '%s\n' "$pid" >"$LB_PIDFILE"
+  printf '%s\n' "$LB_PORT" >"$LB_PORTFILE"
+  for ((n = 0; n < 50; n++)); do # up to ~10 s
+    alive "$pid" || break
+    curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$LB_PORT/readyz" 2>/dev/null && break
+    sleep 0.2
+  done
+  if ! curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$LB_PORT/readyz" 2>/dev/null; then
+    tail -n 20 "$LB_LOG" >&2 2>/dev/null || true
+    if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+    rm -f "$LB_PIDFILE" "$LB_PORTFILE"
+    die "haproxy did not serve GET /readyz on :$LB_PORT within 10 s (log above, full log: $LB_LOG)." \
+      "fix the cause in the log, then run '$ME $CMD' again."
+  fi
+  lb_pid >/dev/null ||
+    die "haproxy answers, but pid $pid from $LB_PIDFILE is not it." "run '$ME stop', then '$ME $CMD' again."
+  say "haproxy: started (pid $pid)"
+}
+
+lb_stop() {
+  local pid n
+  if ! pid=$(lb_pid); then
+    say "haproxy: not running"
+    rm -f "$LB_PIDFILE" "$LB_PORTFILE"
+    return 0
+  fi
+  say "haproxy: stopping (pid $pid, graceful)"
+  # SIGUSR1: stop listening, let open connections finish (at most hard-stop-after), exit.
+  kill -USR1 "$pid" 2>/dev/null || true
+  for ((n = 0; n < 75; n++)); do alive "$pid" || break; sleep 0.2; done
+  if alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((n = 0; n < 25; n++)); do alive "$pid" || break; sleep 0.2; done
+  fi
+  ! alive "$pid" ||
+    die "haproxy (pid $pid) did not stop within 20 s." "see $LB_LOG; as a last resort: kill -KILL $pid"
+  rm -f "$LB_PIDFILE" "$LB_PORTFILE"
+  say "haproxy: stopped"
+}
+
+# Starts (or reuses) REPLICAS replicas of SERVICE_BINARY and HAProxy in front of them, and
+# stops replicas beyond REPLICAS left from an earlier, larger fleet.
+fleet_start() {
+  local i
+  # Replica 1 first, alone: every replica applies pending migrations at start-up, and two
+  # migrating an empty database at the same moment could collide.
+  replica_start 1
+  replica_wait_ready 1
+  for ((i = 2; i <= REPLICAS; i++)); do replica_start "$i"; done
+  for ((i = 2; i <= REPLICAS; i++)); do replica_wait_ready "$i"; done
+  lb_start
+  for i in $(replica_indices); do ((i <= REPLICAS)) || replica_stop "$i"; done
+}
+
+# Stops HAProxy, then every replica that has a pid file.
+fleet_stop() {
+  local i
+  lb_stop
+  for i in $(replica_indices); do replica_stop "$i"; done
+}
+
+# Fail before starting anything if a fleet port is held by a foreign process.
+fleet_preflight_ports() {
+  local i
+  if ! lb_pid >/dev/null && port_open "$LB_PORT"; then port_taken_die haproxy "$LB_PORT" LB_PORT; fi
+  for ((i = 1; i <= REPLICAS; i++)); do
+    if ! replica_pid "$i" >/dev/null && port_open "$(replica_port "$i")"; then
+      port_taken_die "replica $i" "$(replica_port "$i")" REPLICA_BASE_PORT
+    fi
+  done
+}
+
 # ------------------------------------------------------------- commands --
 
 # Fail before starting anything if a port is held by a foreign process.
@@ -671,13 +1035,16 @@ preflight_ports() {
 
 start_stack() {
   local target
-  target=$(service_target)
-  if ((PROM_PORT == ${target##*:})); then
-    die "PROM_PORT and the service's HTTP port (HTTP_ADDR=${HTTP_ADDR:-0.0.0.0:8080}) are both $PROM_PORT." \
-      "give Prometheus another port, e.g. PROM_PORT=9090 $ME $CMD"
+  if ! fleet; then
+    target=$(service_target)
+    if ((PROM_PORT == ${target##*:})); then
+      die "PROM_PORT and the service's HTTP port (HTTP_ADDR=${HTTP_ADDR:-0.0.0.0:8080}) are both $PROM_PORT." \
+        "give Prometheus another port, e.g. PROM_PORT=9090 $ME $CMD"
+    fi
   fi
   ensure_packages
   preflight_ports
+  if fleet; then fleet_preflight_ports; fi
   pg_start
   redis_start
   prom_start
@@ -689,16 +1056,29 @@ print_urls() {
 }
 
 cmd_start() {
+  local targets
   start_stack
+  if fleet; then
+    export_service_env
+    resolve_service_bin
+    fleet_start
+  fi
+  targets=$(service_targets)
   say "ready:"
   say "  postgres  127.0.0.1:$PG_PORT  db '$DB_NAME', user postgres (trust)  data $PG_DATA"
   say "  redis     127.0.0.1:$REDIS_PORT  dir $REDIS_DIR"
-  say "  prometheus http://127.0.0.1:$PROM_PORT  scrapes the service at $(service_target) every 5 s  data $PROM_DATA"
-  say "to point the service (or tests) at it:  eval \"\$($ME env)\""
+  say "  prometheus http://127.0.0.1:$PROM_PORT  scrapes the service at ${targets//$'\n'/ } every 5 s  data $PROM_DATA"
+  if fleet; then
+    say "  haproxy   http://127.0.0.1:$LB_PORT  round robin over $REPLICAS replicas (127.0.0.1:$REPLICA_BASE_PORT-$(replica_port "$REPLICAS")), logs in $APP_DIR"
+    say "try:       curl 'http://localhost:$LB_PORT/template-details?id=1'"
+  else
+    say "to point the service (or tests) at it:  eval \"\$($ME env)\""
+  fi
   say "stop it with: $ME stop"
 }
 
 cmd_stop() {
+  if fleet || fleet_started; then fleet_stop; fi
   pg_stop
   redis_stop
   prom_stop
@@ -739,7 +1119,7 @@ cmd_status() {
   if pid=$(prom_pid); then
     port=$(prom_running_port)
     printf 'prometheus: running, pid %s, port %s (127.0.0.1), http://127.0.0.1:%s/targets\n' "$pid" "$port" "$port"
-    printf '          scrapes: %s every 5 s, target %s\n' "$(cat "$PROM_TARGETFILE" 2>/dev/null || printf 'unknown')" "$(prom_target_health "$port")"
+    printf '          scrapes: %s every 5 s, %s\n' "$(cat "$PROM_TARGETFILE" 2>/dev/null || printf 'unknown')" "$(prom_target_health "$port")"
   else
     printf 'prometheus: not running (port %s when started)\n' "$PROM_PORT"
     if port_open "$PROM_PORT"; then
@@ -749,6 +1129,34 @@ cmd_status() {
   printf '          data dir: %s\n' "$PROM_DATA"
   printf '          log file: %s\n' "$PROM_LOG"
   printf '          config:   %s (from %s)\n' "$PROM_CONFIG" "$PROM_SOURCE"
+  if fleet || fleet_started; then fleet_status; fi
+}
+
+fleet_status() {
+  local pid port i indices
+  if pid=$(lb_pid); then
+    port=$(lb_running_port)
+    printf 'haproxy: running, pid %s, port %s (all interfaces), http://127.0.0.1:%s/\n' "$pid" "$port" "$port"
+  else
+    printf 'haproxy: not running (port %s when started)\n' "$LB_PORT"
+  fi
+  printf '          config:   %s\n' "$LB_CONFIG"
+  printf '          log file: %s\n' "$LB_LOG"
+  # The replicas asked for, and any others that have a pid file.
+  indices=$({ replica_indices; if fleet; then seq 1 "$REPLICAS"; fi; } | sort -nu)
+  for i in $indices; do
+    port=$(replica_running_port "$i")
+    if pid=$(replica_pid "$i"); then
+      if curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/readyz" 2>/dev/null; then
+        printf 'replica-%s: running, pid %s, port %s (127.0.0.1), ready\n' "$i" "$pid" "$port"
+      else
+        printf 'replica-%s: running, pid %s, port %s (127.0.0.1), not ready (GET /readyz does not answer 200)\n' "$i" "$pid" "$port"
+      fi
+    else
+      printf 'replica-%s: not running (port %s when started)\n' "$i" "$port"
+    fi
+    printf '          log file: %s\n' "$APP_DIR/replica-$i.log"
+  done
 }
 
 cmd_env() {
@@ -776,8 +1184,71 @@ ensure_cargo() {
       "(the databases alone: '$ME start')"
 }
 
+# The service's settings for the stack started here; other variables of the README's
+# configuration table pass through from the caller's environment.
+export_service_env() {
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$DB_NAME"
+  export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+  export RUST_LOG="${RUST_LOG:-info}"
+}
+
+# `up` with REPLICAS > 1: the fleet in the foreground. Whatever ends it (Ctrl-C, SIGTERM, a
+# failure while starting), HAProxy and the replicas started here are stopped on the way out.
+cmd_up_fleet() {
+  local i pid targets alive_now follow_pid="" gone=() logs=()
+  if pid=$(lb_pid); then
+    die "this project's fleet already runs (haproxy pid $pid, started by '$ME start' or another '$ME up')." \
+      "use it (http://127.0.0.1:$(lb_running_port)/, '$ME status'), or stop it first: $ME stop"
+  fi
+  for i in $(replica_indices); do
+    if pid=$(replica_pid "$i"); then
+      die "this project's replica $i already runs (pid $pid, started by '$ME start' or another '$ME up')." \
+        "use it ('$ME status'), or stop the fleet first: $ME stop"
+    fi
+  done
+  start_stack
+  export_service_env
+  resolve_service_bin
+  trap 'if [[ -n $follow_pid ]]; then kill "$follow_pid" 2>/dev/null || true; fi; fleet_stop' EXIT
+  trap 'say "stopping HAProxy and the replicas (PostgreSQL, Redis and Prometheus keep running)"; exit 0' INT TERM
+  fleet_start
+  targets=$(service_targets)
+  say "postgres  127.0.0.1:$PG_PORT   DATABASE_URL=$DATABASE_URL"
+  say "redis     127.0.0.1:$REDIS_PORT   REDIS_URL=$REDIS_URL"
+  say "prometheus http://127.0.0.1:$PROM_PORT   scrapes ${targets//$'\n'/ } every 5 s (targets: http://127.0.0.1:$PROM_PORT/targets)"
+  say "replicas  ${targets//$'\n'/ }   ($SERVICE_BINARY, RUST_LOG=$RUST_LOG, logs in $APP_DIR)"
+  say "haproxy   http://127.0.0.1:$LB_PORT   round robin over the replicas that answer GET /readyz"
+  say "try:      curl 'http://localhost:$LB_PORT/template-details?id=1'"
+  say "following the replicas' logs; Ctrl-C (or SIGTERM) stops HAProxy and the replicas; PostgreSQL, Redis and Prometheus keep running ('$ME stop' stops them)"
+  logs=()
+  for ((i = 1; i <= REPLICAS; i++)); do logs+=("$APP_DIR/replica-$i.log"); done
+  tail -n 0 -q -F -- "${logs[@]}" &
+  follow_pid=$!
+  # Waits in the background, so that a signal reaches the trap at once.
+  while :; do
+    sleep 1 &
+    wait $! || true
+    alive_now=0
+    for ((i = 1; i <= REPLICAS; i++)); do
+      if replica_pid "$i" >/dev/null; then
+        alive_now=$((alive_now + 1))
+      elif [[ " ${gone[*]} " != *" $i "* ]]; then
+        gone+=("$i")
+        warn "replica $i exited (see $APP_DIR/replica-$i.log); HAProxy sends its requests to the others"
+      fi
+    done
+    if ((alive_now == 0)); then
+      die "every replica has exited (see the logs in $APP_DIR)." "fix the cause, then run '$ME up' again."
+    fi
+  done
+}
+
 cmd_up() {
   local http_host http_port curl_host
+  if fleet; then
+    cmd_up_fleet
+    return
+  fi
   ensure_cargo
   # The service's own default is 0.0.0.0:8080.
   http_port=${HTTP_ADDR:-0.0.0.0:8080}
@@ -790,9 +1261,7 @@ cmd_up() {
       "stop whatever holds it (an earlier 'stack.sh up'?), or choose another address, e.g.: HTTP_ADDR=0.0.0.0:$((10#$http_port + 1)) $ME up"
   fi
   start_stack
-  export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$DB_NAME"
-  export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
-  export RUST_LOG="${RUST_LOG:-info}"
+  export_service_env
   case $http_host in
     0.0.0.0 | "[::]" | "" | 127.0.0.1 | localhost) curl_host=localhost; http_host=127.0.0.1 ;;
     *) curl_host=$http_host ;;
@@ -805,6 +1274,38 @@ cmd_up() {
   say "building and running the service (cargo run --release); Ctrl-C stops it; PostgreSQL, Redis and Prometheus keep running ('$ME stop' stops them)"
   cd "$ROOT"
   exec cargo run --release --bin singleflight
+}
+
+# REPLICAS, and with REPLICAS > 1 the fleet's ports: valid, and clear of the other servers'.
+check_fleet_settings() {
+  local last port var
+  if ! [[ $REPLICAS =~ ^[0-9]{1,2}$ ]] || ((10#$REPLICAS < 1 || 10#$REPLICAS > 16)); then
+    die "REPLICAS=$REPLICAS is not a number of replicas between 1 and 16." \
+      "e.g. REPLICAS=3 $ME $CMD (or leave it unset for the service alone)"
+  fi
+  REPLICAS=$((10#$REPLICAS))
+  fleet || return 0
+  check_port_value LB_PORT "$LB_PORT"
+  check_port_value REPLICA_BASE_PORT "$REPLICA_BASE_PORT"
+  LB_PORT=$((10#$LB_PORT))
+  REPLICA_BASE_PORT=$((10#$REPLICA_BASE_PORT))
+  last=$((REPLICA_BASE_PORT + REPLICAS - 1))
+  ((last <= 65535)) ||
+    die "REPLICA_BASE_PORT=$REPLICA_BASE_PORT leaves no room for $REPLICAS replicas (ports up to $last)." \
+      "use a lower one, e.g. REPLICA_BASE_PORT=8081 $ME $CMD"
+  for var in LB_PORT PG_PORT REDIS_PORT PROM_PORT; do
+    port=${!var}
+    if ((port >= REPLICA_BASE_PORT && port <= last)); then
+      die "$var=$port is one of the replicas' ports ($REPLICA_BASE_PORT-$last: REPLICA_BASE_PORT=$REPLICA_BASE_PORT and REPLICAS=$REPLICAS)." \
+        "move one of them, e.g. REPLICA_BASE_PORT=$((last + 1)) $ME $CMD"
+    fi
+    if [[ $var != LB_PORT ]] && ((port == LB_PORT)); then
+      die "LB_PORT and $var are both $port." "give HAProxy another port, e.g. LB_PORT=8080 $ME $CMD"
+    fi
+  done
+  if [[ -n ${HTTP_ADDR:-} && ( $CMD == up || $CMD == start ) ]]; then
+    warn "note: HTTP_ADDR=$HTTP_ADDR is not used with REPLICAS=$REPLICAS: replica i listens on 127.0.0.1:REPLICA_BASE_PORT+i-1, HAProxy on :$LB_PORT"
+  fi
 }
 
 main() {
@@ -824,6 +1325,7 @@ main() {
     die "PG_PORT=$PG_PORT, REDIS_PORT=$REDIS_PORT and PROM_PORT=$PROM_PORT must be three different ports." \
       "e.g. PG_PORT=5433 REDIS_PORT=6380 PROM_PORT=9091 $ME $CMD"
   fi
+  check_fleet_settings
   case $CMD in
     up) cmd_up ;;
     start) cmd_start ;;

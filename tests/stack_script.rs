@@ -3,6 +3,9 @@
 //! then `status`, a second `start` that must reuse the same processes, `stop`, `start` again and
 //! `stop`. A port held by something else must stop `start` before it starts anything.
 //!
+//! With `REPLICAS=3`, `up` runs a fleet in the foreground: three replicas of the service behind
+//! HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy and the replicas.
+//!
 //! Every script run is bounded in time, and a guard runs `stop` when the test ends, however it
 //! ends, so no server outlives the test.
 
@@ -12,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 const START_LIMIT: Duration = Duration::from_secs(300);
 const OTHER_LIMIT: Duration = Duration::from_secs(60);
 
-/// The servers the script manages, as `status` names them.
+/// The servers the script manages, as `status` names them (a fleet adds HAProxy and replicas).
 const SERVERS: [&str; 3] = ["postgres", "redis", "prometheus"];
 
 /// One stack under a temporary directory. Dropping it runs `stack.sh stop`.
@@ -34,6 +37,22 @@ struct Stack {
     prom_port: u16,
     /// Where Prometheus is told the service listens (nothing listens there in this test).
     http_port: u16,
+    /// `REPLICAS=3` and the ports that go with it; `None` for the service alone (`HTTP_ADDR`).
+    fleet: Option<Fleet>,
+}
+
+/// A fleet: `replicas` replicas on `base_port..base_port + replicas`, HAProxy on `lb_port`.
+#[derive(Clone, Copy)]
+struct Fleet {
+    replicas: u16,
+    lb_port: u16,
+    base_port: u16,
+}
+
+impl Fleet {
+    fn replica_ports(self) -> impl Iterator<Item = u16> {
+        (0..self.replicas).map(move |i| self.base_port + i)
+    }
 }
 
 /// What one run of the script did.
@@ -72,30 +91,85 @@ impl Stack {
             redis_port,
             prom_port,
             http_port,
+            fleet: None,
         }
     }
 
-    /// Runs `bash scripts/stack.sh <command>` against this stack, killing it at `limit`.
-    fn run(&self, command: &str, limit: Duration) -> Run {
-        static RUNS: AtomicU32 = AtomicU32::new(0);
-        let n = RUNS.fetch_add(1, Ordering::SeqCst);
-        // Files, not pipes: the servers the script starts must not hold our pipes open.
-        let out_path = self.tmp.path().join(format!("{n}-{command}.out"));
-        let err_path = self.tmp.path().join(format!("{n}-{command}.err"));
+    /// A stack whose `up` and `start` run `replicas` replicas behind HAProxy (on the port that
+    /// would otherwise be the service's).
+    fn with_fleet(replicas: u16) -> Self {
+        let mut stack = Stack::new();
+        let taken = [
+            stack.pg_port,
+            stack.redis_port,
+            stack.prom_port,
+            stack.http_port,
+        ];
+        stack.fleet = Some(Fleet {
+            replicas,
+            lb_port: stack.http_port,
+            base_port: free_port_run(replicas, &taken),
+        });
+        stack
+    }
+
+    /// `bash scripts/stack.sh <command>` (after `prefix`, e.g. `timeout 60`), with this stack's
+    /// environment: its STACK_DIR and ports, and the fleet's settings or the service's HTTP_ADDR.
+    fn command(&self, prefix: &[&str], command: &str) -> Command {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-        let mut child = Command::new("bash")
-            .arg(&script)
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg("bash");
+                cmd
+            }
+            None => Command::new("bash"),
+        };
+        cmd.arg(&script)
             .arg(command)
             .env("STACK_DIR", &self.stack_dir)
             .env("PG_PORT", self.pg_port.to_string())
             .env("REDIS_PORT", self.redis_port.to_string())
             .env("PROM_PORT", self.prom_port.to_string())
-            .env("HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        match self.fleet {
+            Some(fleet) => {
+                cmd.env_remove("HTTP_ADDR")
+                    .env("REPLICAS", fleet.replicas.to_string())
+                    .env("LB_PORT", fleet.lb_port.to_string())
+                    .env("REPLICA_BASE_PORT", fleet.base_port.to_string())
+                    // The binary this test run built: no release build inside a test.
+                    .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
+                    .env("RUST_LOG", "warn");
+            }
+            None => {
+                cmd.env_remove("REPLICAS")
+                    .env("HTTP_ADDR", format!("127.0.0.1:{}", self.http_port));
+            }
+        }
+        cmd
+    }
+
+    /// Starts `stack.sh <command>` without waiting for it, its output going to files:
+    /// (the process, stdout file, stderr file).
+    fn spawn(&self, command: &str) -> (Child, PathBuf, PathBuf) {
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, Ordering::SeqCst);
+        // Files, not pipes: the servers the script starts must not hold our pipes open.
+        let out_path = self.tmp.path().join(format!("{n}-{command}.out"));
+        let err_path = self.tmp.path().join(format!("{n}-{command}.err"));
+        let child = self
+            .command(&[], command)
             .stdout(File::create(&out_path).expect("stdout file"))
             .stderr(File::create(&err_path).expect("stderr file"))
             .spawn()
             .expect("run bash scripts/stack.sh");
+        (child, out_path, err_path)
+    }
+
+    /// Runs `bash scripts/stack.sh <command>` against this stack, killing it at `limit`.
+    fn run(&self, command: &str, limit: Duration) -> Run {
+        let (mut child, out_path, err_path) = self.spawn(command);
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(status) = child.try_wait().expect("wait for stack.sh") {
@@ -122,12 +196,22 @@ impl Stack {
         run
     }
 
+    /// The servers `status` reports on: with a fleet, also `haproxy` and `replica-<i>`.
+    fn servers(&self) -> Vec<String> {
+        let mut servers: Vec<String> = SERVERS.iter().map(|s| s.to_string()).collect();
+        if let Some(fleet) = self.fleet {
+            servers.push("haproxy".into());
+            servers.extend((1..=fleet.replicas).map(|i| format!("replica-{i}")));
+        }
+        servers
+    }
+
     /// `status`, as server name → pid of the running ones (a server not running is absent).
     /// Also checks that each running server reports the port it was asked for.
-    fn running(&self) -> HashMap<&'static str, u32> {
+    fn running(&self) -> HashMap<String, u32> {
         let run = self.run("status", OTHER_LIMIT).expect_success("status");
         let mut pids = HashMap::new();
-        for server in SERVERS {
+        for server in self.servers() {
             let line = run
                 .stdout
                 .lines()
@@ -146,19 +230,29 @@ impl Stack {
             };
             assert_eq!(
                 field("port"),
-                u32::from(self.port_of(server)),
+                u32::from(self.port_of(&server)),
                 "{server} runs on the port it was given: {line}"
             );
-            pids.insert(server, field("pid"));
+            let pid = field("pid");
+            pids.insert(server, pid);
         }
         pids
     }
 
     fn port_of(&self, server: &str) -> u16 {
-        match server {
-            "postgres" => self.pg_port,
-            "redis" => self.redis_port,
-            _ => self.prom_port,
+        match (server, self.fleet) {
+            ("postgres", _) => self.pg_port,
+            ("redis", _) => self.redis_port,
+            ("prometheus", _) => self.prom_port,
+            ("haproxy", Some(fleet)) => fleet.lb_port,
+            (replica, Some(fleet)) => {
+                let i: u16 = replica
+                    .strip_prefix("replica-")
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or_else(|| panic!("no such server: {replica}"));
+                fleet.base_port + i - 1
+            }
+            (other, None) => panic!("no such server without a fleet: {other}"),
         }
     }
 }
@@ -166,16 +260,8 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         // Best effort and bounded: a panic here would hide the test's own failure.
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-        let stopped = Command::new("timeout")
-            .args(["60", "bash"])
-            .arg(&script)
-            .arg("stop")
-            .env("STACK_DIR", &self.stack_dir)
-            .env("PG_PORT", self.pg_port.to_string())
-            .env("REDIS_PORT", self.redis_port.to_string())
-            .env("PROM_PORT", self.prom_port.to_string())
-            .stdin(Stdio::null())
+        let stopped = self
+            .command(&["timeout", "90"], "stop")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -200,6 +286,29 @@ fn free_ports() -> [u16; 4] {
     [ports[0], ports[1], ports[2], ports[3]]
 }
 
+/// The first of `n` consecutive ports that were free a moment ago, none of them in `taken`.
+fn free_port_run(n: u16, taken: &[u16]) -> u16 {
+    for _ in 0..200 {
+        let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("bind a free port")
+            .port();
+        let Some(last) = first.checked_add(n - 1) else {
+            continue;
+        };
+        if taken.iter().any(|p| (first..=last).contains(p)) {
+            continue;
+        }
+        let held: std::io::Result<Vec<TcpListener>> = (first..=last)
+            .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
+            .collect();
+        if held.is_ok() {
+            return first;
+        }
+    }
+    panic!("found no {n} consecutive free ports");
+}
+
 fn connect(port: u16) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(
         &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
@@ -212,21 +321,27 @@ fn connect(port: u16) -> std::io::Result<TcpStream> {
 
 /// A plain HTTP/1.0 GET on loopback: (status code, body).
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = connect(port).unwrap_or_else(|e| panic!("connect to :{port}: {e}"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("send request");
+    try_http_get(port, path).unwrap_or_else(|e| panic!("GET :{port}{path}: {e}"))
+}
+
+/// [`http_get`], with a failure (nothing listening, a broken answer) as an error.
+fn try_http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let mut stream = connect(port).map_err(|e| format!("connect: {e}"))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| format!("send the request: {e}"))?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
-        .expect("read the response");
+        .map_err(|e| format!("read the response: {e}"))?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
     let code = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status code in {head:?}"));
-    (code, body.to_owned())
+        .ok_or_else(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// Checks that each server really serves on its port, and that Prometheus scrapes the
@@ -243,18 +358,30 @@ fn assert_servers_answer(stack: &Stack) {
     let (code, _) = http_get(stack.prom_port, "/-/ready");
     assert_eq!(code, 200, "prometheus is ready");
     // Prometheus lists its targets a moment after it is ready.
-    let expected = vec![format!("http://127.0.0.1:{}/metrics", stack.http_port)];
+    let expected = match stack.fleet {
+        Some(fleet) => fleet
+            .replica_ports()
+            .map(|port| format!("http://127.0.0.1:{port}/metrics"))
+            .collect(),
+        None => vec![format!("http://127.0.0.1:{}/metrics", stack.http_port)],
+    };
+    let expected = {
+        let mut expected: Vec<String> = expected;
+        expected.sort();
+        expected
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (code, body) = http_get(stack.prom_port, "/api/v1/targets");
         assert_eq!(code, 200, "{body}");
         let targets: serde_json::Value = serde_json::from_str(&body).expect("targets JSON");
-        let scrape_urls: Vec<String> = targets["data"]["activeTargets"]
+        let mut scrape_urls: Vec<String> = targets["data"]["activeTargets"]
             .as_array()
             .expect("activeTargets")
             .iter()
             .filter_map(|t| t["scrapeUrl"].as_str().map(str::to_owned))
             .collect();
+        scrape_urls.sort();
         if scrape_urls == expected {
             return;
         }
@@ -375,4 +502,129 @@ fn stack_starts_reuses_stops_and_starts_again() {
         stack.running().is_empty(),
         "the final stop stops every server"
     );
+}
+
+/// How many `/template-details` requests a replica's `/metrics` says it served.
+fn template_requests(port: u16) -> u64 {
+    let (code, text) = http_get(port, "/metrics");
+    assert_eq!(code, 200, "replica :{port} serves /metrics");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("http_request_total{") && l.contains("endpoint=\"/template-details\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits for `child` to exit within `limit`; kills it and fails if it does not.
+fn wait_for_exit(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for stack.sh") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn replicas_run_behind_haproxy_and_stop_on_sigterm() {
+    let stack = Stack::with_fleet(3);
+    let fleet = stack.fleet.expect("a fleet");
+    let (mut up, out_path, err_path) = stack.spawn("up");
+    let output = || {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            fs::read_to_string(&out_path).unwrap_or_default(),
+            fs::read_to_string(&err_path).unwrap_or_default()
+        )
+    };
+
+    // `up` stays in the foreground; the fleet serves through HAProxy once it is up.
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        if let Some(status) = up.try_wait().expect("wait for stack.sh up") {
+            panic!(
+                "`stack.sh up` exited ({status}) instead of serving\n{}",
+                output()
+            );
+        }
+        match try_http_get(fleet.lb_port, "/template-details?id=1") {
+            Ok((200, body)) => {
+                assert!(
+                    body.contains("\"id\":1"),
+                    "template 1 through HAProxy: {body}"
+                );
+                break;
+            }
+            Ok(_) | Err(_) if Instant::now() < deadline => {}
+            other => panic!(
+                "HAProxy on :{} did not serve template 1 within {START_LIMIT:?}: {other:?}\n{}",
+                fleet.lb_port,
+                output()
+            ),
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    for port in fleet.replica_ports() {
+        let (code, body) = http_get(port, "/readyz");
+        assert_eq!(code, 200, "replica :{port} is ready: {body}");
+    }
+
+    // Round robin: a few more requests reach every replica.
+    for _ in 0..(2 * fleet.replicas) {
+        let (code, body) = http_get(fleet.lb_port, "/template-details?id=2");
+        assert_eq!(code, 200, "template 2 through HAProxy: {body}");
+    }
+    for port in fleet.replica_ports() {
+        assert!(
+            template_requests(port) >= 1,
+            "HAProxy sent requests to the replica on :{port}"
+        );
+    }
+
+    // Prometheus scrapes every replica; `status` reports every server on its port.
+    assert_servers_answer(&stack);
+    let pids = stack.running();
+    assert_eq!(
+        pids.len(),
+        stack.servers().len(),
+        "every server and replica runs: {pids:?}\n{}",
+        output()
+    );
+
+    // SIGTERM: HAProxy and the replicas stop gracefully, `up` exits 0; the databases stay up.
+    let sent = Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "SIGTERM sent to `stack.sh up`");
+    let status = wait_for_exit(&mut up, OTHER_LIMIT, "`stack.sh up` after SIGTERM");
+    assert!(
+        status.success(),
+        "`up` exits 0 after SIGTERM ({status})\n{}",
+        output()
+    );
+    let after = stack.running();
+    let mut left: Vec<&String> = after.keys().collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["postgres", "prometheus", "redis"],
+        "only the databases and Prometheus keep running after `up` ends"
+    );
+    for port in fleet.replica_ports().chain([fleet.lb_port]) {
+        assert!(
+            connect(port).is_err(),
+            "port {port} is closed after SIGTERM"
+        );
+    }
+
+    stack.run("stop", OTHER_LIMIT).expect_success("stop");
+    assert!(stack.running().is_empty(), "stop stops every server");
 }
