@@ -1,6 +1,6 @@
 //! The Grafana dashboard (`grafana/dashboards/singleflight.json`), proven against a real
 //! Prometheus: Debian's `prometheus` binary scrapes a running service every second with the
-//! project's own `prometheus.yaml` (its compose target rewritten to the test service), the test
+//! project's own `prometheus.yaml` (its compose discovery replaced by the test service), the test
 //! sends traffic that makes misses, hits and shared loads, and then every PromQL expression in the
 //! dashboard is evaluated through Prometheus's HTTP API. An expression that returns no series — a
 //! misspelt metric or label, a metric the service does not export — fails the test, listing each
@@ -22,6 +22,9 @@ use crate::support::{spawn_app, sum_metric, TestApp};
 
 /// How often the test's Prometheus scrapes (the project's file says 5 s; a test cannot wait that).
 const SCRAPE_INTERVAL: &str = "1s";
+/// The line of the project's `prometheus.yaml` that finds every compose replica through Docker's
+/// DNS; the test (like scripts/stack.sh) replaces it with a static target.
+const COMPOSE_DISCOVERY: &str = r#"dns_sd_configs: [{names: ["app"], type: A, port: 8080}]"#;
 /// Grafana's interval variables, replaced by what Grafana would send for "Last 5 minutes".
 const GRAFANA_VARIABLES: [(&str, &str); 8] = [
     ("${__rate_interval}", "1m"),
@@ -191,13 +194,16 @@ impl Prometheus {
         let source = repo_file("prometheus.yaml");
         let project_config = fs::read_to_string(&source).expect("prometheus.yaml");
         assert!(
-            project_config.contains("\"app:8080\"")
+            project_config.contains(COMPOSE_DISCOVERY)
                 && project_config.contains("scrape_interval: 5s"),
-            "prometheus.yaml must scrape \"app:8080\" every 5s (the compose stack's target and \
-             the seed's interval):\n{project_config}"
+            "prometheus.yaml must find the compose replicas with the line {COMPOSE_DISCOVERY} and \
+             scrape every 5s (the seed's interval):\n{project_config}"
         );
         let config = project_config
-            .replace("\"app:8080\"", &format!("\"{target}\""))
+            .replace(
+                COMPOSE_DISCOVERY,
+                &format!(r#"static_configs: [{{targets: ["{target}"]}}]"#),
+            )
             .replace(
                 "scrape_interval: 5s",
                 &format!("scrape_interval: {SCRAPE_INTERVAL}"),
