@@ -2,8 +2,9 @@
 //! [`Application::build`] that `main` uses) on a free port, against a fresh database and a fresh
 //! Redis keyspace of the shared test servers.
 
-pub mod fault_proxy;
-pub mod servers;
+// The servers and the fault proxy live in the testkit crate (shared with benches); re-exported
+// here so that test files keep writing `support::servers`, `support::fault_proxy`.
+pub use testkit::{fault_proxy, servers};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
