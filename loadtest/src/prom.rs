@@ -3,6 +3,7 @@
 //! The report's service figures are differences between two [`Snapshot`]s, so they are exactly
 //! what the service counted, including any traffic that was not ours.
 
+use promtext::sum;
 use serde::Serialize;
 
 use crate::LoadtestError;
@@ -106,54 +107,6 @@ impl Snapshot {
     }
 }
 
-/// The sum of every sample of metric `name` (any labels), or `None` if there is no sample.
-pub fn sum(text: &str, name: &str) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines() {
-        let line = line.trim_start();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((metric, value)) = split_sample(line) else {
-            continue;
-        };
-        if metric == name {
-            if let Ok(v) = value.parse::<f64>() {
-                *total.get_or_insert(0.0) += v;
-            }
-        }
-    }
-    total
-}
-
-/// Splits `name{labels} value [timestamp]` into the name and the value. Label values may hold
-/// spaces, braces and escaped quotes, so the label set is skipped quote-aware.
-fn split_sample(line: &str) -> Option<(&str, &str)> {
-    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-    let name = &line[..name_end];
-    let mut rest = &line[name_end..];
-    if rest.starts_with('{') {
-        let mut in_quotes = false;
-        let mut escaped = false;
-        let mut close = None;
-        for (i, c) in rest.char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' if in_quotes => escaped = true,
-                '"' => in_quotes = !in_quotes,
-                '}' if !in_quotes => {
-                    close = Some(i);
-                    break;
-                }
-                _ => {}
-            }
-        }
-        rest = &rest[close? + 1..];
-    }
-    let value = rest.split_whitespace().next()?;
-    Some((name, value))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,13 +122,6 @@ cache_misses_total 302
 db_hits_total 220
 singleflight_shared_total 18
 "#;
-
-    #[test]
-    fn sums_every_label_set_and_nothing_else() {
-        assert_eq!(sum(SCRAPE, "http_request_total"), Some(7303.0));
-        assert_eq!(sum(SCRAPE, "db_hits_total"), Some(220.0));
-        assert_eq!(sum(SCRAPE, "no_such_metric"), None);
-    }
 
     #[test]
     fn a_missing_counter_is_named() {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use singleflight::config::Settings;
+use testkit::prom::series;
 
 use crate::support::fault_proxy::{FaultProxy, Mode};
 use crate::support::{header, servers, spawn_app_with, sum_metric, TestApp};
@@ -131,20 +132,6 @@ async fn figures(app: &TestApp) -> Figures {
         inflight_keys: series(&text, "key_owner_inflight_keys"),
         waiters: series(&text, "key_owner_waiters"),
     }
-}
-
-/// Every series of metric `name`: its label set (`{shard="0"}`, or empty) and its value.
-fn series(text: &str, name: &str) -> Vec<(String, f64)> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let labels = series.strip_prefix(name)?;
-            (labels.is_empty() || labels.starts_with('{'))
-                .then(|| Some((labels.to_owned(), value.parse().ok()?)))
-                .flatten()
-        })
-        .collect()
 }
 
 /// Scrapes until `done` holds or `limit` passes (every 100 ms); returns the last figures, for
@@ -910,11 +897,12 @@ async fn after_a_postgresql_restart_the_listener_reconnects_and_changes_are_seen
     // refresh may fail on a pooled connection the outage broke; the next read retries). Once a
     // refresh has stored the row, the key is a plain hit — so from there only a notification can
     // make the next change visible before the 300 s TTL.
-    let loaded = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("singleflight_flights_total{result=\"database\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let loaded = |text: &str| -> f64 {
+        series(text, "singleflight_flights_total")
+            .iter()
+            .filter(|(labels, _)| labels == r#"{result="database"}"#)
+            .map(|(_, v)| v)
+            .sum()
     };
     let loads_before = loaded(&app.metrics_text().await);
     let started = Instant::now();
