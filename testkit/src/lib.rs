@@ -5,6 +5,7 @@
 //! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
 //! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
 //!   too).
+//! - [`poll::until`]: waiting for a condition with a bound, instead of sleeping.
 //! - [`workspace::binary`]: another member's binary (the load generator), built and found.
 //!
 //! The app-specific harness (`spawn_app`, `TestApp`) needs the service crate, so it stays in the
@@ -14,5 +15,6 @@
 pub use promtext as prom;
 
 pub mod fault_proxy;
+pub mod poll;
 pub mod servers;
 pub mod workspace;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use singleflight::config::Settings;
+use testkit::poll;
 use testkit::prom::series;
 
 use crate::support::fault_proxy::{FaultProxy, Mode};
@@ -137,14 +138,8 @@ async fn figures(app: &TestApp) -> Figures {
 /// Scrapes until `done` holds or `limit` passes (every 100 ms); returns the last figures, for
 /// the caller to assert on with a message that shows them.
 async fn settle(app: &TestApp, limit: Duration, done: impl Fn(&Figures) -> bool) -> Figures {
-    let started = Instant::now();
-    loop {
-        let now = figures(app).await;
-        if done(&now) || started.elapsed() >= limit {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    poll::until(limit, every, || figures(app), done).await.last
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -863,14 +858,9 @@ async fn ten_thousand_unknown_ids_twice_cost_at_most_one_query_each() {
 
 /// Waits (bounded) until `metric` satisfies `done`.
 async fn wait_for_metric(app: &TestApp, metric: &str, done: impl Fn(f64) -> bool) {
-    let started = Instant::now();
-    while !done(app.metric(metric).await) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{metric} never got there"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (limit, every) = (Duration::from_secs(20), Duration::from_millis(50));
+    let polled = poll::until(limit, every, || app.metric(metric), |v| done(*v)).await;
+    assert!(polled.done, "{metric} never got there: {}", polled.last);
 }
 
 #[actix_rt::test]
