@@ -49,16 +49,19 @@ mod tests {
 
     use super::*;
 
+    /// A probe that answers how many times it has been called.
+    async fn count(probes: &Cell<u32>) -> u32 {
+        probes.set(probes.get() + 1);
+        probes.get()
+    }
+
     #[tokio::test]
     async fn stops_at_the_first_value_that_satisfies_the_condition() {
         let probes = Cell::new(0);
         let polled = until(
             Duration::from_secs(10),
             Duration::from_millis(1),
-            || async {
-                probes.set(probes.get() + 1);
-                probes.get()
-            },
+            || count(&probes),
             |n| *n >= 3,
         )
         .await;
@@ -73,10 +76,7 @@ mod tests {
         let polled = until(
             Duration::from_millis(50),
             Duration::from_millis(10),
-            || async {
-                probes.set(probes.get() + 1);
-                probes.get()
-            },
+            || count(&probes),
             |_| false,
         )
         .await;
