@@ -6,7 +6,9 @@
 # recipe (Cargo.toml, Cargo.lock and the list of targets, with no code), so the `builder`'s
 # dependency layer is rebuilt only when dependencies change, not on every edit under src/; then it
 # builds the service from the full sources (migrations/ is embedded into the binary at compile
-# time). `runtime` is a slim Debian with the binary, curl for the HEALTHCHECK, and a non-root user.
+# time). The repository is a workspace: `--package singleflight` builds the service alone, with
+# the features its own dependencies ask for; the other members (loadtest/, testkit/, promtext/)
+# are in the context only because cargo reads every member's manifest. `runtime` is a slim Debian with the binary, curl for the HEALTHCHECK, and a non-root user.
 
 FROM rust:1-bookworm AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
@@ -19,9 +21,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
 # Dependencies only: this layer is cached until Cargo.toml or Cargo.lock change.
-RUN cargo chef cook --release --locked --recipe-path recipe.json --bin singleflight
+RUN cargo chef cook --release --locked --recipe-path recipe.json --package singleflight --bin singleflight
 COPY . .
-RUN cargo build --release --locked --bin singleflight
+RUN cargo build --release --locked --package singleflight --bin singleflight
 
 FROM debian:bookworm-slim AS runtime
 # Package versions are left to bookworm's current security updates rather than pinned.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Load test for the singleflight service: builds the load generator (src/bin/loadtest/) in
-# release mode and runs it with the arguments given here.
+# Load test for the singleflight service: builds the load generator (the `loadtest` crate,
+# loadtest/) in release mode and runs it with the arguments given here.
 #
 #   ./loadtest.sh                      the seed's test against http://localhost:8080 and its table
 #   ./loadtest.sh stampede             10 rounds of 200 simultaneous requests for a cold key
@@ -16,5 +16,5 @@ if ! command -v cargo >/dev/null; then
   echo "loadtest.sh: cargo not found; install the Rust toolchain first" >&2
   exit 1
 fi
-cargo build --quiet --release --bin loadtest >&2
+cargo build --quiet --release --package loadtest --bin loadtest >&2
 exec "${CARGO_TARGET_DIR:-target}/release/loadtest" "$@"

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use singleflight::config::Settings;
+use testkit::poll;
+use testkit::prom::series;
 
 use crate::support::fault_proxy::{FaultProxy, Mode};
 use crate::support::{header, servers, spawn_app_with, sum_metric, TestApp};
@@ -133,31 +135,11 @@ async fn figures(app: &TestApp) -> Figures {
     }
 }
 
-/// Every series of metric `name`: its label set (`{shard="0"}`, or empty) and its value.
-fn series(text: &str, name: &str) -> Vec<(String, f64)> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let labels = series.strip_prefix(name)?;
-            (labels.is_empty() || labels.starts_with('{'))
-                .then(|| Some((labels.to_owned(), value.parse().ok()?)))
-                .flatten()
-        })
-        .collect()
-}
-
 /// Scrapes until `done` holds or `limit` passes (every 100 ms); returns the last figures, for
 /// the caller to assert on with a message that shows them.
 async fn settle(app: &TestApp, limit: Duration, done: impl Fn(&Figures) -> bool) -> Figures {
-    let started = Instant::now();
-    loop {
-        let now = figures(app).await;
-        if done(&now) || started.elapsed() >= limit {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    poll::until(limit, every, || figures(app), done).await.last
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,14 +867,9 @@ async fn ten_thousand_unknown_ids_twice_cost_at_most_one_query_each() {
 
 /// Waits (bounded) until `metric` satisfies `done`.
 async fn wait_for_metric(app: &TestApp, metric: &str, done: impl Fn(f64) -> bool) {
-    let started = Instant::now();
-    while !done(app.metric(metric).await) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{metric} never got there"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (limit, every) = (Duration::from_secs(20), Duration::from_millis(50));
+    let polled = poll::until(limit, every, || app.metric(metric), |v| done(*v)).await;
+    assert!(polled.done, "{metric} never got there: {}", polled.last);
 }
 
 #[actix_rt::test]
@@ -919,11 +896,12 @@ async fn after_a_postgresql_restart_the_listener_reconnects_and_changes_are_seen
     // pool replaces the connections the outage broke; the next read retries). Once a reload has
     // stored the row, the key is a plain hit — so from there only a notification can make the
     // next change visible before the 300 s TTL.
-    let loaded = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("singleflight_flights_total{result=\"database\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let loaded = |text: &str| -> f64 {
+        series(text, "singleflight_flights_total")
+            .iter()
+            .filter(|(labels, _)| labels == r#"{result="database"}"#)
+            .map(|(_, v)| v)
+            .sum()
     };
     let loads_before = loaded(&app.metrics_text().await);
     let started = Instant::now();

@@ -3,24 +3,22 @@
 
 use std::time::{Duration, Instant};
 
+use testkit::poll;
+
 use crate::support::{header, spawn_app, spawn_app_with, TestApp};
 
 /// Polls template `id` until `done(status, body)` holds; returns how long that took.
 async fn time_until(app: &TestApp, id: i64, done: impl Fn(u16, &str) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
+    let answer = || async {
         let response = app.template(id).await;
         let status = response.status().as_u16();
-        let body = response.text().await.expect("body");
-        if done(status, &body) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never became visible: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (status, response.text().await.expect("body"))
+    };
+    let (limit, every) = (Duration::from_secs(10), Duration::from_millis(20));
+    let polled = poll::until(limit, every, answer, |(status, body)| done(*status, body)).await;
+    let (status, body) = &polled.last;
+    assert!(polled.done, "never became visible: {status} {body}");
+    polled.took
 }
 
 #[actix_rt::test]

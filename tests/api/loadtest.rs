@@ -20,7 +20,8 @@ const COUNTERS: [&str; 5] = [
 
 /// Runs the load generator to completion (it bounds itself; this bounds the test too).
 async fn loadtest(args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
+    // Another package's binary: cargo builds it (or finds it up to date) and says where it is.
+    let run = tokio::process::Command::new(testkit::workspace::binary("loadtest"))
         .args(args)
         .kill_on_drop(true)
         .output();

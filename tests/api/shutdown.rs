@@ -16,10 +16,10 @@ async fn idle_connections(client: &reqwest::Client, url: &str) -> f64 {
         return 0.0;
     };
     let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .find_map(|line| line.strip_prefix("db_pool_connections{state=\"idle\"} "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+    testkit::prom::series(&text, "db_pool_connections")
+        .into_iter()
+        .find(|(labels, _)| labels == r#"{state="idle"}"#)
+        .map_or(0.0, |(_, idle)| idle)
 }
 
 fn free_port() -> u16 {

@@ -44,10 +44,10 @@ async fn app_behind(proxy: &FaultProxy, coalesce: bool) -> TestApp {
 /// The pool's idle connections, from `/metrics`.
 async fn idle_connections(app: &TestApp) -> f64 {
     let text = app.metrics_text().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix("db_pool_connections{state=\"idle\"} "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+    testkit::prom::series(&text, "db_pool_connections")
+        .into_iter()
+        .find(|(labels, _)| labels == r#"{state="idle"}"#)
+        .map_or(0.0, |(_, idle)| idle)
 }
 
 /// What a burst of distinct cold ids got.

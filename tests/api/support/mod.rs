@@ -2,8 +2,10 @@
 //! [`Application::build`] that `main` uses) on a free port, against a fresh database and a fresh
 //! Redis keyspace of the shared test servers.
 
-pub mod fault_proxy;
-pub mod servers;
+// The servers and the fault proxy live in the testkit crate (shared with benches); re-exported
+// here so that test files keep writing `support::servers`, `support::fault_proxy`.
+pub use testkit::prom::sum_metric;
+pub use testkit::{fault_proxy, servers};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -180,18 +182,4 @@ pub fn header(response: &reqwest::Response, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Sums the samples of `name` (with any labels) in Prometheus text format.
-pub fn sum_metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
 }

@@ -43,11 +43,6 @@
 //! no longer alive, so repeated runs do not fill the disk even though no
 //! process ever cleans up after itself.
 
-// Every test file of the binary sees this module, but no single test uses all
-// of its helpers; without this the build would be noisy with dead-code
-// warnings that say nothing about real problems.
-#![allow(dead_code)]
-
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};

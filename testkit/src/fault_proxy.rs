@@ -35,9 +35,6 @@
 //! every open connection; the drop then joins the thread, so when it returns the port is closed
 //! and nothing of the proxy is left running.
 
-// Every test file of the binary sees this module, but no single test uses all of it.
-#![allow(dead_code)]
-
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -394,6 +391,7 @@ where
 }
 
 /// The proxy's own behaviour, each mode against a tiny echo server on loopback.
+#[cfg(test)]
 mod tests {
     use super::*;
 

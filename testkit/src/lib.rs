@@ -1,0 +1,20 @@
+//! What singleflight's tests and benches share, and nothing that needs the service crate.
+//!
+//! - [`servers`]: one real PostgreSQL and one Redis per test process, on free loopback ports,
+//!   that die with the process (PostgreSQL run as the `postgres` user when we are root).
+//! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
+//! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
+//!   too).
+//! - [`poll::until`]: waiting for a condition with a bound, instead of sleeping.
+//! - [`workspace::binary`]: another member's binary (the load generator), built and found.
+//!
+//! The app-specific harness (`spawn_app`, `TestApp`) needs the service crate, so it stays in the
+//! service's `tests/api/support/`, which re-exports these modules. This crate is a
+//! dev-dependency only: `cargo tree -e normal -p singleflight` must never show it.
+
+pub use promtext as prom;
+
+pub mod fault_proxy;
+pub mod poll;
+pub mod servers;
+pub mod workspace;
