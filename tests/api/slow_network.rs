@@ -236,19 +236,26 @@ async fn a_change_during_a_slow_cache_write_is_never_answered_with_the_old_row()
 }
 
 /// The figures behind BENCHMARKS.md's "cold bursts against a distant database": 300 distinct
-/// cold ids at once against PostgreSQL 20 ms away per hop, for each pool size and with
-/// coalescing on and off, alternated, three runs each. A measurement, not a test: run it with
+/// cold ids at once against PostgreSQL 20 ms away per hop, and 50 against one 150 ms away, for
+/// each pool size, with batching
+/// on (the default, `DB_BATCH_MAX=100`) and off (`DB_BATCH_MAX=1`), and with coalescing off
+/// (which sends every load alone), alternated, three runs each. A measurement, not a test: run it with
 /// `cargo test --release --test api -- --ignored --nocapture cold_burst_figures`.
 #[actix_rt::test]
 #[ignore = "a benchmark: prints figures for BENCHMARKS.md"]
 async fn cold_burst_figures() {
-    let delay = Duration::from_millis(20);
-    let ids = 1..=300;
-    println!("| run | DB_POOL_SIZE | COALESCE | answered 200 | burst took | ids served per second | slowest answer |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| run | PostgreSQL per hop | DB_POOL_SIZE | DB_BATCH_MAX | COALESCE | answered 200 | queries | burst took | ids served per second | slowest answer |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let scenarios = [
+        (Duration::from_millis(20), 1..=300),
+        (Duration::from_millis(150), 1..=50),
+    ];
     for run in 1..=3 {
-        for pool_size in [10, 20] {
-            for coalesce in [true, false] {
+        for (pool_size, (delay, ids)) in [10, 20]
+            .into_iter()
+            .flat_map(|p| scenarios.clone().map(|sc| (p, sc)))
+        {
+            for (batch_max, coalesce) in [(100, true), (1, true), (100, false)] {
                 let proxy = postgres_proxy();
                 let app = spawn_app_with(|s| {
                     s.database_url = via(&proxy, &s.database_url);
@@ -256,6 +263,7 @@ async fn cold_burst_figures() {
                     s.coalesce = coalesce;
                     s.db_pool_size = pool_size;
                     s.db_pool_min_idle = pool_size;
+                    s.db_batch_max = batch_max;
                 })
                 .await;
                 let started = Instant::now();
@@ -266,8 +274,11 @@ async fn cold_burst_figures() {
                 proxy.set_mode(Mode::Latency(delay));
                 let burst = cold_burst(&app, ids.clone()).await;
                 let ok = burst.statuses.iter().filter(|s| **s == 200).count();
+                let queries = app.metric("db_hits_total").await;
                 println!(
-                    "| {run} | {pool_size} | {} | {ok}/{} | {:.2} s | {:.0} | {:.2} s |",
+                    "| {run} | {} ms | {pool_size} | {} | {} | {ok}/{} | {queries} | {:.2} s | {:.0} | {:.2} s |",
+                    delay.as_millis(),
+                    if coalesce { batch_max } else { 1 },
                     if coalesce { "on" } else { "off" },
                     burst.statuses.len(),
                     burst.took.as_secs_f64(),
