@@ -496,9 +496,11 @@ async fn run_batch(
     let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
     let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
     match result {
-        Ok(mut rows) => {
+        Ok(rows) => {
             for waiting in live {
-                let row = rows.remove(&waiting.id);
+                // Cloned, not taken: one id may be in a batch twice (a superseded flight and the
+                // one that replaced it), and both get the row.
+                let row = rows.get(&waiting.id).cloned();
                 let _ = waiting.reply.send(Ok(row));
             }
         }

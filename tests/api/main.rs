@@ -6,6 +6,7 @@ mod support;
 
 mod config;
 mod dashboard;
+mod db_batching;
 mod faults;
 mod freshness;
 mod health;
