@@ -11,6 +11,7 @@ mod freshness;
 mod health;
 mod loadtest;
 mod metrics;
+mod migrate;
 mod redis_down;
 mod shutdown;
 mod slow_network;
