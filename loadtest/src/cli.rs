@@ -23,16 +23,29 @@ use clap::{Parser, ValueEnum};
         hot       200 connections asking for id 1 for 10 s\n  \
         spread    200 connections asking for uniform (or --dist zipf) ids from 1..=1000 for 10 s\n\n\
         The report's service figures (total requests, hit rate, DB queries, shared) are the change in\n\
-        the service's own /metrics counters between a scrape before and one after the run."
+        the service's own /metrics counters between a scrape before and one after the run.\n\n\
+        A fleet: give every replica with --url (requests go round-robin over them, and each one's\n\
+        /metrics is read), or the load balancer's --url and every replica with --metrics-url. The\n\
+        figures are then the sum over the replicas; --json also shows each replica's."
 )]
 pub struct Args {
     /// Which load to send.
     #[arg(value_enum, default_value_t = Scenario::Seed)]
     pub scenario: Scenario,
 
-    /// Base URL of the service (http only).
-    #[arg(long, default_value = "http://localhost:8080")]
-    pub url: String,
+    /// Base URL of the service (http only). Repeat it for several replicas: requests are spread
+    /// round-robin over them, and a stampede round's requests evenly.
+    #[arg(
+        long = "url",
+        value_name = "URL",
+        default_value = "http://localhost:8080"
+    )]
+    pub urls: Vec<String>,
+
+    /// Base URL of a replica whose /metrics the report counts; repeat it for every replica. The
+    /// figures are the sum over them. [default: each --url]
+    #[arg(long = "metrics-url", value_name = "URL")]
+    pub metrics_urls: Vec<String>,
 
     /// seed: requests per wave; stampede: simultaneous requests per round; hot, spread:
     /// connections kept busy [default: 200]
@@ -137,8 +150,13 @@ pub enum IdDist {
 /// A checked run: what to send, where, and how long to wait for each answer.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// `http://host:port`, without a trailing slash.
-    pub base: String,
+    /// Where requests go, round-robin: `http://host:port` each, without a trailing slash.
+    pub targets: Vec<String>,
+    /// Whose `/metrics` the report counts (summed): the `--metrics-url`s, or else the targets.
+    pub metrics: Vec<String>,
+    /// True when `metrics` are the targets because no `--metrics-url` was given. A single such
+    /// target may be a load balancer, whose `/metrics` is whichever replica answers the scrape.
+    pub metrics_from_targets: bool,
     pub timeout: Duration,
     pub json: bool,
     pub rng_seed: u64,
@@ -201,11 +219,19 @@ pub const MAX_IDS: u64 = 1_000_000;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most `--url`s, and most `--metrics-url`s.
+pub const MAX_REPLICAS: usize = 64;
 
 impl Args {
     /// Checks the options against the scenario and fills in its defaults.
     pub fn plan(&self) -> Result<Plan, String> {
-        let base = base_url(&self.url)?;
+        let targets = base_urls("--url", &self.urls)?;
+        let metrics_from_targets = self.metrics_urls.is_empty();
+        let metrics = if metrics_from_targets {
+            targets.clone()
+        } else {
+            base_urls("--metrics-url", &self.metrics_urls)?
+        };
         if self.timeout < Duration::from_millis(1) || self.timeout > MAX_TIMEOUT {
             return Err(format!(
                 "--timeout must be from 1ms to {}s",
@@ -274,7 +300,9 @@ impl Args {
             },
         };
         Ok(Plan {
-            base,
+            targets,
+            metrics,
+            metrics_from_targets,
             timeout: self.timeout,
             json: self.json,
             rng_seed: self.seed.unwrap_or_else(rand::random),
@@ -364,24 +392,46 @@ fn check_range<T: PartialOrd + std::fmt::Display>(
     Ok(value)
 }
 
-/// Reduces `--url` to `http://host[:port]`. Only plain HTTP: the client has no TLS, since the
+/// Reduces every URL of option `option` to `http://host[:port]`. One given twice is an error:
+/// its requests would not be spread evenly, and its counters would be counted twice.
+fn base_urls(option: &str, raw: &[String]) -> Result<Vec<String>, String> {
+    if raw.len() > MAX_REPLICAS {
+        return Err(format!(
+            "{option} is given {} times; at most {MAX_REPLICAS} replicas",
+            raw.len()
+        ));
+    }
+    let mut bases: Vec<String> = Vec::with_capacity(raw.len());
+    for url in raw {
+        let base = base_url(option, url)?;
+        if bases.contains(&base) {
+            return Err(format!(
+                "{option} {base} is given twice; name each replica once"
+            ));
+        }
+        bases.push(base);
+    }
+    Ok(bases)
+}
+
+/// Reduces a URL to `http://host[:port]`. Only plain HTTP: the client has no TLS, since the
 /// load is meant for a service on this machine.
-fn base_url(raw: &str) -> Result<String, String> {
+fn base_url(option: &str, raw: &str) -> Result<String, String> {
     let url = reqwest::Url::parse(raw).map_err(|e| {
-        format!("--url {raw:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8080")
+        format!("{option} {raw:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8080")
     })?;
     if url.scheme() != "http" {
         return Err(format!(
-            "--url {raw:?}: only http:// is supported, not {}://",
+            "{option} {raw:?}: only http:// is supported, not {}://",
             url.scheme()
         ));
     }
     let Some(host) = url.host_str() else {
-        return Err(format!("--url {raw:?} has no host"));
+        return Err(format!("{option} {raw:?} has no host"));
     };
     if !(url.path() == "/" || url.path().is_empty()) || url.query().is_some() {
         return Err(format!(
-            "--url {raw:?}: give the service's base URL (e.g. http://127.0.0.1:8080), without a path"
+            "{option} {raw:?}: give the service's base URL (e.g. http://127.0.0.1:8080), without a path"
         ));
     }
     Ok(match url.port() {
@@ -439,7 +489,9 @@ mod tests {
     #[test]
     fn the_default_is_the_seed_test() {
         let p = plan(&[]).expect("defaults are valid");
-        assert_eq!(p.base, "http://localhost:8080");
+        assert_eq!(p.targets, ["http://localhost:8080"]);
+        assert_eq!(p.metrics, p.targets, "metrics are read from the --url");
+        assert!(p.metrics_from_targets);
         match p.kind {
             Kind::Seed {
                 waves,
@@ -475,13 +527,49 @@ mod tests {
 
     #[test]
     fn urls_are_reduced_to_scheme_host_and_port() {
+        let base = |raw| base_url("--url", raw);
         assert_eq!(
-            base_url("http://127.0.0.1:18081/"),
+            base("http://127.0.0.1:18081/"),
             Ok("http://127.0.0.1:18081".into())
         );
-        assert_eq!(base_url("http://localhost"), Ok("http://localhost".into()));
-        assert!(base_url("https://127.0.0.1").is_err());
-        assert!(base_url("127.0.0.1:8080").is_err());
-        assert!(base_url("http://127.0.0.1:8080/template-details?id=1").is_err());
+        assert_eq!(base("http://localhost"), Ok("http://localhost".into()));
+        assert!(base("https://127.0.0.1").is_err());
+        assert!(base("127.0.0.1:8080").is_err());
+        assert!(base("http://127.0.0.1:8080/template-details?id=1").is_err());
+    }
+
+    #[test]
+    fn several_urls_are_a_fleet_whose_metrics_default_to_the_urls() {
+        let p = plan(&["--url", "http://a:1", "--url", "http://b:2/"]).expect("two replicas");
+        assert_eq!(p.targets, ["http://a:1", "http://b:2"]);
+        assert_eq!(p.metrics, p.targets);
+        assert!(p.metrics_from_targets);
+
+        let p = plan(&[
+            "--url",
+            "http://lb:8080",
+            "--metrics-url",
+            "http://a:8081",
+            "--metrics-url",
+            "http://b:8082",
+        ])
+        .expect("a load balancer and its replicas");
+        assert_eq!(p.targets, ["http://lb:8080"]);
+        assert_eq!(p.metrics, ["http://a:8081", "http://b:8082"]);
+        assert!(!p.metrics_from_targets);
+    }
+
+    #[test]
+    fn a_replica_named_twice_or_badly_is_rejected_by_option() {
+        let e = plan(&["--url", "http://a:1", "--url", "http://a:1/"]).expect_err("twice");
+        assert!(e.contains("--url http://a:1 is given twice"), "{e}");
+        let e = plan(&["--metrics-url", "http://a:1", "--metrics-url", "http://a:1"])
+            .expect_err("twice");
+        assert!(e.contains("--metrics-url http://a:1 is given twice"), "{e}");
+        let e = plan(&["--metrics-url", "https://a:1"]).expect_err("not http");
+        assert!(
+            e.starts_with("--metrics-url \"https://a:1\": only http://"),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Client;
 
-use crate::prom::Snapshot;
+use crate::prom::{FleetSnapshot, Snapshot};
 use crate::tally::{Failure, Outcome, Sample, XCache};
 use crate::LoadtestError;
 
@@ -93,6 +93,30 @@ pub async fn snapshot(
             reason: chain(&e),
         })?;
     Snapshot::parse(&text, base, before_run)
+}
+
+/// Scrapes every replica in `bases` at once, so that the snapshot is of one moment as nearly as
+/// can be. The first replica that fails is the error.
+pub async fn snapshot_fleet(
+    client: &Client,
+    bases: &[String],
+    before_run: bool,
+) -> Result<FleetSnapshot, LoadtestError> {
+    let scrapes: Vec<_> = bases
+        .iter()
+        .map(|base| {
+            let (client, base) = (client.clone(), base.clone());
+            tokio::spawn(async move { snapshot(&client, &base, before_run).await })
+        })
+        .collect();
+    let mut fleet = Vec::with_capacity(bases.len());
+    for (base, scrape) in bases.iter().zip(scrapes) {
+        let snapshot = scrape
+            .await
+            .map_err(|e| LoadtestError::Task(e.to_string()))??;
+        fleet.push((base.clone(), snapshot));
+    }
+    Ok(FleetSnapshot(fleet))
 }
 
 /// Opens `n` keep-alive connections (with `GET /healthz`), so that a following burst of `n`

@@ -16,6 +16,10 @@
 //!   round cost;
 //! - `hot`: one key, for a duration; `spread`: uniform or Zipf ids, for a duration.
 //!
+//! A fleet is several `--url`s (requests go round-robin over them) or a load balancer's `--url`
+//! with every replica as `--metrics-url`: the figures are then the sum of every replica's
+//! counters, and the JSON report shows each replica's too.
+//!
 //! The load shares the machine's cores with the service when both run on one host; see
 //! BENCHMARKS.md for what that means for the figures.
 
@@ -40,11 +44,18 @@ pub enum LoadtestError {
     MetricsStatus { url: String, status: u16 },
     #[error("{url} has no {names}: the report needs it (is --url the singleflight service?)")]
     MissingMetrics { url: String, names: String },
-    #[error("the counter {name} went down from {before} to {after} during the run: the service restarted, so the run cannot be reported")]
+    #[error("the counter {name} at {url} went down from {before} to {after} during the run: that replica restarted, or it is a load balancer that sent the scrapes to different replicas (then name every replica with --metrics-url); the run cannot be reported")]
     CounterWentDown {
+        url: String,
         name: &'static str,
         before: f64,
         after: f64,
+    },
+    #[error("the client received {answered} answers, but the /metrics read ({metrics}) counted only {counted} requests: the rest were answered by replicas whose /metrics was not read (is --url a load balancer? name every replica behind it with --metrics-url); the service figures would be wrong, so the run is not reported")]
+    UncountedAnswers {
+        answered: u64,
+        counted: u64,
+        metrics: String,
     },
     #[error("Redis at {url} (--redis-url): {reason}")]
     Redis { url: String, reason: String },

@@ -1,7 +1,9 @@
 //! Reading the service's counters from `/metrics` (Prometheus text format).
 //!
 //! The report's service figures are differences between two [`Snapshot`]s, so they are exactly
-//! what the service counted, including any traffic that was not ours.
+//! what the service counted, including any traffic that was not ours. A fleet is read as one
+//! [`FleetSnapshot`] (one scrape per replica); its [`FleetDeltas`] are each replica's change and
+//! their sum, which is what the seed's table shows.
 
 use promtext::sum;
 use serde::Serialize;
@@ -82,14 +84,16 @@ impl Snapshot {
         Ok(Snapshot(values))
     }
 
-    /// `later - self`, counter by counter. A counter that went down means the service restarted
-    /// between the scrapes, and the difference would be meaningless.
-    pub fn until(&self, later: &Snapshot) -> Result<Deltas, LoadtestError> {
+    /// `later - self`, counter by counter, for the replica at `base`. A counter that went down
+    /// means the replica restarted between the scrapes (or `base` is a load balancer that sent
+    /// them to different replicas), and the difference would be meaningless.
+    pub fn until(&self, later: &Snapshot, base: &str) -> Result<Deltas, LoadtestError> {
         let mut d = [0u64; 5];
         for (i, name) in COUNTERS.iter().enumerate() {
             let (a, b) = (self.0[i], later.0[i]);
             if b < a {
                 return Err(LoadtestError::CounterWentDown {
+                    url: format!("{base}/metrics"),
                     name,
                     before: a,
                     after: b,
@@ -104,6 +108,43 @@ impl Snapshot {
             db_hits_total: d[3],
             singleflight_shared_total: d[4],
         })
+    }
+}
+
+/// One scrape of every replica whose `/metrics` the report counts, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSnapshot(pub Vec<(String, Snapshot)>);
+
+/// A replica's own change over the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaDeltas {
+    /// The replica's base URL (its counters are at `{url}/metrics`).
+    pub url: String,
+    pub metrics: Deltas,
+}
+
+/// The change over the run of every replica, and their sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetDeltas {
+    /// The sum over `replicas`: what the whole fleet counted.
+    pub total: Deltas,
+    pub replicas: Vec<ReplicaDeltas>,
+}
+
+impl FleetSnapshot {
+    /// `later - self`, replica by replica, and the sum. Both must be scrapes of the same replicas.
+    pub fn until(&self, later: &FleetSnapshot) -> Result<FleetDeltas, LoadtestError> {
+        let mut fleet = FleetDeltas::default();
+        for ((url, before), (later_url, after)) in self.0.iter().zip(&later.0) {
+            debug_assert_eq!(url, later_url, "scrapes of the same replicas, in one order");
+            let metrics = before.until(after, url)?;
+            fleet.total += metrics;
+            fleet.replicas.push(ReplicaDeltas {
+                url: url.clone(),
+                metrics,
+            });
+        }
+        Ok(fleet)
     }
 }
 
@@ -141,13 +182,18 @@ singleflight_shared_total 18
         let before = Snapshot::parse(&fresh, "http://x", true).expect("tolerated before");
         assert!(Snapshot::parse(&fresh, "http://x", false).is_err());
         let after = Snapshot::parse(SCRAPE, "http://x", false).expect("complete");
-        let d = before.until(&after).expect("counters only grow");
+        let d = before
+            .until(&after, "http://x")
+            .expect("counters only grow");
         assert_eq!(d.http_request_total, 7302);
         assert_eq!(d.db_hits_total, 0);
-        assert!(
-            after.until(&before).is_err(),
-            "a counter going down is an error"
-        );
+        match after.until(&before, "http://x") {
+            Err(e @ LoadtestError::CounterWentDown { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("http://x/metrics"), "the replica is named: {e}");
+            }
+            other => panic!("a counter going down is an error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -164,5 +210,33 @@ singleflight_shared_total 18
         };
         assert_eq!(d.cache_hit_rate(), Some(0.97));
         assert_eq!(d.db_queries_per_request(), Some(0.03));
+    }
+
+    #[test]
+    fn a_fleet_counts_the_sum_of_its_replicas() {
+        let scrape = |hits: u32, db: u32| {
+            SCRAPE
+                .replace("cache_hits_total 7000", &format!("cache_hits_total {hits}"))
+                .replace("db_hits_total 220", &format!("db_hits_total {db}"))
+        };
+        let snap = |hits, db| Snapshot::parse(&scrape(hits, db), "-", false).expect("complete");
+        let before = FleetSnapshot(vec![("A".into(), snap(10, 1)), ("B".into(), snap(500, 7))]);
+        let after = FleetSnapshot(vec![("A".into(), snap(25, 2)), ("B".into(), snap(600, 7))]);
+        let d = before.until(&after).expect("counters only grow");
+        assert_eq!(d.total.cache_hits_total, 15 + 100);
+        assert_eq!(d.total.db_hits_total, 1);
+        let per: Vec<(&str, u64)> = d
+            .replicas
+            .iter()
+            .map(|r| (r.url.as_str(), r.metrics.cache_hits_total))
+            .collect();
+        assert_eq!(per, [("A", 15), ("B", 100)]);
+
+        // One replica that restarted spoils the run, and is named.
+        let restarted = FleetSnapshot(vec![("A".into(), snap(25, 2)), ("B".into(), snap(5, 0))]);
+        match before.until(&restarted) {
+            Err(LoadtestError::CounterWentDown { url, .. }) => assert_eq!(url, "B/metrics"),
+            other => panic!("expected B's counter going down, got {other:?}"),
+        }
     }
 }

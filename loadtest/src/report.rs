@@ -1,5 +1,5 @@
-//! The report: the seed's table (from the service's counters), then what the client measured,
-//! as text or as one JSON object.
+//! The report: the seed's table (from the service's counters, summed over every replica read),
+//! then what the client measured, as text or as one JSON object.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,19 +8,25 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::cli::{IdDist, Kind, Plan};
-use crate::prom::Deltas;
+use crate::prom::{Deltas, ReplicaDeltas};
 use crate::run::{thousands, RunResult};
 use crate::tally::Latency;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub scenario: &'static str,
-    pub url: String,
+    /// Where the requests went (round-robin when several).
+    pub urls: Vec<String>,
+    /// The `/metrics` whose counters `metrics` sums.
+    pub metrics_from: Vec<String>,
     pub settings: serde_json::Value,
     /// The seed of the random choices; `--seed` with it repeats the run's ids.
     pub rng_seed: u64,
-    /// What the service's counters moved by between the scrapes before and after the run.
+    /// What the service's counters moved by between the scrapes before and after the run,
+    /// summed over every replica in `metrics_from`.
     pub metrics: Deltas,
+    /// Each replica's own share of `metrics`, in the order of `metrics_from`.
+    pub replicas: Vec<ReplicaDeltas>,
     /// `cache_hits_total / (cache_hits_total + cache_misses_total)`, from `metrics`.
     pub cache_hit_rate: Option<f64>,
     /// `db_hits_total / http_request_total`, from `metrics`.
@@ -46,6 +52,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_visibility: Option<VisibilityReport>,
     pub notes: Vec<String>,
+    /// Set when the only `/metrics` read is the only `--url`'s, which may be a load balancer's.
+    #[serde(skip)]
+    metrics_maybe_one_of_many: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,7 +93,10 @@ pub struct RoundReport {
     pub round: u32,
     pub id: i64,
     pub evicted: bool,
+    /// Summed over every replica read.
     pub db_queries: u64,
+    /// Each replica's DB queries this round, in the order of `metrics_from`.
+    pub db_queries_by_replica: Vec<u64>,
     pub singleflight_shared: u64,
     pub responses: u64,
     pub failures: u64,
@@ -102,8 +114,14 @@ impl Report {
                 round: r.round,
                 id: r.id,
                 evicted: r.evicted,
-                db_queries: r.deltas.db_hits_total,
-                singleflight_shared: r.deltas.singleflight_shared_total,
+                db_queries: r.deltas.total.db_hits_total,
+                db_queries_by_replica: r
+                    .deltas
+                    .replicas
+                    .iter()
+                    .map(|replica| replica.metrics.db_hits_total)
+                    .collect(),
+                singleflight_shared: r.deltas.total.singleflight_shared_total,
                 responses: r.tally.responses,
                 failures: r.tally.failures,
                 x_cache: r.tally.x_cache.clone(),
@@ -112,12 +130,18 @@ impl Report {
             .collect();
         Report {
             scenario: plan.kind.scenario().name(),
-            url: plan.base.clone(),
+            urls: plan.targets.clone(),
+            metrics_from: plan
+                .metrics
+                .iter()
+                .map(|base| format!("{base}/metrics"))
+                .collect(),
             settings: settings(&plan.kind),
             rng_seed: plan.rng_seed,
-            metrics: run.deltas,
-            cache_hit_rate: run.deltas.cache_hit_rate(),
-            db_queries_per_request: run.deltas.db_queries_per_request(),
+            metrics: run.deltas.total,
+            replicas: run.deltas.replicas,
+            cache_hit_rate: run.deltas.total.cache_hit_rate(),
+            db_queries_per_request: run.deltas.total.db_queries_per_request(),
             requests: run.tally.requests(),
             responses: run.tally.responses,
             failures: run.tally.failures,
@@ -135,6 +159,7 @@ impl Report {
             rounds,
             update_visibility: run.visibility.as_ref().map(VisibilityReport::new),
             notes: run.notes,
+            metrics_maybe_one_of_many: plan.metrics_from_targets && plan.targets.len() == 1,
         }
     }
 
@@ -150,13 +175,30 @@ impl Report {
             out,
             "loadtest {} against {}: {}",
             self.scenario,
-            self.url,
+            self.urls.join(", "),
             describe(&self.settings, self.scenario)
         );
+        let _ = writeln!(
+            out,
+            "  service figures from {}",
+            self.metrics_from.join(", ")
+        );
+        if self.metrics_maybe_one_of_many {
+            let _ = writeln!(
+                out,
+                "  (one replica's counters: if --url is a load balancer, each scrape reached whichever \
+                 replica it chose; name every replica with --metrics-url to count the whole fleet)"
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "  The seed's table (change in the service's /metrics over the run)"
+            "  The seed's table (change in the service's /metrics over the run{})",
+            if self.replicas.len() > 1 {
+                format!(", summed over {} replicas", self.replicas.len())
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(out, "  | Metric               | Value");
         let _ = writeln!(out, "  |----------------------|---------");
@@ -231,6 +273,28 @@ impl Report {
             thousands(m.cache_hits_total),
             thousands(m.cache_misses_total)
         );
+        if self.replicas.len() > 1 {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "  Per replica (change in each one's /metrics)");
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "replica", "requests", "hits", "misses", "DB queries", "shared"
+            );
+            for r in &self.replicas {
+                let d = &r.metrics;
+                let _ = writeln!(
+                    out,
+                    "  {:<30} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    r.url,
+                    thousands(d.http_request_total),
+                    thousands(d.cache_hits_total),
+                    thousands(d.cache_misses_total),
+                    thousands(d.db_hits_total),
+                    thousands(d.singleflight_shared_total)
+                );
+            }
+        }
         if !self.rounds.is_empty() {
             let _ = writeln!(out);
             let _ = writeln!(
@@ -261,6 +325,27 @@ impl Report {
                 .map(|r| r.db_queries.to_string())
                 .collect();
             let _ = writeln!(out, "  DB queries per round: {}", per_round.join(" "));
+            if self.replicas.len() > 1 {
+                let by_replica: Vec<String> = self
+                    .rounds
+                    .iter()
+                    .map(|r| {
+                        let each: Vec<String> =
+                            r.db_queries_by_replica.iter().map(u64::to_string).collect();
+                        each.join("+")
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  by replica ({}): {}",
+                    self.replicas
+                        .iter()
+                        .map(|r| r.url.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" + "),
+                    by_replica.join(" ")
+                );
+            }
         }
         if let Some(v) = &self.update_visibility {
             let shown = |x: Option<f64>| x.map_or("n/a".to_owned(), ms);

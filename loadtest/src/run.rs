@@ -1,5 +1,10 @@
 //! The four scenarios. Each one scrapes `/metrics` before and after, sends its requests, and
-//! returns what the client saw ([`Tally`]) with what the service counted ([`Deltas`]).
+//! returns what the client saw ([`Tally`]) with what the service counted ([`FleetDeltas`]).
+//!
+//! With several `--url`s the requests go round-robin over them: a burst's `i`-th request to
+//! target `i mod n` (so a stampede round is spread evenly), a duration worker's `k`-th request
+//! to target `(worker + k) mod n`. Every scrape reads every `--metrics-url` (by default, every
+//! `--url`) and the figures are their sum.
 //!
 //! Every scenario is bounded: `seed` and `stampede` send a fixed number of requests, `hot` and
 //! `spread` stop starting requests at their deadline, and every request gives up after
@@ -19,15 +24,16 @@ use tokio::task::JoinSet;
 
 use crate::cli::{IdDist, Kind, Plan};
 use crate::client::{self, template_url};
-use crate::prom::Deltas;
+use crate::prom::{FleetDeltas, FleetSnapshot};
 use crate::tally::{Sample, Tally};
 use crate::LoadtestError;
 
 /// What a scenario produced.
 pub struct RunResult {
     pub tally: Tally,
-    /// What the service counted between the scrape before and the scrape after.
-    pub deltas: Deltas,
+    /// What the service counted between the scrape before and the scrape after, per replica
+    /// and summed.
+    pub deltas: FleetDeltas,
     /// Wall-clock time from the first request to the last answer, pauses included.
     pub elapsed: Duration,
     /// Time spent with requests in the air (pauses between waves and rounds excluded).
@@ -43,25 +49,83 @@ pub struct Round {
     pub round: u32,
     pub id: i64,
     pub evicted: bool,
-    pub deltas: Deltas,
+    pub deltas: FleetDeltas,
     pub tally: Tally,
 }
 
 struct Ctx {
     client: Client,
-    base: String,
+    /// Where requests go, round-robin (never empty).
+    targets: Arc<[String]>,
+    /// Whose `/metrics` is read (never empty).
+    metrics: Vec<String>,
     progress: Arc<Progress>,
 }
 
+impl Ctx {
+    /// The target of the `i`-th request of a burst (or of a worker's turn).
+    fn target(&self, i: usize) -> &str {
+        &self.targets[i % self.targets.len()]
+    }
+
+    async fn scrape(&self, before_run: bool) -> Result<FleetSnapshot, LoadtestError> {
+        client::snapshot_fleet(&self.client, &self.metrics, before_run).await
+    }
+
+    /// The run's deltas from `before` to a scrape now, checked against the `answered` responses
+    /// the client received. Every answer from a replica is counted by that replica's
+    /// `http_request_total`, so fewer counted requests than answers means some came from
+    /// replicas whose `/metrics` was not read (a load balancer named as the only `--url`): the
+    /// figures would be those of part of the fleet, so that is an error, not a report.
+    /// A replica counts a request when it has finished sending the answer, a moment after the
+    /// client may have received it, so a short count is scraped again before it is believed.
+    async fn deltas_since(
+        &self,
+        before: &FleetSnapshot,
+        answered: u64,
+    ) -> Result<FleetDeltas, LoadtestError> {
+        let mut deltas = before.until(&self.scrape(false).await?)?;
+        for _ in 0..RESCRAPES {
+            if deltas.total.http_request_total >= answered {
+                return Ok(deltas);
+            }
+            tokio::time::sleep(RESCRAPE_AFTER).await;
+            deltas = before.until(&self.scrape(false).await?)?;
+        }
+        if deltas.total.http_request_total >= answered {
+            return Ok(deltas);
+        }
+        Err(LoadtestError::UncountedAnswers {
+            answered,
+            counted: deltas.total.http_request_total,
+            metrics: self
+                .metrics
+                .iter()
+                .map(|base| format!("{base}/metrics"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// How often, and how long apart, a count short of the answers received is scraped again.
+const RESCRAPES: u32 = 3;
+const RESCRAPE_AFTER: Duration = Duration::from_millis(200);
+
 pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
     let client = client::build(plan.timeout)?;
-    // Before any load: is the service there, and does it expose every counter the report needs?
-    client::snapshot(&client, &plan.base, true).await?;
+    // Before any load: is every replica there, and does each expose every counter the report
+    // needs? And does every target whose /metrics is not read answer at all?
+    client::snapshot_fleet(&client, &plan.metrics, true).await?;
+    for target in plan.targets.iter().filter(|t| !plan.metrics.contains(t)) {
+        client::open_connections(&client, target, 1).await?;
+    }
     let progress = Progress::new();
     let printer = tokio::spawn(progress.clone().print_every_second());
     let ctx = Ctx {
         client,
-        base: plan.base.clone(),
+        targets: plan.targets.clone().into(),
+        metrics: plan.metrics.clone(),
         progress: progress.clone(),
     };
     let mut rng = SmallRng::seed_from_u64(plan.rng_seed);
@@ -131,7 +195,7 @@ async fn with_updates(
     };
     let changes = crate::updates::run(
         &ctx.client,
-        &ctx.base,
+        &ctx.targets,
         &updates.database_url,
         ids,
         updates.count,
@@ -154,7 +218,7 @@ async fn seed(
     ids: u64,
     pause: Duration,
 ) -> Result<RunResult, LoadtestError> {
-    let before = client::snapshot(&ctx.client, &ctx.base, true).await?;
+    let before = ctx.scrape(true).await?;
     let started = Instant::now();
     let mut active = Duration::ZERO;
     let mut tally = Tally::new();
@@ -170,10 +234,10 @@ async fn seed(
         }
     }
     let elapsed = started.elapsed();
-    let after = client::snapshot(&ctx.client, &ctx.base, false).await?;
+    let deltas = ctx.deltas_since(&before, tally.responses).await?;
     Ok(RunResult {
         tally,
-        deltas: before.until(&after)?,
+        deltas,
         elapsed,
         active,
         rounds: Vec::new(),
@@ -182,13 +246,14 @@ async fn seed(
     })
 }
 
-/// Sends one request per id, all at once, and waits for every answer.
+/// Sends one request per id, all at once (round-robin over the targets), and waits for every
+/// answer.
 async fn burst(ctx: &Ctx, ids: impl Iterator<Item = i64>) -> Result<Tally, LoadtestError> {
     let mut requests = JoinSet::new();
-    for id in ids {
+    for (i, id) in ids.enumerate() {
         let (client, url, progress) = (
             ctx.client.clone(),
-            template_url(&ctx.base, id),
+            template_url(ctx.target(i), id),
             ctx.progress.clone(),
         );
         requests.spawn(async move {
@@ -211,7 +276,8 @@ async fn collect(mut requests: JoinSet<Sample>) -> Result<Tally, LoadtestError> 
 
 /// `rounds` times: pick an id of `1..=ids` not requested earlier in this run (and evict it
 /// from Redis first when `redis_url` is given), release `concurrency` requests for it at the
-/// same moment, and count what the service did for that round alone.
+/// same moment (spread evenly over the targets: 201 over 3 replicas is 67 each), and count what
+/// the service (every replica read) did for that round alone.
 async fn stampede(
     ctx: &Ctx,
     rng: &mut SmallRng,
@@ -221,12 +287,16 @@ async fn stampede(
     redis_url: Option<&str>,
 ) -> Result<RunResult, LoadtestError> {
     ctx.progress.stage("opening connections".to_owned());
-    client::open_connections(&ctx.client, &ctx.base, concurrency).await?;
+    for (t, target) in ctx.targets.iter().enumerate() {
+        // Requests t, t + n, t + 2n, … of each round go to target t.
+        let share = concurrency.saturating_sub(t).div_ceil(ctx.targets.len());
+        client::open_connections(&ctx.client, target, share).await?;
+    }
     let mut evictor = match redis_url {
         Some(url) => Some(Evictor::connect(url).await?),
         None => None,
     };
-    let before = client::snapshot(&ctx.client, &ctx.base, true).await?;
+    let before = ctx.scrape(true).await?;
     let started = Instant::now();
     let mut active = Duration::ZERO;
     let mut tally = Tally::new();
@@ -245,16 +315,15 @@ async fn stampede(
         if let Some(evictor) = evictor.as_mut() {
             evictor.evict(id).await?;
         }
-        let round_before = client::snapshot(&ctx.client, &ctx.base, true).await?;
+        let round_before = ctx.scrape(true).await?;
 
         // Every request waits at the gate until all are spawned, then they go out together.
         let gate = Arc::new(Semaphore::new(0));
         let mut requests = JoinSet::new();
-        let url = template_url(&ctx.base, id);
-        for _ in 0..concurrency {
+        for i in 0..concurrency {
             let (client, url, gate, progress) = (
                 ctx.client.clone(),
-                url.clone(),
+                template_url(ctx.target(i), id),
                 gate.clone(),
                 ctx.progress.clone(),
             );
@@ -270,9 +339,10 @@ async fn stampede(
         let round_tally = collect(requests).await?;
         active += sending.elapsed();
 
-        let round_after = client::snapshot(&ctx.client, &ctx.base, false).await?;
-        let deltas = round_before.until(&round_after)?;
-        if deltas.db_hits_total == 0 && round_tally.x_cache("MISS") == 0 {
+        let deltas = ctx
+            .deltas_since(&round_before, round_tally.responses)
+            .await?;
+        if deltas.total.db_hits_total == 0 && round_tally.x_cache("MISS") == 0 {
             warm.push(id.to_string());
         }
         tally.merge(&round_tally);
@@ -285,7 +355,7 @@ async fn stampede(
         });
     }
     let elapsed = started.elapsed();
-    let after = client::snapshot(&ctx.client, &ctx.base, false).await?;
+    let deltas = ctx.deltas_since(&before, tally.responses).await?;
     let mut notes = Vec::new();
     if !warm.is_empty() {
         notes.push(format!(
@@ -296,7 +366,7 @@ async fn stampede(
     }
     Ok(RunResult {
         tally,
-        deltas: before.until(&after)?,
+        deltas,
         elapsed,
         active,
         rounds: results,
@@ -353,7 +423,8 @@ impl Evictor {
     }
 }
 
-/// `concurrency` workers, each sending one request after another until `duration` has passed.
+/// `concurrency` workers, each sending one request after another until `duration` has passed;
+/// worker `w`'s `k`-th request goes to target `(w + k) mod n`.
 async fn for_duration(
     ctx: &Ctx,
     rng_seed: u64,
@@ -361,7 +432,7 @@ async fn for_duration(
     duration: Duration,
     picker: IdPicker,
 ) -> Result<RunResult, LoadtestError> {
-    let before = client::snapshot(&ctx.client, &ctx.base, true).await?;
+    let before = ctx.scrape(true).await?;
     ctx.progress
         .stage(format!("of {} s", duration.as_secs_f64()));
     let picker = Arc::new(picker);
@@ -369,18 +440,21 @@ async fn for_duration(
     let deadline = started + duration;
     let mut workers = JoinSet::new();
     for worker in 0..concurrency {
-        let (client, base, progress, picker) = (
+        let (client, targets, progress, picker) = (
             ctx.client.clone(),
-            ctx.base.clone(),
+            ctx.targets.clone(),
             ctx.progress.clone(),
             picker.clone(),
         );
         let mut rng = SmallRng::seed_from_u64(rng_seed.wrapping_add(worker as u64));
         workers.spawn(async move {
             let mut tally = Tally::new();
+            let mut turn = worker;
             while Instant::now() < deadline {
                 let id = picker.pick(&mut rng);
-                let sample = client::get(&client, &template_url(&base, id), id).await;
+                let base = &targets[turn % targets.len()];
+                turn = turn.wrapping_add(1);
+                let sample = client::get(&client, &template_url(base, id), id).await;
                 progress.count(&sample);
                 tally.record(&sample);
             }
@@ -392,10 +466,10 @@ async fn for_duration(
         tally.merge(&done.map_err(|e| LoadtestError::Task(e.to_string()))?);
     }
     let elapsed = started.elapsed();
-    let after = client::snapshot(&ctx.client, &ctx.base, false).await?;
+    let deltas = ctx.deltas_since(&before, tally.responses).await?;
     Ok(RunResult {
         tally,
-        deltas: before.until(&after)?,
+        deltas,
         elapsed,
         active: elapsed,
         rounds: Vec::new(),

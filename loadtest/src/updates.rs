@@ -5,7 +5,9 @@
 //! as it was, so a run does not rewrite the data) and takes the new value from `RETURNING`. From
 //! the moment the `UPDATE` has committed, the template is polled through the service every few
 //! milliseconds until its body shows that `updated_at`: that wait is the change's visibility
-//! latency. A change not seen within [`GIVE_UP`] is counted as such, never as a latency.
+//! latency. With several `--url`s (replicas) each one is polled in turn until it too shows the
+//! change, so the latency is until the whole fleet serves it. A change not seen within
+//! [`GIVE_UP`] is counted as such, never as a latency.
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,7 @@ struct Stamp {
 /// Makes `count` changes to ids drawn uniformly from `ids`, spaced evenly over `duration`.
 pub async fn run(
     client: &reqwest::Client,
-    base: &str,
+    targets: &[String],
     database_url: &str,
     ids: std::ops::RangeInclusive<i64>,
     count: u32,
@@ -79,23 +81,36 @@ pub async fn run(
             )));
         };
         let committed = Instant::now();
-        match seen_after(client, base, id, stamp.updated_at).await {
-            Some(()) => visibility.delays.push(committed.elapsed()),
-            None => visibility.not_seen += 1,
+        let deadline = Instant::now() + GIVE_UP;
+        let mut seen_by_all = true;
+        for base in targets {
+            if seen_after(client, base, id, stamp.updated_at, deadline)
+                .await
+                .is_none()
+            {
+                seen_by_all = false;
+                break;
+            }
+        }
+        if seen_by_all {
+            visibility.delays.push(committed.elapsed());
+        } else {
+            visibility.not_seen += 1;
         }
     }
     Ok(visibility)
 }
 
-/// Polls template `id` until its `updated_at` is at least `stamp`; `None` after [`GIVE_UP`].
+/// Polls template `id` at `base` until its `updated_at` is at least `stamp`; `None` once
+/// `deadline` has passed.
 async fn seen_after(
     client: &reqwest::Client,
     base: &str,
     id: i64,
     stamp: DateTime<Utc>,
+    deadline: Instant,
 ) -> Option<()> {
     let url = template_url(base, id);
-    let deadline = Instant::now() + GIVE_UP;
     while Instant::now() < deadline {
         if let Ok(response) = client.get(&url).send().await {
             if let Ok(body) = response.bytes().await {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::Value;
 
-use crate::support::{spawn_app, sum_metric, TestApp};
+use crate::support::{closed_port, spawn_app, spawn_app_with, sum_metric, TestApp};
 
 const COUNTERS: [&str; 5] = [
     "http_request_total",
@@ -294,4 +294,262 @@ async fn updates_during_a_run_are_reported_as_seen_by_the_service() {
         "{}",
         stderr(&missing)
     );
+}
+
+/// A second replica of `first`: the same PostgreSQL database and Redis keyspace, as a fleet's
+/// replicas share them.
+async fn replica_of(first: &TestApp) -> TestApp {
+    let (database_url, redis_url) = (first.database_url.clone(), first.redis_url.clone());
+    spawn_app_with(move |settings| {
+        settings.database_url = database_url;
+        settings.redis_url = redis_url;
+    })
+    .await
+}
+
+fn report_of(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "loadtest failed: {}",
+        stderr(output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json prints one JSON object ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[actix_rt::test]
+async fn a_run_over_two_replicas_counts_both_and_spreads_the_load_evenly() {
+    let first = spawn_app().await;
+    let second = replica_of(&first).await;
+    let replicas = [&first, &second];
+    let mut before = Vec::new();
+    for app in replicas {
+        before.push(counters(app).await);
+    }
+
+    let output = loadtest(&[
+        "seed",
+        "--url",
+        &first.address,
+        "--url",
+        &second.address,
+        "--waves",
+        "2",
+        "--concurrency",
+        "40",
+        "--ids",
+        "20",
+        "--pause",
+        "0s",
+        "--json",
+    ])
+    .await;
+    let report = report_of(&output);
+    let mut after = Vec::new();
+    for app in replicas {
+        after.push(counters(app).await);
+    }
+
+    assert_eq!(
+        report["metrics_from"],
+        serde_json::json!([
+            format!("{}/metrics", first.address),
+            format!("{}/metrics", second.address)
+        ]),
+        "metrics are read from every --url"
+    );
+    for (i, name) in COUNTERS.iter().enumerate() {
+        let first_delta = after[0][i] - before[0][i];
+        let second_delta = after[1][i] - before[1][i];
+        assert_eq!(
+            number(&report, &["metrics", name]),
+            first_delta + second_delta,
+            "{name}: the table is the sum of both replicas' deltas"
+        );
+        assert_eq!(
+            number(&report["replicas"][0], &["metrics", name]),
+            first_delta,
+            "{name} of the first replica"
+        );
+        assert_eq!(
+            number(&report["replicas"][1], &["metrics", name]),
+            second_delta,
+            "{name} of the second replica"
+        );
+    }
+    assert_eq!(report["replicas"][0]["url"], first.address.as_str());
+    assert_eq!(report["replicas"][1]["url"], second.address.as_str());
+
+    // 2 waves × (40 requests for one id + one request for each of 20 ids), round-robin: each
+    // replica answered exactly half, and the fleet counted every request once.
+    let sent = 2.0 * (40.0 + 20.0);
+    assert_eq!(number(&report, &["status", "200"]), sent);
+    assert_eq!(number(&report, &["metrics", "http_request_total"]), sent);
+    for r in [0, 1] {
+        assert_eq!(
+            number(&report["replicas"][r], &["metrics", "http_request_total"]),
+            sent / 2.0,
+            "replica {r} served half the requests"
+        );
+    }
+    let hits = number(&report, &["metrics", "cache_hits_total"]);
+    let misses = number(&report, &["metrics", "cache_misses_total"]);
+    assert_eq!(
+        hits + misses,
+        sent,
+        "every answer is one lookup, fleet-wide"
+    );
+    assert_eq!(number(&report, &["x_cache", "HIT"]), hits);
+}
+
+#[actix_rt::test]
+async fn a_stampede_over_two_replicas_splits_each_round_and_counts_its_queries_per_replica() {
+    let first = spawn_app().await;
+    let second = replica_of(&first).await;
+    let args = [
+        "stampede",
+        "--url",
+        &first.address,
+        "--url",
+        &second.address,
+        "--rounds",
+        "2",
+        "--concurrency",
+        "21",
+        "--redis-url",
+        &first.redis_url,
+    ];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let report = report_of(&loadtest(&json_args).await);
+
+    // 21 simultaneous requests per round: 11 to the first replica, 10 to the second.
+    assert_eq!(
+        number(&report["replicas"][0], &["metrics", "http_request_total"]),
+        2.0 * 11.0
+    );
+    assert_eq!(
+        number(&report["replicas"][1], &["metrics", "http_request_total"]),
+        2.0 * 10.0
+    );
+    assert_eq!(number(&report, &["status", "200"]), 42.0);
+    let rounds = report["rounds"].as_array().expect("a rounds array");
+    assert_eq!(rounds.len(), 2);
+    let mut queries = 0.0;
+    for round in rounds {
+        let by_replica: Vec<f64> = round["db_queries_by_replica"]
+            .as_array()
+            .expect("each replica's queries")
+            .iter()
+            .map(|q| q.as_f64().expect("a count"))
+            .collect();
+        assert_eq!(by_replica.len(), 2, "{round}");
+        let round_queries = number(round, &["db_queries"]);
+        assert_eq!(by_replica.iter().sum::<f64>(), round_queries, "{round}");
+        // A cold key: at least one load, and at most one per replica.
+        assert!((1.0..=2.0).contains(&round_queries), "{round}");
+        queries += round_queries;
+    }
+    assert_eq!(number(&report, &["metrics", "db_hits_total"]), queries);
+
+    // The text report says it is a fleet's sum and shows each replica.
+    let text = loadtest(&args).await;
+    assert!(text.status.success(), "{}", stderr(&text));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("summed over 2 replicas"), "{text}");
+    assert!(text.contains("Per replica"), "{text}");
+    for app in [&first, &second] {
+        assert!(text.contains(&format!("{}/metrics", app.address)), "{text}");
+    }
+    assert!(!text.contains("one replica's counters"), "{text}");
+}
+
+/// A stand-in for a load balancer in front of replicas whose /metrics is not read: it answers
+/// every request, but its own /metrics never counts them.
+async fn uncounting_server() -> (String, actix_web::dev::ServerHandle) {
+    const METRICS: &str =
+        "http_request_total{endpoint=\"/template-details\",method=\"GET\",status=\"200\"} 5\n\
+        cache_hits_total 1\ncache_misses_total 1\ndb_hits_total 1\nsingleflight_shared_total 0\n";
+    let server = HttpServer::new(|| {
+        App::new()
+            .route(
+                "/metrics",
+                web::get().to(|| async { HttpResponse::Ok().body(METRICS) }),
+            )
+            .default_service(web::to(|| async {
+                HttpResponse::Ok().json(serde_json::json!({"id": 1}))
+            }))
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .expect("bind a free port");
+    let url = format!("http://{}", server.addrs()[0]);
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    (url, handle)
+}
+
+#[actix_rt::test]
+async fn answers_not_counted_by_any_metrics_read_are_refused_not_reported() {
+    let (url, handle) = uncounting_server().await;
+    let output = loadtest(&[
+        "--url",
+        &url,
+        "--waves",
+        "1",
+        "--concurrency",
+        "5",
+        "--ids",
+        "5",
+    ])
+    .await;
+    handle.stop(false).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("the client received 10 answers")
+            && err.contains(&format!("({url}/metrics) counted only 0 requests")),
+        "{err}"
+    );
+    assert!(err.contains("--metrics-url"), "the way out is named: {err}");
+    assert!(output.stdout.is_empty(), "no report of part of a fleet");
+}
+
+#[actix_rt::test]
+async fn every_unreachable_replica_is_named() {
+    let (url, handle) = uncounting_server().await;
+    let closed = format!("http://127.0.0.1:{}", closed_port());
+
+    // A --url whose /metrics is read (the default)…
+    let output = loadtest(&["--url", &url, "--url", &closed, "--waves", "1"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!("cannot reach the service at {closed}/metrics")),
+        "{err}"
+    );
+    // …a --metrics-url…
+    let output = loadtest(&["--url", &url, "--metrics-url", &closed, "--waves", "1"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!("cannot reach the service at {closed}/metrics")),
+        "{err}"
+    );
+    // …and a --url whose /metrics is not read are each checked before any load.
+    let output = loadtest(&["--url", &closed, "--metrics-url", &url, "--waves", "1"]).await;
+    handle.stop(false).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!("cannot reach the service at {closed}/healthz")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

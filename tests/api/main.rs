@@ -12,6 +12,7 @@ mod freshness;
 mod health;
 mod loadtest;
 mod metrics;
+mod migrate;
 mod redis_down;
 mod shutdown;
 mod slow_network;

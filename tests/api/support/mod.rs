@@ -72,6 +72,12 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// The URL of a new, empty database (no migration applied) on the shared test PostgreSQL.
+pub async fn empty_database_url() -> String {
+    let servers = servers::servers();
+    servers.pg_url(&create_database(servers).await)
+}
+
 /// A database of its own for one test.
 async fn create_database(servers: &servers::Servers) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
