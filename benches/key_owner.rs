@@ -32,10 +32,10 @@ use tokio::sync::oneshot;
 use singleflight::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
 use singleflight::actors::db::{DbError, FetchTemplate};
 use singleflight::actors::key_owner::{
-    shard_for, Answer, GetTemplate, KeyOwner, KeyOwnerDeps, Lookup, OwnerSettings,
+    shard_for, Answer, GetTemplate, KeyOwner, KeyOwnerDeps, OwnerSettings,
 };
 use singleflight::metrics::Metrics;
-use singleflight::template::Template;
+use singleflight::template::{Lookup, Template};
 
 /// Templates the fakes know: ids `1..=KEYS`.
 const KEYS: i64 = 1000;

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
 use crate::actors::db::{guard_panics, DbError, FetchTemplate};
-use crate::template::Template;
+use crate::template::{Lookup, Template};
 
 /// How long a test waits for a condition before failing.
 const PATIENCE: Duration = Duration::from_secs(10);
