@@ -12,12 +12,16 @@
 //! the breaker goes *half-open* and the actor itself sends one `PING` (no request waits on it, and
 //! none is needed to trigger it). Success closes the breaker; failure
 //! opens it for another period. Opening also replaces the connection, so a connection stalled
-//! behind a partition is never reused: the probe dials afresh.
+//! behind a partition is never reused: the probe dials afresh. The decisions are
+//! [`breaker::Breaker`]'s (with unit tests of its states); this actor schedules the probe and
+//! reports each change of state.
 //!
 //! One CacheActor runs on each KeyOwner's arbiter (thread), so the owner reaches it without a
 //! cross-thread wake-up, and each shard has a connection and a breaker of its own.
 
-use std::time::{Duration, Instant};
+mod breaker;
+
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
@@ -27,6 +31,7 @@ use redis::AsyncCommands;
 
 use crate::metrics::Metrics;
 use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
+use breaker::{Breaker, State};
 
 /// Why a Redis call gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,31 +152,6 @@ pub struct CacheSettings {
     pub breaker_open: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Breaker {
-    Closed { failures: u32 },
-    Open { since: Instant },
-    HalfOpen,
-}
-
-impl Breaker {
-    fn gauge_value(self) -> i64 {
-        match self {
-            Breaker::Closed { .. } => 0,
-            Breaker::Open { .. } => 1,
-            Breaker::HalfOpen => 2,
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Breaker::Closed { .. } => "closed",
-            Breaker::Open { .. } => "open",
-            Breaker::HalfOpen => "half_open",
-        }
-    }
-}
-
 pub struct CacheActor {
     /// `None` only when the URL itself is unusable, which start-up already rejects; kept as an
     /// `Option` so that even then every call is a counted miss rather than a panic.
@@ -179,10 +159,10 @@ pub struct CacheActor {
     settings: CacheSettings,
     metrics: Metrics,
     shard: String,
+    /// Decides whether calls go to Redis; the actor acts on its decisions (see [`breaker`]).
     breaker: Breaker,
-    /// Counts the times the breaker opened; a call's outcome only counts for the epoch it began
-    /// in, so a slow failure from before a trip cannot re-open a breaker that has since closed.
-    breaker_epoch: u64,
+    /// The breaker state last logged and shown in `redis_breaker_state`.
+    published: State,
     /// Entries loaded before this wall-clock time are treated as soft-expired (see
     /// [`MarkSuspect`]).
     suspect_before_ms: u64,
@@ -196,6 +176,7 @@ impl CacheActor {
     /// manager's background tasks will live.
     pub fn new(shard: usize, settings: CacheSettings, metrics: Metrics) -> Self {
         let conn = connect_lazily(&settings);
+        let breaker_failures = settings.breaker_failures;
         let shard = shard.to_string();
         metrics
             .redis_breaker_state
@@ -206,8 +187,8 @@ impl CacheActor {
             settings,
             metrics,
             shard,
-            breaker: Breaker::Closed { failures: 0 },
-            breaker_epoch: 0,
+            breaker: Breaker::new(breaker_failures),
+            published: State::Closed,
             suspect_before_ms: 0,
             writes: 0,
         }
@@ -226,79 +207,66 @@ impl CacheActor {
             .ok_or_else(|| CacheError::Io("no usable REDIS_URL".into()))
     }
 
-    fn set_breaker(&mut self, next: Breaker) {
-        if self.breaker.label() != next.label() {
+    /// Logs and counts the breaker's change of state, if it changed, and shows the state in
+    /// `redis_breaker_state`. Called after every decision that can change it.
+    fn publish_breaker(&mut self) {
+        let state = self.breaker.state();
+        if state != self.published {
             log::warn!(
                 "redis circuit breaker (shard {}): {}",
                 self.shard,
-                next.label()
+                state.label()
             );
             self.metrics
                 .redis_breaker_transitions_total
-                .with_label_values(&[next.label()])
+                .with_label_values(&[state.label()])
                 .inc();
         }
         self.metrics
             .redis_breaker_state
             .with_label_values(&[&self.shard])
-            .set(next.gauge_value());
-        self.breaker = next;
+            .set(state.gauge_value());
+        self.published = state;
     }
 
-    /// Opens the breaker, drops the connection (it may be stalled behind a partition), and
-    /// schedules the probe: recovery is found on the actor's own clock, whether or not requests
-    /// keep coming.
-    fn trip(&mut self, ctx: &mut Context<Self>) {
-        self.breaker_epoch += 1;
-        self.set_breaker(Breaker::Open {
-            since: Instant::now(),
-        });
+    /// The breaker has just opened: drop the connection (it may be stalled behind a partition)
+    /// and schedule the probe: recovery is found on the actor's own clock, whether or not
+    /// requests keep coming.
+    fn opened(&mut self, ctx: &mut Context<Self>) {
+        self.publish_breaker();
         self.conn = connect_lazily(&self.settings);
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         ctx.run_later(self.settings.breaker_open, move |actor, ctx| {
-            if epoch == actor.breaker_epoch && matches!(actor.breaker, Breaker::Open { .. }) {
+            if actor.breaker.half_open(epoch) {
                 actor.probe(ctx);
             }
         });
     }
 
-    /// Whether a call may go to Redis now.
-    fn admit(&self) -> bool {
-        matches!(self.breaker, Breaker::Closed { .. })
-    }
-
+    /// Half-open: one `PING` decides whether the breaker closes or opens for another period.
     fn probe(&mut self, ctx: &mut Context<Self>) {
-        self.set_breaker(Breaker::HalfOpen);
+        self.publish_breaker();
         let ping = self.ping();
         ctx.spawn(
             ping.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok(()) => actor.set_breaker(Breaker::Closed { failures: 0 }),
-                    Err(_) => actor.trip(ctx),
+                    Ok(()) => {
+                        actor.breaker.close();
+                        actor.publish_breaker();
+                    }
+                    Err(_) => {
+                        actor.breaker.open();
+                        actor.opened(ctx);
+                    }
                 }),
         );
     }
 
-    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker. Outcomes
-    /// of calls that began before the breaker last opened change nothing.
+    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker.
     fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>, ctx: &mut Context<Self>) {
-        let Breaker::Closed { failures } = self.breaker else {
-            return;
-        };
-        if epoch != self.breaker_epoch {
-            return;
-        }
-        match result {
-            Err(e) if e.is_connectivity() => {
-                if failures + 1 >= self.settings.breaker_failures {
-                    self.trip(ctx);
-                } else {
-                    self.breaker = Breaker::Closed {
-                        failures: failures + 1,
-                    };
-                }
-            }
-            _ => self.breaker = Breaker::Closed { failures: 0 },
+        let connectivity_failure = matches!(result, Err(e) if e.is_connectivity());
+        if self.breaker.record(epoch, connectivity_failure) {
+            self.opened(ctx);
         }
     }
 
@@ -309,12 +277,12 @@ impl CacheActor {
         T: 'static,
         F: std::future::Future<Output = Result<T, CacheError>> + 'static,
     {
-        if !self.admit() {
+        if !self.breaker.admits() {
             self.metrics.redis_calls_skipped_total.inc();
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
         let bounded = bounded(op, self.settings.timeout, self.metrics.clone());
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         Box::pin(bounded.into_actor(self).map(move |result, actor, ctx| {
             actor.record(epoch, &result, ctx);
             result
@@ -403,8 +371,8 @@ impl Supervised for CacheActor {
             .with_label_values(&["cache"])
             .inc();
         self.conn = connect_lazily(&self.settings);
-        self.breaker_epoch += 1;
-        self.set_breaker(Breaker::Closed { failures: 0 });
+        self.breaker.reset();
+        self.publish_breaker();
     }
 }
 
@@ -522,10 +490,10 @@ impl Handler<PingCache> for CacheActor {
     type Result = ResponseActFuture<Self, Result<(), CacheError>>;
 
     fn handle(&mut self, _: PingCache, _: &mut Self::Context) -> Self::Result {
-        if !matches!(self.breaker, Breaker::Closed { .. }) {
+        if !self.breaker.admits() {
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         Box::pin(self.ping().into_actor(self).map(move |result, actor, ctx| {
             actor.record(epoch, &result, ctx);
             result
