@@ -29,6 +29,7 @@ use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
 use breaker::{Breaker, State};
@@ -137,6 +138,7 @@ pub struct CacheSet {
 #[rtype(result = "Result<(), CacheError>")]
 pub struct PingCache;
 
+/// Settings a CacheActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub redis_url: String,
@@ -150,6 +152,21 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
+}
+
+impl From<&Settings> for CacheSettings {
+    fn from(s: &Settings) -> Self {
+        CacheSettings {
+            redis_url: s.redis_url.clone(),
+            timeout: s.redis_timeout,
+            ttl: s.cache_ttl,
+            grace: s.cache_grace,
+            jitter_pct: s.ttl_jitter_pct,
+            negative_ttl: s.negative_ttl,
+            breaker_failures: s.breaker_failures,
+            breaker_open: s.breaker_open,
+        }
+    }
 }
 
 pub struct CacheActor {
