@@ -800,5 +800,4 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
 }
 
 #[cfg(test)]
-#[path = "owner_tests.rs"]
 mod tests;
