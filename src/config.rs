@@ -208,20 +208,29 @@ impl Vars<'_> {
         self.0.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
-    fn invalid(var: &'static str, value: &str, expected: &'static str) -> ConfigError {
-        ConfigError {
+    /// The one way a variable is read: `default` when it is unset or empty; otherwise what `read`
+    /// makes of its value, or, if that is nothing, an error naming the variable, the value and
+    /// `expected`.
+    fn read<T>(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+        default: T,
+        read: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        let Some(v) = self.get(var) else {
+            return Ok(default);
+        };
+        read(v).ok_or_else(|| ConfigError {
             var,
-            value: value.to_owned(),
+            value: v.to_owned(),
             expected,
-        }
+        })
     }
 
     /// A variable that is no longer read: setting it is an error saying why.
     fn retired(&self, var: &'static str, why: &'static str) -> Result<(), ConfigError> {
-        match self.get(var) {
-            None => Ok(()),
-            Some(v) => Err(Self::invalid(var, v, why)),
-        }
+        self.read(var, why, (), |_| None)
     }
 
     fn parse<T: std::str::FromStr>(
@@ -230,10 +239,7 @@ impl Vars<'_> {
         expected: &'static str,
         default: T,
     ) -> Result<T, ConfigError> {
-        match self.get(var) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| Self::invalid(var, v, expected)),
-        }
+        self.read(var, expected, default, |v| v.parse().ok())
     }
 
     /// A whole number within `range`, or `None` when the variable is not set.
@@ -243,13 +249,9 @@ impl Vars<'_> {
         expected: &'static str,
         range: std::ops::RangeInclusive<u64>,
     ) -> Result<Option<u64>, ConfigError> {
-        let Some(v) = self.get(var) else {
-            return Ok(None);
-        };
-        match v.parse::<u64>() {
-            Ok(n) if range.contains(&n) => Ok(Some(n)),
-            _ => Err(Self::invalid(var, v, expected)),
-        }
+        self.read(var, expected, None, |v| {
+            v.parse().ok().filter(|n| range.contains(n)).map(Some)
+        })
     }
 
     fn positive(&self, var: &'static str, default: usize) -> Result<usize, ConfigError> {
@@ -285,14 +287,13 @@ impl Vars<'_> {
     }
 
     fn on_off(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        let Some(v) = self.get(var) else {
-            return Ok(default);
-        };
-        match v.to_ascii_lowercase().as_str() {
-            "on" | "true" | "1" | "yes" => Ok(true),
-            "off" | "false" | "0" | "no" => Ok(false),
-            _ => Err(Self::invalid(var, v, "on or off")),
-        }
+        self.read(var, "on or off", default, |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" | "yes" => Some(true),
+                "off" | "false" | "0" | "no" => Some(false),
+                _ => None,
+            }
+        })
     }
 
     fn url(
@@ -301,17 +302,12 @@ impl Vars<'_> {
         kind: UrlKind,
         default: String,
     ) -> Result<String, ConfigError> {
-        let Some(v) = self.get(var) else {
-            return Ok(default);
-        };
-        let scheme_ok = v
-            .split_once("://")
-            .is_some_and(|(scheme, rest)| kind.schemes.contains(&scheme) && !rest.is_empty());
-        if scheme_ok {
-            Ok(v.to_owned())
-        } else {
-            Err(Self::invalid(var, v, kind.example))
-        }
+        self.read(var, kind.example, default, |v| {
+            let scheme_ok = v
+                .split_once("://")
+                .is_some_and(|(scheme, rest)| kind.schemes.contains(&scheme) && !rest.is_empty());
+            scheme_ok.then(|| v.to_owned())
+        })
     }
 }
 
