@@ -129,243 +129,184 @@ impl Settings {
     }
 
     /// Reads settings from a map of variables; absent or empty variables take the default.
+    ///
+    /// One row per variable: its field, its name, the kind of value it takes (which says what is
+    /// accepted, and so what an error says), and its default.
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let env = Vars(vars);
         let d = Settings::default();
-        if let Some(v) = get("DB_ACQUIRE_TIMEOUT_MS") {
-            return Err(ConfigError {
-                var: "DB_ACQUIRE_TIMEOUT_MS",
-                value: v.to_owned(),
-                expected: "it unset: it was retired, since a load now waits for a connection as \
-                           long as its flight has left (FLIGHT_TIMEOUT_MS), and connections are \
-                           opened in the background within DB_CONNECT_TIMEOUT_MS",
-            });
-        }
-        let settings = Settings {
-            http_addr: parse(
-                get("HTTP_ADDR"),
-                "HTTP_ADDR",
-                "an address like 0.0.0.0:8080",
-                d.http_addr,
-            )?,
-            http_workers: positive(get("HTTP_WORKERS"), "HTTP_WORKERS", d.http_workers)?,
-            database_url: url(
-                get("DATABASE_URL"),
-                "DATABASE_URL",
-                &["postgres", "postgresql"],
-                d.database_url,
-            )?,
-            redis_url: url(get("REDIS_URL"), "REDIS_URL", &["redis"], d.redis_url)?,
-            cache_ttl: Duration::from_secs(positive(
-                get("CACHE_TTL_SECS"),
-                "CACHE_TTL_SECS",
-                d.cache_ttl.as_secs() as usize,
-            )? as u64),
-            cache_grace: secs_or_zero(get("CACHE_GRACE_SECS"), "CACHE_GRACE_SECS", d.cache_grace)?,
-            ttl_jitter_pct: percent(get("TTL_JITTER_PCT"), "TTL_JITTER_PCT", d.ttl_jitter_pct)?,
-            key_owner_shards: positive(
-                get("KEY_OWNER_SHARDS"),
-                "KEY_OWNER_SHARDS",
-                d.key_owner_shards,
-            )?,
-            db_pool_size: positive(get("DB_POOL_SIZE"), "DB_POOL_SIZE", d.db_pool_size as usize)?
-                as u32,
-            db_pool_min_idle: match whole(
-                get("DB_POOL_MIN_IDLE"),
-                "DB_POOL_MIN_IDLE",
-                "a whole number from 0 to DB_POOL_SIZE",
-                0..=100_000,
-            )? {
-                Some(n) => n as u32,
-                // Unset: keep every connection of the pool open.
-                None => {
-                    positive(get("DB_POOL_SIZE"), "DB_POOL_SIZE", d.db_pool_size as usize)? as u32
-                }
-            },
-            db_connect_timeout: millis(
-                get("DB_CONNECT_TIMEOUT_MS"),
-                "DB_CONNECT_TIMEOUT_MS",
-                1,
-                d.db_connect_timeout,
-            )?,
-            db_batch_max: positive(get("DB_BATCH_MAX"), "DB_BATCH_MAX", d.db_batch_max)?,
-            db_query_timeout: millis(
-                get("DB_QUERY_TIMEOUT_MS"),
-                "DB_QUERY_TIMEOUT_MS",
-                1,
-                d.db_query_timeout,
-            )?,
-            redis_timeout: millis(
-                get("REDIS_TIMEOUT_MS"),
-                "REDIS_TIMEOUT_MS",
-                1,
-                d.redis_timeout,
-            )?,
-            request_timeout: millis(
-                get("REQUEST_TIMEOUT_MS"),
-                "REQUEST_TIMEOUT_MS",
-                1,
-                d.request_timeout,
-            )?,
-            flight_timeout: millis(
-                get("FLIGHT_TIMEOUT_MS"),
-                "FLIGHT_TIMEOUT_MS",
-                1,
-                d.flight_timeout,
-            )?,
-            coalesce: on_off(get("COALESCE"), "COALESCE", d.coalesce)?,
-            near_cache_ttl: millis(
-                get("NEAR_CACHE_TTL_MS"),
-                "NEAR_CACHE_TTL_MS",
-                0,
-                d.near_cache_ttl,
-            )?,
-            near_cache_capacity: positive(
-                get("NEAR_CACHE_CAPACITY"),
-                "NEAR_CACHE_CAPACITY",
-                d.near_cache_capacity,
-            )?,
-            max_stale: secs_or_zero(get("MAX_STALE_SECS"), "MAX_STALE_SECS", d.max_stale)?,
-            negative_ttl: secs_or_zero(
-                get("NEGATIVE_TTL_SECS"),
-                "NEGATIVE_TTL_SECS",
-                d.negative_ttl,
-            )?,
-            max_pending_keys: positive(
-                get("MAX_PENDING_KEYS"),
-                "MAX_PENDING_KEYS",
-                d.max_pending_keys,
-            )?,
-            max_waiters_per_key: positive(
-                get("MAX_WAITERS_PER_KEY"),
-                "MAX_WAITERS_PER_KEY",
-                d.max_waiters_per_key,
-            )?,
-            breaker_failures: positive(
-                get("BREAKER_FAILURES"),
-                "BREAKER_FAILURES",
-                d.breaker_failures as usize,
-            )? as u32,
-            breaker_open: millis(get("BREAKER_OPEN_MS"), "BREAKER_OPEN_MS", 1, d.breaker_open)?,
+        env.retired(
+            "DB_ACQUIRE_TIMEOUT_MS",
+            "it unset: it was retired, since a load now waits for a connection as long as its \
+             flight has left (FLIGHT_TIMEOUT_MS), and connections are opened in the background \
+             within DB_CONNECT_TIMEOUT_MS",
+        )?;
+        // Read first: DB_POOL_MIN_IDLE is bounded by it, and defaults to it (unset: keep every
+        // connection of the pool open).
+        let db_pool_size = env.positive("DB_POOL_SIZE", d.db_pool_size as usize)? as u32;
+        Ok(Settings {
+            http_addr: env.parse("HTTP_ADDR", "an address like 0.0.0.0:8080", d.http_addr)?,
+            http_workers: env.positive("HTTP_WORKERS", d.http_workers)?,
+            database_url: env.url("DATABASE_URL", POSTGRES_URL, d.database_url)?,
+            redis_url: env.url("REDIS_URL", REDIS_URL, d.redis_url)?,
+            cache_ttl: Duration::from_secs(
+                env.positive("CACHE_TTL_SECS", d.cache_ttl.as_secs() as usize)? as u64,
+            ),
+            cache_grace: env.secs_or_zero("CACHE_GRACE_SECS", d.cache_grace)?,
+            ttl_jitter_pct: env.percent("TTL_JITTER_PCT", d.ttl_jitter_pct)?,
+            key_owner_shards: env.positive("KEY_OWNER_SHARDS", d.key_owner_shards)?,
+            db_pool_size,
+            db_pool_min_idle: env
+                .whole(
+                    "DB_POOL_MIN_IDLE",
+                    "a whole number from 0 to DB_POOL_SIZE",
+                    0..=u64::from(db_pool_size),
+                )?
+                .map_or(db_pool_size, |n| n as u32),
+            db_connect_timeout: env.millis("DB_CONNECT_TIMEOUT_MS", 1, d.db_connect_timeout)?,
+            db_batch_max: env.positive("DB_BATCH_MAX", d.db_batch_max)?,
+            db_query_timeout: env.millis("DB_QUERY_TIMEOUT_MS", 1, d.db_query_timeout)?,
+            redis_timeout: env.millis("REDIS_TIMEOUT_MS", 1, d.redis_timeout)?,
+            request_timeout: env.millis("REQUEST_TIMEOUT_MS", 1, d.request_timeout)?,
+            flight_timeout: env.millis("FLIGHT_TIMEOUT_MS", 1, d.flight_timeout)?,
+            coalesce: env.on_off("COALESCE", d.coalesce)?,
+            near_cache_ttl: env.millis("NEAR_CACHE_TTL_MS", 0, d.near_cache_ttl)?,
+            near_cache_capacity: env.positive("NEAR_CACHE_CAPACITY", d.near_cache_capacity)?,
+            max_stale: env.secs_or_zero("MAX_STALE_SECS", d.max_stale)?,
+            negative_ttl: env.secs_or_zero("NEGATIVE_TTL_SECS", d.negative_ttl)?,
+            max_pending_keys: env.positive("MAX_PENDING_KEYS", d.max_pending_keys)?,
+            max_waiters_per_key: env.positive("MAX_WAITERS_PER_KEY", d.max_waiters_per_key)?,
+            breaker_failures: env.positive("BREAKER_FAILURES", d.breaker_failures as usize)? as u32,
+            breaker_open: env.millis("BREAKER_OPEN_MS", 1, d.breaker_open)?,
+        })
+    }
+}
+
+/// What a URL variable accepts: its schemes, and an example for the error message.
+struct UrlKind {
+    schemes: &'static [&'static str],
+    example: &'static str,
+}
+
+const POSTGRES_URL: UrlKind = UrlKind {
+    schemes: &["postgres", "postgresql"],
+    example: "a URL like postgres://user@host:5432/dbname",
+};
+
+const REDIS_URL: UrlKind = UrlKind {
+    schemes: &["redis"],
+    example: "a URL like redis://127.0.0.1:6379/",
+};
+
+/// The variables, read by kind of value. Each reader takes the variable's name, returns the
+/// default when it is absent or empty, and otherwise the value or a [`ConfigError`] naming the
+/// variable, the value and what the kind accepts.
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl Vars<'_> {
+    fn get(&self, var: &str) -> Option<&str> {
+        self.0.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    /// The one way a variable is read: `default` when it is unset or empty; otherwise what `read`
+    /// makes of its value, or, if that is nothing, an error naming the variable, the value and
+    /// `expected`.
+    fn read<T>(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+        default: T,
+        read: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        let Some(v) = self.get(var) else {
+            return Ok(default);
         };
-        if settings.db_pool_min_idle > settings.db_pool_size {
-            return Err(ConfigError {
-                var: "DB_POOL_MIN_IDLE",
-                value: settings.db_pool_min_idle.to_string(),
-                expected: "a whole number from 0 to DB_POOL_SIZE",
-            });
-        }
-        Ok(settings)
-    }
-}
-
-fn parse<T: std::str::FromStr>(
-    raw: Option<&str>,
-    var: &'static str,
-    expected: &'static str,
-    default: T,
-) -> Result<T, ConfigError> {
-    match raw {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|_| ConfigError {
+        read(v).ok_or_else(|| ConfigError {
             var,
             value: v.to_owned(),
             expected,
-        }),
+        })
     }
-}
 
-/// A whole number within `range`, or `None` when the variable is not set.
-fn whole(
-    raw: Option<&str>,
-    var: &'static str,
-    expected: &'static str,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<Option<u64>, ConfigError> {
-    let Some(v) = raw else { return Ok(None) };
-    match v.parse::<u64>() {
-        Ok(n) if range.contains(&n) => Ok(Some(n)),
-        _ => Err(ConfigError {
-            var,
-            value: v.to_owned(),
-            expected,
-        }),
+    /// A variable that is no longer read: setting it is an error saying why.
+    fn retired(&self, var: &'static str, why: &'static str) -> Result<(), ConfigError> {
+        self.read(var, why, (), |_| None)
     }
-}
 
-fn positive(raw: Option<&str>, var: &'static str, default: usize) -> Result<usize, ConfigError> {
-    let n = whole(raw, var, "a whole number from 1 to 100000", 1..=100_000)?;
-    Ok(n.map_or(default, |n| n as usize))
-}
-
-/// Milliseconds from `min` (0 meaning "off") to 600000.
-fn millis(
-    raw: Option<&str>,
-    var: &'static str,
-    min: u64,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let expected = if min == 0 {
-        "milliseconds, a whole number from 0 (off) to 600000"
-    } else {
-        "milliseconds, a whole number from 1 to 600000"
-    };
-    Ok(whole(raw, var, expected, min..=600_000)?.map_or(default, Duration::from_millis))
-}
-
-fn secs_or_zero(
-    raw: Option<&str>,
-    var: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let n = whole(
-        raw,
-        var,
-        "seconds, a whole number from 0 (off) to 86400",
-        0..=86_400,
-    )?;
-    Ok(n.map_or(default, Duration::from_secs))
-}
-
-fn percent(raw: Option<&str>, var: &'static str, default: u32) -> Result<u32, ConfigError> {
-    let n = whole(raw, var, "a whole percentage from 0 to 50", 0..=50)?;
-    Ok(n.map_or(default, |n| n as u32))
-}
-
-fn on_off(raw: Option<&str>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-    match raw.map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
-        Some("on" | "true" | "1" | "yes") => Ok(true),
-        Some("off" | "false" | "0" | "no") => Ok(false),
-        Some(_) => Err(ConfigError {
-            var,
-            value: raw.unwrap_or_default().to_owned(),
-            expected: "on or off",
-        }),
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        self.read(var, expected, default, |v| v.parse().ok())
     }
-}
 
-fn url(
-    raw: Option<&str>,
-    var: &'static str,
-    schemes: &[&str],
-    default: String,
-) -> Result<String, ConfigError> {
-    let Some(v) = raw else { return Ok(default) };
-    let scheme_ok = v
-        .split_once("://")
-        .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
-    if scheme_ok {
-        Ok(v.to_owned())
-    } else {
-        Err(ConfigError {
-            var,
-            value: v.to_owned(),
-            expected: if schemes[0] == "redis" {
-                "a URL like redis://127.0.0.1:6379/"
-            } else {
-                "a URL like postgres://user@host:5432/dbname"
-            },
+    /// A whole number within `range`, or `None` when the variable is not set.
+    fn whole(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Option<u64>, ConfigError> {
+        self.read(var, expected, None, |v| {
+            v.parse().ok().filter(|n| range.contains(n)).map(Some)
+        })
+    }
+
+    fn positive(&self, var: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let n = self.whole(var, "a whole number from 1 to 100000", 1..=100_000)?;
+        Ok(n.map_or(default, |n| n as usize))
+    }
+
+    /// Milliseconds from `min` (0 meaning "off") to 600000.
+    fn millis(
+        &self,
+        var: &'static str,
+        min: u64,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let expected = if min == 0 {
+            "milliseconds, a whole number from 0 (off) to 600000"
+        } else {
+            "milliseconds, a whole number from 1 to 600000"
+        };
+        let n = self.whole(var, expected, min..=600_000)?;
+        Ok(n.map_or(default, Duration::from_millis))
+    }
+
+    fn secs_or_zero(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        let expected = "seconds, a whole number from 0 (off) to 86400";
+        let n = self.whole(var, expected, 0..=86_400)?;
+        Ok(n.map_or(default, Duration::from_secs))
+    }
+
+    fn percent(&self, var: &'static str, default: u32) -> Result<u32, ConfigError> {
+        let n = self.whole(var, "a whole percentage from 0 to 50", 0..=50)?;
+        Ok(n.map_or(default, |n| n as u32))
+    }
+
+    fn on_off(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        self.read(var, "on or off", default, |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" | "yes" => Some(true),
+                "off" | "false" | "0" | "no" => Some(false),
+                _ => None,
+            }
+        })
+    }
+
+    fn url(
+        &self,
+        var: &'static str,
+        kind: UrlKind,
+        default: String,
+    ) -> Result<String, ConfigError> {
+        self.read(var, kind.example, default, |v| {
+            let scheme_ok = v
+                .split_once("://")
+                .is_some_and(|(scheme, rest)| kind.schemes.contains(&scheme) && !rest.is_empty());
+            scheme_ok.then(|| v.to_owned())
         })
     }
 }
@@ -402,6 +343,9 @@ mod tests {
         let s = Settings::from_vars(&vars(&[("DB_POOL_SIZE", "4"), ("DB_POOL_MIN_IDLE", "0")]))
             .expect("valid");
         assert_eq!(s.db_pool_min_idle, 0);
+        let err = Settings::from_vars(&vars(&[("DB_POOL_SIZE", "4"), ("DB_POOL_MIN_IDLE", "5")]))
+            .expect_err("more idle connections than the pool holds");
+        assert_eq!((err.var, err.value.as_str()), ("DB_POOL_MIN_IDLE", "5"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The one way to start the service, used by `main` and by the tests.
 //!
-//! [`Application::build`] applies migrations, starts the actors, binds the listener and returns
-//! the server ready to run, with the port it got (tests bind port 0).
+//! [`Application::build`] applies migrations ([`migrate`]), starts the actors ([`start_db`],
+//! [`start_shards`], [`start_listener`]), binds the listener ([`serve`], with the
+//! [`http_metrics`] middleware) and returns the server ready to run, with the port it got
+//! (tests bind port 0).
 //!
 //! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
 //! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`] and the
@@ -14,7 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::{web, App, HttpServer};
-use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetricsBuilder};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
@@ -68,142 +70,25 @@ impl Drop for Arbiters {
 }
 
 impl Application {
+    /// Starts the service, step by step: nothing is served before the schema is current and the
+    /// change listener is listening (or has had its chance), and the port is bound last.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         CacheActor::check_url(&settings.redis_url).map_err(StartupError::RedisUrl)?;
-        let applied = crate::migrate::run_pending(&settings.database_url, MIGRATION_PATIENCE)
-            .await
-            .map_err(StartupError::Migrations)?;
-        log::info!("database schema is current ({applied} migrations applied now)");
-
+        migrate(&settings).await?;
         let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
-        let mut arbiters = Vec::new();
-
-        let db_arbiter = Arbiter::new();
-        let db_settings = DbSettings {
-            database_url: settings.database_url.clone(),
-            pool_size: settings.db_pool_size,
-            min_idle: settings.db_pool_min_idle,
-            connect_timeout: settings.db_connect_timeout,
-            query_timeout: settings.db_query_timeout,
-            // The baseline sends every load alone: batching would deduplicate at the database.
-            batch_max: if settings.coalesce {
-                settings.db_batch_max
-            } else {
-                1
-            },
-        };
-        let db_metrics = metrics.clone();
-        let db = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
-            DbActor::new(db_settings, db_metrics)
-        });
-        arbiters.push(db_arbiter);
-
-        let cache_settings = CacheSettings {
-            redis_url: settings.redis_url.clone(),
-            timeout: settings.redis_timeout,
-            ttl: settings.cache_ttl,
-            grace: settings.cache_grace,
-            jitter_pct: settings.ttl_jitter_pct,
-            negative_ttl: settings.negative_ttl,
-            breaker_failures: settings.breaker_failures,
-            breaker_open: settings.breaker_open,
-        };
-        let mut owners = Vec::with_capacity(settings.key_owner_shards);
-        let mut caches = Vec::with_capacity(settings.key_owner_shards);
-        for shard in 0..settings.key_owner_shards {
-            let arbiter = Arbiter::new();
-            let (cs, cm) = (cache_settings.clone(), metrics.clone());
-            let cache = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-                CacheActor::new(shard, cs, cm)
-            });
-            let deps = KeyOwnerDeps {
-                cache_get: cache.clone().recipient(),
-                cache_set: cache.clone().recipient(),
-                cache_del: cache.clone().recipient(),
-                db: db.clone().recipient(),
-                settings: OwnerSettings::from(&settings),
-                metrics: metrics.clone(),
-            };
-            owners.push(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-                KeyOwner::new(shard, deps)
-            }));
-            caches.push(cache);
-            arbiters.push(arbiter);
-        }
-
-        // Change notifications, on the database arbiter. Nothing is served before the first
-        // LISTEN is in place (bounded: with PostgreSQL slow to answer, start anyway and let the
-        // listener keep trying; it marks everything suspect when it does connect).
-        let (listening_tx, listening) = tokio::sync::oneshot::channel();
-        let (url, lo, lc, lm) = (
-            settings.database_url.clone(),
-            owners.clone(),
-            caches.clone(),
-            metrics.clone(),
-        );
-        Supervisor::start_in_arbiter(&arbiters[0].handle(), move |_| {
-            ChangeListener::new(url, lo, lc, lm, listening_tx)
-        });
-        if tokio::time::timeout(LISTEN_PATIENCE, listening)
-            .await
-            .is_err()
-        {
-            log::warn!("not yet listening for template changes; starting anyway");
-        }
-
-        let prometheus = PrometheusMetricsBuilder::new("")
-            .registry(metrics.registry.clone())
-            .endpoint("/metrics")
-            .exclude("/metrics")
-            .mask_unmatched_patterns("UNMATCHED")
-            .metrics_configuration(
-                ActixMetricsConfiguration::default()
-                    .http_requests_total_name("http_request_total")
-                    .http_requests_duration_seconds_name("http_request_duration_seconds"),
-            )
-            .build()
-            .map_err(|e| StartupError::Metrics(e.to_string()))?;
-
-        let state = web::Data::new(AppState {
-            owners,
+        let (db_arbiter, db) = start_db(&settings, &metrics);
+        let shards = start_shards(&settings, &db, &metrics);
+        start_listener(&settings, &db_arbiter, &shards, &metrics).await;
+        // Owned from here, so that a failure to bind stops the actor threads too.
+        let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
+        let state = AppState {
+            owners: shards.owners,
             db,
-            cache_probe: caches[0].clone(),
+            cache_probe: shards.caches[0].clone(),
             request_timeout: settings.request_timeout,
             metrics: metrics.clone(),
-        });
-        let in_flight = metrics.http_in_flight_requests.clone();
-        let bind_err = |source| StartupError::Bind {
-            addr: settings.http_addr,
-            source,
         };
-        let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
-        let port = listener.local_addr().map_err(bind_err)?.port();
-        let server = HttpServer::new(move || {
-            let in_flight = in_flight.clone();
-            App::new()
-                .wrap(prometheus.clone())
-                .wrap_fn(move |req, srv| {
-                    // A scrape is not traffic: counting it would show one request in flight
-                    // on every sample.
-                    let guard = (req.path() != "/metrics").then(|| InFlight::enter(&in_flight));
-                    let response = srv.call(req);
-                    async move {
-                        let response = response.await;
-                        drop(guard);
-                        response
-                    }
-                })
-                .app_data(state.clone())
-                .configure(http::routes)
-        })
-        .workers(settings.http_workers)
-        // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
-        // graceful stop the server stops accepting and gives in-flight requests this long.
-        .disable_signals()
-        .shutdown_timeout(10)
-        .listen(listener)
-        .map_err(bind_err)?
-        .run();
+        let (server, port) = serve(&settings, state, &metrics)?;
         log::info!(
             "listening on {} ({} key owner shards, coalescing {})",
             listener_addr(settings.http_addr, port),
@@ -213,7 +98,7 @@ impl Application {
         Ok(Application {
             port,
             server,
-            _arbiters: Arbiters(arbiters),
+            _arbiters: arbiters,
             metrics,
         })
     }
@@ -241,4 +126,152 @@ impl Application {
 
 fn listener_addr(addr: std::net::SocketAddr, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip(), port)
+}
+
+/// Applies pending migrations, waiting a while for PostgreSQL to accept connections.
+async fn migrate(settings: &Settings) -> Result<(), StartupError> {
+    let applied = crate::migrate::run_pending(&settings.database_url, MIGRATION_PATIENCE)
+        .await
+        .map_err(StartupError::Migrations)?;
+    log::info!("database schema is current ({applied} migrations applied now)");
+    Ok(())
+}
+
+/// The DbActor, on an arbiter of its own (which the change listener shares).
+fn start_db(settings: &Settings, metrics: &Metrics) -> (Arbiter, Addr<DbActor>) {
+    let arbiter = Arbiter::new();
+    let (db_settings, db_metrics) = (DbSettings::from(settings), metrics.clone());
+    let db = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+        DbActor::new(db_settings, db_metrics)
+    });
+    (arbiter, db)
+}
+
+/// The key owner shards: one arbiter each, running the shard's [`KeyOwner`] and the
+/// [`CacheActor`] it talks to.
+struct Shards {
+    owners: Vec<Addr<KeyOwner>>,
+    caches: Vec<Addr<CacheActor>>,
+    arbiters: Vec<Arbiter>,
+}
+
+fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> Shards {
+    let cache_settings = CacheSettings::from(settings);
+    let shards = settings.key_owner_shards;
+    let mut started = Shards {
+        owners: Vec::with_capacity(shards),
+        caches: Vec::with_capacity(shards),
+        arbiters: Vec::with_capacity(shards),
+    };
+    for shard in 0..shards {
+        let arbiter = Arbiter::new();
+        let (cs, cm) = (cache_settings.clone(), metrics.clone());
+        let cache = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+            CacheActor::new(shard, cs, cm)
+        });
+        let deps = KeyOwnerDeps {
+            cache_get: cache.clone().recipient(),
+            cache_set: cache.clone().recipient(),
+            cache_del: cache.clone().recipient(),
+            db: db.clone().recipient(),
+            settings: OwnerSettings::from(settings),
+            metrics: metrics.clone(),
+        };
+        started
+            .owners
+            .push(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                KeyOwner::new(shard, deps)
+            }));
+        started.caches.push(cache);
+        started.arbiters.push(arbiter);
+    }
+    started
+}
+
+/// Change notifications, on the database arbiter. Nothing is served before the first LISTEN is
+/// in place (bounded: with PostgreSQL slow to answer, start anyway and let the listener keep
+/// trying; it marks everything suspect when it does connect).
+async fn start_listener(
+    settings: &Settings,
+    db_arbiter: &Arbiter,
+    shards: &Shards,
+    metrics: &Metrics,
+) {
+    let (listening_tx, listening) = tokio::sync::oneshot::channel();
+    let (url, lo, lc, lm) = (
+        settings.database_url.clone(),
+        shards.owners.clone(),
+        shards.caches.clone(),
+        metrics.clone(),
+    );
+    Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+        ChangeListener::new(url, lo, lc, lm, listening_tx)
+    });
+    if tokio::time::timeout(LISTEN_PATIENCE, listening)
+        .await
+        .is_err()
+    {
+        log::warn!("not yet listening for template changes; starting anyway");
+    }
+}
+
+/// The HTTP metrics middleware: the seed's metric names, `/metrics` served and not counted,
+/// unmatched paths masked, our own metrics in the same registry.
+fn http_metrics(metrics: &Metrics) -> Result<PrometheusMetrics, StartupError> {
+    PrometheusMetricsBuilder::new("")
+        .registry(metrics.registry.clone())
+        .endpoint("/metrics")
+        .exclude("/metrics")
+        .mask_unmatched_patterns("UNMATCHED")
+        .metrics_configuration(
+            ActixMetricsConfiguration::default()
+                .http_requests_total_name("http_request_total")
+                .http_requests_duration_seconds_name("http_request_duration_seconds"),
+        )
+        .build()
+        .map_err(|e| StartupError::Metrics(e.to_string()))
+}
+
+/// Binds `HTTP_ADDR` and returns the server, not yet running, with the port it got.
+fn serve(
+    settings: &Settings,
+    state: AppState,
+    metrics: &Metrics,
+) -> Result<(Server, u16), StartupError> {
+    let prometheus = http_metrics(metrics)?;
+    let state = web::Data::new(state);
+    let in_flight = metrics.http_in_flight_requests.clone();
+    let bind_err = |source| StartupError::Bind {
+        addr: settings.http_addr,
+        source,
+    };
+    let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
+    let port = listener.local_addr().map_err(bind_err)?.port();
+    let server = HttpServer::new(move || {
+        let in_flight = in_flight.clone();
+        App::new()
+            .wrap(prometheus.clone())
+            .wrap_fn(move |req, srv| {
+                // A scrape is not traffic: counting it would show one request in flight on
+                // every sample.
+                let guard = (req.path() != "/metrics").then(|| InFlight::enter(&in_flight));
+                let response = srv.call(req);
+                async move {
+                    let response = response.await;
+                    drop(guard);
+                    response
+                }
+            })
+            .app_data(state.clone())
+            .configure(http::routes)
+    })
+    .workers(settings.http_workers)
+    // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
+    // graceful stop the server stops accepting and gives in-flight requests this long.
+    .disable_signals()
+    .shutdown_timeout(10)
+    .listen(listener)
+    .map_err(bind_err)?
+    .run();
+    Ok((server, port))
 }

@@ -1,8 +1,12 @@
-//! The one thing this service serves: a template row, and its JSON form.
+//! The one thing this service serves — a template row, its JSON form, what a load found for a
+//! key ([`Lookup`]) — and the format it is cached in ([`Entry`]). Every actor and the HTTP layer
+//! share these types; they depend on no actor, so no actor module needs another for them.
 //!
 //! The JSON body is produced once, when a row is loaded from PostgreSQL, and then travels as
 //! bytes: Redis stores exactly the body that clients receive, and a cache hit is answered without
 //! re-serializing.
+
+use std::time::Duration;
 
 use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};
@@ -42,6 +46,107 @@ pub fn cache_key(id: i64) -> String {
     format!("template:{id}")
 }
 
+/// What a flight produced for a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The JSON body of the template.
+    Found(Bytes),
+    /// No template has this id.
+    NotFound,
+}
+
+/// The payload stored for "no template has this id". It cannot be mistaken for a body: a body is
+/// a JSON object with a `name`.
+fn not_found_marker(id: i64) -> String {
+    format!("{{\"not_found\":{id}}}")
+}
+
+/// An entry in Redis: one header line, then the payload (a template's JSON body, which has no
+/// raw newline, or the not-found marker):
+///
+/// ```text
+/// sf1 <loaded_at unix ms> <soft expiry unix ms>
+/// {"id":1,"name":...}
+/// ```
+///
+/// Times are wall-clock so that every replica reads them alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub loaded_at_ms: u64,
+    pub soft_expiry_ms: u64,
+    pub lookup: Lookup,
+}
+
+const ENTRY_TAG: &str = "sf1";
+
+impl Entry {
+    pub fn encode(&self, id: i64) -> Vec<u8> {
+        let mut out = format!(
+            "{ENTRY_TAG} {} {}\n",
+            self.loaded_at_ms, self.soft_expiry_ms
+        )
+        .into_bytes();
+        match &self.lookup {
+            Lookup::Found(body) => out.extend_from_slice(body),
+            Lookup::NotFound => out.extend_from_slice(not_found_marker(id).as_bytes()),
+        }
+        out
+    }
+
+    /// Parses an entry for `id`; `None` for anything else (another program's value, a truncated
+    /// write, an older format, a body for another id).
+    pub fn decode(raw: Bytes, id: i64) -> Option<Entry> {
+        let newline = raw.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&raw[..newline]).ok()?;
+        let mut fields = header.split(' ');
+        if fields.next()? != ENTRY_TAG {
+            return None;
+        }
+        let loaded_at_ms = fields.next()?.parse().ok()?;
+        let soft_expiry_ms = fields.next()?.parse().ok()?;
+        if fields.next().is_some() {
+            return None;
+        }
+        let payload = raw.slice(newline + 1..);
+        let lookup = if payload == not_found_marker(id).as_bytes() {
+            Lookup::NotFound
+        } else if Template::body_is_valid_for(&payload, id) {
+            Lookup::Found(payload)
+        } else {
+            return None;
+        };
+        Some(Entry {
+            loaded_at_ms,
+            soft_expiry_ms,
+            lookup,
+        })
+    }
+}
+
+/// Wall-clock now, in unix milliseconds: the clock of [`Entry`] times, and of every moment
+/// compared with them (when a load began, since when entries are suspect).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `ttl` spread by up to `pct` percent either way, so keys filled together do not expire
+/// together. `seed` picks the point in the window (any well-mixed number will do).
+pub fn jittered(ttl: Duration, pct: u32, seed: u64) -> Duration {
+    if pct == 0 {
+        return ttl;
+    }
+    // splitmix64: a cheap, well-mixed map from the seed to a uniform 64-bit number.
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // in [0, 1)
+    let factor = 1.0 + (pct as f64 / 100.0) * (2.0 * unit - 1.0);
+    ttl.mul_f64(factor.max(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +180,65 @@ mod tests {
             "missing fields"
         );
         assert!(!Template::body_is_valid_for(b"garbage", 7));
+    }
+
+    fn body(id: i64) -> Bytes {
+        // A body's content may hold newlines; its JSON form does not, which the entry's header
+        // line relies on.
+        Template {
+            id,
+            name: "n".into(),
+            content: "line one\nline two".into(),
+            updated_at: Utc::now(),
+        }
+        .to_body()
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        for lookup in [Lookup::Found(body(3)), Lookup::NotFound] {
+            let entry = Entry {
+                loaded_at_ms: 10,
+                soft_expiry_ms: 20,
+                lookup,
+            };
+            let raw = Bytes::from(entry.encode(3));
+            assert_eq!(Entry::decode(raw, 3), Some(entry));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_not_an_entry() {
+        let good = Entry {
+            loaded_at_ms: 1,
+            soft_expiry_ms: 2,
+            lookup: Lookup::Found(body(3)),
+        };
+        assert_eq!(
+            Entry::decode(Bytes::from(good.encode(3)), 4),
+            None,
+            "a body for another id"
+        );
+        for raw in [
+            body(3).to_vec(),                // a bare body (older format)
+            b"sf1 1 2\n{\"id\":3}".to_vec(), // not a whole template
+            b"sf1 x 2\n".to_vec(),           // a bad header
+            b"sf2 1 2\n{}".to_vec(),         // another format
+            b"garbage".to_vec(),
+        ] {
+            assert_eq!(Entry::decode(Bytes::from(raw.clone()), 3), None, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_ttls_over_the_window() {
+        let ttl = Duration::from_secs(30);
+        let ttls: Vec<Duration> = (0..1000).map(|i| jittered(ttl, 10, i)).collect();
+        let (min, max) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
+        assert!(*min >= Duration::from_secs(27) && *max <= Duration::from_secs(33));
+        assert!(*min < Duration::from_millis(27_300) && *max > Duration::from_millis(32_700));
+        let below = ttls.iter().filter(|t| **t < ttl).count();
+        assert!((400..600).contains(&below), "{below} of 1000 below the TTL");
+        assert_eq!(jittered(ttl, 0, 7), ttl);
     }
 }

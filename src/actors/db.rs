@@ -54,6 +54,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::{oneshot, watch};
 
+use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
@@ -121,7 +122,7 @@ pub struct FetchTemplate {
 #[rtype(result = "Result<(), DbError>")]
 pub struct PingDb(pub Duration);
 
-/// Settings the DbActor needs; a subset of [`crate::config::Settings`].
+/// Settings the DbActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
 pub struct DbSettings {
     pub database_url: String,
@@ -133,6 +134,20 @@ pub struct DbSettings {
     pub query_timeout: Duration,
     /// Most ids sent in one query; 1 sends every load alone.
     pub batch_max: usize,
+}
+
+impl From<&Settings> for DbSettings {
+    fn from(s: &Settings) -> Self {
+        DbSettings {
+            database_url: s.database_url.clone(),
+            pool_size: s.db_pool_size,
+            min_idle: s.db_pool_min_idle,
+            connect_timeout: s.db_connect_timeout,
+            query_timeout: s.db_query_timeout,
+            // The baseline sends every load alone: batching would deduplicate at the database.
+            batch_max: if s.coalesce { s.db_batch_max } else { 1 },
+        }
+    }
 }
 
 type PgPool = Pool<AsyncPgConnection>;

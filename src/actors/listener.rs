@@ -18,9 +18,10 @@ use actix::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
 
-use crate::actors::cache::{unix_ms_now, CacheActor, MarkSuspect};
+use crate::actors::cache::{CacheActor, MarkSuspect};
 use crate::actors::key_owner::{shard_for, ForgetAll, Invalidate, KeyOwner};
 use crate::metrics::Metrics;
+use crate::template::unix_ms_now;
 
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "template_changes";

@@ -11,6 +11,8 @@
 
 pub mod cache;
 pub mod db;
+#[cfg(any(test, feature = "test-fakes"))]
+pub mod fakes;
 pub mod key_owner;
 pub mod listener;
 

@@ -5,9 +5,10 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
 
-use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Lookup};
+use crate::actors::key_owner::{shard_for, FlightError, GetTemplate};
 use crate::http::error::{mime_json, ApiError};
 use crate::http::AppState;
+use crate::template::Lookup;
 
 /// The largest id the API accepts, spelled out for error messages.
 const ID_RANGE: &str = "a positive integer from 1 to 9223372036854775807";

@@ -1,21 +1,17 @@
 //! The KeyOwner's guarantees, checked with fake cache and database actors behind its
-//! `Recipient`s (no Redis, no PostgreSQL). The fakes are actors too: their state is their own.
+//! `Recipient`s (no Redis, no PostgreSQL): [`crate::actors::fakes`], shared with the benchmark.
 //! Tests wait for conditions with a bound ([`eventually`]), never for a guessed time; the only
 //! sleeps let a clock (a TTL) run out.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use chrono::Utc;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
-use crate::actors::db::{guard_panics, DbError, FetchTemplate};
-use crate::template::Template;
+use crate::actors::fakes::{Counter, DbMode, FakeCache, FakeDb};
+use crate::template::{Lookup, Template};
 
 /// How long a test waits for a condition before failing.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -26,124 +22,6 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(started.elapsed() < PATIENCE, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// A cache that keeps entries in its own map and counts calls. `get_delay` holds every read in
-/// the air for a while, to make concurrent requests meet; `set_delay` does the same to writes.
-struct FakeCache {
-    /// Each value and its soft expiry.
-    store: HashMap<i64, (Lookup, Instant)>,
-    get_delay: Duration,
-    set_delay: Duration,
-    forgetful: bool,
-    gets: Arc<AtomicUsize>,
-    sets: Arc<AtomicUsize>,
-    dels: Arc<AtomicUsize>,
-}
-
-impl Actor for FakeCache {
-    type Context = Context<Self>;
-}
-
-impl Handler<CacheGet> for FakeCache {
-    type Result = ResponseFuture<Result<Option<Cached>, CacheError>>;
-    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
-        self.gets.fetch_add(1, Ordering::SeqCst);
-        let value = self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
-            lookup: lookup.clone(),
-            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
-        });
-        let delay = self.get_delay;
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            Ok(value)
-        })
-    }
-}
-
-impl Handler<CacheDel> for FakeCache {
-    type Result = ();
-    fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
-        self.dels.fetch_add(1, Ordering::SeqCst);
-        self.store.remove(&id);
-    }
-}
-
-impl Handler<CacheSet> for FakeCache {
-    type Result = ResponseActFuture<Self, Result<(), CacheError>>;
-    fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
-        let delay = self.set_delay;
-        let write = async move { tokio::time::sleep(delay).await };
-        Box::pin(write.into_actor(self).map(move |(), cache, _| {
-            // Counted when the write lands, as a test would see it in Redis.
-            cache.sets.fetch_add(1, Ordering::SeqCst);
-            if !cache.forgetful {
-                let soft_expiry = Instant::now() + Duration::from_secs(30);
-                cache.store.insert(msg.id, (msg.lookup, soft_expiry));
-            }
-            Ok(())
-        }))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum DbMode {
-    /// Ids 1..=1000 exist.
-    Rows,
-    /// The first `n` queries fail, later ones succeed.
-    FailFirst(usize),
-    /// The first `n` queries succeed, later ones fail.
-    FailAfter(usize),
-    /// Every query panics inside the database call (caught as the real DbActor catches it).
-    Panic,
-    /// No query ever answers.
-    Hang,
-}
-
-struct FakeDb {
-    mode: DbMode,
-    /// Per-id load time; others answer after `default_delay`.
-    delays: HashMap<i64, Duration>,
-    default_delay: Duration,
-    queries: Arc<AtomicUsize>,
-}
-
-impl Actor for FakeDb {
-    type Context = Context<Self>;
-}
-
-impl Handler<FetchTemplate> for FakeDb {
-    type Result = ResponseFuture<Result<Option<Template>, DbError>>;
-    fn handle(
-        &mut self,
-        FetchTemplate { id, .. }: FetchTemplate,
-        _: &mut Self::Context,
-    ) -> Self::Result {
-        let n = self.queries.fetch_add(1, Ordering::SeqCst);
-        let delay = self.delays.get(&id).copied().unwrap_or(self.default_delay);
-        let mode = self.mode;
-        Box::pin(guard_panics(async move {
-            tokio::time::sleep(delay).await;
-            match mode {
-                DbMode::Panic => panic!("fake database panics while loading {id}"),
-                DbMode::Hang => std::future::pending().await,
-                DbMode::FailFirst(k) if n < k => Err(DbError::Query("fake failure".into())),
-                DbMode::FailAfter(k) if n >= k => Err(DbError::Query("fake failure".into())),
-                _ if !(1..=1000).contains(&id) => Ok(None),
-                // The content says which query produced it, so tests can tell loads apart.
-                _ => Ok(Some(template(id, &format!("query {n}")))),
-            }
-        }))
-    }
-}
-
-fn template(id: i64, content: &str) -> Template {
-    Template {
-        id,
-        name: format!("template {id}"),
-        content: content.into(),
-        updated_at: Utc::now(),
     }
 }
 
@@ -159,10 +37,10 @@ fn loaded_by(answer: &Answer) -> Option<String> {
 
 struct Harness {
     owner: Addr<KeyOwner>,
-    cache_gets: Arc<AtomicUsize>,
-    cache_sets: Arc<AtomicUsize>,
-    cache_dels: Arc<AtomicUsize>,
-    db_queries: Arc<AtomicUsize>,
+    cache_gets: Counter,
+    cache_sets: Counter,
+    cache_dels: Counter,
+    db_queries: Counter,
     metrics: Metrics,
 }
 
@@ -203,41 +81,22 @@ impl Setup {
     /// Starts the owner (supervised, as in the service) on an arbiter of its own, and the fakes
     /// on another.
     fn start(self) -> Harness {
-        let counter = || Arc::new(AtomicUsize::new(0));
-        let (cache_gets, cache_sets, cache_dels, db_queries) =
-            (counter(), counter(), counter(), counter());
         let fakes = Arbiter::new();
-        let now = Instant::now();
         let fresh = self.cached.iter().map(|&id| (id, Duration::from_secs(30)));
         let stale = self.stale_cached.iter().map(|&id| (id, Duration::ZERO));
-        let store = fresh
-            .chain(stale)
-            .chain(self.expiring_cached.iter().copied())
-            .map(|(id, fresh_for)| {
-                let body = template(id, "cached").to_body();
-                (id, (Lookup::Found(body), now + fresh_for))
-            })
-            .collect();
-        let (g, s, d) = (cache_gets.clone(), cache_sets.clone(), cache_dels.clone());
-        let (get_delay, set_delay) = (self.cache_delay, self.cache_set_delay);
-        let forgetful = self.forgetful_cache;
-        let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| FakeCache {
-            store,
-            get_delay,
-            set_delay,
-            forgetful,
-            gets: g,
-            sets: s,
-            dels: d,
-        });
-        let q = db_queries.clone();
-        let (mode, delays, default_delay) = (self.mode, self.db_delays, self.db_delay);
-        let db = FakeDb::start_in_arbiter(&fakes.handle(), move |_| FakeDb {
-            mode,
-            delays,
-            default_delay,
-            queries: q,
-        });
+        let expiring = self.expiring_cached.iter().copied();
+        let store = FakeCache::entries(fresh.chain(stale).chain(expiring), "cached");
+        let mut cache = FakeCache::new(store);
+        cache.get_delay = self.cache_delay;
+        cache.set_delay = self.cache_set_delay;
+        cache.forgetful = self.forgetful_cache;
+        let (cache_gets, cache_sets, cache_dels) =
+            (cache.gets.clone(), cache.sets.clone(), cache.dels.clone());
+        let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| cache);
+        let mut db = FakeDb::new(self.mode, self.db_delay);
+        db.delays = self.db_delays;
+        let db_queries = db.queries.clone();
+        let db = FakeDb::start_in_arbiter(&fakes.handle(), move |_| db);
         let metrics = Metrics::new().expect("metrics");
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
@@ -296,19 +155,19 @@ impl Harness {
     }
 
     fn queries(&self) -> usize {
-        self.db_queries.load(Ordering::SeqCst)
+        self.db_queries.get()
     }
 
     fn sets(&self) -> usize {
-        self.cache_sets.load(Ordering::SeqCst)
+        self.cache_sets.get()
     }
 
     fn dels(&self) -> usize {
-        self.cache_dels.load(Ordering::SeqCst)
+        self.cache_dels.get()
     }
 
     fn gets(&self) -> usize {
-        self.cache_gets.load(Ordering::SeqCst)
+        self.cache_gets.get()
     }
 
     /// Waits until no flight is pending and nobody waits.
@@ -675,6 +534,8 @@ async fn the_near_cache_never_answers_hit_past_the_soft_expiry() {
         answers[0]
     );
     assert_eq!(h.gets(), 2, "back to Redis, which says soft-expired");
+    // The owner counts the refresh just after answering the waiters, on its own thread.
+    h.idle().await;
     assert_eq!(h.metrics.refreshes_total.get(), 1);
 }
 

@@ -65,31 +65,22 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::web::Bytes;
 use futures_util::FutureExt;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::actors::cache::{unix_ms_now, CacheDel, CacheGet, CacheSet, Cached};
+use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached};
 use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::template::{unix_ms_now, Lookup};
 
 /// Picks the owner of `id` among `shards` owners. A multiplicative hash spreads consecutive ids
 /// (the common case: BIGSERIAL keys) and strided ids alike.
 pub fn shard_for(id: i64, shards: usize) -> usize {
     let mixed = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     ((mixed >> 32) % shards.max(1) as u64) as usize
-}
-
-/// What a flight produced for a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    /// The JSON body of the template.
-    Found(Bytes),
-    /// No template has this id.
-    NotFound,
 }
 
 /// Where a successful flight got its answer.
@@ -809,5 +800,4 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
 }
 
 #[cfg(test)]
-#[path = "owner_tests.rs"]
 mod tests;

@@ -12,12 +12,16 @@
 //! the breaker goes *half-open* and the actor itself sends one `PING` (no request waits on it, and
 //! none is needed to trigger it). Success closes the breaker; failure
 //! opens it for another period. Opening also replaces the connection, so a connection stalled
-//! behind a partition is never reused: the probe dials afresh.
+//! behind a partition is never reused: the probe dials afresh. The decisions are
+//! [`breaker::Breaker`]'s (with unit tests of its states); this actor schedules the probe and
+//! reports each change of state.
 //!
 //! One CacheActor runs on each KeyOwner's arbiter (thread), so the owner reaches it without a
 //! cross-thread wake-up, and each shard has a connection and a breaker of its own.
 
-use std::time::{Duration, Instant};
+mod breaker;
+
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
@@ -25,9 +29,10 @@ use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use crate::actors::key_owner::Lookup;
+use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::template::{cache_key, Template};
+use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
+use breaker::{Breaker, State};
 
 /// Why a Redis call gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +138,7 @@ pub struct CacheSet {
 #[rtype(result = "Result<(), CacheError>")]
 pub struct PingCache;
 
+/// Settings a CacheActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub redis_url: String,
@@ -148,117 +154,17 @@ pub struct CacheSettings {
     pub breaker_open: Duration,
 }
 
-/// The payload stored for "no template has this id". It cannot be mistaken for a body: a body is
-/// a JSON object with a `name`.
-fn not_found_marker(id: i64) -> String {
-    format!("{{\"not_found\":{id}}}")
-}
-
-/// An entry in Redis: one header line, then the payload (a template's JSON body, which has no
-/// raw newline, or the not-found marker):
-///
-/// ```text
-/// sf1 <loaded_at unix ms> <soft expiry unix ms>
-/// {"id":1,"name":...}
-/// ```
-///
-/// Times are wall-clock so that every replica reads them alike.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub loaded_at_ms: u64,
-    pub soft_expiry_ms: u64,
-    pub lookup: Lookup,
-}
-
-const ENTRY_TAG: &str = "sf1";
-
-impl Entry {
-    pub fn encode(&self, id: i64) -> Vec<u8> {
-        let mut out = format!(
-            "{ENTRY_TAG} {} {}\n",
-            self.loaded_at_ms, self.soft_expiry_ms
-        )
-        .into_bytes();
-        match &self.lookup {
-            Lookup::Found(body) => out.extend_from_slice(body),
-            Lookup::NotFound => out.extend_from_slice(not_found_marker(id).as_bytes()),
-        }
-        out
-    }
-
-    /// Parses an entry for `id`; `None` for anything else (another program's value, a truncated
-    /// write, an older format, a body for another id).
-    pub fn decode(raw: Bytes, id: i64) -> Option<Entry> {
-        let newline = raw.iter().position(|&b| b == b'\n')?;
-        let header = std::str::from_utf8(&raw[..newline]).ok()?;
-        let mut fields = header.split(' ');
-        if fields.next()? != ENTRY_TAG {
-            return None;
-        }
-        let loaded_at_ms = fields.next()?.parse().ok()?;
-        let soft_expiry_ms = fields.next()?.parse().ok()?;
-        if fields.next().is_some() {
-            return None;
-        }
-        let payload = raw.slice(newline + 1..);
-        let lookup = if payload == not_found_marker(id).as_bytes() {
-            Lookup::NotFound
-        } else if Template::body_is_valid_for(&payload, id) {
-            Lookup::Found(payload)
-        } else {
-            return None;
-        };
-        Some(Entry {
-            loaded_at_ms,
-            soft_expiry_ms,
-            lookup,
-        })
-    }
-}
-
-pub fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// `ttl` spread by up to `pct` percent either way, so keys filled together do not expire
-/// together. `seed` picks the point in the window (any well-mixed number will do).
-pub fn jittered(ttl: Duration, pct: u32, seed: u64) -> Duration {
-    if pct == 0 {
-        return ttl;
-    }
-    // splitmix64: a cheap, well-mixed map from the seed to a uniform 64-bit number.
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // in [0, 1)
-    let factor = 1.0 + (pct as f64 / 100.0) * (2.0 * unit - 1.0);
-    ttl.mul_f64(factor.max(0.0))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Breaker {
-    Closed { failures: u32 },
-    Open { since: Instant },
-    HalfOpen,
-}
-
-impl Breaker {
-    fn gauge_value(self) -> i64 {
-        match self {
-            Breaker::Closed { .. } => 0,
-            Breaker::Open { .. } => 1,
-            Breaker::HalfOpen => 2,
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Breaker::Closed { .. } => "closed",
-            Breaker::Open { .. } => "open",
-            Breaker::HalfOpen => "half_open",
+impl From<&Settings> for CacheSettings {
+    fn from(s: &Settings) -> Self {
+        CacheSettings {
+            redis_url: s.redis_url.clone(),
+            timeout: s.redis_timeout,
+            ttl: s.cache_ttl,
+            grace: s.cache_grace,
+            jitter_pct: s.ttl_jitter_pct,
+            negative_ttl: s.negative_ttl,
+            breaker_failures: s.breaker_failures,
+            breaker_open: s.breaker_open,
         }
     }
 }
@@ -270,10 +176,10 @@ pub struct CacheActor {
     settings: CacheSettings,
     metrics: Metrics,
     shard: String,
+    /// Decides whether calls go to Redis; the actor acts on its decisions (see [`breaker`]).
     breaker: Breaker,
-    /// Counts the times the breaker opened; a call's outcome only counts for the epoch it began
-    /// in, so a slow failure from before a trip cannot re-open a breaker that has since closed.
-    breaker_epoch: u64,
+    /// The breaker state last logged and shown in `redis_breaker_state`.
+    published: State,
     /// Entries loaded before this wall-clock time are treated as soft-expired (see
     /// [`MarkSuspect`]).
     suspect_before_ms: u64,
@@ -287,6 +193,7 @@ impl CacheActor {
     /// manager's background tasks will live.
     pub fn new(shard: usize, settings: CacheSettings, metrics: Metrics) -> Self {
         let conn = connect_lazily(&settings);
+        let breaker_failures = settings.breaker_failures;
         let shard = shard.to_string();
         metrics
             .redis_breaker_state
@@ -297,8 +204,8 @@ impl CacheActor {
             settings,
             metrics,
             shard,
-            breaker: Breaker::Closed { failures: 0 },
-            breaker_epoch: 0,
+            breaker: Breaker::new(breaker_failures),
+            published: State::Closed,
             suspect_before_ms: 0,
             writes: 0,
         }
@@ -317,79 +224,66 @@ impl CacheActor {
             .ok_or_else(|| CacheError::Io("no usable REDIS_URL".into()))
     }
 
-    fn set_breaker(&mut self, next: Breaker) {
-        if self.breaker.label() != next.label() {
+    /// Logs and counts the breaker's change of state, if it changed, and shows the state in
+    /// `redis_breaker_state`. Called after every decision that can change it.
+    fn publish_breaker(&mut self) {
+        let state = self.breaker.state();
+        if state != self.published {
             log::warn!(
                 "redis circuit breaker (shard {}): {}",
                 self.shard,
-                next.label()
+                state.label()
             );
             self.metrics
                 .redis_breaker_transitions_total
-                .with_label_values(&[next.label()])
+                .with_label_values(&[state.label()])
                 .inc();
         }
         self.metrics
             .redis_breaker_state
             .with_label_values(&[&self.shard])
-            .set(next.gauge_value());
-        self.breaker = next;
+            .set(state.gauge_value());
+        self.published = state;
     }
 
-    /// Opens the breaker, drops the connection (it may be stalled behind a partition), and
-    /// schedules the probe: recovery is found on the actor's own clock, whether or not requests
-    /// keep coming.
-    fn trip(&mut self, ctx: &mut Context<Self>) {
-        self.breaker_epoch += 1;
-        self.set_breaker(Breaker::Open {
-            since: Instant::now(),
-        });
+    /// The breaker has just opened: drop the connection (it may be stalled behind a partition)
+    /// and schedule the probe: recovery is found on the actor's own clock, whether or not
+    /// requests keep coming.
+    fn opened(&mut self, ctx: &mut Context<Self>) {
+        self.publish_breaker();
         self.conn = connect_lazily(&self.settings);
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         ctx.run_later(self.settings.breaker_open, move |actor, ctx| {
-            if epoch == actor.breaker_epoch && matches!(actor.breaker, Breaker::Open { .. }) {
+            if actor.breaker.half_open(epoch) {
                 actor.probe(ctx);
             }
         });
     }
 
-    /// Whether a call may go to Redis now.
-    fn admit(&self) -> bool {
-        matches!(self.breaker, Breaker::Closed { .. })
-    }
-
+    /// Half-open: one `PING` decides whether the breaker closes or opens for another period.
     fn probe(&mut self, ctx: &mut Context<Self>) {
-        self.set_breaker(Breaker::HalfOpen);
+        self.publish_breaker();
         let ping = self.ping();
         ctx.spawn(
             ping.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok(()) => actor.set_breaker(Breaker::Closed { failures: 0 }),
-                    Err(_) => actor.trip(ctx),
+                    Ok(()) => {
+                        actor.breaker.close();
+                        actor.publish_breaker();
+                    }
+                    Err(_) => {
+                        actor.breaker.open();
+                        actor.opened(ctx);
+                    }
                 }),
         );
     }
 
-    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker. Outcomes
-    /// of calls that began before the breaker last opened change nothing.
+    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker.
     fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>, ctx: &mut Context<Self>) {
-        let Breaker::Closed { failures } = self.breaker else {
-            return;
-        };
-        if epoch != self.breaker_epoch {
-            return;
-        }
-        match result {
-            Err(e) if e.is_connectivity() => {
-                if failures + 1 >= self.settings.breaker_failures {
-                    self.trip(ctx);
-                } else {
-                    self.breaker = Breaker::Closed {
-                        failures: failures + 1,
-                    };
-                }
-            }
-            _ => self.breaker = Breaker::Closed { failures: 0 },
+        let connectivity_failure = matches!(result, Err(e) if e.is_connectivity());
+        if self.breaker.record(epoch, connectivity_failure) {
+            self.opened(ctx);
         }
     }
 
@@ -400,12 +294,12 @@ impl CacheActor {
         T: 'static,
         F: std::future::Future<Output = Result<T, CacheError>> + 'static,
     {
-        if !self.admit() {
+        if !self.breaker.admits() {
             self.metrics.redis_calls_skipped_total.inc();
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
         let bounded = bounded(op, self.settings.timeout, self.metrics.clone());
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         Box::pin(bounded.into_actor(self).map(move |result, actor, ctx| {
             actor.record(epoch, &result, ctx);
             result
@@ -494,8 +388,8 @@ impl Supervised for CacheActor {
             .with_label_values(&["cache"])
             .inc();
         self.conn = connect_lazily(&self.settings);
-        self.breaker_epoch += 1;
-        self.set_breaker(Breaker::Closed { failures: 0 });
+        self.breaker.reset();
+        self.publish_breaker();
     }
 }
 
@@ -613,76 +507,13 @@ impl Handler<PingCache> for CacheActor {
     type Result = ResponseActFuture<Self, Result<(), CacheError>>;
 
     fn handle(&mut self, _: PingCache, _: &mut Self::Context) -> Self::Result {
-        if !matches!(self.breaker, Breaker::Closed { .. }) {
+        if !self.breaker.admits() {
             return Box::pin(fut::ready(Err(CacheError::BreakerOpen)));
         }
-        let epoch = self.breaker_epoch;
+        let epoch = self.breaker.epoch();
         Box::pin(self.ping().into_actor(self).map(move |result, actor, ctx| {
             actor.record(epoch, &result, ctx);
             result
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn body(id: i64) -> Bytes {
-        Template {
-            id,
-            name: "n".into(),
-            content: "line one\nline two".into(),
-            updated_at: chrono::Utc::now(),
-        }
-        .to_body()
-    }
-
-    #[test]
-    fn entries_round_trip() {
-        for lookup in [Lookup::Found(body(3)), Lookup::NotFound] {
-            let entry = Entry {
-                loaded_at_ms: 10,
-                soft_expiry_ms: 20,
-                lookup,
-            };
-            let raw = Bytes::from(entry.encode(3));
-            assert_eq!(Entry::decode(raw, 3), Some(entry));
-        }
-    }
-
-    #[test]
-    fn anything_else_is_not_an_entry() {
-        let good = Entry {
-            loaded_at_ms: 1,
-            soft_expiry_ms: 2,
-            lookup: Lookup::Found(body(3)),
-        };
-        assert_eq!(
-            Entry::decode(Bytes::from(good.encode(3)), 4),
-            None,
-            "a body for another id"
-        );
-        for raw in [
-            body(3).to_vec(),                // a bare body (older format)
-            b"sf1 1 2\n{\"id\":3}".to_vec(), // not a whole template
-            b"sf1 x 2\n".to_vec(),           // a bad header
-            b"sf2 1 2\n{}".to_vec(),         // another format
-            b"garbage".to_vec(),
-        ] {
-            assert_eq!(Entry::decode(Bytes::from(raw.clone()), 3), None, "{raw:?}");
-        }
-    }
-
-    #[test]
-    fn jitter_spreads_ttls_over_the_window() {
-        let ttl = Duration::from_secs(30);
-        let ttls: Vec<Duration> = (0..1000).map(|i| jittered(ttl, 10, i)).collect();
-        let (min, max) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
-        assert!(*min >= Duration::from_secs(27) && *max <= Duration::from_secs(33));
-        assert!(*min < Duration::from_millis(27_300) && *max > Duration::from_millis(32_700));
-        let below = ttls.iter().filter(|t| **t < ttl).count();
-        assert!((400..600).contains(&below), "{below} of 1000 below the TTL");
-        assert_eq!(jittered(ttl, 0, 7), ttl);
     }
 }

@@ -1,0 +1,217 @@
+//! Fake cache and database actors for the [`KeyOwner`](crate::actors::key_owner::KeyOwner): they
+//! answer the messages the real [`CacheActor`](crate::actors::cache::CacheActor) and
+//! [`DbActor`](crate::actors::db::DbActor) answer, from memory, so the owner runs with no Redis
+//! and no PostgreSQL. The owner's unit tests and `benches/key_owner.rs` both use them.
+//!
+//! Compiled only for the lib's own tests and with the `test-fakes` feature (which the package's
+//! dev-dependency on itself turns on for benches and integration tests): never in the service.
+//!
+//! The fakes are actors too: their state is their own, and what the tests want to see of it is
+//! counted in shared [`Counter`]s. With no delay set, the fake cache answers within its handler,
+//! as fast as an actor can (what the benchmark needs); a delay holds the call in the air, to make
+//! concurrent requests meet.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::Utc;
+
+use crate::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
+use crate::actors::db::{guard_panics, DbError, FetchTemplate};
+use crate::template::{Lookup, Template};
+
+/// The fake database has the templates `1..=ROWS`.
+pub const ROWS: i64 = 1000;
+
+/// How many times something happened; clones count together.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    /// Counts one more; returns the count before it.
+    fn bump(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A template whose content says where it came from (`"query N"`, `"cached"`, ...).
+pub fn template(id: i64, content: &str) -> Template {
+    Template {
+        id,
+        name: format!("template {id}"),
+        content: content.into(),
+        updated_at: Utc::now(),
+    }
+}
+
+/// A cache that keeps entries in its own map and counts calls.
+pub struct FakeCache {
+    /// Each value and its soft expiry.
+    pub store: HashMap<i64, (Lookup, Instant)>,
+    /// Holds every read in the air this long.
+    pub get_delay: Duration,
+    /// Holds every write in the air this long; it lands (and is counted) afterwards.
+    pub set_delay: Duration,
+    /// Forgets every write (a Redis that is always empty).
+    pub forgetful: bool,
+    pub gets: Counter,
+    pub sets: Counter,
+    pub dels: Counter,
+}
+
+impl FakeCache {
+    /// A cache holding `store`, answering at once.
+    pub fn new(store: HashMap<i64, (Lookup, Instant)>) -> Self {
+        FakeCache {
+            store,
+            get_delay: Duration::ZERO,
+            set_delay: Duration::ZERO,
+            forgetful: false,
+            gets: Counter::default(),
+            sets: Counter::default(),
+            dels: Counter::default(),
+        }
+    }
+
+    /// A store holding, for each `(id, fresh_for)`, a template body with `content` that is fresh
+    /// for `fresh_for` from now.
+    pub fn entries(
+        ids: impl IntoIterator<Item = (i64, Duration)>,
+        content: &str,
+    ) -> HashMap<i64, (Lookup, Instant)> {
+        let now = Instant::now();
+        ids.into_iter()
+            .map(|(id, fresh_for)| {
+                let body = template(id, content).to_body();
+                (id, (Lookup::Found(body), now + fresh_for))
+            })
+            .collect()
+    }
+
+    /// A write lands: counted, and kept unless the cache is forgetful.
+    fn land(&mut self, CacheSet { id, lookup, .. }: CacheSet) {
+        self.sets.bump();
+        if !self.forgetful {
+            let soft_expiry = Instant::now() + Duration::from_secs(30);
+            self.store.insert(id, (lookup, soft_expiry));
+        }
+    }
+}
+
+impl Actor for FakeCache {
+    type Context = Context<Self>;
+}
+
+impl Handler<CacheGet> for FakeCache {
+    type Result = Response<Result<Option<Cached>, CacheError>>;
+    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
+        self.gets.bump();
+        let value = self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
+            lookup: lookup.clone(),
+            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
+        });
+        let delay = self.get_delay;
+        if delay.is_zero() {
+            return Response::reply(Ok(value));
+        }
+        Response::fut(async move {
+            tokio::time::sleep(delay).await;
+            Ok(value)
+        })
+    }
+}
+
+impl Handler<CacheSet> for FakeCache {
+    type Result = ActorResponse<Self, Result<(), CacheError>>;
+    fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
+        let delay = self.set_delay;
+        if delay.is_zero() {
+            self.land(msg);
+            return ActorResponse::reply(Ok(()));
+        }
+        let write = tokio::time::sleep(delay).into_actor(self);
+        ActorResponse::r#async(write.map(move |(), cache, _| {
+            cache.land(msg);
+            Ok(())
+        }))
+    }
+}
+
+impl Handler<CacheDel> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
+        self.dels.bump();
+        self.store.remove(&id);
+    }
+}
+
+/// How the fake database answers.
+#[derive(Debug, Clone, Copy)]
+pub enum DbMode {
+    /// Ids `1..=ROWS` exist.
+    Rows,
+    /// The first `n` queries fail, later ones succeed.
+    FailFirst(usize),
+    /// The first `n` queries succeed, later ones fail.
+    FailAfter(usize),
+    /// Every query panics inside the database call (caught as the real DbActor catches it).
+    Panic,
+    /// No query ever answers.
+    Hang,
+}
+
+/// A database that answers each load after a delay, as its [`DbMode`] says, and counts queries.
+/// Each answer's content is `"query N"`, N counting from 0, so tests can tell loads apart.
+pub struct FakeDb {
+    pub mode: DbMode,
+    /// Per-id load time; others answer after `default_delay`.
+    pub delays: HashMap<i64, Duration>,
+    pub default_delay: Duration,
+    pub queries: Counter,
+}
+
+impl FakeDb {
+    pub fn new(mode: DbMode, default_delay: Duration) -> Self {
+        FakeDb {
+            mode,
+            delays: HashMap::new(),
+            default_delay,
+            queries: Counter::default(),
+        }
+    }
+}
+
+impl Actor for FakeDb {
+    type Context = Context<Self>;
+}
+
+impl Handler<FetchTemplate> for FakeDb {
+    type Result = ResponseFuture<Result<Option<Template>, DbError>>;
+    fn handle(
+        &mut self,
+        FetchTemplate { id, .. }: FetchTemplate,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        let n = self.queries.bump();
+        let delay = self.delays.get(&id).copied().unwrap_or(self.default_delay);
+        let mode = self.mode;
+        Box::pin(guard_panics(async move {
+            tokio::time::sleep(delay).await;
+            match mode {
+                DbMode::Panic => panic!("fake database panics while loading {id}"),
+                DbMode::Hang => std::future::pending().await,
+                DbMode::FailFirst(k) if n < k => Err(DbError::Query("fake failure".into())),
+                DbMode::FailAfter(k) if n >= k => Err(DbError::Query("fake failure".into())),
+                _ if !(1..=ROWS).contains(&id) => Ok(None),
+                _ => Ok(Some(template(id, &format!("query {n}")))),
+            }
+        }))
+    }
+}
