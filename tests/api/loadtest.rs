@@ -526,30 +526,23 @@ async fn every_unreachable_replica_is_named() {
     let (url, handle) = uncounting_server().await;
     let closed = format!("http://127.0.0.1:{}", closed_port());
 
-    // A --url whose /metrics is read (the default)…
-    let output = loadtest(&["--url", &url, "--url", &closed, "--waves", "1"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    let err = stderr(&output);
-    assert!(
-        err.contains(&format!("cannot reach the service at {closed}/metrics")),
-        "{err}"
-    );
-    // …a --metrics-url…
-    let output = loadtest(&["--url", &url, "--metrics-url", &closed, "--waves", "1"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    let err = stderr(&output);
-    assert!(
-        err.contains(&format!("cannot reach the service at {closed}/metrics")),
-        "{err}"
-    );
-    // …and a --url whose /metrics is not read are each checked before any load.
-    let output = loadtest(&["--url", &closed, "--metrics-url", &url, "--waves", "1"]).await;
+    // A --url whose /metrics is read (the default), a --metrics-url, and a --url whose
+    // /metrics is not read are each checked before any load, and named.
+    let cases = [
+        (vec!["--url", &url, "--url", &closed], "metrics"),
+        (vec!["--url", &url, "--metrics-url", &closed], "metrics"),
+        (vec!["--url", &closed, "--metrics-url", &url], "healthz"),
+    ];
+    for (mut args, path) in cases {
+        args.extend(["--waves", "1"]);
+        let output = loadtest(&args).await;
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!("cannot reach the service at {closed}/{path}")),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
     handle.stop(false).await;
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    let err = stderr(&output);
-    assert!(
-        err.contains(&format!("cannot reach the service at {closed}/healthz")),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
 }
