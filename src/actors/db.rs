@@ -383,6 +383,8 @@ impl Actor for DbActor {
         // wait on the mailbox rather than on the pool, whose own bound is the one that matters.
         ctx.set_mailbox_capacity(4096);
         ctx.run_interval(TICK, Self::tick);
+        // After a restart: what was queued before it is sent now.
+        self.dispatch(ctx);
     }
 }
 
