@@ -125,21 +125,29 @@ async fn fifty_cold_ids_against_a_database_150ms_away_are_all_served() {
     every_cold_id_is_served(Duration::from_millis(150), 1..=50).await;
 }
 
-#[actix_rt::test]
-async fn a_database_that_goes_down_is_failed_fast_and_found_again() {
+/// PostgreSQL goes down in the way `fault` plays it: the service notices (from a refused
+/// connection, or from a query the server never answered), then fails uncached loads at once,
+/// says so in `/readyz`, and serves again once PostgreSQL is back.
+async fn a_database_that_goes_down_is_failed_fast_and_found_again(fault: Mode) {
     let proxy = postgres_proxy();
     let app = app_behind(&proxy, true).await;
-    proxy.set_mode(Mode::Refuse);
-    proxy.cut();
+    proxy.set_mode(fault);
+    if fault == Mode::Refuse {
+        proxy.cut();
+    }
     let started = Instant::now();
+    let mut id = 900;
     while app.metric("db_available").await != 0.0 {
-        assert!(started.elapsed() < Duration::from_secs(10), "never noticed");
-        let _ = app.template(900).await;
+        assert!(started.elapsed() < Duration::from_secs(15), "never noticed");
+        // Until it is known, a load waits (within its deadline) and is answered 503.
+        let response = app.template(id).await;
+        assert_eq!(response.status(), 503, "{fault:?}");
+        id += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Known down: an uncached id is refused at once, not after the flight's deadline.
     let asked = Instant::now();
-    let response = app.template(901).await;
+    let response = app.template(id).await;
     assert_eq!(response.status(), 503);
     assert!(!header(&response, "retry-after").is_empty());
     assert!(
@@ -153,7 +161,7 @@ async fn a_database_that_goes_down_is_failed_fast_and_found_again() {
     proxy.set_mode(Mode::Pass);
     let started = Instant::now();
     loop {
-        let response = app.template(902).await;
+        let response = app.template(id + 1).await;
         if response.status() == 200 {
             break;
         }
@@ -164,6 +172,16 @@ async fn a_database_that_goes_down_is_failed_fast_and_found_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.metric("db_available").await, 1.0);
+}
+
+#[actix_rt::test]
+async fn a_database_refusing_connections_is_failed_fast_and_found_again() {
+    a_database_that_goes_down_is_failed_fast_and_found_again(Mode::Refuse).await;
+}
+
+#[actix_rt::test]
+async fn a_black_holed_database_is_failed_fast_and_found_again() {
+    a_database_that_goes_down_is_failed_fast_and_found_again(Mode::Blackhole).await;
 }
 
 #[actix_rt::test]
