@@ -94,13 +94,16 @@ async fn listen_forever(
     loop {
         match connect_and_listen(&url).await {
             Ok(mut conn) => {
-                // Anything remembered may predate a change we were not told about.
+                // Anything remembered may predate a change we were not told about. The caches
+                // are told first: an owner reads Redis only through its cache actor, so a read it
+                // starts after `ForgetAll` is queued behind `MarkSuspect` and cannot be answered
+                // with an entry from before.
                 let before_unix_ms = unix_ms_now();
-                for owner in &links.owners {
-                    owner.do_send(ForgetAll);
-                }
                 for cache in &links.caches {
                     cache.do_send(MarkSuspect { before_unix_ms });
+                }
+                for owner in &links.owners {
+                    owner.do_send(ForgetAll);
                 }
                 links.metrics.listener_connects_total.inc();
                 links.metrics.listener_connected.set(1);
