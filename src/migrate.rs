@@ -64,7 +64,8 @@ fn migrate_with_retries(postgres: &PgConnector, patience: Duration) -> Result<us
                 let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
                 return migrate_holding_lock(&mut conn);
             }
-            Err(e) if started.elapsed() >= patience => {
+            // A certificate that fails the check will fail it again: say so now.
+            Err(e) if crate::tls::is_rejection(&e) || started.elapsed() >= patience => {
                 return Err(format!("cannot connect to PostgreSQL at DATABASE_URL: {e}"));
             }
             Err(e) => {

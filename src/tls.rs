@@ -243,13 +243,45 @@ impl PgConnector {
     /// Connects (with TLS as `sslmode` asks) and hands the connection to diesel-async, whose task
     /// drives it on the current tokio runtime.
     pub async fn connect(&self) -> diesel::ConnectionResult<AsyncPgConnection> {
-        let (client, connection) = self
-            .config
-            .connect(self.tls.clone())
-            .await
-            .map_err(|e| ConnectionError::BadConnection(describe(&e)))?;
+        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| {
+            let text = describe(&e);
+            ConnectionError::BadConnection(if certificate_rejected(&e) {
+                format!("{CERTIFICATE_REJECTED}{text}")
+            } else {
+                text
+            })
+        })?;
         AsyncPgConnection::try_from_client_and_connection(client, connection).await
     }
+}
+
+/// How [`PgConnector::connect`]'s error starts when the server's certificate failed the check
+/// `sslmode` asks for: retrying cannot help, so start-up gives up at once ([`is_rejection`]).
+const CERTIFICATE_REJECTED: &str = "the server's TLS certificate was rejected: ";
+
+/// Whether a connection failed because the server's certificate did not pass the check (a
+/// wrong `DATABASE_CA_FILE`, a host name the certificate does not name): a mistake in the
+/// settings, not a server that is not up yet.
+pub fn is_rejection(e: &ConnectionError) -> bool {
+    matches!(e, ConnectionError::BadConnection(text) if text.starts_with(CERTIFICATE_REJECTED))
+}
+
+/// Finds rustls's certificate error behind tokio-postgres's (it comes wrapped in an io::Error).
+fn certificate_rejected(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let rustls_error = cause.downcast_ref::<rustls::Error>().or_else(|| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(rustls_error, Some(rustls::Error::InvalidCertificate(_))) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// tokio-postgres's `Display` of a TLS failure is only "error performing TLS handshake"; the
