@@ -440,6 +440,44 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_are_read_and_a_client_certificate_needs_its_key() {
+        let certs = testkit::certs::generate().expect("test certificates");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let (ca, cert, key) = (
+            write("ca.pem", &certs.ca),
+            write("client.pem", &certs.client_cert),
+            write("client.key", &certs.client_key),
+        );
+        let s = Settings::from_vars(&vars(&[
+            ("DATABASE_URL", "postgres://u:p@db/x?sslmode=verify-full"),
+            ("DATABASE_CA_FILE", &ca),
+            ("REDIS_URL", "rediss://:p@cache:6380/"),
+            ("REDIS_CA_FILE", &ca),
+            ("REDIS_CLIENT_CERT_FILE", &cert),
+            ("REDIS_CLIENT_KEY_FILE", &key),
+        ]))
+        .expect("valid");
+        assert_eq!(s.database_ca.map(|f| f.pem), Some(certs.ca.into_bytes()));
+        assert!(s.redis_client_cert.is_some());
+        assert!(
+            !format!("{:?}", s.redis_client_cert).contains("PRIVATE KEY"),
+            "a key is never printed"
+        );
+
+        let err = Settings::from_vars(&vars(&[("REDIS_CLIENT_CERT_FILE", &cert)]))
+            .expect_err("a certificate without its key");
+        assert_eq!(err.var, "REDIS_CLIENT_KEY_FILE");
+        let err = Settings::from_vars(&vars(&[("DATABASE_CA_FILE", &key)]))
+            .expect_err("a key is not a CA certificate");
+        assert!(err.to_string().contains("DATABASE_CA_FILE"), "{err}");
+    }
+
+    #[test]
     fn invalid_values_name_the_variable_and_what_is_accepted() {
         for (var, value, expected) in [
             ("CACHE_TTL_SECS", "thirty", "whole number"),
