@@ -4,9 +4,13 @@
 //! stops start-up with a [`ConfigError`] naming the variable and what it accepts: a typo in
 //! `CACHE_TTL_SECS` must not silently become the default.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
+
+use crate::tls::{PemFile, PemKind, SslMode};
 
 /// The service's settings. Built by [`Settings::from_env`] in `main`, or directly by tests.
 #[derive(Debug, Clone)]
@@ -15,10 +19,19 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// `HTTP_WORKERS`: actix-web worker threads (default: number of cores).
     pub http_workers: usize,
-    /// `DATABASE_URL`: PostgreSQL connection URL.
+    /// `DATABASE_URL`: PostgreSQL connection URL; its `sslmode` (libpq's values, default
+    /// `prefer`) says whether to encrypt and what to check (see [`crate::tls`]).
     pub database_url: String,
-    /// `REDIS_URL`: Redis connection URL.
+    /// `DATABASE_CA_FILE`: PEM CA certificates for `sslmode=verify-ca|verify-full` (unset: the
+    /// system's trust store).
+    pub database_ca: Option<PemFile>,
+    /// `REDIS_URL`: Redis connection URL (`rediss://` for TLS).
     pub redis_url: String,
+    /// `REDIS_CA_FILE`: PEM CA certificates for `rediss://` (unset: the system's trust store).
+    pub redis_ca: Option<PemFile>,
+    /// `REDIS_CLIENT_CERT_FILE` and `REDIS_CLIENT_KEY_FILE`: a client certificate (PEM chain)
+    /// and its key, for a Redis that asks for one; both or neither.
+    pub redis_client_cert: Option<(PemFile, PemFile)>,
     /// `CACHE_TTL_SECS`: how long a cached template is fresh (its soft TTL).
     pub cache_ttl: Duration,
     /// `CACHE_GRACE_SECS`: how much longer Redis keeps it, to answer while one background
@@ -76,7 +89,10 @@ impl Default for Settings {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             http_workers: default_parallelism(),
             database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
+            database_ca: None,
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
+            redis_ca: None,
+            redis_client_cert: None,
             cache_ttl: Duration::from_secs(30),
             cache_grace: Duration::from_secs(30),
             ttl_jitter_pct: 10,
@@ -119,7 +135,7 @@ fn default_shards() -> usize {
 pub struct ConfigError {
     pub var: &'static str,
     pub value: String,
-    pub expected: &'static str,
+    pub expected: Cow<'static, str>,
 }
 
 impl Settings {
@@ -148,7 +164,11 @@ impl Settings {
             http_addr: env.parse("HTTP_ADDR", "an address like 0.0.0.0:8080", d.http_addr)?,
             http_workers: env.positive("HTTP_WORKERS", d.http_workers)?,
             database_url: env.url("DATABASE_URL", POSTGRES_URL, d.database_url)?,
+            database_ca: env.pem_file("DATABASE_CA_FILE", PemKind::Certificates)?,
             redis_url: env.url("REDIS_URL", REDIS_URL, d.redis_url)?,
+            redis_ca: env.pem_file("REDIS_CA_FILE", PemKind::Certificates)?,
+            redis_client_cert: env
+                .client_cert("REDIS_CLIENT_CERT_FILE", "REDIS_CLIENT_KEY_FILE")?,
             cache_ttl: Duration::from_secs(
                 env.positive("CACHE_TTL_SECS", d.cache_ttl.as_secs() as usize)? as u64,
             ),
@@ -182,20 +202,24 @@ impl Settings {
     }
 }
 
-/// What a URL variable accepts: its schemes, and an example for the error message.
+/// What a URL variable accepts: its schemes, an example for the error message, and any further
+/// check of the whole URL.
 struct UrlKind {
     schemes: &'static [&'static str],
     example: &'static str,
+    check: fn(&str) -> bool,
 }
 
 const POSTGRES_URL: UrlKind = UrlKind {
     schemes: &["postgres", "postgresql"],
-    example: "a URL like postgres://user@host:5432/dbname",
+    example: SslMode::EXPECTED,
+    check: |url| SslMode::split_url(url).is_some(),
 };
 
 const REDIS_URL: UrlKind = UrlKind {
-    schemes: &["redis"],
-    example: "a URL like redis://127.0.0.1:6379/",
+    schemes: &["redis", "rediss"],
+    example: "a URL like redis://127.0.0.1:6379/ (rediss:// for TLS)",
+    check: |_| true,
 };
 
 /// The variables, read by kind of value. Each reader takes the variable's name, returns the
@@ -224,7 +248,7 @@ impl Vars<'_> {
         read(v).ok_or_else(|| ConfigError {
             var,
             value: v.to_owned(),
-            expected,
+            expected: expected.into(),
         })
     }
 
@@ -306,8 +330,51 @@ impl Vars<'_> {
             let scheme_ok = v
                 .split_once("://")
                 .is_some_and(|(scheme, rest)| kind.schemes.contains(&scheme) && !rest.is_empty());
-            scheme_ok.then(|| v.to_owned())
+            (scheme_ok && (kind.check)(v)).then(|| v.to_owned())
         })
+    }
+
+    /// A PEM file, read and checked now, so that a missing or wrong file stops start-up with the
+    /// variable's name rather than failing every connection later.
+    fn pem_file(&self, var: &'static str, kind: PemKind) -> Result<Option<PemFile>, ConfigError> {
+        let Some(path) = self.get(var) else {
+            return Ok(None);
+        };
+        let what = match kind {
+            PemKind::Certificates => "a readable PEM file of certificates",
+            PemKind::PrivateKey => "a readable PEM file with a private key",
+        };
+        PemFile::read(Path::new(path), kind)
+            .map(Some)
+            .map_err(|why| ConfigError {
+                var,
+                value: path.to_owned(),
+                expected: format!("{what}; {why}").into(),
+            })
+    }
+
+    /// A client certificate and its key: both or neither.
+    fn client_cert(
+        &self,
+        cert_var: &'static str,
+        key_var: &'static str,
+    ) -> Result<Option<(PemFile, PemFile)>, ConfigError> {
+        let cert = self.pem_file(cert_var, PemKind::Certificates)?;
+        let key = self.pem_file(key_var, PemKind::PrivateKey)?;
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            (Some(cert), None) => Err(ConfigError {
+                var: key_var,
+                value: String::new(),
+                expected: format!("the key of {cert_var}={}", cert.path.display()).into(),
+            }),
+            (None, Some(key)) => Err(ConfigError {
+                var: cert_var,
+                value: String::new(),
+                expected: format!("the certificate for {key_var}={}", key.path.display()).into(),
+            }),
+        }
     }
 }
 
@@ -373,6 +440,44 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_are_read_and_a_client_certificate_needs_its_key() {
+        let certs = testkit::certs::generate().expect("test certificates");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let (ca, cert, key) = (
+            write("ca.pem", &certs.ca),
+            write("client.pem", &certs.client_cert),
+            write("client.key", &certs.client_key),
+        );
+        let s = Settings::from_vars(&vars(&[
+            ("DATABASE_URL", "postgres://u:p@db/x?sslmode=verify-full"),
+            ("DATABASE_CA_FILE", &ca),
+            ("REDIS_URL", "rediss://:p@cache:6380/"),
+            ("REDIS_CA_FILE", &ca),
+            ("REDIS_CLIENT_CERT_FILE", &cert),
+            ("REDIS_CLIENT_KEY_FILE", &key),
+        ]))
+        .expect("valid");
+        assert_eq!(s.database_ca.map(|f| f.pem), Some(certs.ca.into_bytes()));
+        assert!(s.redis_client_cert.is_some());
+        assert!(
+            !format!("{:?}", s.redis_client_cert).contains("PRIVATE KEY"),
+            "a key is never printed"
+        );
+
+        let err = Settings::from_vars(&vars(&[("REDIS_CLIENT_CERT_FILE", &cert)]))
+            .expect_err("a certificate without its key");
+        assert_eq!(err.var, "REDIS_CLIENT_KEY_FILE");
+        let err = Settings::from_vars(&vars(&[("DATABASE_CA_FILE", &key)]))
+            .expect_err("a key is not a CA certificate");
+        assert!(err.to_string().contains("DATABASE_CA_FILE"), "{err}");
+    }
+
+    #[test]
     fn invalid_values_name_the_variable_and_what_is_accepted() {
         for (var, value, expected) in [
             ("CACHE_TTL_SECS", "thirty", "whole number"),
@@ -381,6 +486,22 @@ mod tests {
             ("HTTP_ADDR", "localhost", "address"),
             ("REDIS_URL", "127.0.0.1:6379", "redis://"),
             ("DATABASE_URL", "mysql://x/y", "postgres://"),
+            (
+                "DATABASE_URL",
+                "postgres://h/db?sslmode=verify",
+                "verify-full",
+            ),
+            ("DATABASE_CA_FILE", "/nonexistent/ca.pem", "cannot read it"),
+            (
+                "REDIS_CA_FILE",
+                "/nonexistent/ca.pem",
+                "PEM file of certificates",
+            ),
+            (
+                "REDIS_CLIENT_KEY_FILE",
+                "/nonexistent/key.pem",
+                "private key",
+            ),
             ("REQUEST_TIMEOUT_MS", "-5", "milliseconds"),
             ("REQUEST_TIMEOUT_MS", "0", "from 1"),
             ("TTL_JITTER_PCT", "60", "percentage"),

@@ -12,3 +12,4 @@ pub mod migrate;
 pub mod schema;
 pub mod startup;
 pub mod template;
+pub mod tls;

@@ -3,6 +3,8 @@
 //! diesel's migration harness is synchronous. diesel-async's `AsyncConnectionWrapper` bridges it
 //! by blocking on a runtime of its own, which panics if called on actix's (single-threaded)
 //! runtime thread — so migrations run on a plain thread of their own, and start-up awaits it.
+//! The connection is opened like every other ([`PgConnector`], with `sslmode`'s TLS) on a small
+//! runtime owned by that thread, which also drives the connection while the wrapper blocks on it.
 //!
 //! Replicas started together (compose, a Kubernetes Deployment) all migrate at start. diesel
 //! takes no lock of its own: on an empty database two of them both see no migration applied,
@@ -15,10 +17,12 @@
 use std::time::{Duration, Instant};
 
 use diesel::sql_types::BigInt;
-use diesel::{Connection, RunQueryDsl};
+use diesel::RunQueryDsl;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::AsyncPgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::tls::PgConnector;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -29,13 +33,13 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x7366_6d69_6772_6174;
 
 /// Applies pending migrations, retrying while PostgreSQL is not yet reachable (it may still be
 /// starting next to us) until `patience` has passed. Returns how many migrations ran.
-pub async fn run_pending(database_url: &str, patience: Duration) -> Result<usize, String> {
-    let url = database_url.to_owned();
+pub async fn run_pending(postgres: &PgConnector, patience: Duration) -> Result<usize, String> {
+    let postgres = postgres.clone();
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("migrations".into())
         .spawn(move || {
-            let _ = done.send(migrate_with_retries(&url, patience));
+            let _ = done.send(migrate_with_retries(&postgres, patience));
         })
         .map_err(|e| format!("cannot start the migration thread: {e}"))?;
     result
@@ -43,12 +47,25 @@ pub async fn run_pending(database_url: &str, patience: Duration) -> Result<usize
         .map_err(|_| "the migration thread died".to_owned())?
 }
 
-fn migrate_with_retries(url: &str, patience: Duration) -> Result<usize, String> {
+fn migrate_with_retries(postgres: &PgConnector, patience: Duration) -> Result<usize, String> {
+    // Multi-threaded (one worker), not current-thread: the wrapper blocks on this runtime's
+    // handle, and only a worker thread can drive the connection's task meanwhile.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the migration runtime: {e}"))?;
+    // Entered, so that the wrapper made below takes this runtime's handle.
+    let _entered = runtime.enter();
     let started = Instant::now();
     loop {
-        match AsyncConnectionWrapper::<AsyncPgConnection>::establish(url) {
-            Ok(mut conn) => return migrate_holding_lock(&mut conn),
-            Err(e) if started.elapsed() >= patience => {
+        match runtime.block_on(postgres.connect()) {
+            Ok(conn) => {
+                let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+                return migrate_holding_lock(&mut conn);
+            }
+            // A certificate that fails the check will fail it again: say so now.
+            Err(e) if crate::tls::is_rejection(&e) || started.elapsed() >= patience => {
                 return Err(format!("cannot connect to PostgreSQL at DATABASE_URL: {e}"));
             }
             Err(e) => {

@@ -25,6 +25,7 @@ use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
 use crate::http::{self, AppState, InFlight};
 use crate::metrics::Metrics;
+use crate::tls::PgConnector;
 
 /// How long start-up waits for the change listener's first `LISTEN`.
 const LISTEN_PATIENCE: Duration = Duration::from_secs(5);
@@ -37,6 +38,8 @@ const MIGRATION_PATIENCE: Duration = Duration::from_secs(15);
 pub enum StartupError {
     #[error("REDIS_URL is not usable: {0}")]
     RedisUrl(String),
+    #[error("{0}")]
+    DatabaseUrl(String),
     #[error("database migrations: {0}")]
     Migrations(String),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
@@ -73,12 +76,14 @@ impl Application {
     /// Starts the service, step by step: nothing is served before the schema is current and the
     /// change listener is listening (or has had its chance), and the port is bound last.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        CacheActor::check_url(&settings.redis_url).map_err(StartupError::RedisUrl)?;
-        migrate(&settings).await?;
+        CacheActor::check_url(&settings).map_err(StartupError::RedisUrl)?;
+        let postgres = PgConnector::new(&settings.database_url, settings.database_ca.as_ref())
+            .map_err(StartupError::DatabaseUrl)?;
+        migrate(&postgres).await?;
         let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
-        let (db_arbiter, db) = start_db(&settings, &metrics);
+        let (db_arbiter, db) = start_db(&settings, &postgres, &metrics);
         let shards = start_shards(&settings, &db, &metrics);
-        start_listener(&settings, &db_arbiter, &shards, &metrics).await;
+        start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
         let state = AppState {
@@ -129,8 +134,8 @@ fn listener_addr(addr: std::net::SocketAddr, port: u16) -> std::net::SocketAddr 
 }
 
 /// Applies pending migrations, waiting a while for PostgreSQL to accept connections.
-async fn migrate(settings: &Settings) -> Result<(), StartupError> {
-    let applied = crate::migrate::run_pending(&settings.database_url, MIGRATION_PATIENCE)
+async fn migrate(postgres: &PgConnector) -> Result<(), StartupError> {
+    let applied = crate::migrate::run_pending(postgres, MIGRATION_PATIENCE)
         .await
         .map_err(StartupError::Migrations)?;
     log::info!("database schema is current ({applied} migrations applied now)");
@@ -138,9 +143,14 @@ async fn migrate(settings: &Settings) -> Result<(), StartupError> {
 }
 
 /// The DbActor, on an arbiter of its own (which the change listener shares).
-fn start_db(settings: &Settings, metrics: &Metrics) -> (Arbiter, Addr<DbActor>) {
+fn start_db(
+    settings: &Settings,
+    postgres: &PgConnector,
+    metrics: &Metrics,
+) -> (Arbiter, Addr<DbActor>) {
     let arbiter = Arbiter::new();
-    let (db_settings, db_metrics) = (DbSettings::from(settings), metrics.clone());
+    let db_settings = DbSettings::new(settings, postgres.clone());
+    let db_metrics = metrics.clone();
     let db = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
         DbActor::new(db_settings, db_metrics)
     });
@@ -192,14 +202,14 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
 /// in place (bounded: with PostgreSQL slow to answer, start anyway and let the listener keep
 /// trying; it marks everything suspect when it does connect).
 async fn start_listener(
-    settings: &Settings,
+    postgres: &PgConnector,
     db_arbiter: &Arbiter,
     shards: &Shards,
     metrics: &Metrics,
 ) {
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     let (url, lo, lc, lm) = (
-        settings.database_url.clone(),
+        postgres.clone(),
         shards.owners.clone(),
         shards.caches.clone(),
         metrics.clone(),

@@ -50,7 +50,7 @@ use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, PoolableConnection,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::{oneshot, watch};
 
@@ -58,6 +58,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
+use crate::tls::PgConnector;
 
 /// Slack over `statement_timeout` for the client-side bound, so that the server's own
 /// cancellation (which leaves the connection usable) normally wins.
@@ -125,7 +126,8 @@ pub struct PingDb(pub Duration);
 /// Settings the DbActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
 pub struct DbSettings {
-    pub database_url: String,
+    /// How to open a connection: `DATABASE_URL` with its TLS set-up.
+    pub postgres: PgConnector,
     pub pool_size: u32,
     /// Connections kept open when idle (at most `pool_size`).
     pub min_idle: u32,
@@ -136,10 +138,10 @@ pub struct DbSettings {
     pub batch_max: usize,
 }
 
-impl From<&Settings> for DbSettings {
-    fn from(s: &Settings) -> Self {
+impl DbSettings {
+    pub fn new(s: &Settings, postgres: PgConnector) -> Self {
         DbSettings {
-            database_url: s.database_url.clone(),
+            postgres,
             pool_size: s.db_pool_size,
             min_idle: s.db_pool_min_idle,
             connect_timeout: s.db_connect_timeout,
@@ -239,19 +241,19 @@ impl DbActor {
         let (connect_timeout, statement_timeout_ms) =
             (settings.connect_timeout, settings.query_timeout.as_millis());
         let reach = reachability.clone();
-        config.custom_setup = Box::new(move |url| {
+        let postgres = settings.postgres.clone();
+        // bb8's URL is unused: every connection is opened by `postgres`, with its TLS set-up.
+        config.custom_setup = Box::new(move |_url| {
             connect(
-                url.to_owned(),
+                postgres.clone(),
                 connect_timeout,
                 statement_timeout_ms,
                 reach.clone(),
             )
             .boxed()
         });
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
-            &settings.database_url,
-            config,
-        );
+        let manager =
+            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
         let pool = Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(settings.min_idle.min(settings.pool_size)))
@@ -322,7 +324,7 @@ impl DbActor {
 /// template query (diesel-async caches prepared statements per connection, so the first load on
 /// it costs one round trip, not two). Records the outcome in `reach`.
 fn connect(
-    url: String,
+    postgres: PgConnector,
     timeout: Duration,
     statement_timeout_ms: u128,
     reach: Reachability,
@@ -330,7 +332,7 @@ fn connect(
     // The whole set-up is bounded, not only the connect: a server that accepts and then stops
     // answering must not hold a pool slot for good.
     let setup = async move {
-        let mut conn = AsyncPgConnection::establish(&url).await?;
+        let mut conn = postgres.connect().await?;
         diesel::sql_query(format!("SET statement_timeout = {statement_timeout_ms}"))
             .execute(&mut conn)
             .await

@@ -15,13 +15,14 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
 
 use crate::actors::cache::{CacheActor, MarkSuspect};
 use crate::actors::key_owner::{shard_for, ForgetAll, Invalidate, KeyOwner};
 use crate::metrics::Metrics;
 use crate::template::unix_ms_now;
+use crate::tls::PgConnector;
 
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "template_changes";
@@ -34,7 +35,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 pub struct ChangeListener {
-    database_url: String,
+    postgres: PgConnector,
     owners: Vec<Addr<KeyOwner>>,
     caches: Vec<Addr<CacheActor>>,
     metrics: Metrics,
@@ -45,14 +46,14 @@ pub struct ChangeListener {
 
 impl ChangeListener {
     pub fn new(
-        database_url: String,
+        postgres: PgConnector,
         owners: Vec<Addr<KeyOwner>>,
         caches: Vec<Addr<CacheActor>>,
         metrics: Metrics,
         listening: tokio::sync::oneshot::Sender<()>,
     ) -> Self {
         ChangeListener {
-            database_url,
+            postgres,
             owners,
             caches,
             metrics,
@@ -75,7 +76,7 @@ impl Actor for ChangeListener {
             metrics: self.metrics.clone(),
         };
         let listening = self.listening.take();
-        ctx.spawn(listen_forever(self.database_url.clone(), links, listening).into_actor(self));
+        ctx.spawn(listen_forever(self.postgres.clone(), links, listening).into_actor(self));
     }
 }
 
@@ -87,12 +88,12 @@ struct Links {
 }
 
 async fn listen_forever(
-    url: String,
+    postgres: PgConnector,
     links: Links,
     mut listening: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     loop {
-        match connect_and_listen(&url).await {
+        match connect_and_listen(&postgres).await {
             Ok(mut conn) => {
                 // Anything remembered may predate a change we were not told about. The caches
                 // are told first: an owner reads Redis only through its cache actor, so a read it
@@ -120,8 +121,8 @@ async fn listen_forever(
     }
 }
 
-async fn connect_and_listen(url: &str) -> Result<AsyncPgConnection, String> {
-    let mut conn = tokio::time::timeout(STEP_TIMEOUT, AsyncPgConnection::establish(url))
+async fn connect_and_listen(postgres: &PgConnector) -> Result<AsyncPgConnection, String> {
+    let mut conn = tokio::time::timeout(STEP_TIMEOUT, postgres.connect())
         .await
         .map_err(|_| "connecting timed out".to_owned())?
         .map_err(|e| e.to_string())?;

@@ -2,6 +2,7 @@
 //!
 //! - [`servers`]: one real PostgreSQL and one Redis per test process, on free loopback ports,
 //!   that die with the process (PostgreSQL run as the `postgres` user when we are root).
+//! - [`certs`]: a throwaway CA and certificates, for the TLS variant of the servers.
 //! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
 //! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
 //!   too).
@@ -14,6 +15,7 @@
 
 pub use promtext as prom;
 
+pub mod certs;
 pub mod fault_proxy;
 pub mod poll;
 pub mod servers;

@@ -36,6 +36,15 @@
 //! change: setting it in `pre_exec` therefore happens after the uid switch
 //! and survives. `exec` of a non-set-uid binary keeps it.
 //!
+//! # The TLS variant
+//!
+//! [`tls_servers`] starts a second pair the same way, for the TLS tests only: PostgreSQL with
+//! `ssl=on` that accepts TCP clients only over TLS and only with a password (`hostssl` +
+//! `scram-sha-256`), and Redis with a `--tls-port` (clients may show a certificate, and it is
+//! checked if they do). Their certificates come from a CA generated for the process
+//! ([`crate::certs`]); the PEM files are in [`TlsServers`]. Redis keeps a plain port on
+//! loopback too, only so that readiness is checked the same way as for the shared one.
+//!
 //! # Disk usage
 //!
 //! All files live in `$TMPDIR/singleflight-tests/<pid>/`. Each process, when
@@ -92,6 +101,39 @@ impl Servers {
     }
 }
 
+/// The TLS variant of [`Servers`] (see the module docs): same servers, with certificates.
+#[derive(Debug)]
+pub struct TlsServers {
+    /// `pg_port`: PostgreSQL, TLS and password only over TCP; `redis_port`: Redis's plain port
+    /// (for readiness checks; tests use `redis_tls_port`).
+    pub plain: Servers,
+    pub redis_tls_port: u16,
+    /// The `postgres` superuser's password (TCP clients must give one).
+    pub pg_password: String,
+    /// The CA that signed both servers' certificates and [`TlsServers::client_cert_file`].
+    pub ca_file: PathBuf,
+    /// A CA that signed nothing here: trusting only it must fail verification.
+    pub unrelated_ca_file: PathBuf,
+    /// A client certificate and key signed by the CA, which Redis accepts.
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+}
+
+impl TlsServers {
+    /// The superuser, with its password, on database `db` over TLS as `sslmode` says.
+    pub fn pg_url(&self, db: &str, sslmode: &str) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{db}?sslmode={sslmode}",
+            self.pg_password, self.plain.pg_port
+        )
+    }
+
+    /// `rediss://127.0.0.1:{redis_tls_port}/{db_index}`.
+    pub fn rediss_url(&self, db_index: u32) -> String {
+        format!("rediss://127.0.0.1:{}/{db_index}", self.redis_tls_port)
+    }
+}
+
 /// The result of the one start attempt. A failure is stored too (as its
 /// message), so that after one failed start every other test fails at once
 /// with the same explanation instead of each retrying for 30 s in a
@@ -112,10 +154,66 @@ static SERVERS: OnceLock<Result<Servers, String>> = OnceLock::new();
 /// or a server does not become ready within ~30 s (the message says which
 /// server, which check failed, and shows the tail of its log).
 pub fn servers() -> &'static Servers {
-    match SERVERS.get_or_init(start_all) {
+    match SERVERS.get_or_init(|| start_all(Variant::Plain).map(|(servers, _)| servers)) {
         Ok(servers) => servers,
         Err(message) => panic!("test servers could not be started: {message}"),
     }
+}
+
+static TLS_SERVERS: OnceLock<Result<TlsServers, String>> = OnceLock::new();
+
+/// The TLS variant (see the module docs): started on first call, once per process, like
+/// [`servers`].
+///
+/// # Panics
+///
+/// As [`servers`] does.
+pub fn tls_servers() -> &'static TlsServers {
+    let start = || {
+        let files = base_dir()?.join("tls");
+        fs::create_dir(&files).map_err(|e| format!("could not create {}: {e}", files.display()))?;
+        let certs = crate::certs::generate()?;
+        let (plain, redis_tls_port) = start_all(Variant::Tls {
+            certs: certs.clone(),
+            dir: files.clone(),
+        })?;
+        let write = |name: &str, pem: &str| {
+            let path = files.join(name);
+            fs::write(&path, pem)
+                .map(|()| path.clone())
+                .map_err(|e| format!("could not write {}: {e}", path.display()))
+        };
+        Ok(TlsServers {
+            plain,
+            redis_tls_port: redis_tls_port.unwrap_or_default(),
+            pg_password: PG_TLS_PASSWORD.to_owned(),
+            ca_file: write("ca.pem", &certs.ca)?,
+            unrelated_ca_file: write("unrelated-ca.pem", &crate::certs::unrelated_ca()?)?,
+            client_cert_file: write("client.pem", &certs.client_cert)?,
+            client_key_file: write("client.key", &certs.client_key)?,
+        })
+    };
+    match TLS_SERVERS.get_or_init(start) {
+        Ok(servers) => servers,
+        Err(message) => panic!("TLS test servers could not be started: {message}"),
+    }
+}
+
+/// The TLS PostgreSQL's superuser password: with URL-reserved characters percent-encoded, so a
+/// password that needs encoding is what every TLS test connects with.
+const PG_TLS_PASSWORD: &str = "s3cret%2Fpass";
+/// The same, decoded, as PostgreSQL is told it.
+const PG_TLS_PASSWORD_PLAIN: &str = "s3cret/pass";
+
+/// Which pair of servers to start.
+#[derive(Clone)]
+enum Variant {
+    Plain,
+    /// With certificates; its files in `dir`.
+    Tls {
+        certs: crate::certs::TestCerts,
+        dir: PathBuf,
+    },
 }
 
 /// Number of Redis logical databases; must match `--databases` below.
@@ -160,11 +258,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// when the *forking thread* exits (see the module docs); so on success it
 /// parks forever, holding the [`Child`] handles. On failure it drops the
 /// handles, which stops whatever did start, and exits.
-fn start_all() -> Result<Servers, String> {
+fn start_all(variant: Variant) -> Result<(Servers, Option<u16>), String> {
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("test-servers-parent".into())
-        .spawn(move || match start_children() {
+        .spawn(move || match start_children(variant) {
             Ok((servers, children)) => {
                 // The receiver is alive: start_all is blocked in recv().
                 let _ = tx.send(Ok(servers));
@@ -187,8 +285,11 @@ fn start_all() -> Result<Servers, String> {
 }
 
 /// Does the actual work on the owning thread: directories, binaries,
-/// `initdb`, then both servers. Returns the guards of the running children.
-fn start_children() -> Result<(Servers, Vec<ChildGuard>), String> {
+/// `initdb`, then both servers. Returns the guards of the running children (and the TLS port of
+/// Redis, for the TLS variant).
+type Started = ((Servers, Option<u16>), Vec<ChildGuard>);
+
+fn start_children(variant: Variant) -> Result<Started, String> {
     let pg_bins = PgBins::find()?;
     let redis_server = find_in_path("redis-server").ok_or_else(|| {
         "`redis-server` not found in PATH; install the Debian package `redis-server` \
@@ -196,7 +297,10 @@ fn start_children() -> Result<(Servers, Vec<ChildGuard>), String> {
             .to_string()
     })?;
 
-    let base = prepare_base_dir()?;
+    let base = match &variant {
+        Variant::Plain => base_dir()?,
+        Variant::Tls { dir, .. } => dir.clone(),
+    };
     // Only root needs (and can) switch user; otherwise run as ourselves.
     let pg_user = if current_euid()? == 0 {
         let user = lookup_user("postgres")?;
@@ -215,28 +319,103 @@ fn start_children() -> Result<(Servers, Vec<ChildGuard>), String> {
             .map_err(|e| format!("could not chown {} to postgres: {e}", pg_dir.display()))?;
     }
     let data_dir = pg_dir.join("data");
+    let tls_certs = match &variant {
+        Variant::Plain => None,
+        Variant::Tls { certs, .. } => Some(certs),
+    };
+    let mut auth = vec!["--auth=trust".to_owned()];
+    if tls_certs.is_some() {
+        let pwfile = write_private(&pg_dir, "pwfile", PG_TLS_PASSWORD_PLAIN, pg_user)?;
+        auth.push(format!("--pwfile={}", pwfile.display()));
+    }
     run_initdb(
         &pg_bins,
         &data_dir,
         &pg_dir,
         pg_user,
         &base.join("initdb.log"),
+        &auth,
     )?;
+    let mut pg_settings = Vec::new();
+    if let Some(certs) = tls_certs {
+        // TCP clients: TLS and a password, nothing else; the socket (pg_isready) stays trusted.
+        fs::write(
+            data_dir.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .map_err(|e| format!("could not write pg_hba.conf: {e}"))?;
+        // PostgreSQL refuses a key readable by others, or not owned by itself (or root).
+        let cert = write_private(&pg_dir, "server.crt", &certs.server_cert, pg_user)?;
+        let key = write_private(&pg_dir, "server.key", &certs.server_key, pg_user)?;
+        pg_settings.extend([
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", cert.display()),
+            format!("ssl_key_file={}", key.display()),
+        ]);
+    }
 
-    let (pg_port, pg) = start_postgres(&pg_bins, &data_dir, pg_user, &base.join("postgres.log"))?;
+    let (pg_port, pg) = start_postgres(
+        &pg_bins,
+        &data_dir,
+        pg_user,
+        &base.join("postgres.log"),
+        &pg_settings,
+    )?;
     let redis_dir = base.join("redis");
     fs::create_dir(&redis_dir)
         .map_err(|e| format!("could not create {}: {e}", redis_dir.display()))?;
+    let redis_tls = match tls_certs {
+        None => None,
+        Some(certs) => Some(RedisTls {
+            port: free_port()?,
+            cert: write_private(&redis_dir, "server.crt", &certs.server_cert, None)?,
+            key: write_private(&redis_dir, "server.key", &certs.server_key, None)?,
+            ca: write_private(&redis_dir, "ca.crt", &certs.ca, None)?,
+        }),
+    };
     // If Redis fails, `pg` is dropped on the `?` and stops postgres.
-    let (redis_port, redis) = start_redis(&redis_server, &redis_dir, &base.join("redis.log"))?;
+    let (redis_port, redis) = start_redis(
+        &redis_server,
+        &redis_dir,
+        &base.join("redis.log"),
+        redis_tls.as_ref(),
+    )?;
 
     Ok((
-        Servers {
-            pg_port,
-            redis_port,
-        },
+        (
+            Servers {
+                pg_port,
+                redis_port,
+            },
+            redis_tls.map(|tls| tls.port),
+        ),
         vec![pg, redis],
     ))
+}
+
+/// Writes `text` to `dir/name`, readable only by its owner (`user` when given).
+fn write_private(
+    dir: &Path,
+    name: &str,
+    text: &str,
+    user: Option<User>,
+) -> Result<PathBuf, String> {
+    let path = dir.join(name);
+    fs::write(&path, text).map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("could not chmod {}: {e}", path.display()))?;
+    if let Some(user) = user {
+        chown(&path, Some(user.uid), Some(user.gid))
+            .map_err(|e| format!("could not chown {} to postgres: {e}", path.display()))?;
+    }
+    Ok(path)
+}
+
+/// The process's directory for server files, made (and stale ones of dead processes removed)
+/// once, whichever variant starts first.
+fn base_dir() -> Result<PathBuf, String> {
+    static BASE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BASE.get_or_init(prepare_base_dir).clone()
 }
 
 // ---------------------------------------------------------------------------
@@ -650,19 +829,13 @@ fn run_initdb(
     cwd: &Path,
     user: Option<User>,
     log: &Path,
+    auth: &[String],
 ) -> Result<(), String> {
     let mut cmd = Command::new(&bins.initdb);
     cmd.arg("-D")
         .arg(data_dir)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ])
+        .args(auth)
+        .args(["-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
         // The postgres user may not be allowed into our cwd (e.g. /root),
         // which makes initdb complain; its own parent dir is always fine.
         .current_dir(cwd);
@@ -716,6 +889,7 @@ fn start_postgres(
     data_dir: &Path,
     user: Option<User>,
     log: &Path,
+    settings: &[String],
 ) -> Result<(u16, ChildGuard), String> {
     start_on_free_port(
         "postgres",
@@ -743,6 +917,7 @@ fn start_postgres(
                     "-c",
                     "shared_buffers=32MB",
                 ])
+                .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
                 .current_dir(data_dir);
             configure(&mut cmd, log, user, SIGQUIT)?;
             Ok(cmd)
@@ -790,7 +965,20 @@ fn start_postgres(
 /// --appendonly no`: throwaway data, and no fork-for-snapshot pauses) and
 /// `--databases 10000` so every test can have its own logical database.
 /// `--dir` keeps any file Redis might write inside our temp dir.
-fn start_redis(redis_server: &Path, dir: &Path, log: &Path) -> Result<(u16, ChildGuard), String> {
+/// Redis's TLS port and the PEM files it serves it with.
+struct RedisTls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+fn start_redis(
+    redis_server: &Path,
+    dir: &Path,
+    log: &Path,
+    tls: Option<&RedisTls>,
+) -> Result<(u16, ChildGuard), String> {
     let databases = REDIS_DATABASES.to_string();
     start_on_free_port(
         "redis-server",
@@ -805,6 +993,18 @@ fn start_redis(redis_server: &Path, dir: &Path, log: &Path) -> Result<(u16, Chil
                 .arg("--dir")
                 .arg(dir)
                 .current_dir(dir);
+            if let Some(tls) = tls {
+                cmd.arg("--tls-port")
+                    .arg(tls.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    // A client certificate is checked when shown, not required.
+                    .args(["--tls-auth-clients", "optional"]);
+            }
             configure(&mut cmd, log, None, SIGTERM)?;
             Ok(cmd)
         },

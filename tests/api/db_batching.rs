@@ -8,6 +8,7 @@ use actix::Actor;
 use futures_util::future::join_all;
 use singleflight::actors::db::{DbActor, DbSettings, FetchTemplate};
 use singleflight::metrics::Metrics;
+use singleflight::tls::PgConnector;
 
 use crate::faults::{postgres_proxy, via};
 use crate::support::fault_proxy::Mode;
@@ -21,7 +22,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
     let metrics = Metrics::new().expect("metrics");
     let db = DbActor::new(
         DbSettings {
-            database_url: app.database_url.clone(),
+            postgres: PgConnector::new(&app.database_url, None).expect("a usable URL"),
             pool_size: 1,
             min_idle: 1,
             connect_timeout: Duration::from_secs(5),

@@ -17,3 +17,4 @@ mod redis_down;
 mod shutdown;
 mod slow_network;
 mod template_details;
+mod tls;

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use diesel::migration::MigrationSource;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use singleflight::migrate::{run_pending, MIGRATIONS};
+use singleflight::tls::PgConnector;
 
 use crate::support::empty_database_url;
 
@@ -21,7 +22,7 @@ struct Count {
 
 #[actix_rt::test]
 async fn replicas_migrating_an_empty_database_at_once_all_succeed() {
-    let url = empty_database_url().await;
+    let url = PgConnector::new(&empty_database_url().await, None).expect("a usable URL");
     let migrations = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
         .expect("the embedded migrations are readable")
         .len();
@@ -43,7 +44,8 @@ async fn replicas_migrating_an_empty_database_at_once_all_succeed() {
     expected.push(migrations);
     assert_eq!(applied, expected, "migrations applied per replica");
 
-    let mut conn = AsyncPgConnection::establish(&url)
+    let mut conn = url
+        .connect()
         .await
         .expect("connect to the migrated database");
     let recorded = diesel::sql_query("SELECT count(*) AS n FROM __diesel_schema_migrations")

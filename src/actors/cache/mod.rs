@@ -142,6 +142,9 @@ pub struct PingCache;
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub redis_url: String,
+    /// The CA and client certificate for a `rediss://` URL, when set (otherwise redis-rs uses
+    /// the system's trust store).
+    pub redis_tls: Option<redis::TlsCertificates>,
     pub timeout: Duration,
     /// Soft TTL: how long an entry is fresh.
     pub ttl: Duration,
@@ -158,6 +161,10 @@ impl From<&Settings> for CacheSettings {
     fn from(s: &Settings) -> Self {
         CacheSettings {
             redis_url: s.redis_url.clone(),
+            redis_tls: crate::tls::redis_tls_certificates(
+                s.redis_ca.as_ref(),
+                s.redis_client_cert.as_ref(),
+            ),
             timeout: s.redis_timeout,
             ttl: s.cache_ttl,
             grace: s.cache_grace,
@@ -211,11 +218,17 @@ impl CacheActor {
         }
     }
 
-    /// Validates the URL the way [`CacheActor::new`] will use it.
-    pub fn check_url(url: &str) -> Result<(), String> {
-        redis::Client::open(url)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Validates the URL and its TLS settings the way [`CacheActor::new`] will use them.
+    pub fn check_url(settings: &Settings) -> Result<(), String> {
+        let settings = CacheSettings::from(settings);
+        if settings.redis_tls.is_some() && !settings.redis_url.starts_with("rediss://") {
+            return Err(
+                "REDIS_CA_FILE or REDIS_CLIENT_CERT_FILE is set, but the URL is not \
+                        rediss:// (TLS)"
+                    .to_owned(),
+            );
+        }
+        client(&settings).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn connection(&self) -> Result<ConnectionManager, CacheError> {
@@ -324,8 +337,16 @@ impl CacheActor {
     }
 }
 
+/// The client for `REDIS_URL`, with the CA and client certificate when they are set.
+fn client(settings: &CacheSettings) -> redis::RedisResult<redis::Client> {
+    match &settings.redis_tls {
+        Some(tls) => redis::Client::build_with_tls(settings.redis_url.as_str(), tls.clone()),
+        None => redis::Client::open(settings.redis_url.as_str()),
+    }
+}
+
 fn connect_lazily(settings: &CacheSettings) -> Option<ConnectionManager> {
-    redis::Client::open(settings.redis_url.as_str())
+    client(settings)
         .and_then(|client| {
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(settings.timeout))
