@@ -11,6 +11,19 @@ use crate::support::{servers, sum_metric};
 /// Requests in flight when the signal arrives.
 const IN_FLIGHT: usize = 50;
 
+/// The service process, killed if the test ends before it exits (a failed assertion must not
+/// leave it running).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 async fn idle_connections(client: &reqwest::Client, url: &str) -> f64 {
     let Ok(response) = client.get(format!("{url}/metrics")).send().await else {
         return 0.0;
@@ -35,15 +48,17 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
         let proxy = postgres_proxy();
         // Reuses the shared `postgres` database (migrations are idempotent), with a Redis
         // keyspace of its own: every id below is cold.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_singleflight"))
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", via(&proxy, &servers.pg_url("postgres")))
-            .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the service binary");
+        let mut child = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_singleflight"))
+                .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .env("DATABASE_URL", via(&proxy, &servers.pg_url("postgres")))
+                .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the service binary"),
+        );
 
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{port}");
@@ -105,7 +120,7 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
         }
 
         let status = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
+            .args([&format!("-{signal}"), &child.0.id().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
@@ -121,11 +136,11 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
 
         let deadline = Instant::now() + Duration::from_secs(15);
         let exit = loop {
-            if let Some(exit) = child.try_wait().expect("wait for the service") {
+            if let Some(exit) = child.0.try_wait().expect("wait for the service") {
                 break exit;
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
+                let _ = child.0.kill();
                 panic!("SIG{signal}: the service did not stop within 15 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
