@@ -866,7 +866,7 @@ async fn ten_thousand_unknown_ids_twice_cost_at_most_one_query_each() {
 // ---------------------------------------------------------------------------------------------
 
 /// Waits (bounded) until `metric` satisfies `done`.
-async fn wait_for_metric(app: &TestApp, metric: &str, done: impl Fn(f64) -> bool) {
+pub(crate) async fn wait_for_metric(app: &TestApp, metric: &str, done: impl Fn(f64) -> bool) {
     let (limit, every) = (Duration::from_secs(20), Duration::from_millis(50));
     let polled = poll::until(limit, every, || app.metric(metric), |v| done(*v)).await;
     assert!(polled.done, "{metric} never got there: {}", polled.last);

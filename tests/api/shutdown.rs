@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{postgres_proxy, via};
 use crate::support::fault_proxy::Mode;
-use crate::support::{servers, sum_metric};
+use crate::support::{servers, sum_metric, wait_for_warm_pool};
 
 /// Requests in flight when the signal arrives.
 const IN_FLIGHT: usize = 50;
@@ -22,17 +22,6 @@ impl Drop for KillOnDrop {
             let _ = self.0.wait();
         }
     }
-}
-
-async fn idle_connections(client: &reqwest::Client, url: &str) -> f64 {
-    let Ok(response) = client.get(format!("{url}/metrics")).send().await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    testkit::prom::series(&text, "db_pool_connections")
-        .into_iter()
-        .find(|(labels, _)| labels == r#"{state="idle"}"#)
-        .map_or(0.0, |(_, idle)| idle)
 }
 
 fn free_port() -> u16 {
@@ -76,14 +65,7 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Every pooled connection open before the network turns slow, as after any idle period.
-        let started = Instant::now();
-        while idle_connections(&client, &url).await < 10.0 {
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "the pool never opened its connections"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_warm_pool(&client, &url, 10.0).await;
         proxy.set_mode(Mode::Latency(Duration::from_millis(150)));
 
         let first_id = 100 + (round * IN_FLIGHT) as i64;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use crate::faults::{postgres_proxy, redis_proxy, via};
+use crate::faults::{postgres_proxy, redis_proxy, via, wait_for_metric};
 use crate::support::fault_proxy::{FaultProxy, Mode};
-use crate::support::{header, spawn_app_with, TestApp};
+use crate::support::{header, spawn_app_with, wait_for_warm_pool, TestApp};
 
 /// The service's default `REQUEST_TIMEOUT_MS`, spelled out because assertions derive from it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,24 +30,8 @@ async fn app_behind(proxy: &FaultProxy, coalesce: bool) -> TestApp {
     })
     .await;
     let pool_size = singleflight::config::Settings::default().db_pool_size as f64;
-    let started = Instant::now();
-    while idle_connections(&app).await < pool_size {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the pool never opened its {pool_size} connections"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_warm_pool(&app.client, &app.address, pool_size).await;
     app
-}
-
-/// The pool's idle connections, from `/metrics`.
-async fn idle_connections(app: &TestApp) -> f64 {
-    let text = app.metrics_text().await;
-    testkit::prom::series(&text, "db_pool_connections")
-        .into_iter()
-        .find(|(labels, _)| labels == r#"{state="idle"}"#)
-        .map_or(0.0, |(_, idle)| idle)
 }
 
 /// What a burst of distinct cold ids got.
@@ -217,14 +201,7 @@ async fn a_change_during_a_slow_cache_write_is_never_answered_with_the_old_row()
             "UPDATE templates SET name = '{name}' WHERE id = {id}"
         ))
         .await;
-        let started = Instant::now();
-        while app.metric("invalidations_total").await <= invalidations {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "no notification"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_metric(&app, "invalidations_total", |n| n > invalidations).await;
         // The service now knows of the change; the first flight's write may still be in the air.
         let after = app.template(id).await;
         let x_cache = header(&after, "x-cache");
@@ -234,14 +211,7 @@ async fn a_change_during_a_slow_cache_write_is_never_answered_with_the_old_row()
             "round {round}: answered {x_cache} with the row from before the change: {body}"
         );
         // And what is left in Redis once every flight has ended is the new row (or nothing).
-        let started = Instant::now();
-        while app.metric("key_owner_inflight_keys").await > 0.0 {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "flights never ended"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_metric(&app, "key_owner_inflight_keys", |n| n == 0.0).await;
         let cached: Option<String> = redis::cmd("GET")
             .arg(format!("template:{id}"))
             .query_async(&mut redis)
@@ -284,11 +254,7 @@ async fn cold_burst_figures() {
                     s.db_batch_max = batch_max;
                 })
                 .await;
-                let started = Instant::now();
-                while idle_connections(&app).await < f64::from(pool_size) {
-                    assert!(started.elapsed() < Duration::from_secs(15));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                wait_for_warm_pool(&app.client, &app.address, f64::from(pool_size)).await;
                 proxy.set_mode(Mode::Latency(delay));
                 let burst = cold_burst(&app, ids.clone()).await;
                 let ok = burst.statuses.iter().filter(|s| **s == 200).count();

@@ -189,3 +189,25 @@ pub fn header(response: &reqwest::Response, name: &str) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// Waits (bounded) until the service at `base_url` has `n` idle pooled PostgreSQL connections,
+/// read from its `/metrics` — as a service that has been running finds them.
+pub async fn wait_for_warm_pool(client: &reqwest::Client, base_url: &str, n: f64) {
+    let idle = || async {
+        let Ok(response) = client.get(format!("{base_url}/metrics")).send().await else {
+            return 0.0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        testkit::prom::series(&text, "db_pool_connections")
+            .into_iter()
+            .find(|(labels, _)| labels == r#"{state="idle"}"#)
+            .map_or(0.0, |(_, idle)| idle)
+    };
+    let (limit, every) = (Duration::from_secs(15), Duration::from_millis(50));
+    let polled = testkit::poll::until(limit, every, idle, |v| *v >= n).await;
+    assert!(
+        polled.done,
+        "the pool never opened its {n} connections ({} idle)",
+        polled.last
+    );
+}
