@@ -70,6 +70,7 @@ impl Owners {
                 cache_set: cache.clone().recipient(),
                 cache_del: cache.recipient(),
                 db: db.clone().recipient(),
+                lease: None,
                 settings: settings.clone(),
                 metrics: metrics.clone(),
             };

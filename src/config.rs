@@ -77,6 +77,10 @@ pub struct Settings {
     pub max_pending_keys: usize,
     /// `MAX_WAITERS_PER_KEY`: requests waiting on one flight; beyond, shed (503) at once.
     pub max_waiters_per_key: usize,
+    /// `LEASE_TTL_MS`: how long a replica's claim to load a key for the whole fleet lasts
+    /// without renewal (a holder renews it while it loads); zero turns the fleet lease off, so
+    /// each replica coalesces only its own requests.
+    pub lease_ttl: Duration,
     /// `BREAKER_FAILURES`: consecutive Redis failures that open the circuit breaker.
     pub breaker_failures: u32,
     /// `BREAKER_OPEN_MS`: how long an open breaker skips Redis before probing it.
@@ -112,6 +116,7 @@ impl Default for Settings {
             negative_ttl: Duration::from_secs(5),
             max_pending_keys: 10_000,
             max_waiters_per_key: 10_000,
+            lease_ttl: Duration::from_millis(1000),
             breaker_failures: 5,
             breaker_open: Duration::from_millis(1000),
         }
@@ -196,6 +201,7 @@ impl Settings {
             negative_ttl: env.secs_or_zero("NEGATIVE_TTL_SECS", d.negative_ttl)?,
             max_pending_keys: env.positive("MAX_PENDING_KEYS", d.max_pending_keys)?,
             max_waiters_per_key: env.positive("MAX_WAITERS_PER_KEY", d.max_waiters_per_key)?,
+            lease_ttl: env.lease_ttl("LEASE_TTL_MS", d.lease_ttl)?,
             breaker_failures: env.positive("BREAKER_FAILURES", d.breaker_failures as usize)? as u32,
             breaker_open: env.millis("BREAKER_OPEN_MS", 1, d.breaker_open)?,
         })
@@ -296,6 +302,18 @@ impl Vars<'_> {
             "milliseconds, a whole number from 1 to 600000"
         };
         let n = self.whole(var, expected, min..=600_000)?;
+        Ok(n.map_or(default, Duration::from_millis))
+    }
+
+    /// Zero (off), or long enough for a holder to renew its lease a few times per period.
+    fn lease_ttl(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        let expected = "milliseconds: 0 (off), or a whole number from 100 to 60000";
+        let n = self.read(var, expected, None, |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n == 0 || (100..=60_000).contains(n))
+                .map(Some)
+        })?;
         Ok(n.map_or(default, Duration::from_millis))
     }
 

@@ -27,7 +27,8 @@ pub struct Metrics {
     pub singleflight_shared_total: IntCounter,
     /// Callers that joined another caller's in-flight Redis read instead of reading Redis themselves.
     pub cache_reads_coalesced_total: IntCounter,
-    /// Flights by how they ended: `cache`, `database`, `not_found`, `error`.
+    /// Flights by how they ended: `cache`, `database`, `not_found`, `peer` (another replica
+    /// loaded it), `error`.
     pub flights_total: IntCounterVec,
     /// Answers served by an owner's near cache without a Redis round trip (also in
     /// `cache_hits_total`).
@@ -74,6 +75,19 @@ pub struct Metrics {
     /// Ids loaded per query sent to PostgreSQL (loads queued while every connection was busy
     /// are sent together).
     pub db_keys_per_query: Histogram,
+    /// Fleet leases claimed: this replica loaded a key for the whole fleet (take-overs included).
+    pub lease_claims_total: IntCounter,
+    /// Flights that found another replica holding a key's lease and waited for its load.
+    pub lease_waits_total: IntCounter,
+    /// Leases claimed after waiting on another replica's lease that ran out without a fill (the
+    /// holder died or stalled).
+    pub lease_takeovers_total: IntCounter,
+    /// Fills (or releases) of other replicas' leases announced through Redis pub/sub.
+    pub lease_notices_total: IntCounter,
+    /// A holder's fill found its lease gone (expired, or taken over): nothing was written.
+    pub lease_fills_lost_total: IntCounter,
+    /// Time a flight waited on another replica's lease, until it had the value or the lease.
+    pub lease_wait_seconds: Histogram,
     /// Keys with a flight in progress, per owner shard.
     pub key_owner_inflight_keys: IntGaugeVec,
     /// Requests waiting for a flight, per owner shard.
@@ -142,6 +156,16 @@ impl Metrics {
             .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
         )?;
         registry.register(Box::new(db_keys_per_query.clone()))?;
+        let lease_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "lease_wait_seconds",
+                "Time a flight waited on another replica's lease for a key",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        registry.register(Box::new(lease_wait_seconds.clone()))?;
 
         let metrics = Metrics {
             http_in_flight_requests,
@@ -234,6 +258,27 @@ impl Metrics {
             )?,
             db_query_duration_seconds,
             db_keys_per_query,
+            lease_claims_total: counter(
+                "lease_claims_total",
+                "Fleet leases claimed: keys this replica loaded for every replica",
+            )?,
+            lease_waits_total: counter(
+                "lease_waits_total",
+                "Flights that waited on another replica's load of the key",
+            )?,
+            lease_takeovers_total: counter(
+                "lease_takeovers_total",
+                "Leases claimed after another replica's lease ran out without a fill",
+            )?,
+            lease_notices_total: counter(
+                "lease_notices_total",
+                "Lease fill or release notices received through Redis pub/sub",
+            )?,
+            lease_fills_lost_total: counter(
+                "lease_fills_lost_total",
+                "Loads not written because their lease had run out or been taken over",
+            )?,
+            lease_wait_seconds,
             key_owner_inflight_keys: gauge_vec(
                 "key_owner_inflight_keys",
                 "Keys with a flight in progress, per KeyOwner shard",
@@ -266,7 +311,7 @@ impl Metrics {
                 .redis_breaker_transitions_total
                 .with_label_values(&[to]);
         }
-        for result in ["cache", "database", "not_found", "error"] {
+        for result in ["cache", "database", "not_found", "peer", "error"] {
             metrics.flights_total.with_label_values(&[result]);
         }
         Ok(metrics)

@@ -1,7 +1,7 @@
 //! The one way to start the service, used by `main` and by the tests.
 //!
 //! [`Application::build`] applies migrations ([`migrate`]), starts the actors ([`start_db`],
-//! [`start_shards`], [`start_listener`]), binds the listener ([`serve`], with the
+//! [`start_shards`], [`start_listener`], [`start_fill_subscriber`]), binds the listener ([`serve`], with the
 //! [`http_metrics`] middleware) and returns the server ready to run, with the port it got
 //! (tests bind port 0).
 //!
@@ -20,7 +20,8 @@ use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMet
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
-use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, OwnerSettings};
+use crate::actors::fills::FillSubscriber;
+use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, LeaseDeps, OwnerSettings};
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
 use crate::http::{self, AppState, InFlight};
@@ -84,6 +85,7 @@ impl Application {
         let (db_arbiter, db) = start_db(&settings, &postgres, &metrics);
         let shards = start_shards(&settings, &db, &metrics);
         start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
+        start_fill_subscriber(&settings, &db_arbiter, &shards, &metrics);
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
         let state = AppState {
@@ -184,6 +186,13 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
             cache_set: cache.clone().recipient(),
             cache_del: cache.clone().recipient(),
             db: db.clone().recipient(),
+            lease: (settings.coalesce && !settings.lease_ttl.is_zero()).then(|| LeaseDeps {
+                claim: cache.clone().recipient(),
+                renew: cache.clone().recipient(),
+                fill: cache.clone().recipient(),
+                release: cache.clone().recipient(),
+                ttl: settings.lease_ttl,
+            }),
             settings: OwnerSettings::from(settings),
             metrics: metrics.clone(),
         };
@@ -223,6 +232,26 @@ async fn start_listener(
     {
         log::warn!("not yet listening for template changes; starting anyway");
     }
+}
+
+/// The replica's subscription to lease notices, on the database arbiter; only with the lease on.
+fn start_fill_subscriber(
+    settings: &Settings,
+    db_arbiter: &Arbiter,
+    shards: &Shards,
+    metrics: &Metrics,
+) {
+    if !settings.coalesce || settings.lease_ttl.is_zero() {
+        return;
+    }
+    let (cs, owners, m) = (
+        CacheSettings::from(settings),
+        shards.owners.clone(),
+        metrics.clone(),
+    );
+    Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+        FillSubscriber::new(cs, owners, m)
+    });
 }
 
 /// The HTTP metrics middleware: the seed's metric names, `/metrics` served and not counted,

@@ -1,7 +1,8 @@
 //! The actors: a sharded set of [`key_owner::KeyOwner`]s that deduplicate loads, the
 //! [`cache::CacheActor`]s that own Redis connections, and the [`db::DbActor`] that owns the
-//! PostgreSQL pool, and the [`listener::ChangeListener`] that turns row changes into
-//! invalidations.
+//! PostgreSQL pool, the [`listener::ChangeListener`] that turns row changes into
+//! invalidations, and the [`fills::FillSubscriber`] that wakes flights waiting on another
+//! replica's lease.
 //!
 //! Every one of them runs under an actix [`Supervisor`](actix::Supervisor): if it stops, it is
 //! started again with the same address, so senders never hold a dead one. A panic does not stop
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod db;
 #[cfg(any(test, feature = "test-fakes"))]
 pub mod fakes;
+pub mod fills;
 pub mod key_owner;
 pub mod listener;
 

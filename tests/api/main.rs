@@ -8,6 +8,7 @@ mod config;
 mod dashboard;
 mod db_batching;
 mod faults;
+mod fleet;
 mod freshness;
 mod health;
 mod loadtest;

@@ -20,7 +20,13 @@
 //! cross-thread wake-up, and each shard has a connection and a breaker of its own.
 
 mod breaker;
+mod lease;
 
+pub use lease::{
+    fills_channel, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew, LeaseState, LeaseToken,
+};
+
+use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -155,6 +161,8 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
+    /// How long a fleet lease lasts without renewal (see [`lease`]).
+    pub lease_ttl: Duration,
 }
 
 impl From<&Settings> for CacheSettings {
@@ -172,6 +180,7 @@ impl From<&Settings> for CacheSettings {
             negative_ttl: s.negative_ttl,
             breaker_failures: s.breaker_failures,
             breaker_open: s.breaker_open,
+            lease_ttl: s.lease_ttl,
         }
     }
 }
@@ -187,9 +196,15 @@ pub struct CacheActor {
     breaker: Breaker,
     /// The breaker state last logged and shown in `redis_breaker_state`.
     published: State,
-    /// Entries loaded before this wall-clock time are treated as soft-expired (see
-    /// [`MarkSuspect`]).
+    /// Entries loaded before this wall-clock time are misses (see [`MarkSuspect`]).
     suspect_before_ms: u64,
+    /// Per key, when this replica last learned that its row changed ([`CacheDel`]): entries of
+    /// the key loaded before then are misses. Another replica that loaded the old row before the
+    /// change may write it after this replica's delete; its entry must not be served here.
+    /// Bounded (see [`CacheActor::record_change`]).
+    changed_at_ms: HashMap<i64, u64>,
+    /// Where lease fills and releases are announced (see [`lease`]).
+    fills_channel: String,
     /// Feeds the TTL jitter; different on every write.
     writes: u64,
 }
@@ -200,6 +215,7 @@ impl CacheActor {
     /// manager's background tasks will live.
     pub fn new(shard: usize, settings: CacheSettings, metrics: Metrics) -> Self {
         let conn = connect_lazily(&settings);
+        let channel = fills_channel(&settings);
         let breaker_failures = settings.breaker_failures;
         let shard = shard.to_string();
         metrics
@@ -214,6 +230,8 @@ impl CacheActor {
             breaker: Breaker::new(breaker_failures),
             published: State::Closed,
             suspect_before_ms: 0,
+            changed_at_ms: HashMap::new(),
+            fills_channel: channel,
             writes: 0,
         }
     }
@@ -337,8 +355,87 @@ impl CacheActor {
     }
 }
 
+impl CacheActor {
+    /// Entries of `id` loaded before this wall-clock time are misses.
+    fn suspect_before(&self, id: i64) -> u64 {
+        let changed = self.changed_at_ms.get(&id).copied().unwrap_or(0);
+        self.suspect_before_ms.max(changed)
+    }
+
+    /// Remembers that `id` changed now. Records older than an entry's whole life (soft TTL and
+    /// grace) can go: every entry loaded before them has expired. Should the records still
+    /// exceed [`MAX_CHANGE_RECORDS`], every entry loaded before now becomes suspect instead.
+    fn record_change(&mut self, id: i64) {
+        let now = unix_ms_now();
+        self.changed_at_ms.insert(id, now);
+        if self.changed_at_ms.len() > MAX_CHANGE_RECORDS {
+            let lifetime = self.settings.ttl + self.settings.grace + self.settings.ttl / 2;
+            let horizon = now.saturating_sub(lifetime.as_millis() as u64);
+            self.changed_at_ms.retain(|_, at| *at >= horizon);
+            if self.changed_at_ms.len() > MAX_CHANGE_RECORDS / 2 {
+                self.suspect_before_ms = self.suspect_before_ms.max(now);
+                self.changed_at_ms.clear();
+            }
+        }
+    }
+
+    /// The bytes and the expiry (ms from now) of the entry to write for a load of `lookup` that
+    /// began at `loaded_at_ms`; `None` when nothing is to be written (a "not found" with
+    /// `NEGATIVE_TTL_SECS=0`).
+    fn entry_to_write(
+        &mut self,
+        id: i64,
+        lookup: Lookup,
+        loaded_at_ms: u64,
+    ) -> Option<(Vec<u8>, u64)> {
+        let s = &self.settings;
+        let (soft, hard) = match lookup {
+            Lookup::Found(_) => {
+                self.writes = self.writes.wrapping_add(1);
+                let seed = (id as u64).rotate_left(32) ^ self.writes ^ unix_ms_now();
+                let soft = jittered(s.ttl, s.jitter_pct, seed);
+                (soft, soft + s.grace)
+            }
+            Lookup::NotFound if s.negative_ttl.is_zero() => return None,
+            Lookup::NotFound => (s.negative_ttl, s.negative_ttl),
+        };
+        // Ages count from the database read, not from this write.
+        let entry = Entry {
+            loaded_at_ms,
+            soft_expiry_ms: loaded_at_ms + soft.as_millis() as u64,
+            lookup,
+        };
+        let expires_ms = loaded_at_ms + hard.as_millis() as u64;
+        let hard_ms = expires_ms.saturating_sub(unix_ms_now()).max(1);
+        Some((entry.encode(id), hard_ms))
+    }
+}
+
+/// Change records kept per cache actor (see [`CacheActor::record_change`]).
+const MAX_CHANGE_RECORDS: usize = 100_000;
+
+/// What a raw Redis value for `id` is worth: a usable entry, a miss (`None`: loaded before
+/// `suspect_before_ms`), or a decode error.
+fn usable(
+    raw: Vec<u8>,
+    id: i64,
+    suspect_before_ms: u64,
+    metrics: &Metrics,
+) -> Result<Option<Cached>, CacheError> {
+    let entry = Entry::decode(Bytes::from(raw), id).ok_or(CacheError::Decode(id))?;
+    if entry.loaded_at_ms < suspect_before_ms {
+        metrics.cache_suspect_entries_total.inc();
+        return Ok(None);
+    }
+    let fresh_ms = entry.soft_expiry_ms.saturating_sub(unix_ms_now());
+    Ok(Some(Cached {
+        lookup: entry.lookup,
+        fresh_for: Duration::from_millis(fresh_ms),
+    }))
+}
+
 /// The client for `REDIS_URL`, with the CA and client certificate when they are set.
-fn client(settings: &CacheSettings) -> redis::RedisResult<redis::Client> {
+pub(crate) fn client(settings: &CacheSettings) -> redis::RedisResult<redis::Client> {
     match &settings.redis_tls {
         Some(tls) => redis::Client::build_with_tls(settings.redis_url.as_str(), tls.clone()),
         None => redis::Client::open(settings.redis_url.as_str()),
@@ -420,7 +517,7 @@ impl Handler<CacheGet> for CacheActor {
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let suspect_before_ms = self.suspect_before_ms;
+        let suspect_before_ms = self.suspect_before(id);
         let metrics = self.metrics.clone();
         self.call(async move {
             let mut conn = conn?;
@@ -428,17 +525,10 @@ impl Handler<CacheGet> for CacheActor {
                 .get(cache_key(id))
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
-            let Some(raw) = value else { return Ok(None) };
-            let entry = Entry::decode(Bytes::from(raw), id).ok_or(CacheError::Decode(id))?;
-            if entry.loaded_at_ms < suspect_before_ms {
-                metrics.cache_suspect_entries_total.inc();
-                return Ok(None);
+            match value {
+                None => Ok(None),
+                Some(raw) => usable(raw, id, suspect_before_ms, &metrics),
             }
-            let fresh_ms = entry.soft_expiry_ms.saturating_sub(unix_ms_now());
-            Ok(Some(Cached {
-                lookup: entry.lookup,
-                fresh_for: Duration::from_millis(fresh_ms),
-            }))
         })
     }
 }
@@ -455,30 +545,11 @@ impl Handler<CacheSet> for CacheActor {
         }: CacheSet,
         _: &mut Self::Context,
     ) -> Self::Result {
-        let s = &self.settings;
-        let (soft, hard) = match lookup {
-            Lookup::Found(_) => {
-                self.writes = self.writes.wrapping_add(1);
-                let seed = (id as u64).rotate_left(32) ^ self.writes ^ unix_ms_now();
-                let soft = jittered(s.ttl, s.jitter_pct, seed);
-                (soft, soft + s.grace)
-            }
-            Lookup::NotFound if s.negative_ttl.is_zero() => {
-                return Box::pin(fut::ready(Ok(())));
-            }
-            Lookup::NotFound => (s.negative_ttl, s.negative_ttl),
+        let Some((value, hard_ms)) = self.entry_to_write(id, lookup, loaded_at_ms) else {
+            return Box::pin(fut::ready(Ok(())));
         };
-        // Ages count from the database read, not from this write.
-        let entry = Entry {
-            loaded_at_ms,
-            soft_expiry_ms: loaded_at_ms + soft.as_millis() as u64,
-            lookup,
-        };
-        let value = entry.encode(id);
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let expires_ms = loaded_at_ms + hard.as_millis() as u64;
-        let hard_ms = expires_ms.saturating_sub(unix_ms_now()).max(1);
         self.call(async move {
             let mut conn = conn?;
             redis::cmd("SET")
@@ -497,6 +568,7 @@ impl Handler<CacheDel> for CacheActor {
     type Result = ();
 
     fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
+        self.record_change(id);
         let conn = self.connection();
         let timeout = self.settings.timeout;
         let del = self.call(async move {

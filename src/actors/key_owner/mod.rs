@@ -15,10 +15,34 @@
 //! | phase | entered when | a request arriving now |
 //! |---|---|---|
 //! | loading | the flight starts | waits for the flight (`SHARED`, or `HIT` from Redis) |
+//! | loading, awaiting a peer | another replica holds the key's fleet lease (see "Fleet") | waits for the flight (`SHARED` once the peer's fill is read) |
 //! | refreshing | Redis had a soft-expired value: it was answered, PostgreSQL reloads the key | gets that value at once (`STALE`) |
 //! | storing | PostgreSQL answered: the waiters were answered, the value is being written to Redis | gets the loaded value at once (`SHARED`) |
 //!
 //! The flight ends when its Redis write was attempted, so a request after it finds Redis filled.
+//!
+//! # Fleet
+//! Each replica's owners coalesce its own requests; with the fleet lease on (`LEASE_TTL_MS`,
+//! see [`crate::actors::cache::ClaimLoad`] for the Redis side) the replicas coalesce too. A
+//! flight's first step is then one script in Redis that returns the value or, when there is none
+//! (or it is soft-expired, or suspect), claims the key's lease:
+//!
+//! - **claimed**: this flight loads from PostgreSQL, renewing the lease every third of its
+//!   period, and fills Redis only if it still holds the lease (the fill deletes the lease and
+//!   publishes a notice). A failed load releases the lease at once.
+//! - **held by another replica**: the flight waits (its waiters with it, new arrivals joining)
+//!   for that replica's notice, relayed by the replica's one subscription
+//!   ([`crate::actors::fills`]) as [`PeerFilled`]; it looks again by the time the lease would run
+//!   out, and at least every quarter period in case a notice is lost. It then reads the value
+//!   (`SHARED`) — or, if the lease ran out unfilled (the holder died), claims it: a take-over.
+//! - **Redis failed** (timeout, breaker open): the flight loads on its own, as without the lease.
+//!
+//! A soft-expired value is answered at once as ever; only the lease holder refreshes it, so a
+//! soft expiry costs one load for the fleet. A change supersedes a flight whatever its role: a
+//! lease it holds is released, and a flight that was waiting on another replica loads for its
+//! own (earlier) waiters, since that replica may fill what it loaded before the change. The
+//! cache actor also remembers when each key last changed, so a value another replica loaded
+//! before the change and wrote after it is a miss here.
 //!
 //! # Freshness
 //! **Invariant: a request that arrives after the owner learned of a change ([`Invalidate`] for its
@@ -60,6 +84,7 @@
 //! The owner talks to Redis and PostgreSQL only through [`Recipient`]s, so tests put fakes there.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -69,7 +94,10 @@ use futures_util::FutureExt;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached};
+use crate::actors::cache::{
+    CacheDel, CacheGet, CacheSet, Cached, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew,
+    LeaseState, LeaseToken,
+};
 use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::config::Settings;
@@ -88,6 +116,8 @@ pub fn shard_for(id: i64, shards: usize) -> usize {
 pub enum Origin {
     Cache,
     Database,
+    /// Another replica loaded it under the fleet lease, and this flight read what it wrote.
+    Peer,
 }
 
 /// Why a request got no answer. Every waiter of a failed flight receives the same error.
@@ -131,7 +161,8 @@ pub enum XCache {
     Hit,
     /// This request's own flight loaded it from PostgreSQL.
     Miss,
-    /// This request waited on another request's database load and shared its result.
+    /// This request waited on another request's database load and shared its result (a load
+    /// by this replica, or by another one under the fleet lease).
     Shared,
     /// An expired value, served on purpose: while one refresh reloads it, or because loading a
     /// fresh one failed.
@@ -206,9 +237,29 @@ pub struct KeyOwnerDeps {
     pub cache_set: Recipient<CacheSet>,
     pub cache_del: Recipient<CacheDel>,
     pub db: Recipient<FetchTemplate>,
+    /// The fleet lease; `None` when it is off (`LEASE_TTL_MS=0`, `COALESCE=off`).
+    pub lease: Option<LeaseDeps>,
     pub settings: OwnerSettings,
     pub metrics: Metrics,
 }
+
+/// Where the owner claims, renews, fills and releases fleet leases (the cache actor).
+#[derive(Clone)]
+pub struct LeaseDeps {
+    pub claim: Recipient<ClaimLoad>,
+    pub renew: Recipient<LeaseRenew>,
+    pub fill: Recipient<LeaseFill>,
+    pub release: Recipient<LeaseRelease>,
+    /// `LEASE_TTL_MS`: a holder renews every third of it; a waiter looks again at the latest
+    /// every quarter of it.
+    pub ttl: Duration,
+}
+
+/// Another replica filled `id` or gave up its lease on it (a notice from Redis pub/sub): a flight
+/// waiting on that lease looks again now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct PeerFilled(pub i64);
 
 /// Drop what this owner knows of `id` because the row changed: the near-cache entry, the Redis
 /// entry, and the pending flight (superseded: requests from now on start a new one).
@@ -243,12 +294,35 @@ enum Phase {
     Storing(Lookup),
 }
 
+/// A flight's part in the fleet lease (see "Fleet" in the module docs).
+enum Role {
+    /// On its own: the lease is off, Redis failed, or the flight was superseded.
+    Local,
+    /// A [`ClaimLoad`] is in the air.
+    Claiming,
+    /// This flight holds the lease: it loads the key and fills it for the fleet.
+    Holding(LeaseToken),
+    /// Another replica holds the lease: waiting for its fill notice, or for its lease to run out.
+    Awaiting,
+}
+
 /// A flight in progress for one key.
 struct Flight {
     /// Distinguishes this flight from any later one for the same key.
     id: u64,
     waiters: Vec<Waiter>,
     phase: Phase,
+    role: Role,
+    /// Since when the flight has waited on another replica's lease, if it has.
+    waited_since: Option<Instant>,
+    /// The timer that looks at the lease again while [`Role::Awaiting`].
+    wake: Option<SpawnHandle>,
+    /// The current wait was ended by a notice (a fill or a release), not by the lease running
+    /// out: a claim after it is not a take-over.
+    noticed: bool,
+    /// A notice arrived while a claim was in the air: the claim may have seen the lease just
+    /// before the fill, so a wait it starts looks again at once.
+    notice_missed: bool,
 }
 
 /// The latest answer the owner saw for a key.
@@ -274,6 +348,9 @@ pub struct KeyOwner {
     /// up to `max_stale`. `None` when neither use is enabled.
     near_cache: Option<LruCache<i64, Remembered>>,
     next_flight_id: u64,
+    /// Drawn at random when the owner starts: with the shard and the flight id, it makes lease
+    /// tokens unique across the fleet.
+    replica: u64,
 }
 
 /// What the waiters of a flight are told.
@@ -300,6 +377,11 @@ impl KeyOwner {
             superseded: HashMap::new(),
             near_cache,
             next_flight_id: 0,
+            replica: std::collections::hash_map::RandomState::new().hash_one((
+                std::process::id(),
+                shard,
+                unix_ms_now(),
+            )),
         }
     }
 
@@ -420,10 +502,18 @@ impl KeyOwner {
                 id: flight_id,
                 waiters: vec![first],
                 phase: Phase::Loading,
+                role: Role::Local,
+                waited_since: None,
+                wake: None,
+                noticed: false,
+                notice_missed: false,
             },
         );
         self.waiters_gauge().inc();
         self.inflight_keys().inc();
+        if self.deps.lease.is_some() {
+            return self.claim(id, flight_id, ctx);
+        }
         let read = read_cache(id, self.deps.clone());
         self.spawn_stage(ctx, read, move |owner, result, ctx| {
             owner.on_cache_read(id, flight_id, result, ctx)
@@ -464,18 +554,35 @@ impl KeyOwner {
                 if let Some((flight, _)) = self.flight_mut(id, flight_id) {
                     flight.phase = Phase::Refreshing(cached.lookup);
                 }
-                self.deps.metrics.refreshes_total.inc();
                 self.load(id, flight_id, ctx);
             }
             Ok(None) | Err(_) => self.load(id, flight_id, ctx),
         }
     }
 
-    /// Loads `id` from PostgreSQL, within the flight timeout.
+    /// Loads `id` from PostgreSQL, within the flight timeout; a lease holder renews its lease
+    /// meanwhile.
     fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
         let read_at = (Instant::now(), unix_ms_now());
         let deadline = read_at.0 + self.deps.settings.flight_timeout;
         let load = fetch(id, deadline, self.deps.clone());
+        let (refreshing, holding) = match self.flight_mut(id, flight_id) {
+            Some((flight, _)) => (
+                matches!(flight.phase, Phase::Refreshing(_)),
+                match &flight.role {
+                    Role::Holding(token) => Some(token.clone()),
+                    _ => None,
+                },
+            ),
+            None => (false, None),
+        };
+        if refreshing {
+            self.deps.metrics.refreshes_total.inc();
+        }
+        let load = match (holding, &self.deps.lease) {
+            (Some(token), Some(lease)) => renewing(id, token, lease.clone(), load).boxed_local(),
+            _ => load.boxed_local(),
+        };
         self.spawn_stage(ctx, load, move |owner, result, ctx| {
             owner.on_loaded(id, flight_id, result, read_at, ctx)
         });
@@ -494,8 +601,19 @@ impl KeyOwner {
         let Some((_, current)) = self.flight_mut(id, flight_id) else {
             return;
         };
+        let holding = match self.flight_mut(id, flight_id) {
+            Some((flight, _)) => match std::mem::replace(&mut flight.role, Role::Local) {
+                Role::Holding(token) => Some(token),
+                _ => None,
+            },
+            None => None,
+        };
         let lookup = match result {
             Err(e) => {
+                if let Some(token) = holding {
+                    // Waiting replicas try for themselves at once rather than at expiry.
+                    self.release(id, token);
+                }
                 let settled = match self.stale(id) {
                     Some(lookup) => Settled::Stale(lookup),
                     None => Settled::Failed(e),
@@ -515,14 +633,28 @@ impl KeyOwner {
         if let Some((flight, _)) = self.flight_mut(id, flight_id) {
             flight.phase = Phase::Storing(lookup.clone());
         }
-        let write = self.deps.cache_set.send(CacheSet {
-            id,
-            lookup: lookup.clone(),
-            loaded_at_ms: read_at_ms,
-        });
+        let write = match (holding, &self.deps.lease) {
+            (Some(token), Some(lease)) => {
+                let fill = lease.fill.send(LeaseFill {
+                    id,
+                    token,
+                    lookup: lookup.clone(),
+                    loaded_at_ms: read_at_ms,
+                });
+                async move { drop(fill.await) }.boxed_local()
+            }
+            _ => {
+                let set = self.deps.cache_set.send(CacheSet {
+                    id,
+                    lookup: lookup.clone(),
+                    loaded_at_ms: read_at_ms,
+                });
+                async move { drop(set.await) }.boxed_local()
+            }
+        };
         // A failed write is counted by the cache actor; the value is good either way.
         let write = async move {
-            let _ = write.await;
+            write.await;
             Ok(())
         };
         self.spawn_stage(ctx, write, move |owner, _: Result<(), _>, _| {
@@ -544,6 +676,220 @@ impl KeyOwner {
         count_flight(&self.deps.metrics, &settled);
         for waiter in waiters {
             answer(&self.deps.metrics, waiter, &settled);
+        }
+    }
+
+    /// The lease token of flight `flight_id`: unique across the fleet.
+    fn token(&self, flight_id: u64) -> LeaseToken {
+        LeaseToken(format!("{:016x}-{}-{flight_id}", self.replica, self.shard))
+    }
+
+    /// Asks Redis for `id`'s value or, when it needs loading, for its lease.
+    fn claim(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
+        let Some(lease) = &self.deps.lease else {
+            return self.load(id, flight_id, ctx);
+        };
+        let token = self.token(flight_id);
+        let ask = lease.claim.send(ClaimLoad {
+            id,
+            token: token.clone(),
+        });
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        flight.role = Role::Claiming;
+        if let Some(timer) = flight.wake.take() {
+            ctx.cancel_future(timer);
+        }
+        // A failed call (Redis down, breaker open, the cache actor gone) is `None`.
+        let ask = async move { Ok(ask.await.ok().and_then(Result::ok)) };
+        self.spawn_stage(ctx, ask, move |owner, result, ctx| {
+            owner.on_claim(id, flight_id, token, result.ok().flatten(), ctx)
+        });
+    }
+
+    /// What Redis said about `id`: a fresh value ends the flight; otherwise this flight loads
+    /// under the lease, waits for the replica that holds it, or — Redis failing — loads on its
+    /// own. A soft-expired value is answered at once, as without the lease.
+    fn on_claim(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        token: LeaseToken,
+        claim: Option<Claim>,
+        ctx: &mut Context<Self>,
+    ) {
+        let ours = matches!(
+            &claim,
+            Some(Claim {
+                lease: Some(LeaseState::Ours),
+                ..
+            })
+        );
+        let still_claiming = self
+            .flight_mut(id, flight_id)
+            .is_some_and(|(flight, current)| current && matches!(flight.role, Role::Claiming));
+        if !still_claiming {
+            // Superseded (it loads on its own now) or ended: a lease it got goes back at once.
+            if ours {
+                self.release(id, token);
+            }
+            return;
+        }
+        let (waited_since, noticed) = match self.flight_mut(id, flight_id) {
+            Some((flight, _)) => (flight.waited_since, flight.noticed),
+            None => return,
+        };
+        match claim {
+            Some(Claim {
+                value: Some(cached),
+                lease: None,
+            }) => {
+                self.end_wait(waited_since);
+                self.remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
+                let origin = match waited_since {
+                    Some(_) => Origin::Peer,
+                    None => Origin::Cache,
+                };
+                self.finish(id, flight_id, Settled::Fresh(cached.lookup, origin));
+            }
+            Some(Claim {
+                value,
+                lease: Some(state),
+            }) => {
+                if let Some(cached) = value {
+                    self.revalidate(id, flight_id, cached.lookup);
+                }
+                match state {
+                    LeaseState::Ours => {
+                        if waited_since.is_some() && !noticed {
+                            self.deps.metrics.lease_takeovers_total.inc();
+                        }
+                        self.end_wait(waited_since);
+                        self.deps.metrics.lease_claims_total.inc();
+                        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                            flight.role = Role::Holding(token);
+                        }
+                        self.load(id, flight_id, ctx);
+                    }
+                    LeaseState::Theirs { expires_in } => {
+                        self.await_peer(id, flight_id, expires_in, ctx)
+                    }
+                }
+            }
+            _ => {
+                // Redis failed: coalesce locally, as without the lease.
+                self.end_wait(waited_since);
+                if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                    flight.role = Role::Local;
+                }
+                self.load(id, flight_id, ctx);
+            }
+        }
+    }
+
+    /// A soft-expired value for `id`: its waiters get it now (`STALE`), and so do arrivals while
+    /// it is reloaded. A flight already refreshing keeps the value it serves.
+    fn revalidate(&mut self, id: i64, flight_id: u64, stale: Lookup) {
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        if matches!(flight.phase, Phase::Refreshing(_)) {
+            return;
+        }
+        flight.phase = Phase::Refreshing(stale.clone());
+        let settled = Settled::Revalidating(stale);
+        for waiter in self.take_waiters(id, flight_id) {
+            answer(&self.deps.metrics, waiter, &settled);
+        }
+    }
+
+    /// Another replica holds `id`'s lease for `expires_in`: wait for its notice, and look again
+    /// by the time the lease would run out (sooner, in case a notice is lost).
+    fn await_peer(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        expires_in: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(lease_ttl) = self.deps.lease.as_ref().map(|l| l.ttl) else {
+            return;
+        };
+        let metrics = self.deps.metrics.clone();
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        if flight.waited_since.is_none() {
+            flight.waited_since = Some(Instant::now());
+            metrics.lease_waits_total.inc();
+        }
+        flight.role = Role::Awaiting;
+        if std::mem::take(&mut flight.notice_missed) {
+            return self.wake(id, flight_id, true, ctx);
+        }
+        flight.noticed = false;
+        let delay = (expires_in + Duration::from_millis(2)).min(lease_ttl / 4);
+        let timer = ctx.run_later(delay, move |owner, ctx| {
+            contain(owner, ctx, "a lease timer", |owner, ctx| {
+                owner.wake(id, flight_id, false, ctx)
+            });
+        });
+        flight.wake = Some(timer);
+    }
+
+    /// Looks at the lease again for a flight waiting on it: after a notice (`noticed`), or
+    /// when its timer fires.
+    fn wake(&mut self, id: i64, flight_id: u64, noticed: bool, ctx: &mut Context<Self>) {
+        let Some((flight, true)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        if noticed && matches!(flight.role, Role::Claiming) {
+            flight.notice_missed = true;
+        }
+        if !matches!(flight.role, Role::Awaiting) {
+            return;
+        }
+        flight.noticed = noticed;
+        self.claim(id, flight_id, ctx);
+    }
+
+    fn end_wait(&self, waited_since: Option<Instant>) {
+        if let Some(since) = waited_since {
+            let waited = since.elapsed().as_secs_f64();
+            self.deps.metrics.lease_wait_seconds.observe(waited);
+        }
+    }
+
+    /// Gives `id`'s lease up: the waiting replicas look again at once.
+    fn release(&self, id: i64, token: LeaseToken) {
+        if let Some(lease) = &self.deps.lease {
+            lease.release.do_send(LeaseRelease { id, token });
+        }
+    }
+
+    /// A change overtook `flight` (see "Freshness"): it answers only its waiters, and takes no
+    /// further part in the lease. A lease it holds is released; a flight that was waiting on
+    /// another replica's lease loads for its waiters itself (that replica's fill may be old);
+    /// a refresh that was waiting just ends.
+    fn supersede(&mut self, id: i64, mut flight: Flight, ctx: &mut Context<Self>) {
+        if let Some(timer) = flight.wake.take() {
+            ctx.cancel_future(timer);
+        }
+        let role = std::mem::replace(&mut flight.role, Role::Local);
+        let flight_id = flight.id;
+        let refreshed = match &flight.phase {
+            Phase::Refreshing(stale) => Some(stale.clone()),
+            _ => None,
+        };
+        self.superseded.insert(flight_id, flight);
+        match (role, refreshed) {
+            (Role::Holding(token), _) => self.release(id, token),
+            (Role::Awaiting | Role::Claiming, Some(stale)) => {
+                self.finish(id, flight_id, Settled::Revalidating(stale))
+            }
+            (Role::Awaiting | Role::Claiming, None) => self.load(id, flight_id, ctx),
+            (Role::Local, _) => {}
         }
     }
 
@@ -693,27 +1039,45 @@ impl Handler<GetTemplate> for KeyOwner {
 impl Handler<Invalidate> for KeyOwner {
     type Result = ();
 
-    fn handle(&mut self, Invalidate(id): Invalidate, _: &mut Self::Context) {
+    fn handle(&mut self, Invalidate(id): Invalidate, ctx: &mut Self::Context) {
         self.deps.metrics.invalidations_total.inc();
         if let Some(cache) = self.near_cache.as_mut() {
             cache.pop(&id);
         }
-        if let Some(flight) = self.pending_waiters.remove(&id) {
-            self.superseded.insert(flight.id, flight);
-        }
+        // Deleted first: a read this owner starts from now on is queued behind the delete.
         self.deps.cache_del.do_send(CacheDel(id));
+        if let Some(flight) = self.pending_waiters.remove(&id) {
+            contain(self, ctx, "superseding a flight", |owner, ctx| {
+                owner.supersede(id, flight, ctx)
+            });
+        }
     }
 }
 
 impl Handler<ForgetAll> for KeyOwner {
     type Result = ();
 
-    fn handle(&mut self, _: ForgetAll, _: &mut Self::Context) {
+    fn handle(&mut self, _: ForgetAll, ctx: &mut Self::Context) {
         if let Some(cache) = self.near_cache.as_mut() {
             cache.clear();
         }
-        for (_, flight) in self.pending_waiters.drain() {
-            self.superseded.insert(flight.id, flight);
+        let flights: Vec<_> = self.pending_waiters.drain().collect();
+        contain(self, ctx, "superseding flights", |owner, ctx| {
+            for (id, flight) in flights {
+                owner.supersede(id, flight, ctx);
+            }
+        });
+    }
+}
+
+impl Handler<PeerFilled> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, PeerFilled(id): PeerFilled, ctx: &mut Self::Context) {
+        if let Some(flight_id) = self.pending_waiters.get(&id).map(|f| f.id) {
+            contain(self, ctx, "a lease notice", |owner, ctx| {
+                owner.wake(id, flight_id, true, ctx)
+            });
         }
     }
 }
@@ -722,6 +1086,33 @@ impl Handler<Alive> for KeyOwner {
     type Result = ();
 
     fn handle(&mut self, _: Alive, _: &mut Self::Context) {}
+}
+
+/// `load`, with the lease renewed every third of its TTL until the load ends.
+async fn renewing(
+    id: i64,
+    token: LeaseToken,
+    lease: LeaseDeps,
+    load: impl std::future::Future<Output = Result<Lookup, FlightError>>,
+) -> Result<Lookup, FlightError> {
+    let every = lease.ttl / 3;
+    let renew = async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let renewal = LeaseRenew {
+                id,
+                token: token.clone(),
+            };
+            // A renewal that fails leaves the lease to run out: then another replica may take
+            // over, and this holder's fill writes nothing.
+            let _ = lease.renew.send(renewal).await;
+        }
+    };
+    let (load, renew) = (std::pin::pin!(load), std::pin::pin!(renew));
+    match futures_util::future::select(load, renew).await {
+        futures_util::future::Either::Left((loaded, _)) => loaded,
+        futures_util::future::Either::Right((_, load)) => load.await,
+    }
 }
 
 /// The Redis read. A cache error is a miss.
@@ -749,6 +1140,7 @@ async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Lookup,
 fn count_flight(metrics: &Metrics, settled: &Settled) {
     let label = match settled {
         Settled::Fresh(_, Origin::Cache) | Settled::Revalidating(_) => "cache",
+        Settled::Fresh(_, Origin::Peer) => "peer",
         Settled::Fresh(Lookup::Found(_), Origin::Database) => "database",
         Settled::Fresh(Lookup::NotFound, Origin::Database) => "not_found",
         Settled::Stale(_) | Settled::Failed(_) => "error",
@@ -775,6 +1167,12 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
                 metrics.singleflight_shared_total.inc();
                 (Ok(lookup.clone()), XCache::Shared)
             }
+        }
+        Settled::Fresh(lookup, Origin::Peer) => {
+            // A miss here, shared with the replica that loaded it.
+            metrics.cache_misses_total.inc();
+            metrics.singleflight_shared_total.inc();
+            (Ok(lookup.clone()), XCache::Shared)
         }
         Settled::Revalidating(lookup) => {
             metrics.cache_hits_total.inc();

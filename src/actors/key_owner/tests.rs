@@ -103,6 +103,7 @@ impl Setup {
             cache_set: cache.clone().recipient(),
             cache_del: cache.recipient(),
             db: db.recipient(),
+            lease: None,
             settings: self.owner,
             metrics: metrics.clone(),
         };

@@ -1,0 +1,341 @@
+//! The fleet-wide lease: one replica loads a key for every replica.
+//!
+//! Each replica coalesces its own requests in its key owners; the lease coalesces the replicas.
+//! A key's lease is a Redis key next to its value (`template:N:lease`) holding the token of the
+//! flight that claimed it, with a TTL (`LEASE_TTL_MS`) the holder renews while it loads:
+//!
+//! 1. [`ClaimLoad`]: one script reads the value and, when there is none, claims the lease
+//!    (`SET NX PX`) — or says how long the current holder's lease has left. A soft-expired,
+//!    suspect or undecodable value is returned too (as far as it is usable) and the lease is
+//!    claimed to reload it, so refresh-ahead is one refresh per expiry across the fleet.
+//! 2. [`LeaseRenew`]: the holder extends its lease while its load runs, if it still holds it.
+//! 3. [`LeaseFill`]: one script writes the loaded value only if the token still holds the lease,
+//!    deletes the lease and publishes the id on the fills channel ([`fills_channel`]). A holder whose lease ran out
+//!    and was taken over writes nothing: the new holder will.
+//! 4. [`LeaseRelease`]: a holder that will not fill (its load failed, or a change superseded it)
+//!    deletes its lease and publishes the id, so waiters retry at once instead of at expiry.
+//!
+//! Replicas that found the lease held wait for the notice on the fills channel ([`fills_channel`]) (one subscription
+//! per replica, see [`crate::actors::fills`]), checking again when the holder's lease would run
+//! out in case the holder died or the notice was lost.
+//!
+//! Every script is one atomic step in Redis, so no two replicas can both claim a lease, and a
+//! value is never written by a flight that no longer holds it.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use actix::prelude::*;
+use redis::Value;
+
+use super::{usable, CacheActor, CacheError, Cached};
+use crate::template::{cache_key, Lookup};
+
+/// The pub/sub channel on which holders announce that a key was filled or released. Pub/sub
+/// ignores database numbers, so the channel names the database: services sharing a Redis on
+/// different databases do not hear each other.
+pub fn fills_channel(settings: &super::CacheSettings) -> String {
+    let db = super::client(settings).map_or(0, |c| c.get_connection_info().redis_settings().db());
+    format!("singleflight:fills:{db}")
+}
+
+/// Identifies one claim: the replica (a random number drawn at start-up) and its flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken(pub String);
+
+/// Read `id`'s value; when it is missing or not fresh, claim the lease to load it.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Claim, CacheError>")]
+pub struct ClaimLoad {
+    pub id: i64,
+    pub token: LeaseToken,
+}
+
+/// What [`ClaimLoad`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The value, if one is usable: fresh (then `lease` is `None`) or soft-expired.
+    pub value: Option<Cached>,
+    /// Who loads the key, when it needs loading.
+    pub lease: Option<LeaseState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The lease is ours: load the key and fill it.
+    Ours,
+    /// Another flight (most likely another replica's) holds it for this much longer.
+    Theirs { expires_in: Duration },
+}
+
+/// Extend the lease, if `token` still holds it. `Ok(false)`: it does not.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, CacheError>")]
+pub struct LeaseRenew {
+    pub id: i64,
+    pub token: LeaseToken,
+}
+
+/// Write what the holder loaded, if `token` still holds the lease; then delete the lease and
+/// announce the fill. `Ok(false)`: the lease was gone, nothing was written.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, CacheError>")]
+pub struct LeaseFill {
+    pub id: i64,
+    pub token: LeaseToken,
+    pub lookup: Lookup,
+    /// When the database read began (unix ms), as in [`super::CacheSet`].
+    pub loaded_at_ms: u64,
+}
+
+/// Give the lease up without filling (if `token` still holds it), and announce it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct LeaseRelease {
+    pub id: i64,
+    pub token: LeaseToken,
+}
+
+fn lease_key(id: i64) -> String {
+    format!("{}:lease", cache_key(id))
+}
+
+/// KEYS: value, lease. ARGV: token, TTL (ms), "1" to return the value when there is one.
+/// Returns `{0, value}`, `{1}` (claimed) or `{2, ms the holder's lease has left}`.
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if ARGV[3] == '1' then
+            local v = redis.call('GET', KEYS[1])
+            if v then return {0, v} end
+        end
+        if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
+        return {2, redis.call('PTTL', KEYS[2])}
+        ",
+    )
+});
+
+/// KEYS: lease. ARGV: token, TTL (ms). Returns 1 if renewed.
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+        return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        ",
+    )
+});
+
+/// KEYS: value, lease. ARGV: token, value, expiry (ms; "0" writes nothing), channel, id.
+/// Returns 1 if the token held the lease (and so the value was written).
+static FILL: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+        if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+        redis.call('DEL', KEYS[2])
+        redis.call('PUBLISH', ARGV[4], ARGV[5])
+        return 1
+        ",
+    )
+});
+
+/// KEYS: lease. ARGV: token, channel, id. Returns 1 if the token held the lease.
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+        redis.call('DEL', KEYS[1])
+        redis.call('PUBLISH', ARGV[2], ARGV[3])
+        return 1
+        ",
+    )
+});
+
+/// What one run of [`CLAIM`] returned.
+enum ClaimReply {
+    Value(Vec<u8>),
+    Lease(LeaseState),
+}
+
+fn parse_claim(reply: Value) -> Result<ClaimReply, CacheError> {
+    let unexpected = |v: &Value| CacheError::Protocol(format!("unexpected lease reply {v:?}"));
+    let Value::Array(items) = &reply else {
+        return Err(unexpected(&reply));
+    };
+    match items.as_slice() {
+        [Value::Int(0), Value::BulkString(raw)] => Ok(ClaimReply::Value(raw.clone())),
+        [Value::Int(1)] => Ok(ClaimReply::Lease(LeaseState::Ours)),
+        [Value::Int(2), Value::Int(ms)] => Ok(ClaimReply::Lease(LeaseState::Theirs {
+            // -2: the lease expired between the SET and the PTTL; -1 cannot happen (it is
+            // always set with a TTL). Either way, look again soon.
+            expires_in: Duration::from_millis((*ms).max(0) as u64),
+        })),
+        _ => Err(unexpected(&reply)),
+    }
+}
+
+impl CacheActor {
+    fn lease_ttl_ms(&self) -> u64 {
+        self.settings.lease_ttl.as_millis().max(1) as u64
+    }
+}
+
+impl Handler<ClaimLoad> for CacheActor {
+    type Result = ResponseActFuture<Self, Result<Claim, CacheError>>;
+
+    fn handle(
+        &mut self,
+        ClaimLoad { id, token }: ClaimLoad,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let suspect_before_ms = self.suspect_before(id);
+        let metrics = self.metrics.clone();
+        let ttl_ms = self.lease_ttl_ms();
+        self.call(async move {
+            let conn = conn?;
+            let claim = |value_first: bool| {
+                let mut conn = conn.clone();
+                let token = token.0.clone();
+                async move {
+                    let reply: Value = CLAIM
+                        .key(cache_key(id))
+                        .key(lease_key(id))
+                        .arg(token)
+                        .arg(ttl_ms)
+                        .arg(if value_first { "1" } else { "0" })
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(|e| CacheError::from_redis(e, timeout))?;
+                    parse_claim(reply)
+                }
+            };
+            let raw = match claim(true).await? {
+                ClaimReply::Lease(state) => {
+                    return Ok(Claim {
+                        value: None,
+                        lease: Some(state),
+                    })
+                }
+                ClaimReply::Value(raw) => raw,
+            };
+            let value = match usable(raw, id, suspect_before_ms, &metrics) {
+                Ok(Some(cached)) if !cached.is_soft_expired() => {
+                    return Ok(Claim {
+                        value: Some(cached),
+                        lease: None,
+                    })
+                }
+                Ok(value) => value,
+                Err(e) => {
+                    // Reloaded and overwritten like a miss, under the lease.
+                    metrics
+                        .redis_errors_total
+                        .with_label_values(&[e.kind()])
+                        .inc();
+                    None
+                }
+            };
+            // Soft-expired, suspect or not a template: reload it, under the lease.
+            match claim(false).await? {
+                ClaimReply::Lease(state) => Ok(Claim {
+                    value,
+                    lease: Some(state),
+                }),
+                ClaimReply::Value(_) => Err(CacheError::Protocol(
+                    "the lease script returned a value it was not asked for".into(),
+                )),
+            }
+        })
+    }
+}
+
+impl Handler<LeaseRenew> for CacheActor {
+    type Result = ResponseActFuture<Self, Result<bool, CacheError>>;
+
+    fn handle(
+        &mut self,
+        LeaseRenew { id, token }: LeaseRenew,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let ttl_ms = self.lease_ttl_ms();
+        self.call(async move {
+            let mut conn = conn?;
+            RENEW
+                .key(lease_key(id))
+                .arg(token.0)
+                .arg(ttl_ms)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|renewed| renewed == 1)
+                .map_err(|e| CacheError::from_redis(e, timeout))
+        })
+    }
+}
+
+impl Handler<LeaseFill> for CacheActor {
+    type Result = ResponseActFuture<Self, Result<bool, CacheError>>;
+
+    fn handle(&mut self, fill: LeaseFill, _: &mut Self::Context) -> Self::Result {
+        let LeaseFill {
+            id,
+            token,
+            lookup,
+            loaded_at_ms,
+        } = fill;
+        // Nothing to write (a "not found" that is not cached) still ends the lease and tells
+        // the waiters, who then load it themselves.
+        let (value, expires_ms) = self
+            .entry_to_write(id, lookup, loaded_at_ms)
+            .unwrap_or((Vec::new(), 0));
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let metrics = self.metrics.clone();
+        let channel = self.fills_channel.clone();
+        self.call(async move {
+            let mut conn = conn?;
+            let filled = FILL
+                .key(cache_key(id))
+                .key(lease_key(id))
+                .arg(token.0)
+                .arg(value)
+                .arg(expires_ms)
+                .arg(channel)
+                .arg(id)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| CacheError::from_redis(e, timeout))?;
+            if filled != 1 {
+                metrics.lease_fills_lost_total.inc();
+            }
+            Ok(filled == 1)
+        })
+    }
+}
+
+impl Handler<LeaseRelease> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, LeaseRelease { id, token }: LeaseRelease, ctx: &mut Self::Context) {
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let channel = self.fills_channel.clone();
+        let release = self.call(async move {
+            let mut conn = conn?;
+            RELEASE
+                .key(lease_key(id))
+                .arg(token.0)
+                .arg(channel)
+                .arg(id)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| CacheError::from_redis(e, timeout))
+        });
+        // A release that fails costs the waiters at most the rest of the lease period.
+        ctx.spawn(release.map(|_, _, _| ()));
+    }
+}
