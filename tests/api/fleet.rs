@@ -99,16 +99,19 @@ async fn fleet_metric(client: &reqwest::Client, replicas: &[&Replica], metric: &
     total
 }
 
-/// `per_replica` concurrent requests for `id` to each of `replicas`; every status, body and
-/// `X-Cache`, and when the last one was answered.
+/// `total` concurrent requests for `id`, spread evenly over `replicas`; every status, body and
+/// `X-Cache`.
 async fn stampede(
     client: &reqwest::Client,
     replicas: &[&Replica],
     id: i64,
-    per_replica: usize,
+    total: usize,
 ) -> Vec<(u16, String, String)> {
-    let requests: Vec<_> = (0..per_replica)
-        .flat_map(|_| replicas.iter().map(|r| r.url.clone()))
+    let requests: Vec<_> = replicas
+        .iter()
+        .map(|r| r.url.clone())
+        .cycle()
+        .take(total)
         .map(|url| {
             let client = client.clone();
             actix_rt::spawn(async move {
@@ -151,8 +154,8 @@ async fn a_cold_stampede_spread_over_three_replicas_costs_one_query_fleet_wide()
     for (round, id) in (500..510).enumerate() {
         let queries_before = fleet_metric(&client, &replicas, "db_hits_total").await;
         let claims_before = fleet_metric(&client, &replicas, "lease_claims_total").await;
-        // 67 per replica: 201 requests at once, spread evenly.
-        let answers = stampede(&client, &replicas, id, 67).await;
+        // 201 requests at once, 67 per replica.
+        let answers = stampede(&client, &replicas, id, 201).await;
         assert_eq!(answers.len(), 201);
         let body = &answers[0].1;
         for (status, text, x_cache) in &answers {
@@ -283,6 +286,124 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
     assert_eq!(takeovers, 1.0, "one survivor took the lease over");
 }
 
+/// Polls until `key` exists in Redis (a lease was claimed).
+async fn wait_for_redis_key(redis_url: &str, key: &str) {
+    let redis = redis::Client::open(redis_url).expect("redis url");
+    let exists = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            let redis = redis.clone();
+            async move {
+                let mut conn = redis.get_connection().expect("redis connection");
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query::<i64>(&mut conn)
+                    .unwrap_or(0)
+            }
+        },
+        |exists| *exists == 1,
+    )
+    .await;
+    assert!(exists.done, "{key} never appeared in Redis");
+}
+
+/// GET `/template-details?id=` on `url`: the status and the body's `name`.
+async fn name_of(client: &reqwest::Client, url: &str, id: i64) -> (u16, String) {
+    let response = client
+        .get(format!("{url}/template-details?id={id}"))
+        .send()
+        .await
+        .expect("an answer");
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (status, body["name"].as_str().unwrap_or_default().to_owned())
+}
+
+#[actix_rt::test]
+async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_after_it_is_known() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+    let servers = servers::servers();
+    let proxy = postgres_proxy();
+    let direct_url = empty_database_url().await;
+    let database_url = via(&proxy, &direct_url);
+    let redis_url = servers.redis_url(servers::next_redis_db());
+    let env = [("REQUEST_TIMEOUT_MS", "6000")];
+    let fleet = start_fleet(2, &database_url, &redis_url, &env).await;
+    let client = reqwest::Client::new();
+    let (a, b) = (fleet[0].url.clone(), fleet[1].url.clone());
+    let id = 888;
+    // Loads take a while, so the change lands while replica `a` holds the lease and loads the
+    // old row, and replica `b` waits on it.
+    proxy.set_mode(Mode::Latency(Duration::from_millis(300)));
+    let first = actix_rt::spawn({
+        let (client, a) = (client.clone(), a.clone());
+        async move { name_of(&client, &a, id).await }
+    });
+    wait_for_redis_key(&redis_url, &format!("template:{id}:lease")).await;
+    let second = actix_rt::spawn({
+        let (client, b) = (client.clone(), b.clone());
+        async move { name_of(&client, &b, id).await }
+    });
+    let replica_b = [&fleet[1]];
+    let waiting = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || fleet_metric(&client, &replica_b, "lease_waits_total"),
+        |waits| *waits >= 1.0,
+    )
+    .await;
+    assert!(waiting.done, "replica b never waited on a's lease");
+
+    let mut conn = AsyncPgConnection::establish(&direct_url)
+        .await
+        .expect("connect to the test database");
+    diesel::sql_query(format!(
+        "UPDATE templates SET name = 'Changed while leased' WHERE id = {id}"
+    ))
+    .execute(&mut conn)
+    .await
+    .expect("update the row");
+    for replica in &fleet {
+        let one = [replica];
+        let told = testkit::poll::until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || fleet_metric(&client, &one, "invalidations_total"),
+            |n| *n >= 1.0,
+        )
+        .await;
+        assert!(told.done, "{} never learned of the change", replica.url);
+    }
+
+    // From now on every answer, on either replica, is the new row.
+    for round in 0..3 {
+        for url in [&a, &b] {
+            let (status, name) = name_of(&client, url, id).await;
+            assert_eq!(status, 200, "round {round} on {url}");
+            assert_eq!(name, "Changed while leased", "round {round} on {url}");
+        }
+    }
+    // The requests from before the change were answered too (with either row).
+    assert_eq!(first.await.expect("task").0, 200);
+    assert_eq!(second.await.expect("task").0, 200);
+    // And Redis holds the new row or nothing: the old load wrote nothing.
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection");
+    let cached: Option<String> = redis::cmd("GET")
+        .arg(format!("template:{id}"))
+        .query(&mut redis)
+        .expect("GET");
+    if let Some(cached) = cached {
+        assert!(
+            cached.contains("Changed while leased"),
+            "Redis holds {cached}"
+        );
+    }
+}
+
 #[actix_rt::test]
 async fn with_redis_black_holed_each_replica_coalesces_its_own_requests_and_nothing_fails() {
     let servers = servers::servers();
@@ -296,7 +417,7 @@ async fn with_redis_black_holed_each_replica_coalesces_its_own_requests_and_noth
     proxy.set_mode(Mode::Blackhole);
 
     let queries_before = fleet_metric(&client, &replicas, "db_hits_total").await;
-    let answers = stampede(&client, &replicas, 321, 40).await;
+    let answers = stampede(&client, &replicas, 321, 120).await;
     for (status, text, _) in &answers {
         assert_eq!(*status, 200, "{text}");
     }
@@ -306,4 +427,149 @@ async fn with_redis_black_holed_each_replica_coalesces_its_own_requests_and_noth
         "each replica loads the key at most once on its own: {queries} queries"
     );
     proxy.set_mode(Mode::Pass);
+}
+
+/// The figures in BENCHMARKS.md §9: queries per cold burst for 1, 3 and 5 replicas with the lease
+/// on and off; what the lease adds to a miss; refreshes per soft expiry across three replicas.
+/// A measurement, not a test: run it with
+/// `cargo test --release --test api -- --ignored --nocapture fleet_figures`.
+#[actix_rt::test]
+#[ignore = "a benchmark: prints figures for BENCHMARKS.md"]
+async fn fleet_figures() {
+    let servers = servers::servers();
+    let client = reqwest::Client::new();
+    let mut next_id = 100;
+
+    println!("Cold bursts: 10 rounds of 201 simultaneous requests for one cold id, spread evenly.");
+    println!("| replicas | lease | queries per round | rounds costing 1 query | answered 200 |");
+    println!("|---|---|---|---|---|");
+    for n in [1, 3, 5] {
+        for lease in ["1000", "0"] {
+            let database_url = empty_database_url().await;
+            let redis_url = servers.redis_url(servers::next_redis_db());
+            let env = [("LEASE_TTL_MS", lease)];
+            let fleet = start_fleet(n, &database_url, &redis_url, &env).await;
+            let replicas = all_refs(&fleet);
+            let (mut per_round, mut ok) = (Vec::new(), 0);
+            for _ in 0..10 {
+                next_id += 1;
+                let before = fleet_metric(&client, &replicas, "db_hits_total").await;
+                let answers = stampede(&client, &replicas, next_id, 201).await;
+                ok += answers
+                    .iter()
+                    .filter(|(status, _, _)| *status == 200)
+                    .count();
+                let after = fleet_metric(&client, &replicas, "db_hits_total").await;
+                per_round.push(after - before);
+            }
+            let ones = per_round.iter().filter(|q| **q == 1.0).count();
+            let shown: Vec<String> = per_round.iter().map(|q| q.to_string()).collect();
+            let state = if lease == "0" { "off" } else { "on" };
+            println!(
+                "| {n} | {state} | {} | {ones}/10 | {ok}/2010 |",
+                shown.join(" ")
+            );
+        }
+    }
+
+    println!();
+    println!("A miss's latency: one replica, 300 cold ids asked one at a time, alternated 3 runs.");
+    println!("| run | lease | median | p90 | p99 |");
+    println!("|---|---|---|---|---|");
+    for run in 1..=3 {
+        for lease in ["1000", "0"] {
+            let database_url = empty_database_url().await;
+            let redis_url = servers.redis_url(servers::next_redis_db());
+            let fleet = start_fleet(1, &database_url, &redis_url, &[("LEASE_TTL_MS", lease)]).await;
+            let mut took = Vec::new();
+            for id in 1..=300 {
+                let started = Instant::now();
+                let response = client
+                    .get(format!("{}/template-details?id={id}", fleet[0].url))
+                    .send()
+                    .await
+                    .expect("an answer");
+                assert_eq!(response.status(), 200);
+                took.push(started.elapsed());
+            }
+            took.sort();
+            let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+            let state = if lease == "0" { "off" } else { "on" };
+            println!(
+                "| {run} | {state} | {:.2} ms | {:.2} ms | {:.2} ms |",
+                at(0.5).as_secs_f64() * 1e3,
+                at(0.9).as_secs_f64() * 1e3,
+                at(0.99).as_secs_f64() * 1e3
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "Refresh-ahead across 3 replicas: 10 hot ids, CACHE_TTL_SECS=1, no jitter, 16 clients \
+         for 10 s."
+    );
+    println!(
+        "| lease | requests | refreshes | refreshes per id per second | DB queries | not 200 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for lease in ["1000", "0"] {
+        let database_url = empty_database_url().await;
+        let redis_url = servers.redis_url(servers::next_redis_db());
+        let env = [
+            ("LEASE_TTL_MS", lease),
+            ("CACHE_TTL_SECS", "1"),
+            ("TTL_JITTER_PCT", "0"),
+        ];
+        let fleet = start_fleet(3, &database_url, &redis_url, &env).await;
+        let replicas = all_refs(&fleet);
+        // Every id cached once before the clock starts.
+        for id in 1..=10 {
+            let url = &replicas[0].url;
+            let _ = client
+                .get(format!("{url}/template-details?id={id}"))
+                .send()
+                .await;
+        }
+        let refreshes_before = fleet_metric(&client, &replicas, "refreshes_total").await;
+        let queries_before = fleet_metric(&client, &replicas, "db_hits_total").await;
+        let until = Instant::now() + Duration::from_secs(10);
+        let clients: Vec<_> = (0..16)
+            .map(|c| {
+                let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+                let client = client.clone();
+                actix_rt::spawn(async move {
+                    let (mut requests, mut failed) = (0, 0);
+                    let mut i = c;
+                    while Instant::now() < until {
+                        let url = &urls[i % urls.len()];
+                        let id = 1 + (i % 10) as i64;
+                        let ok = client
+                            .get(format!("{url}/template-details?id={id}"))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status() == 200);
+                        requests += 1;
+                        failed += usize::from(!ok);
+                        i += 1;
+                    }
+                    (requests, failed)
+                })
+            })
+            .collect();
+        let (mut requests, mut failed) = (0, 0);
+        for c in clients {
+            let (r, f) = c.await.expect("client task");
+            requests += r;
+            failed += f;
+        }
+        let refreshes =
+            fleet_metric(&client, &replicas, "refreshes_total").await - refreshes_before;
+        let queries = fleet_metric(&client, &replicas, "db_hits_total").await - queries_before;
+        let state = if lease == "0" { "off" } else { "on" };
+        println!(
+            "| {state} | {requests} | {refreshes} | {:.2} | {queries} | {failed} |",
+            refreshes / 10.0 / 10.0
+        );
+    }
 }
