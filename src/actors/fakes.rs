@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::Utc;
 
-use crate::actors::cache::{CacheDel, CacheError, CacheGet, CacheSet, Cached};
+use crate::actors::cache::{
+    CacheDel, CacheError, CacheGet, CacheSet, Cached, Claim, ClaimLoad, LeaseFill, LeaseRelease,
+    LeaseRenew, LeaseState,
+};
 use crate::actors::db::{guard_panics, DbError, FetchTemplate};
 use crate::template::{Lookup, Template};
 
@@ -64,6 +67,41 @@ pub struct FakeCache {
     pub gets: Counter,
     pub sets: Counter,
     pub dels: Counter,
+    /// The fleet leases, kept next to the values as Redis keeps them.
+    pub leases: FakeLeases,
+}
+
+/// Fleet leases in memory: each key's holder token and when its lease runs out. A lease held
+/// under [`PEER`] stands for another replica's.
+#[derive(Default)]
+pub struct FakeLeases {
+    pub held: HashMap<i64, (String, Instant)>,
+    pub ttl: Duration,
+    /// Every lease call fails, as with Redis unreachable.
+    pub failing: bool,
+    pub claims: Counter,
+    pub renewals: Counter,
+    pub fills: Counter,
+    pub releases: Counter,
+}
+
+/// The token of leases held by "another replica" ([`HoldAsPeer`]).
+pub const PEER: &str = "peer";
+
+/// Another replica claims `id`'s lease for `for_`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct HoldAsPeer {
+    pub id: i64,
+    pub for_: Duration,
+}
+
+/// Another replica fills `id` (a template with `content`, fresh for 30 s) and ends its lease.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FillAsPeer {
+    pub id: i64,
+    pub content: &'static str,
 }
 
 impl FakeCache {
@@ -77,6 +115,10 @@ impl FakeCache {
             gets: Counter::default(),
             sets: Counter::default(),
             dels: Counter::default(),
+            leases: FakeLeases {
+                ttl: Duration::from_millis(300),
+                ..FakeLeases::default()
+            },
         }
     }
 
@@ -149,6 +191,127 @@ impl Handler<CacheDel> for FakeCache {
     fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
         self.dels.bump();
         self.store.remove(&id);
+    }
+}
+
+impl FakeCache {
+    /// The token holding `id`'s lease now, if any.
+    fn holder(&mut self, id: i64) -> Option<&str> {
+        let now = Instant::now();
+        self.leases.held.retain(|_, (_, until)| *until > now);
+        self.leases.held.get(&id).map(|(token, _)| token.as_str())
+    }
+
+    fn lease_failure(&self) -> Option<CacheError> {
+        self.leases
+            .failing
+            .then(|| CacheError::Timeout(Duration::from_millis(50)))
+    }
+}
+
+impl Handler<ClaimLoad> for FakeCache {
+    type Result = Result<Claim, CacheError>;
+    fn handle(
+        &mut self,
+        ClaimLoad { id, token }: ClaimLoad,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        if let Some(e) = self.lease_failure() {
+            return Err(e);
+        }
+        let value = self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
+            lookup: lookup.clone(),
+            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
+        });
+        if value.as_ref().is_some_and(|v| !v.is_soft_expired()) {
+            return Ok(Claim { value, lease: None });
+        }
+        let now = Instant::now();
+        let lease = match self.holder(id) {
+            Some(_) => {
+                let until = self.leases.held[&id].1;
+                LeaseState::Theirs {
+                    expires_in: until.saturating_duration_since(now),
+                }
+            }
+            None => {
+                self.leases.claims.bump();
+                let until = now + self.leases.ttl;
+                self.leases.held.insert(id, (token.0, until));
+                LeaseState::Ours
+            }
+        };
+        Ok(Claim {
+            value,
+            lease: Some(lease),
+        })
+    }
+}
+
+impl Handler<LeaseRenew> for FakeCache {
+    type Result = Result<bool, CacheError>;
+    fn handle(
+        &mut self,
+        LeaseRenew { id, token }: LeaseRenew,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        if let Some(e) = self.lease_failure() {
+            return Err(e);
+        }
+        if self.holder(id) != Some(token.0.as_str()) {
+            return Ok(false);
+        }
+        self.leases.renewals.bump();
+        let until = Instant::now() + self.leases.ttl;
+        self.leases.held.insert(id, (token.0, until));
+        Ok(true)
+    }
+}
+
+impl Handler<LeaseFill> for FakeCache {
+    type Result = Result<bool, CacheError>;
+    fn handle(&mut self, fill: LeaseFill, _: &mut Self::Context) -> Self::Result {
+        if let Some(e) = self.lease_failure() {
+            return Err(e);
+        }
+        if self.holder(fill.id) != Some(fill.token.0.as_str()) {
+            return Ok(false);
+        }
+        self.leases.held.remove(&fill.id);
+        self.leases.fills.bump();
+        if !self.forgetful {
+            let soft_expiry = Instant::now() + Duration::from_secs(30);
+            self.store.insert(fill.id, (fill.lookup, soft_expiry));
+        }
+        Ok(true)
+    }
+}
+
+impl Handler<LeaseRelease> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, LeaseRelease { id, token }: LeaseRelease, _: &mut Self::Context) {
+        if self.holder(id) == Some(token.0.as_str()) {
+            self.leases.held.remove(&id);
+            self.leases.releases.bump();
+        }
+    }
+}
+
+impl Handler<HoldAsPeer> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, HoldAsPeer { id, for_ }: HoldAsPeer, _: &mut Self::Context) {
+        let until = Instant::now() + for_;
+        self.leases.held.insert(id, (PEER.to_owned(), until));
+    }
+}
+
+impl Handler<FillAsPeer> for FakeCache {
+    type Result = ();
+    fn handle(&mut self, FillAsPeer { id, content }: FillAsPeer, _: &mut Self::Context) {
+        self.leases.held.remove(&id);
+        let body = template(id, content).to_body();
+        let soft_expiry = Instant::now() + Duration::from_secs(30);
+        self.store.insert(id, (Lookup::Found(body), soft_expiry));
     }
 }
 

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::actors::fakes::{Counter, DbMode, FakeCache, FakeDb};
+use crate::actors::fakes::{Counter, DbMode, FakeCache, FakeDb, FillAsPeer, HoldAsPeer};
 use crate::template::{Lookup, Template};
 
 /// How long a test waits for a condition before failing.
@@ -37,6 +37,10 @@ fn loaded_by(answer: &Answer) -> Option<String> {
 
 struct Harness {
     owner: Addr<KeyOwner>,
+    cache: Addr<FakeCache>,
+    lease_claims: Counter,
+    lease_fills: Counter,
+    lease_releases: Counter,
     cache_gets: Counter,
     cache_sets: Counter,
     cache_dels: Counter,
@@ -57,6 +61,10 @@ struct Setup {
     expiring_cached: Vec<(i64, Duration)>,
     /// The fake cache forgets every write (a Redis that is always empty).
     forgetful_cache: bool,
+    /// The fleet lease on, with leases lasting this long.
+    lease_ttl: Option<Duration>,
+    /// Every lease call fails (Redis unreachable).
+    lease_failing: bool,
     owner: OwnerSettings,
 }
 
@@ -72,6 +80,8 @@ impl Default for Setup {
             stale_cached: Vec::new(),
             expiring_cached: Vec::new(),
             forgetful_cache: false,
+            lease_ttl: None,
+            lease_failing: false,
             owner: OwnerSettings::default(),
         }
     }
@@ -90,8 +100,15 @@ impl Setup {
         cache.get_delay = self.cache_delay;
         cache.set_delay = self.cache_set_delay;
         cache.forgetful = self.forgetful_cache;
+        cache.leases.ttl = self.lease_ttl.unwrap_or(Duration::from_millis(300));
+        cache.leases.failing = self.lease_failing;
         let (cache_gets, cache_sets, cache_dels) =
             (cache.gets.clone(), cache.sets.clone(), cache.dels.clone());
+        let (lease_claims, lease_fills, lease_releases) = (
+            cache.leases.claims.clone(),
+            cache.leases.fills.clone(),
+            cache.leases.releases.clone(),
+        );
         let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| cache);
         let mut db = FakeDb::new(self.mode, self.db_delay);
         db.delays = self.db_delays;
@@ -101,9 +118,15 @@ impl Setup {
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
             cache_set: cache.clone().recipient(),
-            cache_del: cache.recipient(),
+            cache_del: cache.clone().recipient(),
             db: db.recipient(),
-            lease: None,
+            lease: self.lease_ttl.map(|ttl| LeaseDeps {
+                claim: cache.clone().recipient(),
+                renew: cache.clone().recipient(),
+                fill: cache.clone().recipient(),
+                release: cache.clone().recipient(),
+                ttl,
+            }),
             settings: self.owner,
             metrics: metrics.clone(),
         };
@@ -111,6 +134,10 @@ impl Setup {
             Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| KeyOwner::new(0, deps));
         Harness {
             owner,
+            cache,
+            lease_claims,
+            lease_fills,
+            lease_releases,
             cache_gets,
             cache_sets,
             cache_dels,
@@ -882,4 +909,185 @@ fn shard_for_spreads_keys_and_stays_in_range() {
         );
     }
     assert!(shard_for(i64::MAX, 3) < 3 && shard_for(-1, 3) < 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet lease (the Redis side is faked: `FakeCache` keeps leases as Redis would)
+// ---------------------------------------------------------------------------------------------
+
+fn leased() -> Setup {
+    Setup {
+        lease_ttl: Some(Duration::from_millis(300)),
+        ..Setup::default()
+    }
+}
+
+#[actix_rt::test]
+async fn the_lease_holder_loads_once_and_fills_under_its_token() {
+    let h = leased().start();
+    let answers = h.burst(7, 50).await;
+    assert_eq!(h.queries(), 1);
+    assert_eq!(count(&answers, XCache::Miss), 1);
+    assert_eq!(count(&answers, XCache::Shared), 49);
+    h.idle().await;
+    assert_eq!(h.lease_claims.get(), 1, "one lease claimed");
+    assert_eq!(
+        h.lease_fills.get(),
+        1,
+        "the value written by the lease's fill"
+    );
+    assert_eq!(h.sets(), 0, "not by a plain write");
+    assert_eq!(h.metrics.lease_claims_total.get(), 1);
+    // Filled: the next flight (after the near cache) finds it without a lease.
+    assert_eq!(loaded_by(&h.one(7).await).as_deref(), Some("query 0"));
+}
+
+#[actix_rt::test]
+async fn a_flight_waits_on_another_replicas_lease_and_shares_its_fill() {
+    let h = leased().start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 8,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let waiting: Vec<_> = (0..20).map(|_| h.ask(8)).collect();
+    eventually("the flight waits on the peer", || {
+        h.metrics.lease_waits_total.get() == 1 && h.waiting() == 20
+    })
+    .await;
+    h.cache
+        .send(FillAsPeer {
+            id: 8,
+            content: "peer",
+        })
+        .await
+        .unwrap();
+    h.owner.do_send(PeerFilled(8));
+    for rx in waiting {
+        let answer = receive(rx).await;
+        assert_eq!(answer.x_cache, XCache::Shared);
+        assert_eq!(loaded_by(&answer).as_deref(), Some("peer"));
+    }
+    assert_eq!(h.queries(), 0, "the peer loaded it, not us");
+    assert_eq!(h.metrics.lease_wait_seconds.get_sample_count(), 1);
+    assert_eq!(h.metrics.lease_takeovers_total.get(), 0);
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn a_lease_that_runs_out_unfilled_is_taken_over_without_a_notice() {
+    let h = leased().start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 9,
+            for_: Duration::from_millis(150),
+        })
+        .await
+        .unwrap();
+    // No fill, no notice: the peer died. The owner looks again when the lease runs out.
+    let answers = h.burst(9, 10).await;
+    assert!(answers.iter().all(|a| a.result.is_ok()), "{answers:?}");
+    assert_eq!(h.queries(), 1, "one take-over load");
+    assert_eq!(h.metrics.lease_takeovers_total.get(), 1);
+    assert_eq!(count(&answers, XCache::Miss), 1);
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn with_lease_calls_failing_the_owner_coalesces_on_its_own() {
+    let h = Setup {
+        lease_failing: true,
+        ..leased()
+    }
+    .start();
+    let answers = h.burst(10, 30).await;
+    assert!(answers.iter().all(|a| a.result.is_ok()), "{answers:?}");
+    assert_eq!(h.queries(), 1);
+    h.idle().await;
+    assert_eq!(h.sets(), 1, "written with a plain write");
+}
+
+#[actix_rt::test]
+async fn a_change_makes_the_holder_release_its_lease_and_write_nothing() {
+    let h = Setup {
+        db_delay: Duration::from_millis(300),
+        ..leased()
+    }
+    .start();
+    let before = h.ask(11);
+    eventually("the lease is claimed", || h.lease_claims.get() == 1).await;
+    h.owner.send(Invalidate(11)).await.unwrap();
+    eventually("the lease is released", || h.lease_releases.get() == 1).await;
+    // The request from before the change is answered by the old load; one after it starts anew.
+    let after = h.one(11).await;
+    assert_eq!(loaded_by(&after).as_deref(), Some("query 1"));
+    assert!(receive(before).await.result.is_ok());
+    h.idle().await;
+    assert_eq!(h.lease_fills.get(), 1, "only the new flight fills");
+    assert_eq!(h.lease_claims.get(), 2);
+}
+
+#[actix_rt::test]
+async fn a_change_while_waiting_on_a_peer_loads_for_the_earlier_waiters_at_once() {
+    let h = Setup {
+        db_delay: Duration::from_millis(10),
+        ..leased()
+    }
+    .start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 12,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let before = h.ask(12);
+    eventually("the flight waits on the peer", || {
+        h.metrics.lease_waits_total.get() == 1
+    })
+    .await;
+    h.owner.send(Invalidate(12)).await.unwrap();
+    // Answered by its own load, not after the peer's 60 s lease.
+    let answer = receive(before).await;
+    assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
+    h.idle().await;
+    assert_eq!(h.lease_fills.get(), 0, "a superseded flight fills nothing");
+}
+
+#[actix_rt::test]
+async fn a_soft_expired_value_is_served_while_a_peer_refreshes_it() {
+    let h = Setup {
+        stale_cached: vec![13],
+        ..leased()
+    }
+    .start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 13,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let answers = h.burst(13, 5).await;
+    assert!(
+        answers.iter().all(|a| a.x_cache == XCache::Stale),
+        "{answers:?}"
+    );
+    assert_eq!(h.queries(), 0, "the peer refreshes, not us");
+    h.cache
+        .send(FillAsPeer {
+            id: 13,
+            content: "refreshed",
+        })
+        .await
+        .unwrap();
+    h.owner.do_send(PeerFilled(13));
+    h.idle().await;
+    let answer = h.one(13).await;
+    assert_eq!(answer.x_cache, XCache::Hit);
+    assert_eq!(loaded_by(&answer).as_deref(), Some("refreshed"));
+    assert_eq!(h.queries(), 0);
+    assert_eq!(h.metrics.refreshes_total.get(), 0, "no refresh of our own");
 }
