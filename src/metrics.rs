@@ -84,8 +84,11 @@ pub struct Metrics {
     pub lease_takeovers_total: IntCounter,
     /// Fills (or releases) of other replicas' leases announced through Redis pub/sub.
     pub lease_notices_total: IntCounter,
-    /// A holder's fill found its lease gone (expired, or taken over): nothing was written.
-    pub lease_fills_lost_total: IntCounter,
+    /// Lease holders' fills by `outcome`: `filled`; `lost` (the lease had run out and been taken
+    /// over: nothing written); `changed` (the key changed since the claim: nothing written).
+    pub lease_fills_total: IntCounterVec,
+    /// Times the replica's subscription to lease notices was established.
+    pub lease_subscriptions_total: IntCounter,
     /// Time a flight waited on another replica's lease, until it had the value or the lease.
     pub lease_wait_seconds: Histogram,
     /// Keys with a flight in progress, per owner shard.
@@ -274,9 +277,14 @@ impl Metrics {
                 "lease_notices_total",
                 "Lease fill or release notices received through Redis pub/sub",
             )?,
-            lease_fills_lost_total: counter(
-                "lease_fills_lost_total",
-                "Loads not written because their lease had run out or been taken over",
+            lease_fills_total: counter_vec(
+                "lease_fills_total",
+                "Lease holders' fills by outcome (filled, lost, changed)",
+                "outcome",
+            )?,
+            lease_subscriptions_total: counter(
+                "lease_subscriptions_total",
+                "Times the subscription to lease notices was established",
             )?,
             lease_wait_seconds,
             key_owner_inflight_keys: gauge_vec(
@@ -310,6 +318,9 @@ impl Metrics {
             metrics
                 .redis_breaker_transitions_total
                 .with_label_values(&[to]);
+        }
+        for outcome in ["filled", "lost", "changed"] {
+            metrics.lease_fills_total.with_label_values(&[outcome]);
         }
         for result in ["cache", "database", "not_found", "peer", "error"] {
             metrics.flights_total.with_label_values(&[result]);

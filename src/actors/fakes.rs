@@ -80,6 +80,8 @@ pub struct FakeLeases {
     /// Every lease call fails, as with Redis unreachable.
     pub failing: bool,
     pub claims: Counter,
+    /// Renewal calls, whether or not they renewed.
+    pub renew_calls: Counter,
     pub renewals: Counter,
     pub fills: Counter,
     pub releases: Counter,

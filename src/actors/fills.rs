@@ -81,21 +81,56 @@ async fn relay(
         .await
         .map_err(|_| "SUBSCRIBE timed out".to_owned())?
         .map_err(|e| e.to_string())?;
+    metrics.lease_subscriptions_total.inc();
     loop {
         match tokio::time::timeout(QUIET_CHECK, stream.next()).await {
-            Ok(Some(message)) => match message.get_payload::<i64>() {
-                Ok(id) => {
+            Ok(Some(message)) => match message.get_payload::<String>().ok().and_then(parse) {
+                Some(notice) => {
                     metrics.lease_notices_total.inc();
-                    owners[shard_for(id, owners.len())].do_send(PeerFilled(id));
+                    owners[shard_for(notice.id, owners.len())].do_send(notice);
                 }
-                Err(_) => log::warn!("ignoring a lease notice that is not a template id"),
+                None => log::warn!("ignoring a lease notice that is not a template id"),
             },
             Ok(None) => return Ok("the connection closed".to_owned()),
-            Err(_quiet) => match tokio::time::timeout(patience, sink.ping::<String>()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("the connection stopped answering".to_owned()),
-            },
+            // A subscribed connection answers PING with an array (`pong`, ""), not a status:
+            // any answer will do.
+            Err(_quiet) => {
+                match tokio::time::timeout(patience, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err("the connection stopped answering".to_owned()),
+                }
+            }
         }
+    }
+}
+
+/// A notice's payload: `N`, or `N empty` when the fill wrote nothing
+/// ([`crate::actors::cache::notice`]).
+fn parse(payload: String) -> Option<PeerFilled> {
+    let (id, empty) = match payload.split_once(' ') {
+        None => (payload.as_str(), false),
+        Some((id, "empty")) => (id, true),
+        Some(_) => return None,
+    };
+    Some(PeerFilled {
+        id: id.parse().ok()?,
+        wrote_nothing: empty,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::cache::notice;
+
+    #[test]
+    fn notices_read_back_as_they_are_written() {
+        for (id, wrote) in [(1, true), (9_223_372_036_854_775_807, false)] {
+            let read = parse(notice(id, wrote)).expect("a notice");
+            assert_eq!((read.id, read.wrote_nothing), (id, !wrote));
+        }
+        assert!(parse("x".into()).is_none());
+        assert!(parse("5 full".into()).is_none());
     }
 }

@@ -7,11 +7,14 @@
 //! 1. [`ClaimLoad`]: one script reads the value and, when there is none, claims the lease
 //!    (`SET NX PX`) — or says how long the current holder's lease has left. A soft-expired,
 //!    suspect or undecodable value is returned too (as far as it is usable) and the lease is
-//!    claimed to reload it, so refresh-ahead is one refresh per expiry across the fleet.
+//!    claimed to reload it, so refresh-ahead is one refresh per expiry across the fleet. That
+//!    second claim names the value it judged: if another replica has filled the key since, the
+//!    script returns the new value instead of claiming.
 //! 2. [`LeaseRenew`]: the holder extends its lease while its load runs, if it still holds it.
-//! 3. [`LeaseFill`]: one script writes the loaded value only if the token still holds the lease,
-//!    deletes the lease and publishes the id on the fills channel ([`fills_channel`]). A holder whose lease ran out
-//!    and was taken over writes nothing: the new holder will.
+//! 3. [`LeaseFill`]: one script writes the loaded value only if the token still holds the lease
+//!    and the key has not changed since the claim, deletes the lease and publishes the id on the
+//!    fills channel ([`fills_channel`]). A holder whose lease ran out and was taken over writes
+//!    nothing: the new holder will.
 //! 4. [`LeaseRelease`]: a holder that will not fill (its load failed, or a change superseded it)
 //!    deletes its lease and publishes the id, so waiters retry at once instead of at expiry.
 //!
@@ -21,6 +24,14 @@
 //!
 //! Every script is one atomic step in Redis, so no two replicas can both claim a lease, and a
 //! value is never written by a flight that no longer holds it.
+//!
+//! # Changes
+//! Every replica that learns of a change deletes the value and bumps the key's *generation*
+//! (`template:N:gen`, see [`super::CacheDel`]). A lease records the generation it was claimed
+//! in (`token|generation`), and a fill whose generation is no longer current writes nothing: its
+//! load may have read the row before the change, and some replica already knows of it. So no
+//! replica that learned of a change can find a value loaded before it filled after its delete —
+//! decided inside Redis, whatever the replicas' clocks say.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -76,8 +87,9 @@ pub struct LeaseRenew {
     pub token: LeaseToken,
 }
 
-/// Write what the holder loaded, if `token` still holds the lease; then delete the lease and
-/// announce the fill. `Ok(false)`: the lease was gone, nothing was written.
+/// Write what the holder loaded, if `token` still holds the lease and the key has not changed
+/// since it was claimed; then delete the lease and announce the fill. `Ok(false)`: nothing was
+/// written (the lease was gone, or the key changed).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<bool, CacheError>")]
 pub struct LeaseFill {
@@ -100,55 +112,86 @@ fn lease_key(id: i64) -> String {
     format!("{}:lease", cache_key(id))
 }
 
-/// KEYS: value, lease. ARGV: token, TTL (ms), "1" to return the value when there is one.
+/// The key's generation: bumped by every replica that learns the row changed.
+pub(super) fn generation_key(id: i64) -> String {
+    format!("{}:gen", cache_key(id))
+}
+
+/// The payload of a notice for `id`; ` empty` when the fill wrote nothing (a "not found" that is
+/// not cached), so that waiters load for themselves at once rather than one after another.
+pub fn notice(id: i64, wrote: bool) -> String {
+    if wrote {
+        id.to_string()
+    } else {
+        format!("{id} empty")
+    }
+}
+
+/// KEYS: value, lease, generation. ARGV: token, TTL (ms), mode, seen value.
+/// Mode `value`: return the value when there is one; mode `seen`: claim unless the value is no
+/// longer the one seen (then return the new one).
 /// Returns `{0, value}`, `{1}` (claimed) or `{2, ms the holder's lease has left}`.
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        if ARGV[3] == '1' then
-            local v = redis.call('GET', KEYS[1])
-            if v then return {0, v} end
+        local v = redis.call('GET', KEYS[1])
+        if v and (ARGV[3] == 'value' or v ~= ARGV[4]) then return {0, v} end
+        local g = redis.call('GET', KEYS[3]) or '0'
+        if redis.call('SET', KEYS[2], ARGV[1] .. '|' .. g, 'NX', 'PX', ARGV[2]) then
+            return {1}
         end
-        if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
         return {2, redis.call('PTTL', KEYS[2])}
         ",
     )
 });
 
+/// Whether the lease value `v` was claimed under token `ARGV[1]` (whatever its generation).
+const HELD_BY_TOKEN: &str = "
+    local function held(v) return v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' end
+";
+
 /// KEYS: lease. ARGV: token, TTL (ms). Returns 1 if renewed.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis::Script::new(&format!(
+        "{HELD_BY_TOKEN}
+        if not held(redis.call('GET', KEYS[1])) then return 0 end
         return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-        ",
-    )
+        "
+    ))
 });
 
-/// KEYS: value, lease. ARGV: token, value, expiry (ms; "0" writes nothing), channel, id.
-/// Returns 1 if the token held the lease (and so the value was written).
+/// KEYS: value, lease, generation. ARGV: token, value, expiry (ms; "0" writes nothing),
+/// channel, notice.
+/// Returns 1 if written (or nothing to write), 0 if the token no longer held the lease, 2 if the
+/// key changed since the claim (nothing written; the lease is ended and announced).
 static FILL: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-        if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+    redis::Script::new(&format!(
+        "{HELD_BY_TOKEN}
+        local v = redis.call('GET', KEYS[2])
+        if not held(v) then return 0 end
         redis.call('DEL', KEYS[2])
+        local g = redis.call('GET', KEYS[3]) or '0'
+        if v ~= ARGV[1] .. '|' .. g then
+            redis.call('PUBLISH', ARGV[4], ARGV[5])
+            return 2
+        end
+        if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
         redis.call('PUBLISH', ARGV[4], ARGV[5])
         return 1
-        ",
-    )
+        "
+    ))
 });
 
 /// KEYS: lease. ARGV: token, channel, id. Returns 1 if the token held the lease.
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis::Script::new(&format!(
+        "{HELD_BY_TOKEN}
+        if not held(redis.call('GET', KEYS[1])) then return 0 end
         redis.call('DEL', KEYS[1])
         redis.call('PUBLISH', ARGV[2], ARGV[3])
         return 1
-        ",
-    )
+        "
+    ))
 });
 
 /// What one run of [`CLAIM`] returned.
@@ -195,58 +238,72 @@ impl Handler<ClaimLoad> for CacheActor {
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {
             let conn = conn?;
-            let claim = |value_first: bool| {
+            // `seen`: the value judged not fresh, which the claim must find unchanged.
+            let claim = |seen: Option<Vec<u8>>| {
                 let mut conn = conn.clone();
                 let token = token.0.clone();
                 async move {
+                    let mode = if seen.is_some() { "seen" } else { "value" };
                     let reply: Value = CLAIM
                         .key(cache_key(id))
                         .key(lease_key(id))
+                        .key(generation_key(id))
                         .arg(token)
                         .arg(ttl_ms)
-                        .arg(if value_first { "1" } else { "0" })
+                        .arg(mode)
+                        .arg(seen.unwrap_or_default())
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| CacheError::from_redis(e, timeout))?;
                     parse_claim(reply)
                 }
             };
-            let raw = match claim(true).await? {
-                ClaimReply::Lease(state) => {
-                    return Ok(Claim {
-                        value: None,
-                        lease: Some(state),
-                    })
+            let mut seen = None;
+            // Another replica may fill the key between a look and a claim; a claim that finds a
+            // new value looks at it instead. A value that keeps changing is a failed call.
+            for _ in 0..3 {
+                let raw = match claim(seen.take()).await? {
+                    ClaimReply::Lease(state) => {
+                        return Ok(Claim {
+                            value: None,
+                            lease: Some(state),
+                        })
+                    }
+                    ClaimReply::Value(raw) => raw,
+                };
+                match usable(raw.clone(), id, suspect_before_ms, &metrics) {
+                    Ok(Some(cached)) if !cached.is_soft_expired() => {
+                        return Ok(Claim {
+                            value: Some(cached),
+                            lease: None,
+                        })
+                    }
+                    // Soft-expired, suspect or not a template: reload it, under the lease.
+                    Ok(value) => {
+                        if let ClaimReply::Lease(state) = claim(Some(raw)).await? {
+                            return Ok(Claim {
+                                value,
+                                lease: Some(state),
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        metrics
+                            .redis_errors_total
+                            .with_label_values(&[e.kind()])
+                            .inc();
+                        if let ClaimReply::Lease(state) = claim(Some(raw)).await? {
+                            return Ok(Claim {
+                                value: None,
+                                lease: Some(state),
+                            });
+                        }
+                    }
                 }
-                ClaimReply::Value(raw) => raw,
-            };
-            let value = match usable(raw, id, suspect_before_ms, &metrics) {
-                Ok(Some(cached)) if !cached.is_soft_expired() => {
-                    return Ok(Claim {
-                        value: Some(cached),
-                        lease: None,
-                    })
-                }
-                Ok(value) => value,
-                Err(e) => {
-                    // Reloaded and overwritten like a miss, under the lease.
-                    metrics
-                        .redis_errors_total
-                        .with_label_values(&[e.kind()])
-                        .inc();
-                    None
-                }
-            };
-            // Soft-expired, suspect or not a template: reload it, under the lease.
-            match claim(false).await? {
-                ClaimReply::Lease(state) => Ok(Claim {
-                    value,
-                    lease: Some(state),
-                }),
-                ClaimReply::Value(_) => Err(CacheError::Protocol(
-                    "the lease script returned a value it was not asked for".into(),
-                )),
             }
+            Err(CacheError::Protocol(format!(
+                "template {id}'s value kept changing while its lease was claimed"
+            )))
         })
     }
 }
@@ -300,17 +357,24 @@ impl Handler<LeaseFill> for CacheActor {
             let filled = FILL
                 .key(cache_key(id))
                 .key(lease_key(id))
+                .key(generation_key(id))
                 .arg(token.0)
                 .arg(value)
                 .arg(expires_ms)
                 .arg(channel)
-                .arg(id)
+                .arg(notice(id, expires_ms != 0))
                 .invoke_async::<i64>(&mut conn)
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
-            if filled != 1 {
-                metrics.lease_fills_lost_total.inc();
-            }
+            let outcome = match filled {
+                1 => "filled",
+                2 => "changed",
+                _ => "lost",
+            };
+            metrics
+                .lease_fills_total
+                .with_label_values(&[outcome])
+                .inc();
             Ok(filled == 1)
         })
     }
@@ -329,7 +393,7 @@ impl Handler<LeaseRelease> for CacheActor {
                 .key(lease_key(id))
                 .arg(token.0)
                 .arg(channel)
-                .arg(id)
+                .arg(notice(id, true))
                 .invoke_async::<i64>(&mut conn)
                 .await
                 .map(|_| ())

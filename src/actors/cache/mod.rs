@@ -23,7 +23,8 @@ mod breaker;
 mod lease;
 
 pub use lease::{
-    fills_channel, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew, LeaseState, LeaseToken,
+    fills_channel, notice, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew, LeaseState,
+    LeaseToken,
 };
 
 use std::collections::HashMap;
@@ -114,7 +115,8 @@ impl Cached {
 #[rtype(result = "Result<Option<Cached>, CacheError>")]
 pub struct CacheGet(pub i64);
 
-/// Remove a template's entry (its row changed).
+/// Remove a template's entry and bump its generation (its row changed): a lease holder that
+/// claimed before this fills nothing (see [`lease`]).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct CacheDel(pub i64);
@@ -411,6 +413,10 @@ impl CacheActor {
     }
 }
 
+/// How long a key's generation outlives its last change: far longer than any flight, so a lease
+/// claimed under an older generation cannot see it expire and start again from zero.
+const GENERATION_TTL_MS: i64 = 3_600_000;
+
 /// Change records kept per cache actor (see [`CacheActor::record_change`]).
 const MAX_CHANGE_RECORDS: usize = 100_000;
 
@@ -573,7 +579,17 @@ impl Handler<CacheDel> for CacheActor {
         let timeout = self.settings.timeout;
         let del = self.call(async move {
             let mut conn = conn?;
-            conn.del::<_, ()>(cache_key(id))
+            // The generation tells lease holders that loaded before this moment not to fill.
+            let generation = lease::generation_key(id);
+            redis::pipe()
+                .atomic()
+                .del(cache_key(id))
+                .ignore()
+                .incr(&generation, 1)
+                .ignore()
+                .pexpire(&generation, GENERATION_TTL_MS)
+                .ignore()
+                .query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))
         });

@@ -40,9 +40,15 @@
 //! A soft-expired value is answered at once as ever; only the lease holder refreshes it, so a
 //! soft expiry costs one load for the fleet. A change supersedes a flight whatever its role: a
 //! lease it holds is released, and a flight that was waiting on another replica loads for its
-//! own (earlier) waiters, since that replica may fill what it loaded before the change. The
-//! cache actor also remembers when each key last changed, so a value another replica loaded
-//! before the change and wrote after it is a miss here.
+//! own (earlier) waiters, since that replica may fill what it loaded before the change. Every
+//! replica that learns of a change bumps the key's generation in Redis with its delete, and a
+//! fill claimed under an older generation writes nothing (decided in Redis, so no clock is
+//! compared); for writes outside the lease, the cache actor also remembers when each key last
+//! changed, and a value loaded before that is a miss here.
+//!
+//! A wait on another replica lasts at most `FLIGHT_TIMEOUT_MS`; then the flight loads on its
+//! own. A fill that wrote nothing (a "not found" with `NEGATIVE_TTL_SECS=0`) wakes waiters to
+//! load on their own at once rather than claim one after another.
 //!
 //! # Freshness
 //! **Invariant: a request that arrives after the owner learned of a change ([`Invalidate`] for its
@@ -83,10 +89,12 @@
 //!
 //! The owner talks to Redis and PostgreSQL only through [`Recipient`]s, so tests put fakes there.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -259,7 +267,12 @@ pub struct LeaseDeps {
 /// waiting on that lease looks again now.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct PeerFilled(pub i64);
+pub struct PeerFilled {
+    pub id: i64,
+    /// The fill wrote nothing (a "not found" that is not cached): there is nothing to read, so
+    /// a waiting flight loads for itself at once.
+    pub wrote_nothing: bool,
+}
 
 /// Drop what this owner knows of `id` because the row changed: the near-cache entry, the Redis
 /// entry, and the pending flight (superseded: requests from now on start a new one).
@@ -323,6 +336,9 @@ struct Flight {
     /// A notice arrived while a claim was in the air: the claim may have seen the lease just
     /// before the fill, so a wait it starts looks again at once.
     notice_missed: bool,
+    /// While this flight loads under the lease: set to `false` to stop renewing it (the flight
+    /// was superseded and gave the lease up).
+    renewing: Option<Rc<Cell<bool>>>,
 }
 
 /// The latest answer the owner saw for a key.
@@ -507,6 +523,7 @@ impl KeyOwner {
                 wake: None,
                 noticed: false,
                 notice_missed: false,
+                renewing: None,
             },
         );
         self.waiters_gauge().inc();
@@ -579,8 +596,14 @@ impl KeyOwner {
         if refreshing {
             self.deps.metrics.refreshes_total.inc();
         }
-        let load = match (holding, &self.deps.lease) {
-            (Some(token), Some(lease)) => renewing(id, token, lease.clone(), load).boxed_local(),
+        let load = match (holding, self.deps.lease.clone()) {
+            (Some(token), Some(lease)) => {
+                let keep = Rc::new(Cell::new(true));
+                if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                    flight.renewing = Some(keep.clone());
+                }
+                renewing(id, token, lease, keep, load).boxed_local()
+            }
             _ => load.boxed_local(),
         };
         self.spawn_stage(ctx, load, move |owner, result, ctx| {
@@ -820,11 +843,19 @@ impl KeyOwner {
         let Some((flight, _)) = self.flight_mut(id, flight_id) else {
             return;
         };
-        if flight.waited_since.is_none() {
-            flight.waited_since = Some(Instant::now());
+        let since = *flight.waited_since.get_or_insert_with(|| {
             metrics.lease_waits_total.inc();
-        }
+            Instant::now()
+        });
         flight.role = Role::Awaiting;
+        if since.elapsed() >= self.deps.settings.flight_timeout {
+            // The holder keeps renewing but never fills: as long as a flight may take, and no
+            // longer, this flight's waiters depend on another replica.
+            return self.load_alone(id, flight_id, ctx);
+        }
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
         if std::mem::take(&mut flight.notice_missed) {
             return self.wake(id, flight_id, true, ctx);
         }
@@ -854,6 +885,24 @@ impl KeyOwner {
         self.claim(id, flight_id, ctx);
     }
 
+    /// Stops waiting on another replica's lease for `id` and loads it here, as without the
+    /// lease (a fill that wrote nothing, or a wait as long as a flight).
+    fn load_alone(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
+        let Some((flight, true)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        if !matches!(flight.role, Role::Awaiting) {
+            return;
+        }
+        if let Some(timer) = flight.wake.take() {
+            ctx.cancel_future(timer);
+        }
+        flight.role = Role::Local;
+        let waited_since = flight.waited_since;
+        self.end_wait(waited_since);
+        self.load(id, flight_id, ctx);
+    }
+
     fn end_wait(&self, waited_since: Option<Instant>) {
         if let Some(since) = waited_since {
             let waited = since.elapsed().as_secs_f64();
@@ -875,6 +924,9 @@ impl KeyOwner {
     fn supersede(&mut self, id: i64, mut flight: Flight, ctx: &mut Context<Self>) {
         if let Some(timer) = flight.wake.take() {
             ctx.cancel_future(timer);
+        }
+        if let Some(keep) = flight.renewing.take() {
+            keep.set(false);
         }
         let role = std::mem::replace(&mut flight.role, Role::Local);
         let flight_id = flight.id;
@@ -1073,10 +1125,15 @@ impl Handler<ForgetAll> for KeyOwner {
 impl Handler<PeerFilled> for KeyOwner {
     type Result = ();
 
-    fn handle(&mut self, PeerFilled(id): PeerFilled, ctx: &mut Self::Context) {
+    fn handle(&mut self, notice: PeerFilled, ctx: &mut Self::Context) {
+        let id = notice.id;
         if let Some(flight_id) = self.pending_waiters.get(&id).map(|f| f.id) {
             contain(self, ctx, "a lease notice", |owner, ctx| {
-                owner.wake(id, flight_id, true, ctx)
+                if notice.wrote_nothing {
+                    owner.load_alone(id, flight_id, ctx)
+                } else {
+                    owner.wake(id, flight_id, true, ctx)
+                }
             });
         }
     }
@@ -1088,17 +1145,22 @@ impl Handler<Alive> for KeyOwner {
     fn handle(&mut self, _: Alive, _: &mut Self::Context) {}
 }
 
-/// `load`, with the lease renewed every third of its TTL until the load ends.
+/// `load`, with the lease renewed every third of its TTL until the load ends or `keep` is
+/// cleared.
 async fn renewing(
     id: i64,
     token: LeaseToken,
     lease: LeaseDeps,
+    keep: Rc<Cell<bool>>,
     load: impl std::future::Future<Output = Result<Lookup, FlightError>>,
 ) -> Result<Lookup, FlightError> {
     let every = lease.ttl / 3;
     let renew = async move {
         loop {
             tokio::time::sleep(every).await;
+            if !keep.get() {
+                return;
+            }
             let renewal = LeaseRenew {
                 id,
                 token: token.clone(),

@@ -41,6 +41,7 @@ struct Harness {
     lease_claims: Counter,
     lease_fills: Counter,
     lease_releases: Counter,
+    lease_renew_calls: Counter,
     cache_gets: Counter,
     cache_sets: Counter,
     cache_dels: Counter,
@@ -104,10 +105,11 @@ impl Setup {
         cache.leases.failing = self.lease_failing;
         let (cache_gets, cache_sets, cache_dels) =
             (cache.gets.clone(), cache.sets.clone(), cache.dels.clone());
-        let (lease_claims, lease_fills, lease_releases) = (
+        let (lease_claims, lease_fills, lease_releases, lease_renew_calls) = (
             cache.leases.claims.clone(),
             cache.leases.fills.clone(),
             cache.leases.releases.clone(),
+            cache.leases.renew_calls.clone(),
         );
         let cache = FakeCache::start_in_arbiter(&fakes.handle(), move |_| cache);
         let mut db = FakeDb::new(self.mode, self.db_delay);
@@ -138,6 +140,7 @@ impl Setup {
             lease_claims,
             lease_fills,
             lease_releases,
+            lease_renew_calls,
             cache_gets,
             cache_sets,
             cache_dels,
@@ -964,7 +967,10 @@ async fn a_flight_waits_on_another_replicas_lease_and_shares_its_fill() {
         })
         .await
         .unwrap();
-    h.owner.do_send(PeerFilled(8));
+    h.owner.do_send(PeerFilled {
+        id: 8,
+        wrote_nothing: false,
+    });
     for rx in waiting {
         let answer = receive(rx).await;
         assert_eq!(answer.x_cache, XCache::Shared);
@@ -1083,11 +1089,84 @@ async fn a_soft_expired_value_is_served_while_a_peer_refreshes_it() {
         })
         .await
         .unwrap();
-    h.owner.do_send(PeerFilled(13));
+    h.owner.do_send(PeerFilled {
+        id: 13,
+        wrote_nothing: false,
+    });
     h.idle().await;
     let answer = h.one(13).await;
     assert_eq!(answer.x_cache, XCache::Hit);
     assert_eq!(loaded_by(&answer).as_deref(), Some("refreshed"));
     assert_eq!(h.queries(), 0);
     assert_eq!(h.metrics.refreshes_total.get(), 0, "no refresh of our own");
+}
+
+#[actix_rt::test]
+async fn a_superseded_holder_stops_renewing_the_lease_it_gave_up() {
+    let h = Setup {
+        // Renewed every 50 ms while a 600 ms load runs.
+        lease_ttl: Some(Duration::from_millis(150)),
+        db_delay: Duration::from_millis(600),
+        ..leased()
+    }
+    .start();
+    let before = h.ask(16);
+    eventually("the lease is claimed", || h.lease_claims.get() == 1).await;
+    h.owner.send(Invalidate(16)).await.unwrap();
+    let renewals_at_change = h.lease_renew_calls.get();
+    assert!(receive(before).await.result.is_ok());
+    h.idle().await;
+    assert!(
+        h.lease_renew_calls.get() <= renewals_at_change + 1,
+        "renewed after giving the lease up: {} then {}",
+        renewals_at_change,
+        h.lease_renew_calls.get()
+    );
+}
+
+#[actix_rt::test]
+async fn a_fill_that_wrote_nothing_makes_waiters_load_at_once() {
+    let h = leased().start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 17,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let waiting = h.ask(17);
+    eventually("the flight waits on the peer", || {
+        h.metrics.lease_waits_total.get() == 1
+    })
+    .await;
+    h.owner.do_send(PeerFilled {
+        id: 17,
+        wrote_nothing: true,
+    });
+    let answer = receive(waiting).await;
+    assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
+}
+
+#[actix_rt::test]
+async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
+    let h = Setup {
+        owner: OwnerSettings {
+            flight_timeout: Duration::from_millis(300),
+            ..OwnerSettings::default()
+        },
+        db_delay: Duration::from_millis(10),
+        ..leased()
+    }
+    .start();
+    // A peer that holds the lease for a minute and never fills.
+    h.cache
+        .send(HoldAsPeer {
+            id: 18,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let answer = h.one(18).await;
+    assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
+    h.idle().await;
 }
