@@ -38,8 +38,19 @@ async fn start_fleet(
     redis_url: &str,
     env: &[(&str, &str)],
 ) -> Vec<Replica> {
+    let urls = vec![database_url.to_owned(); n];
+    start_fleet_on(&urls, redis_url, env).await
+}
+
+/// Starts one replica per database URL (each its own way to the same database, e.g. through a
+/// proxy of its own), as [`start_fleet`] does.
+async fn start_fleet_on(
+    database_urls: &[String],
+    redis_url: &str,
+    env: &[(&str, &str)],
+) -> Vec<Replica> {
     let mut fleet = Vec::new();
-    for _ in 0..n {
+    for database_url in database_urls {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_singleflight"));
         command
@@ -49,7 +60,8 @@ async fn start_fleet(
             .env("DB_POOL_SIZE", "4")
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)
-            .env("REDIS_TIMEOUT_MS", "300")
+            // Generous: a Redis call that times out on a busy machine falls back to a local load.
+            .env("REDIS_TIMEOUT_MS", "1000")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -95,6 +107,32 @@ async fn fleet_metric(client: &reqwest::Client, replicas: &[&Replica], metric: &
             .await
             .expect("metrics text");
         total += sum_metric(&text, metric);
+    }
+    total
+}
+
+/// The sum over `replicas` of the samples of `metric` whose labels are exactly `labels`.
+async fn fleet_sample(
+    client: &reqwest::Client,
+    replicas: &[&Replica],
+    metric: &str,
+    labels: &str,
+) -> f64 {
+    let mut total = 0.0;
+    for replica in replicas {
+        let text = client
+            .get(format!("{}/metrics", replica.url))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text");
+        total += testkit::prom::series(&text, metric)
+            .into_iter()
+            .filter(|(l, _)| l == labels)
+            .map(|(_, v)| v)
+            .sum::<f64>();
     }
     total
 }
@@ -177,29 +215,72 @@ async fn a_cold_stampede_spread_over_three_replicas_costs_one_query_fleet_wide()
         );
         assert_eq!(claims, 1.0, "round {round}: leases claimed for one cold id");
     }
-    // The other replicas got the value from the one that loaded it: SHARED, not their own MISS.
-    let waits = fleet_metric(&client, &replicas, "lease_waits_total").await;
-    let notices = fleet_metric(&client, &replicas, "lease_notices_total").await;
-    assert!(waits >= 1.0, "no replica ever waited on another's lease");
-    assert!(notices >= 1.0, "no fill notice was ever received");
+    // The other replicas waited for the one that loaded, and were told when it filled: most
+    // waits end within 0.1 s. Without the notices every wait would last until the waiter looks
+    // again on its own, a quarter of the lease period (250 ms) or more.
+    let waits = fleet_metric(&client, &replicas, "lease_wait_seconds_count").await;
+    let quick = fleet_sample(
+        &client,
+        &replicas,
+        "lease_wait_seconds_bucket",
+        r#"{le="0.1"}"#,
+    )
+    .await;
+    assert!(
+        waits >= 10.0,
+        "replicas waited on another's lease {waits} times"
+    );
+    assert!(
+        quick >= waits / 2.0,
+        "only {quick} of {waits} waits ended within 0.1 s: fill notices are not waking waiters"
+    );
+}
+
+#[actix_rt::test]
+async fn the_lease_notice_subscription_survives_a_quiet_period() {
+    let servers = servers::servers();
+    let database_url = empty_database_url().await;
+    let redis_url = servers.redis_url(servers::next_redis_db());
+    let fleet = start_fleet(1, &database_url, &redis_url, &[]).await;
+    let client = reqwest::Client::new();
+    // Longer than the subscriber's quiet check (5 s), with nothing published: the check must
+    // find the subscription alive rather than replace it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let subscriptions = fleet_metric(&client, &[&fleet[0]], "lease_subscriptions_total").await;
+    assert_eq!(
+        subscriptions, 1.0,
+        "the subscription was replaced while quiet"
+    );
 }
 
 #[actix_rt::test]
 async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answer_every_request() {
     let servers = servers::servers();
-    let proxy = postgres_proxy();
-    let database_url = via(&proxy, &empty_database_url().await);
+    let direct_url = empty_database_url().await;
+    // The holder reaches PostgreSQL through a proxy of its own, which swallows its load; the
+    // others through one that makes every load take 0.4 s.
+    let (holder_proxy, others_proxy) = (postgres_proxy(), postgres_proxy());
+    let urls = [
+        via(&holder_proxy, &direct_url),
+        via(&others_proxy, &direct_url),
+        via(&others_proxy, &direct_url),
+    ];
     let redis_url = servers.redis_url(servers::next_redis_db());
-    // The default lease period (1 s) and a request deadline that leaves room for it and a slow
-    // load after it.
-    let env = [("REQUEST_TIMEOUT_MS", "6000"), ("LEASE_TTL_MS", "1000")];
-    let mut fleet = start_fleet(3, &database_url, &redis_url, &env).await;
+    // The default lease period (1 s), a request deadline that leaves room for it and a slow
+    // load after it, and a holder whose load never gives up on its own before the kill.
+    let env = [
+        ("REQUEST_TIMEOUT_MS", "6000"),
+        ("LEASE_TTL_MS", "1000"),
+        ("DB_QUERY_TIMEOUT_MS", "30000"),
+        ("FLIGHT_TIMEOUT_MS", "30000"),
+    ];
+    let mut fleet = start_fleet_on(&urls, &redis_url, &env).await;
     let client = reqwest::Client::new();
-    // Every load now takes at least 0.8 s (0.4 s each way).
-    proxy.set_mode(Mode::Latency(Duration::from_millis(400)));
+    holder_proxy.set_mode(Mode::Blackhole);
+    others_proxy.set_mode(Mode::Latency(Duration::from_millis(200)));
     let id = 777;
 
-    // The holder: the first replica asked claims the lease and starts its slow load.
+    // The holder: the first replica asked claims the lease and starts a load that hangs.
     let holder_url = fleet[0].url.clone();
     let first = {
         let client = client.clone();
@@ -211,25 +292,7 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
                 .map(|r| r.status().as_u16())
         })
     };
-    let redis = redis::Client::open(redis_url.as_str()).expect("redis url");
-    let lease_key = format!("template:{id}:lease");
-    let leased = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || {
-            let (redis, key) = (redis.clone(), lease_key.clone());
-            async move {
-                let mut conn = redis.get_connection().expect("redis connection");
-                redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query::<i64>(&mut conn)
-                    .unwrap_or(0)
-            }
-        },
-        |exists| *exists == 1,
-    )
-    .await;
-    assert!(leased.done, "the first replica never claimed the lease");
+    wait_for_redis_key(&redis_url, &format!("template:{id}:lease")).await;
 
     // The others wait on it...
     let (holder, rest) = fleet.split_at_mut(1);
@@ -267,7 +330,15 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
     .await;
     assert!(waited.done, "the other replicas never waited on the lease");
 
-    // ...and the holder dies in the middle of its load.
+    // ...and the holder dies in the middle of its load, before filling anything.
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection");
+    let filled: i64 = redis::cmd("EXISTS")
+        .arg(format!("template:{id}"))
+        .query(&mut redis)
+        .expect("EXISTS");
+    assert_eq!(filled, 0, "the holder's load cannot have finished");
     holder[0].child.kill().expect("SIGKILL the lease holder");
     let _ = holder[0].child.wait();
     let _ = first.await;
@@ -284,6 +355,7 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
     let takeovers = fleet_metric(&client, &others, "lease_takeovers_total").await;
     assert_eq!(queries, 1.0, "the survivors load the key exactly once");
     assert_eq!(takeovers, 1.0, "one survivor took the lease over");
+    holder_proxy.set_mode(Mode::Pass);
 }
 
 /// Polls until `key` exists in Redis (a lease was claimed).
@@ -322,21 +394,40 @@ async fn name_of(client: &reqwest::Client, url: &str, id: i64) -> (u16, String) 
 
 #[actix_rt::test]
 async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_after_it_is_known() {
+    use diesel::sql_types::{BigInt, Text};
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
     let servers = servers::servers();
-    let proxy = postgres_proxy();
     let direct_url = empty_database_url().await;
-    let database_url = via(&proxy, &direct_url);
+    // Replica a is 0.3 s from PostgreSQL each way: its load's answer, and the change
+    // notification, reach it late. Replica b is next to it and learns of the change at once.
+    let proxy = postgres_proxy();
+    let urls = [via(&proxy, &direct_url), direct_url.clone()];
     let redis_url = servers.redis_url(servers::next_redis_db());
     let env = [("REQUEST_TIMEOUT_MS", "6000")];
-    let fleet = start_fleet(2, &database_url, &redis_url, &env).await;
+    let fleet = start_fleet_on(&urls, &redis_url, &env).await;
     let client = reqwest::Client::new();
     let (a, b) = (fleet[0].url.clone(), fleet[1].url.clone());
+    let (replica_a, replica_b) = ([&fleet[0]], [&fleet[1]]);
     let id = 888;
-    // Loads take a while, so the change lands while replica `a` holds the lease and loads the
-    // old row, and replica `b` waits on it.
+    let mut conn = AsyncPgConnection::establish(&direct_url)
+        .await
+        .expect("connect to the test database");
+    let marker = diesel::sql_query("SELECT now()::text AS t")
+        .load::<Stamp>(&mut conn)
+        .await
+        .expect("now()")
+        .remove(0)
+        .t;
     proxy.set_mode(Mode::Latency(Duration::from_millis(300)));
+
+    // a claims the lease and sends its query; b waits on a's lease.
     let first = actix_rt::spawn({
         let (client, a) = (client.clone(), a.clone());
         async move { name_of(&client, &a, id).await }
@@ -346,7 +437,6 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
         let (client, b) = (client.clone(), b.clone());
         async move { name_of(&client, &b, id).await }
     });
-    let replica_b = [&fleet[1]];
     let waiting = testkit::poll::until(
         Duration::from_secs(10),
         Duration::from_millis(10),
@@ -355,40 +445,84 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
     )
     .await;
     assert!(waiting.done, "replica b never waited on a's lease");
+    // a's query has run in PostgreSQL (it read the row as it was) once a backend of this
+    // database started a template query after the marker; its answer is still on the way.
+    let ran = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            let (url, marker) = (direct_url.clone(), marker.clone());
+            async move {
+                let Ok(mut conn) = AsyncPgConnection::establish(&url).await else {
+                    return 0;
+                };
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND query ILIKE '%FROM \"templates\"%' \
+                     AND query NOT ILIKE '%pg_stat_activity%' AND query_start > $1::timestamptz",
+                )
+                .bind::<Text, _>(marker)
+                .load::<Count>(&mut conn)
+                .await
+                .map_or(0, |rows| rows[0].n)
+            }
+        },
+        |n| *n >= 1,
+    )
+    .await;
+    assert!(ran.done, "replica a's query never reached PostgreSQL");
 
-    let mut conn = AsyncPgConnection::establish(&direct_url)
-        .await
-        .expect("connect to the test database");
+    // The change: b learns of it at once, a only after its old row has come back.
     diesel::sql_query(format!(
         "UPDATE templates SET name = 'Changed while leased' WHERE id = {id}"
     ))
     .execute(&mut conn)
     .await
     .expect("update the row");
-    for replica in &fleet {
-        let one = [replica];
-        let told = testkit::poll::until(
-            Duration::from_secs(10),
-            Duration::from_millis(10),
-            || fleet_metric(&client, &one, "invalidations_total"),
-            |n| *n >= 1.0,
-        )
-        .await;
-        assert!(told.done, "{} never learned of the change", replica.url);
-    }
-
-    // From now on every answer, on either replica, is the new row.
+    let told = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(2),
+        || fleet_metric(&client, &replica_b, "invalidations_total"),
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert!(told.done, "replica b never learned of the change");
+    // From now on every answer on b is the new row, however a's fill lands.
     for round in 0..3 {
-        for url in [&a, &b] {
-            let (status, name) = name_of(&client, url, id).await;
-            assert_eq!(status, 200, "round {round} on {url}");
-            assert_eq!(name, "Changed while leased", "round {round} on {url}");
-        }
+        let (status, name) = name_of(&client, &b, id).await;
+        assert_eq!(status, 200, "round {round} on b");
+        assert_eq!(name, "Changed while leased", "round {round} on b");
     }
-    // The requests from before the change were answered too (with either row).
-    assert_eq!(first.await.expect("task").0, 200);
+    let told = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || fleet_metric(&client, &replica_a, "invalidations_total"),
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert!(told.done, "replica a never learned of the change");
+    for round in 0..3 {
+        let (status, name) = name_of(&client, &a, id).await;
+        assert_eq!(status, 200, "round {round} on a");
+        assert_eq!(name, "Changed while leased", "round {round} on a");
+    }
+    // The requests from before the change: a's read the old row; b's joined before b knew.
+    let (status, name) = first.await.expect("task");
+    assert_eq!(status, 200);
+    assert_ne!(
+        name, "Changed while leased",
+        "a's first load read the row before the change"
+    );
     assert_eq!(second.await.expect("task").0, 200);
-    // And Redis holds the new row or nothing: the old load wrote nothing.
+    // a's fill of the old row was refused in Redis: the key had changed since the claim.
+    let refused = fleet_sample(
+        &client,
+        &replica_a,
+        "lease_fills_total",
+        r#"{outcome="changed"}"#,
+    )
+    .await;
+    assert_eq!(refused, 1.0, "a's old fill was refused");
     let mut redis = redis::Client::open(redis_url.as_str())
         .and_then(|c| c.get_connection())
         .expect("redis connection");
@@ -402,6 +536,12 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
             "Redis holds {cached}"
         );
     }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Stamp {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    t: String,
 }
 
 #[actix_rt::test]
