@@ -94,21 +94,43 @@ async fn start_fleet_on(
     fleet
 }
 
+/// One replica's `/metrics` text.
+async fn scrape(client: &reqwest::Client, replica: &Replica) -> String {
+    client
+        .get(format!("{}/metrics", replica.url))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The sum of `metric` over `replicas`.
 async fn fleet_metric(client: &reqwest::Client, replicas: &[&Replica], metric: &str) -> f64 {
     let mut total = 0.0;
     for replica in replicas {
-        let text = client
-            .get(format!("{}/metrics", replica.url))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("metrics text");
-        total += sum_metric(&text, metric);
+        total += sum_metric(&scrape(client, replica).await, metric);
     }
     total
+}
+
+/// Polls until the sum of `metric` over `replicas` reaches `at_least`; fails saying `what`.
+async fn wait_for_fleet_metric(
+    client: &reqwest::Client,
+    replicas: &[&Replica],
+    metric: &str,
+    at_least: f64,
+    what: &str,
+) {
+    let polled = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || fleet_metric(client, replicas, metric),
+        |n| *n >= at_least,
+    )
+    .await;
+    assert!(polled.done, "{what}: {metric} stayed at {}", polled.last);
 }
 
 /// The sum over `replicas` of the samples of `metric` whose labels are exactly `labels`.
@@ -120,15 +142,7 @@ async fn fleet_sample(
 ) -> f64 {
     let mut total = 0.0;
     for replica in replicas {
-        let text = client
-            .get(format!("{}/metrics", replica.url))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("metrics text");
-        total += testkit::prom::series(&text, metric)
+        total += testkit::prom::series(&scrape(client, replica).await, metric)
             .into_iter()
             .filter(|(l, _)| l == labels)
             .map(|(_, v)| v)
@@ -321,14 +335,8 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
             answers
         })
     };
-    let waited = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || fleet_metric(&client, &others, "lease_waits_total"),
-        |waits| *waits >= 2.0,
-    )
-    .await;
-    assert!(waited.done, "the other replicas never waited on the lease");
+    let what = "the other replicas never waited on the lease";
+    wait_for_fleet_metric(&client, &others, "lease_waits_total", 2.0, what).await;
 
     // ...and the holder dies in the middle of its load, before filling anything.
     let mut redis = redis::Client::open(redis_url.as_str())
@@ -437,14 +445,8 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
         let (client, b) = (client.clone(), b.clone());
         async move { name_of(&client, &b, id).await }
     });
-    let waiting = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || fleet_metric(&client, &replica_b, "lease_waits_total"),
-        |waits| *waits >= 1.0,
-    )
-    .await;
-    assert!(waiting.done, "replica b never waited on a's lease");
+    let what = "replica b never waited on a's lease";
+    wait_for_fleet_metric(&client, &replica_b, "lease_waits_total", 1.0, what).await;
     // a's query has run in PostgreSQL (it read the row as it was) once a backend of this
     // database started a template query after the marker; its answer is still on the way.
     let ran = testkit::poll::until(
@@ -479,32 +481,16 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
     .execute(&mut conn)
     .await
     .expect("update the row");
-    let told = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(2),
-        || fleet_metric(&client, &replica_b, "invalidations_total"),
-        |n| *n >= 1.0,
-    )
-    .await;
-    assert!(told.done, "replica b never learned of the change");
-    // From now on every answer on b is the new row, however a's fill lands.
-    for round in 0..3 {
-        let (status, name) = name_of(&client, &b, id).await;
-        assert_eq!(status, 200, "round {round} on b");
-        assert_eq!(name, "Changed while leased", "round {round} on b");
-    }
-    let told = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || fleet_metric(&client, &replica_a, "invalidations_total"),
-        |n| *n >= 1.0,
-    )
-    .await;
-    assert!(told.done, "replica a never learned of the change");
-    for round in 0..3 {
-        let (status, name) = name_of(&client, &a, id).await;
-        assert_eq!(status, 200, "round {round} on a");
-        assert_eq!(name, "Changed while leased", "round {round} on a");
+    // From the moment each replica knows, every answer it gives is the new row, however a's
+    // fill lands: b first, a once its notification has come through the slow link.
+    for (replica, url) in [(&replica_b, &b), (&replica_a, &a)] {
+        let what = format!("{url} never learned of the change");
+        wait_for_fleet_metric(&client, replica, "invalidations_total", 1.0, &what).await;
+        for round in 0..3 {
+            let (status, name) = name_of(&client, url, id).await;
+            assert_eq!(status, 200, "round {round} on {url}");
+            assert_eq!(name, "Changed while leased", "round {round} on {url}");
+        }
     }
     // The requests from before the change: a's read the old row; b's joined before b knew.
     let (status, name) = first.await.expect("task");
