@@ -20,10 +20,11 @@ use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMet
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
-use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, OwnerSettings};
+use crate::actors::key_owner::{Generations, KeyOwner, KeyOwnerDeps, OwnerSettings};
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
-use crate::http::{self, AppState, InFlight};
+use crate::http::worker_cache::WorkerCache;
+use crate::http::{self, AppState, WorkerState};
 use crate::metrics::Metrics;
 use crate::tls::PgConnector;
 
@@ -86,6 +87,7 @@ impl Application {
         start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
+        let generations = shards.generations;
         let state = AppState {
             owners: shards.owners,
             db,
@@ -93,7 +95,7 @@ impl Application {
             request_timeout: settings.request_timeout,
             metrics: metrics.clone(),
         };
-        let (server, port) = serve(&settings, state, &metrics)?;
+        let (server, port) = serve(&settings, state, &generations, &metrics)?;
         log::info!(
             "listening on {} ({} key owner shards, coalescing {})",
             listener_addr(settings.http_addr, port),
@@ -163,6 +165,8 @@ struct Shards {
     owners: Vec<Addr<KeyOwner>>,
     caches: Vec<Addr<CacheActor>>,
     arbiters: Vec<Arbiter>,
+    /// Bumped by the owners on changes, read by the HTTP workers' caches.
+    generations: Generations,
 }
 
 fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> Shards {
@@ -172,6 +176,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
         owners: Vec::with_capacity(shards),
         caches: Vec::with_capacity(shards),
         arbiters: Vec::with_capacity(shards),
+        generations: Generations::default(),
     };
     for shard in 0..shards {
         let arbiter = Arbiter::new();
@@ -186,6 +191,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
             db: db.clone().recipient(),
             settings: OwnerSettings::from(settings),
             metrics: metrics.clone(),
+            generations: started.generations.clone(),
         };
         started
             .owners
@@ -246,11 +252,19 @@ fn http_metrics(metrics: &Metrics) -> Result<PrometheusMetrics, StartupError> {
 fn serve(
     settings: &Settings,
     state: AppState,
+    generations: &Generations,
     metrics: &Metrics,
 ) -> Result<(Server, u16), StartupError> {
     let prometheus = http_metrics(metrics)?;
     let state = web::Data::new(state);
-    let in_flight = metrics.http_in_flight_requests.clone();
+    let per_worker = metrics.per_worker.clone();
+    let generations = generations.clone();
+    // `COALESCE=off` measures the service without any sharing: no worker cache either.
+    let worker_cache_capacity = if settings.coalesce {
+        settings.worker_cache_capacity
+    } else {
+        0
+    };
     let bind_err = |source| StartupError::Bind {
         addr: settings.http_addr,
         source,
@@ -258,13 +272,18 @@ fn serve(
     let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
     let port = listener.local_addr().map_err(bind_err)?.port();
     let server = HttpServer::new(move || {
-        let in_flight = in_flight.clone();
+        // Runs once on each worker's thread: what it makes here is that worker's alone.
+        let worker = std::rc::Rc::new(WorkerState {
+            cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
+            counts: per_worker.worker(),
+        });
+        let counts = worker.clone();
         App::new()
             .wrap(prometheus.clone())
             .wrap_fn(move |req, srv| {
                 // A scrape is not traffic: counting it would show one request in flight on
                 // every sample.
-                let guard = (req.path() != "/metrics").then(|| InFlight::enter(&in_flight));
+                let guard = (req.path() != "/metrics").then(|| counts.counts.enter());
                 let response = srv.call(req);
                 async move {
                     let response = response.await;
@@ -273,6 +292,7 @@ fn serve(
                 }
             })
             .app_data(state.clone())
+            .app_data(worker)
             .configure(http::routes)
     })
     .workers(settings.http_workers)

@@ -3,7 +3,9 @@
 pub mod error;
 pub mod health;
 pub mod template_details;
+pub mod worker_cache;
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use actix::Addr;
@@ -13,7 +15,8 @@ use crate::actors::cache::CacheActor;
 use crate::actors::db::DbActor;
 use crate::actors::key_owner::KeyOwner;
 use crate::http::error::ApiError;
-use crate::metrics::Metrics;
+use crate::http::worker_cache::WorkerCache;
+use crate::metrics::{Metrics, WorkerCounts};
 
 /// What every handler can reach. Cloned into each HTTP worker (all fields are handles).
 pub struct AppState {
@@ -24,6 +27,13 @@ pub struct AppState {
     pub cache_probe: Addr<CacheActor>,
     pub request_timeout: Duration,
     pub metrics: Metrics,
+}
+
+/// What each HTTP worker keeps of its own (made on the worker's thread, never shared): its cache
+/// of fresh answers and its counts. Handlers reach it as `req.app_data::<Rc<WorkerState>>()`.
+pub struct WorkerState {
+    pub cache: RefCell<WorkerCache>,
+    pub counts: WorkerCounts,
 }
 
 /// Registers every route. `/metrics` is served by the actix-web-prom middleware.
@@ -45,21 +55,4 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             req.path().chars().take(100).collect(),
         ))
     }));
-}
-
-/// Counts a request in `http_in_flight_requests` for as long as it lives; dropping it (the
-/// response was sent, or the client went away and the request future was dropped) uncounts it.
-pub struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    pub fn enter(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
