@@ -1,5 +1,4 @@
-//! The service's own Prometheus metrics, registered in the same registry as actix-web-prom's
-//! `http_request_total` and `http_request_duration_seconds`, so one `/metrics` scrape shows all.
+//! The service's Prometheus metrics, all in one registry, so one `/metrics` scrape shows all.
 //!
 //! The five seed names (`http_in_flight_requests`, `cache_hits_total`, `cache_misses_total`,
 //! `db_hits_total`, `singleflight_shared_total`) are kept exactly so the seed's dashboard and

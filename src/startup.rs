@@ -1,9 +1,8 @@
 //! The one way to start the service, used by `main` and by the tests.
 //!
 //! [`Application::build`] applies migrations ([`migrate`]), starts the actors ([`start_db`],
-//! [`start_shards`], [`start_listener`]), binds the listener ([`serve`], with the
-//! [`http_metrics`] middleware) and returns the server ready to run, with the port it got
-//! (tests bind port 0).
+//! [`start_shards`], [`start_listener`]), binds the listener ([`serve`], counting every request
+//! per worker) and returns the server ready to run, with the port it got (tests bind port 0).
 //!
 //! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
 //! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`] and the
@@ -11,12 +10,11 @@
 //! `HTTP_WORKERS` actix-web workers.
 
 use std::net::TcpListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::{web, App, HttpServer};
-use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
@@ -231,23 +229,6 @@ async fn start_listener(
     }
 }
 
-/// The HTTP metrics middleware: the seed's metric names, `/metrics` served and not counted,
-/// unmatched paths masked, our own metrics in the same registry.
-fn http_metrics(metrics: &Metrics) -> Result<PrometheusMetrics, StartupError> {
-    PrometheusMetricsBuilder::new("")
-        .registry(metrics.registry.clone())
-        .endpoint("/metrics")
-        .exclude("/metrics")
-        .mask_unmatched_patterns("UNMATCHED")
-        .metrics_configuration(
-            ActixMetricsConfiguration::default()
-                .http_requests_total_name("http_request_total")
-                .http_requests_duration_seconds_name("http_request_duration_seconds"),
-        )
-        .build()
-        .map_err(|e| StartupError::Metrics(e.to_string()))
-}
-
 /// Binds `HTTP_ADDR` and returns the server, not yet running, with the port it got.
 fn serve(
     settings: &Settings,
@@ -255,7 +236,6 @@ fn serve(
     generations: &Generations,
     metrics: &Metrics,
 ) -> Result<(Server, u16), StartupError> {
-    let prometheus = http_metrics(metrics)?;
     let state = web::Data::new(state);
     let per_worker = metrics.per_worker.clone();
     let generations = generations.clone();
@@ -277,17 +257,29 @@ fn serve(
             cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
             counts: per_worker.worker(),
         });
-        let counts = worker.clone();
+        let counting = worker.clone();
         App::new()
-            .wrap(prometheus.clone())
             .wrap_fn(move |req, srv| {
                 // A scrape is not traffic: counting it would show one request in flight on
-                // every sample.
-                let guard = (req.path() != "/metrics").then(|| counts.counts.enter());
+                // every sample, and in `http_request_total`.
+                let endpoint = http::endpoint(req.path());
+                let counted = (endpoint != "/metrics").then(|| {
+                    let in_flight = counting.counts.enter();
+                    (in_flight, Instant::now(), req.method().clone())
+                });
                 let response = srv.call(req);
+                let worker = counting.clone();
                 async move {
                     let response = response.await;
-                    drop(guard);
+                    if let Some((in_flight, arrived, method)) = counted {
+                        let status = match &response {
+                            Ok(response) => response.status(),
+                            Err(e) => e.as_response_error().status_code(),
+                        };
+                        let counts = &worker.counts;
+                        counts.request_served(endpoint, &method, status, arrived.elapsed());
+                        drop(in_flight);
+                    }
                     response
                 }
             })

@@ -1,4 +1,4 @@
-//! HTTP: routes, shared state, and the in-flight gauge middleware.
+//! HTTP: routes, shared state, and what each worker keeps of its own.
 
 pub mod error;
 pub mod health;
@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{web, HttpRequest};
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::actors::cache::CacheActor;
 use crate::actors::db::DbActor;
@@ -36,10 +36,23 @@ pub struct WorkerState {
     pub counts: WorkerCounts,
 }
 
-/// Registers every route. `/metrics` is served by the actix-web-prom middleware.
+/// The paths served, as the `endpoint` label of the HTTP metrics names them; any other path is
+/// [`UNMATCHED`].
+pub const ENDPOINTS: [&str; 4] = ["/template-details", "/healthz", "/readyz", "/metrics"];
+pub const UNMATCHED: &str = "UNMATCHED";
+
+/// The `endpoint` label of a request for `path`.
+pub fn endpoint(path: &str) -> &'static str {
+    ENDPOINTS
+        .into_iter()
+        .find(|e| *e == path)
+        .unwrap_or(UNMATCHED)
+}
+
+/// Registers every route, one for each of [`ENDPOINTS`].
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/template-details")
+        web::resource(ENDPOINTS[0])
             .route(web::get().to(template_details::template_details))
             .default_service(web::to(|req: HttpRequest| async move {
                 Err::<String, _>(ApiError::MethodNotAllowed {
@@ -48,11 +61,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 })
             })),
     )
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
+    .route(ENDPOINTS[1], web::get().to(health::healthz))
+    .route(ENDPOINTS[2], web::get().to(health::readyz))
+    .route(ENDPOINTS[3], web::get().to(metrics))
     .default_service(web::to(|req: HttpRequest| async move {
         Err::<String, _>(ApiError::NoSuchEndpoint(
             req.path().chars().take(100).collect(),
         ))
     }));
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let families = state.metrics.registry.gather();
+    match prometheus::TextEncoder::new().encode_to_string(&families) {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+    }
 }
