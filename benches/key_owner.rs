@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use singleflight::actors::fakes::{self, DbMode, FakeCache, FakeDb};
 use singleflight::actors::key_owner::{
-    shard_for, Answer, GetTemplate, KeyOwner, KeyOwnerDeps, OwnerSettings,
+    shard_for, Answer, Generations, GetTemplate, KeyOwner, KeyOwnerDeps, OwnerSettings,
 };
 use singleflight::metrics::Metrics;
 
@@ -59,6 +59,7 @@ impl Owners {
         });
         arbiters.push(db_arbiter);
         let metrics = Metrics::new().expect("a fresh metrics registry");
+        let generations = Generations::default();
         let mut owners = Vec::new();
         for shard in 0..shards {
             let arbiter = Arbiter::new();
@@ -73,6 +74,7 @@ impl Owners {
                 lease: None,
                 settings: settings.clone(),
                 metrics: metrics.clone(),
+                generations: generations.clone(),
             };
             owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {
                 KeyOwner::new(shard, deps)

@@ -67,6 +67,9 @@ pub struct Settings {
     pub near_cache_ttl: Duration,
     /// `NEAR_CACHE_CAPACITY`: keys each owner remembers (least recently used go first).
     pub near_cache_capacity: usize,
+    /// `WORKER_CACHE_CAPACITY`: fresh answers each HTTP worker keeps to answer without a message
+    /// to the key's owner (never longer than the owner's near cache would); 0 turns it off.
+    pub worker_cache_capacity: usize,
     /// `MAX_STALE_SECS`: how old a remembered value may be and still be served (`X-Cache: STALE`)
     /// when loading a fresh one fails.
     pub max_stale: Duration,
@@ -112,6 +115,7 @@ impl Default for Settings {
             coalesce: true,
             near_cache_ttl: Duration::from_millis(1000),
             near_cache_capacity: 10_000,
+            worker_cache_capacity: 10_000,
             max_stale: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
             max_pending_keys: 10_000,
@@ -197,6 +201,13 @@ impl Settings {
             coalesce: env.on_off("COALESCE", d.coalesce)?,
             near_cache_ttl: env.millis("NEAR_CACHE_TTL_MS", 0, d.near_cache_ttl)?,
             near_cache_capacity: env.positive("NEAR_CACHE_CAPACITY", d.near_cache_capacity)?,
+            worker_cache_capacity: env
+                .whole(
+                    "WORKER_CACHE_CAPACITY",
+                    "a whole number from 0 (off) to 100000",
+                    0..=100_000,
+                )?
+                .map_or(d.worker_cache_capacity, |n| n as usize),
             max_stale: env.secs_or_zero("MAX_STALE_SECS", d.max_stale)?,
             negative_ttl: env.secs_or_zero("NEGATIVE_TTL_SECS", d.negative_ttl)?,
             max_pending_keys: env.positive("MAX_PENDING_KEYS", d.max_pending_keys)?,

@@ -1,23 +1,29 @@
-//! The service's own Prometheus metrics, registered in the same registry as actix-web-prom's
-//! `http_request_total` and `http_request_duration_seconds`, so one `/metrics` scrape shows all.
+//! The service's Prometheus metrics, all in one registry, so one `/metrics` scrape shows all.
 //!
 //! The five seed names (`http_in_flight_requests`, `cache_hits_total`, `cache_misses_total`,
 //! `db_hits_total`, `singleflight_shared_total`) are kept exactly so the seed's dashboard and
-//! queries work unchanged. Per `/template-details` request that reached an owner, exactly one of
-//! `cache_hits_total` / `cache_misses_total` moves, so `hits / (hits + misses)` is the hit rate.
+//! queries work unchanged. Per `/template-details` request answered from an HTTP worker's cache or
+//! that reached an owner, exactly one of `cache_hits_total` / `cache_misses_total` moves, so
+//! `hits / (hits + misses)` is the hit rate. What every request moves is counted per worker
+//! ([`PerWorker`]) and summed at scrape.
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+mod per_worker;
+pub use per_worker::{InFlight, PerWorker, WorkerCounts};
 
 /// Handles to every metric. Cloning is cheap (each handle is an `Arc`), so each actor and HTTP
 /// worker keeps its own copy.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Requests being processed now (all endpoints).
-    pub http_in_flight_requests: IntGauge,
-    /// Answers produced from a cache (Redis).
+    /// What the HTTP workers count per request, each on its own (`http_in_flight_requests`,
+    /// `worker_cache_hits_total`, their part of `cache_hits_total`), summed at scrape.
+    pub per_worker: PerWorker,
+    /// Answers produced from a cache (Redis or an owner's near cache), as the owners count them;
+    /// `/metrics` reports it with the workers' cache hits added ([`PerWorker`]).
     pub cache_hits_total: IntCounter,
     /// Answers for which no usable cached value existed.
     pub cache_misses_total: IntCounter,
@@ -118,11 +124,10 @@ impl Metrics {
             Ok(g)
         };
 
-        let http_in_flight_requests = IntGauge::new(
-            "http_in_flight_requests",
-            "HTTP requests being processed now",
-        )?;
-        registry.register(Box::new(http_in_flight_requests.clone()))?;
+        // Registered through `per_worker`, which adds the HTTP workers' own hits to it.
+        let cache_hits_total = IntCounter::new("cache_hits_total", "Answers served from a cache")?;
+        let per_worker = PerWorker::new(cache_hits_total.clone())?;
+        registry.register(Box::new(per_worker.clone()))?;
         let listener_connected = IntGauge::new(
             "listener_connected",
             "1 while the LISTEN connection for change notifications is up",
@@ -171,8 +176,8 @@ impl Metrics {
         registry.register(Box::new(lease_wait_seconds.clone()))?;
 
         let metrics = Metrics {
-            http_in_flight_requests,
-            cache_hits_total: counter("cache_hits_total", "Answers served from a cache")?,
+            per_worker,
+            cache_hits_total,
             cache_misses_total: counter(
                 "cache_misses_total",
                 "Answers for which no usable cached value existed",

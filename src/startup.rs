@@ -1,9 +1,9 @@
 //! The one way to start the service, used by `main` and by the tests.
 //!
 //! [`Application::build`] applies migrations ([`migrate`]), starts the actors ([`start_db`],
-//! [`start_shards`], [`start_listener`], [`start_fill_subscriber`]), binds the listener ([`serve`], with the
-//! [`http_metrics`] middleware) and returns the server ready to run, with the port it got
-//! (tests bind port 0).
+//! [`start_shards`], [`start_listener`], [`start_fill_subscriber`]), binds the listener
+//! ([`serve`], counting every request per worker) and returns the server ready to run, with the
+//! port it got (tests bind port 0).
 //!
 //! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
 //! it talks to (no cross-thread hop between them); one arbiter for the [`DbActor`] and the
@@ -11,20 +11,20 @@
 //! `HTTP_WORKERS` actix-web workers.
 
 use std::net::TcpListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::{web, App, HttpServer};
-use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
 use crate::actors::fills::FillSubscriber;
-use crate::actors::key_owner::{KeyOwner, KeyOwnerDeps, LeaseDeps, OwnerSettings};
+use crate::actors::key_owner::{Generations, KeyOwner, KeyOwnerDeps, LeaseDeps, OwnerSettings};
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
-use crate::http::{self, AppState, InFlight};
+use crate::http::worker_cache::WorkerCache;
+use crate::http::{self, AppState, WorkerState};
 use crate::metrics::Metrics;
 use crate::tls::PgConnector;
 
@@ -88,6 +88,7 @@ impl Application {
         start_fill_subscriber(&settings, &db_arbiter, &shards, &metrics);
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
+        let generations = shards.generations;
         let state = AppState {
             owners: shards.owners,
             db,
@@ -95,7 +96,7 @@ impl Application {
             request_timeout: settings.request_timeout,
             metrics: metrics.clone(),
         };
-        let (server, port) = serve(&settings, state, &metrics)?;
+        let (server, port) = serve(&settings, state, &generations, &metrics)?;
         log::info!(
             "listening on {} ({} key owner shards, coalescing {})",
             listener_addr(settings.http_addr, port),
@@ -165,6 +166,8 @@ struct Shards {
     owners: Vec<Addr<KeyOwner>>,
     caches: Vec<Addr<CacheActor>>,
     arbiters: Vec<Arbiter>,
+    /// Bumped by the owners on changes, read by the HTTP workers' caches.
+    generations: Generations,
 }
 
 fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> Shards {
@@ -174,6 +177,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
         owners: Vec::with_capacity(shards),
         caches: Vec::with_capacity(shards),
         arbiters: Vec::with_capacity(shards),
+        generations: Generations::default(),
     };
     for shard in 0..shards {
         let arbiter = Arbiter::new();
@@ -195,6 +199,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
             }),
             settings: OwnerSettings::from(settings),
             metrics: metrics.clone(),
+            generations: started.generations.clone(),
         };
         started
             .owners
@@ -254,32 +259,22 @@ fn start_fill_subscriber(
     });
 }
 
-/// The HTTP metrics middleware: the seed's metric names, `/metrics` served and not counted,
-/// unmatched paths masked, our own metrics in the same registry.
-fn http_metrics(metrics: &Metrics) -> Result<PrometheusMetrics, StartupError> {
-    PrometheusMetricsBuilder::new("")
-        .registry(metrics.registry.clone())
-        .endpoint("/metrics")
-        .exclude("/metrics")
-        .mask_unmatched_patterns("UNMATCHED")
-        .metrics_configuration(
-            ActixMetricsConfiguration::default()
-                .http_requests_total_name("http_request_total")
-                .http_requests_duration_seconds_name("http_request_duration_seconds"),
-        )
-        .build()
-        .map_err(|e| StartupError::Metrics(e.to_string()))
-}
-
 /// Binds `HTTP_ADDR` and returns the server, not yet running, with the port it got.
 fn serve(
     settings: &Settings,
     state: AppState,
+    generations: &Generations,
     metrics: &Metrics,
 ) -> Result<(Server, u16), StartupError> {
-    let prometheus = http_metrics(metrics)?;
     let state = web::Data::new(state);
-    let in_flight = metrics.http_in_flight_requests.clone();
+    let per_worker = metrics.per_worker.clone();
+    let generations = generations.clone();
+    // `COALESCE=off` measures the service without any sharing: no worker cache either.
+    let worker_cache_capacity = if settings.coalesce {
+        settings.worker_cache_capacity
+    } else {
+        0
+    };
     let bind_err = |source| StartupError::Bind {
         addr: settings.http_addr,
         source,
@@ -287,21 +282,39 @@ fn serve(
     let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
     let port = listener.local_addr().map_err(bind_err)?.port();
     let server = HttpServer::new(move || {
-        let in_flight = in_flight.clone();
+        // Runs once on each worker's thread: what it makes here is that worker's alone.
+        let worker = std::rc::Rc::new(WorkerState {
+            cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
+            counts: per_worker.worker(),
+        });
+        let counting = worker.clone();
         App::new()
-            .wrap(prometheus.clone())
             .wrap_fn(move |req, srv| {
                 // A scrape is not traffic: counting it would show one request in flight on
-                // every sample.
-                let guard = (req.path() != "/metrics").then(|| InFlight::enter(&in_flight));
+                // every sample, and in `http_request_total`.
+                let endpoint = http::endpoint(req.path());
+                let counted = (endpoint != "/metrics").then(|| {
+                    let in_flight = counting.counts.enter();
+                    (in_flight, Instant::now(), req.method().clone())
+                });
                 let response = srv.call(req);
+                let worker = counting.clone();
                 async move {
                     let response = response.await;
-                    drop(guard);
+                    if let Some((in_flight, arrived, method)) = counted {
+                        let status = match &response {
+                            Ok(response) => response.status(),
+                            Err(e) => e.as_response_error().status_code(),
+                        };
+                        let counts = &worker.counts;
+                        counts.request_served(endpoint, &method, status, arrived.elapsed());
+                        drop(in_flight);
+                    }
                     response
                 }
             })
             .app_data(state.clone())
+            .app_data(worker)
             .configure(http::routes)
     })
     .workers(settings.http_workers)

@@ -1,52 +1,128 @@
 #!/usr/bin/env bash
 # The hot path, measured the honest way on a small machine: the server pinned to core 0 with one
-# HTTP worker and one KeyOwner shard, `wrk -t1 -c64` pinned to core 1, each run 10 s on one cached
-# key, alternated with the bare actix-web handler (examples/bare, serving the same bytes, pinned
-# the same way). Optionally alternated with a second service binary (an older build) too.
+# HTTP worker and one KeyOwner shard, `wrk -t1 -c64` pinned to core 1, each run 10 s, alternated
+# with the bare actix-web handler (examples/bare, serving the same bytes, pinned the same way)
+# and, optionally, with other service binaries (older builds), each named by its file name.
 #
-#   scripts/bench/hotpath.sh [RUNS] [BASELINE_BINARY]
+#   scripts/bench/hotpath.sh [RUNS] [BASELINE_BINARY...]
 #
-# Prints one line per run and server: requests/s and wrk's p99. Uses `scripts/stack.sh start`'s
-# PostgreSQL and Redis (Redis logical db 5, flushed before each run).
+# Workloads (WORKLOADS, default "hot spread"): `hot` asks for one cached key (id 1); `spread`
+# for ids drawn uniformly from 1..=1000 (scripts/bench/spread.lua), every one cached first.
+# COALESCE_MODES (default "on") runs the services once per mode, e.g. "on off". Each run
+# restarts every server with an emptied Redis. UPDATES=N (default 0) adds a last phase: under
+# the spread load, N templates are changed in PostgreSQL and polled through the service until
+# served (`loadtest --updates`), which prints how soon each change was visible.
+#
+# Prints one line per run and server — requests/s, wrk's p99, and the server's CPU time per
+# request (user + system, all its threads, from /proc: unlike requests/s it does not depend on
+# how much of its core the server got, so it holds on a machine shared with other work) — then
+# the medians and their ratios to the bare handler's. `cpu` is bare's CPU per request divided
+# by the server's: the share of the bare handler's throughput the server reaches on a core of
+# its own. Uses `scripts/stack.sh start`'s PostgreSQL and Redis (Redis
+# logical db 5, flushed before each start); PG_PORT/REDIS_PORT/PROM_PORT move them, PORT and
+# BARE_PORT move the servers.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
-baseline=${2:-}
+baselines=("${@:2}")
 PORT=${PORT:-18281}
 BARE_PORT=${BARE_PORT:-18291}
+WORKLOADS=${WORKLOADS:-hot spread}
+COALESCE_MODES=${COALESCE_MODES:-on}
+UPDATES=${UPDATES:-0}
 U=http://127.0.0.1:$PORT
+IDS=1000
 
-cargo build --release --quiet --bin singleflight --example bare
+cargo build --release --quiet --bin singleflight --bin loadtest --example bare
 scripts/stack.sh start >/dev/null
 eval "$(scripts/stack.sh env)"
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 
-wrk_line() {
-  taskset -c 1 wrk -t1 -c64 -d10s --latency "$1/template-details?id=1" |
-    awk '/Requests\/sec/ { rps = $2 } / 99%/ { p99 = $2 } END { printf "%s req/s, p99 %s\n", rps, p99 }'
+cpu_ticks() { # pid: user + system clock ticks of every thread so far
+  awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
-start_service() { # binary
+wrk_line() { # base-url workload server-pid
+  local script=() before out
+  [ "$2" = spread ] && script=(-s scripts/bench/spread.lua)
+  before=$(cpu_ticks "$3")
+  out=$(taskset -c 1 wrk -t1 -c64 -d10s --latency "${script[@]}" "$1/template-details?id=1" -- "$IDS")
+  awk -v ticks="$(($(cpu_ticks "$3") - before))" -v hz="$(getconf CLK_TCK)" '
+         /Requests\/sec/ { rps = $2 }
+         / requests in / { n = $1 }
+         / 99%/ { p99 = $2; if (p99 ~ /us$/) p99 = p99 / 1000; else if (p99 ~ /ms$/) p99 = p99 + 0; else p99 = p99 * 1000 }
+         /Non-2xx/ { bad = $NF }
+         END { printf "%s req/s, p99 %.2f ms, cpu %.2f us/req%s\n", rps, p99, ticks * 1e6 / hz / n, bad ? ", NON-2XX " bad : "" }' <<<"$out"
+}
+
+start_service() { # binary coalesce workload
   redis-cli -u "${REDIS_URL%/}/5" flushdb >/dev/null
-  taskset -c 0 env HTTP_ADDR="127.0.0.1:$PORT" HTTP_WORKERS=1 KEY_OWNER_SHARDS=1 \
+  taskset -c 0 env HTTP_ADDR="127.0.0.1:$PORT" HTTP_WORKERS=1 KEY_OWNER_SHARDS=1 COALESCE="$2" \
     REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn "$1" & pid=$!
   until curl -sf "$U/readyz" >/dev/null; do sleep 0.1; done
-  curl -s "$U/template-details?id=1" >/dev/null
+  if [ "$3" = spread ]; then
+    for id in $(seq "$IDS"); do echo "url = \"$U/template-details?id=$id\""; done |
+      curl -s -K - >/dev/null
+  else
+    curl -s "$U/template-details?id=1" >/dev/null
+  fi
+}
+
+stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
+
+record() { # label line
+  echo "$1: $2"
+  echo "$1 $2" >>"$results"
 }
 
 for run in $(seq "$runs"); do
-  if [ -n "$baseline" ]; then
-    start_service "$baseline"
-    echo "run $run baseline: $(wrk_line "$U")"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-  fi
-  start_service "$target/release/singleflight"
-  echo "run $run service:  $(wrk_line "$U")"
-  # The bare handler copies the service's cached response, then serves it alone on core 0.
-  taskset -c 0 "$target/release/examples/bare" --from "$U" --addr "127.0.0.1:$BARE_PORT" --workers 1 \
-    >/dev/null 2>&1 & bare=$!
-  sleep 1
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "run $run bare:     $(wrk_line "http://127.0.0.1:$BARE_PORT")"
-  kill "$bare"; wait "$bare" 2>/dev/null || true
+  for workload in $WORKLOADS; do
+    for mode in $COALESCE_MODES; do
+      for baseline in "${baselines[@]}"; do
+        start_service "$baseline" "$mode" "$workload"
+        record "run $run $workload COALESCE=$mode $(basename "$baseline")" "$(wrk_line "$U" "$workload" "$pid")"
+        stop "$pid"
+      done
+      start_service "$target/release/singleflight" "$mode" "$workload"
+      record "run $run $workload COALESCE=$mode service " "$(wrk_line "$U" "$workload" "$pid")"
+      # The bare handler copies the service's cached response, then serves it alone on core 0.
+      taskset -c 0 "$target/release/examples/bare" --from "$U" --addr "127.0.0.1:$BARE_PORT" \
+        --workers 1 >/dev/null 2>&1 & bare=$!
+      sleep 1
+      stop "$pid"
+      record "run $run $workload COALESCE=$mode bare    " "$(wrk_line "http://127.0.0.1:$BARE_PORT" "$workload" "$bare")"
+      stop "$bare"
+    done
+  done
 done
+
+echo
+echo "medians of $runs runs (ratios to the bare handler of the same workload and mode):"
+awk '{ key = $3 " " $4 " " $5; rps[key] = rps[key] " " $6; p99[key] = p99[key] " " $9; cpu[key] = cpu[key] " " $12 }
+  function median(list,   n, v, i, j, t) {
+    n = split(list, v, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] + 0 < v[i] + 0) { t = v[i]; v[i] = v[j]; v[j] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+  }
+  END {
+    for (key in rps) { m[key] = median(rps[key]); q[key] = median(p99[key]); c[key] = median(cpu[key]) }
+    for (key in rps) {
+      split(key, k, " "); bare = k[1] " " k[2] " bare"
+      printf "%-6s %-12s %-30s %7.0f req/s (%.2fx)  p99 %6.2f ms (%.2fx)  cpu %5.2f us/req (%.2fx)\n",
+        k[1], k[2], k[3], m[key], m[key] / m[bare], q[key], q[key] / q[bare], c[key], c[bare] / c[key]
+    }
+  }' "$results" | sort
+
+if [ "$UPDATES" -gt 0 ]; then
+  echo
+  echo "change visibility: $UPDATES changes during 12 s of spread load (wrk -t1 -c64 on core 1):"
+  start_service "$target/release/singleflight" on spread
+  taskset -c 1 wrk -t1 -c64 -d12s -s scripts/bench/spread.lua "$U/template-details?id=1" -- "$IDS" \
+    >/dev/null & load=$!
+  taskset -c 1 "$target/release/loadtest" spread --url "$U" --ids "$IDS" --concurrency 1 \
+    --duration 10s --updates "$UPDATES" --database-url "$DATABASE_URL"
+  wait "$load" || true
+  stop "$pid"
+fi

@@ -1,19 +1,22 @@
-//! HTTP: routes, shared state, and the in-flight gauge middleware.
+//! HTTP: routes, shared state, and what each worker keeps of its own.
 
 pub mod error;
 pub mod health;
 pub mod template_details;
+pub mod worker_cache;
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{web, HttpRequest};
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::actors::cache::CacheActor;
 use crate::actors::db::DbActor;
 use crate::actors::key_owner::KeyOwner;
 use crate::http::error::ApiError;
-use crate::metrics::Metrics;
+use crate::http::worker_cache::WorkerCache;
+use crate::metrics::{Metrics, WorkerCounts};
 
 /// What every handler can reach. Cloned into each HTTP worker (all fields are handles).
 pub struct AppState {
@@ -26,10 +29,30 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
-/// Registers every route. `/metrics` is served by the actix-web-prom middleware.
+/// What each HTTP worker keeps of its own (made on the worker's thread, never shared): its cache
+/// of fresh answers and its counts. Handlers reach it as `req.app_data::<Rc<WorkerState>>()`.
+pub struct WorkerState {
+    pub cache: RefCell<WorkerCache>,
+    pub counts: WorkerCounts,
+}
+
+/// The paths served, as the `endpoint` label of the HTTP metrics names them; any other path is
+/// [`UNMATCHED`].
+pub const ENDPOINTS: [&str; 4] = ["/template-details", "/healthz", "/readyz", "/metrics"];
+pub const UNMATCHED: &str = "UNMATCHED";
+
+/// The `endpoint` label of a request for `path`.
+pub fn endpoint(path: &str) -> &'static str {
+    ENDPOINTS
+        .into_iter()
+        .find(|e| *e == path)
+        .unwrap_or(UNMATCHED)
+}
+
+/// Registers every route, one for each of [`ENDPOINTS`].
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/template-details")
+        web::resource(ENDPOINTS[0])
             .route(web::get().to(template_details::template_details))
             .default_service(web::to(|req: HttpRequest| async move {
                 Err::<String, _>(ApiError::MethodNotAllowed {
@@ -38,8 +61,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 })
             })),
     )
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
+    .route(ENDPOINTS[1], web::get().to(health::healthz))
+    .route(ENDPOINTS[2], web::get().to(health::readyz))
+    .route(ENDPOINTS[3], web::get().to(metrics))
     .default_service(web::to(|req: HttpRequest| async move {
         Err::<String, _>(ApiError::NoSuchEndpoint(
             req.path().chars().take(100).collect(),
@@ -47,19 +71,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     }));
 }
 
-/// Counts a request in `http_in_flight_requests` for as long as it lives; dropping it (the
-/// response was sent, or the client went away and the request future was dropped) uncounts it.
-pub struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    pub fn enter(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
+/// `GET /metrics`: every metric in the Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let families = state.metrics.registry.gather();
+    match prometheus::TextEncoder::new().encode_to_string(&families) {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
     }
 }

@@ -1,25 +1,40 @@
-//! `GET /template-details?id=N`: validate, ask the key's owner, wait at most the request
-//! deadline, answer.
+//! `GET /template-details?id=N`: validate; answer from this worker's cache of fresh answers if
+//! it holds the key; otherwise ask the key's owner, wait at most the request deadline, answer.
 
-use actix_web::http::header;
+use std::rc::Rc;
+
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
 
-use crate::actors::key_owner::{shard_for, FlightError, GetTemplate};
+use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, XCache};
 use crate::http::error::{mime_json, ApiError};
-use crate::http::AppState;
+use crate::http::{AppState, WorkerState};
 use crate::template::Lookup;
 
 /// The largest id the API accepts, spelled out for error messages.
 const ID_RANGE: &str = "a positive integer from 1 to 9223372036854775807";
 
-pub async fn template_details(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     reject_body(&req)?;
     let id = parse_id(req.query_string())?;
 
+    let worker = req.app_data::<Rc<WorkerState>>();
+    if let Some(worker) = worker {
+        let kept = worker.cache.borrow_mut().get(id);
+        if let Some(lookup) = kept {
+            worker.counts.worker_cache_hit();
+            return Ok(respond(id, lookup, XCache::Hit));
+        }
+    }
+
+    // Borrowed, not extracted: `web::Data` would clone (and drop) an `Arc` that every worker
+    // shares, an atomic write to one cache line from every core on every request.
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::Unavailable("the service is not set up".to_owned()))?;
     let (reply, answer) = oneshot::channel();
     let owner = &state.owners[shard_for(id, state.owners.len())];
     // `do_send` never waits on the owner's mailbox; if the owner is gone the message is dropped
@@ -42,23 +57,32 @@ pub async fn template_details(
             )));
         }
     };
+    if let Some(worker) = worker {
+        worker.cache.borrow_mut().keep(id, &answer);
+    }
     match answer.result {
-        Ok(Lookup::Found(body)) => Ok(HttpResponse::Ok()
-            .insert_header((header::CONTENT_TYPE, mime_json()))
-            .insert_header(("X-Cache", answer.x_cache.as_str()))
-            .body(body)),
-        Ok(Lookup::NotFound) => {
-            let mut response = ApiError::TemplateNotFound(id).error_response();
-            response.headers_mut().insert(
-                header::HeaderName::from_static("x-cache"),
-                header::HeaderValue::from_static(answer.x_cache.as_str()),
-            );
-            Ok(response)
-        }
+        Ok(lookup) => Ok(respond(id, lookup, answer.x_cache)),
         Err(e @ FlightError::Shed(_)) => Err(ApiError::Unavailable(e.to_string())),
         Err(e) => Err(ApiError::Unavailable(format!(
             "template {id} cannot be loaded right now: {e}"
         ))),
+    }
+}
+
+/// The response for what a lookup found: the body as it was cached (a reference-counted buffer,
+/// not a copy) and static header values, so a hit allocates nothing of its own.
+fn respond(id: i64, lookup: Lookup, x_cache: XCache) -> HttpResponse {
+    let x_cache = HeaderValue::from_static(x_cache.as_str());
+    match lookup {
+        Lookup::Found(body) => HttpResponse::Ok()
+            .insert_header((header::CONTENT_TYPE, mime_json()))
+            .insert_header((X_CACHE, x_cache))
+            .body(body),
+        Lookup::NotFound => {
+            let mut response = ApiError::TemplateNotFound(id).error_response();
+            response.headers_mut().insert(X_CACHE, x_cache);
+            response
+        }
     }
 }
 
@@ -80,6 +104,24 @@ fn reject_body(req: &HttpRequest) -> Result<(), ApiError> {
 
 /// Extracts the one `id` parameter. Other parameters (cache busters and the like) are ignored.
 pub fn parse_id(query: &str) -> Result<i64, ApiError> {
+    // The common case, `id=N` and nothing else, read without decoding or allocating. Up to 18
+    // digits always fit; anything else (other parameters, escapes, signs, zero, longer numbers)
+    // takes the full path below, which gives every error its message.
+    if let Some(digits) = query.strip_prefix("id=") {
+        if (1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+            let id = digits
+                .bytes()
+                .fold(0i64, |n, b| n * 10 + i64::from(b - b'0'));
+            if id > 0 {
+                return Ok(id);
+            }
+        }
+    }
+    parse_decoded(query)
+}
+
+/// [`parse_id`] for any query string: URL-decoded, every mistake named.
+fn parse_decoded(query: &str) -> Result<i64, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| {
         ApiError::BadRequest(format!(
             "the query string is not valid URL encoding; expected ?id=N with N {ID_RANGE}"
@@ -177,6 +219,35 @@ mod tests {
         ] {
             let m = message(query);
             assert!(m.contains(reason), "{query:?}: {m}");
+        }
+    }
+
+    #[test]
+    fn the_plain_case_reads_as_the_full_parser_does() {
+        let queries = (1..=2000).map(|n| format!("id={n}")).chain(
+            [
+                "id=0",
+                "id=00",
+                "id=007",
+                "id=",
+                "id=-1",
+                "id=+1",
+                "id=1a",
+                "id=1&x=2",
+                "id=%31",
+                "id=999999999999999999",
+                "id=9999999999999999999",
+                "id=100000000000000000",
+            ]
+            .map(String::from),
+        );
+        for query in queries {
+            let (fast, full) = (parse_id(&query), parse_decoded(&query));
+            match (&fast, &full) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{query}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{query}"),
+                _ => panic!("{query}: {fast:?} against {full:?}"),
+            }
         }
     }
 

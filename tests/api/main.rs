@@ -19,3 +19,4 @@ mod shutdown;
 mod slow_network;
 mod template_details;
 mod tls;
+mod worker_cache;

@@ -83,6 +83,15 @@
 //! - if the owner itself panics, every waiter is answered with an error and the owner restarts
 //!   with empty state (see [`crate::actors::contain`]).
 //!
+//! # HTTP workers' caches
+//! Every near-cache `HIT` an owner answers carries a [`Fill`]: the entry's `fresh_until` and the
+//! id's [`Generations`] counter as it was then. The HTTP worker that asked keeps the answer and
+//! serves it again without a message while it is fresh and the counter unchanged; handling
+//! [`Invalidate`] bumps the id's counter, [`ForgetAll`] and a restart bump every counter, so a
+//! worker stops answering a value at the moment its owner learns it is old (see
+//! [`generations`]). Only near-cache hits are filled — never `STALE`, superseded flights, errors
+//! or `COALESCE=off` answers — so a worker's entry is a copy of the owner's own fresh entry.
+//!
 //! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
 //! cache, refresh-ahead, shedding and superseding are all off. It is a measurement baseline that
 //! shows what they save, not a mode to run in production.
@@ -111,6 +120,9 @@ use crate::actors::db::{DbError, FetchTemplate};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{unix_ms_now, Lookup};
+
+pub mod generations;
+pub use generations::{Fill, Generations};
 
 /// Picks the owner of `id` among `shards` owners. A multiplicative hash spreads consecutive ids
 /// (the common case: BIGSERIAL keys) and strided ids alike.
@@ -193,6 +205,8 @@ impl XCache {
 pub struct Answer {
     pub result: Result<Lookup, FlightError>,
     pub x_cache: XCache,
+    /// Set on a near-cache `HIT` only: how long the asking HTTP worker may keep the answer.
+    pub fill: Option<Fill>,
 }
 
 /// Asks the owner for a template. The answer arrives on `reply`; the sender uses `do_send`, so
@@ -249,6 +263,8 @@ pub struct KeyOwnerDeps {
     pub lease: Option<LeaseDeps>,
     pub settings: OwnerSettings,
     pub metrics: Metrics,
+    /// Bumped on every change the owner learns of; shared with the HTTP workers' caches.
+    pub generations: Generations,
 }
 
 /// Where the owner claims, renews, fills and releases fleet leases (the cache actor).
@@ -419,6 +435,12 @@ impl KeyOwner {
     fn fresh(&mut self, id: i64) -> Option<Lookup> {
         let entry = self.near_cache.as_mut()?.get(&id)?;
         (Instant::now() < entry.fresh_until).then(|| entry.lookup.clone())
+    }
+
+    /// What an HTTP worker may keep of the near-cache hit just answered for `id`.
+    fn worker_fill(&mut self, id: i64) -> Option<Fill> {
+        let entry = self.near_cache.as_mut()?.peek(&id)?;
+        Some(self.deps.generations.fill(id, entry.fresh_until))
     }
 
     /// A remembered answer for `id` young enough to stand in for a failed load.
@@ -954,6 +976,7 @@ impl KeyOwner {
         let _ = reply.send(Answer {
             result: Err(FlightError::Shed(reason)),
             x_cache: XCache::Miss,
+            fill: None,
         });
     }
 
@@ -1012,6 +1035,7 @@ impl KeyOwner {
             let _ = reply.send(Answer {
                 result: Ok(lookup),
                 x_cache: XCache::Hit,
+                fill: self.worker_fill(id),
             });
             return;
         }
@@ -1062,6 +1086,7 @@ impl Supervised for KeyOwner {
             .actor_restarts_total
             .with_label_values(&["key_owner"])
             .inc();
+        self.deps.generations.bump_all();
         let current = std::mem::take(&mut self.pending_waiters).into_values();
         let superseded = std::mem::take(&mut self.superseded).into_values();
         if let Some(cache) = self.near_cache.as_mut() {
@@ -1092,6 +1117,7 @@ impl Handler<Invalidate> for KeyOwner {
     type Result = ();
 
     fn handle(&mut self, Invalidate(id): Invalidate, ctx: &mut Self::Context) {
+        self.deps.generations.bump(id);
         self.deps.metrics.invalidations_total.inc();
         if let Some(cache) = self.near_cache.as_mut() {
             cache.pop(&id);
@@ -1110,6 +1136,7 @@ impl Handler<ForgetAll> for KeyOwner {
     type Result = ();
 
     fn handle(&mut self, _: ForgetAll, ctx: &mut Self::Context) {
+        self.deps.generations.bump_all();
         if let Some(cache) = self.near_cache.as_mut() {
             cache.clear();
         }
@@ -1256,7 +1283,11 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
             (Err(e.clone()), x_cache)
         }
     };
-    let _ = waiter.reply.send(Answer { result, x_cache });
+    let _ = waiter.reply.send(Answer {
+        result,
+        x_cache,
+        fill: None,
+    });
 }
 
 #[cfg(test)]

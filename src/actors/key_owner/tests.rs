@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::actors::fakes::{Counter, DbMode, FakeCache, FakeDb, FillAsPeer, HoldAsPeer};
+use crate::http::worker_cache::WorkerCache;
 use crate::template::{Lookup, Template};
 
 /// How long a test waits for a condition before failing.
@@ -47,6 +48,7 @@ struct Harness {
     cache_dels: Counter,
     db_queries: Counter,
     metrics: Metrics,
+    generations: Generations,
 }
 
 struct Setup {
@@ -117,6 +119,7 @@ impl Setup {
         let db_queries = db.queries.clone();
         let db = FakeDb::start_in_arbiter(&fakes.handle(), move |_| db);
         let metrics = Metrics::new().expect("metrics");
+        let generations = Generations::default();
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
             cache_set: cache.clone().recipient(),
@@ -131,6 +134,7 @@ impl Setup {
             }),
             settings: self.owner,
             metrics: metrics.clone(),
+            generations: generations.clone(),
         };
         let owner =
             Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| KeyOwner::new(0, deps));
@@ -146,11 +150,17 @@ impl Setup {
             cache_dels,
             db_queries,
             metrics,
+            generations,
         }
     }
 }
 
 impl Harness {
+    /// An HTTP worker's cache of fresh answers, as the service gives each worker one.
+    fn worker_cache(&self, capacity: usize) -> WorkerCache {
+        WorkerCache::new(capacity, self.generations.clone())
+    }
+
     fn ask(&self, id: i64) -> oneshot::Receiver<Answer> {
         let (reply, answer) = oneshot::channel();
         self.owner.do_send(GetTemplate { id, reply });
@@ -894,6 +904,215 @@ async fn forget_all_empties_the_near_cache_and_supersedes_every_flight() {
         loaded_by(&receive(in_the_air).await).as_deref(),
         Some("query 5")
     );
+}
+
+// HTTP workers' caches: filled by near-cache hits only, and emptied the moment the owner
+// learns of a change (see `generations`).
+
+/// Asks the owner for `id` as an HTTP worker does after missing its own cache: the worker keeps
+/// what the owner allows it to.
+async fn through_worker(h: &Harness, worker: &mut WorkerCache, id: i64) -> Answer {
+    let answer = h.one(id).await;
+    worker.keep(id, &answer);
+    answer
+}
+
+#[actix_rt::test]
+async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it() {
+    let h = Setup {
+        owner: near_cache_ttl(300),
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    let first = through_worker(&h, &mut worker, 4).await;
+    assert_eq!((first.x_cache, first.fill), (XCache::Miss, None));
+    assert!(worker.get(4).is_none(), "a MISS is not kept");
+
+    let asked = Instant::now();
+    let hit = through_worker(&h, &mut worker, 4).await;
+    assert_eq!(hit.x_cache, XCache::Hit);
+    let fill = hit.fill.expect("a near-cache hit comes with a fill");
+    assert!(fill.fresh_until > asked);
+    assert!(
+        fill.fresh_until <= Instant::now() + Duration::from_millis(300),
+        "never past the near cache's own freshness"
+    );
+    for _ in 0..50 {
+        assert_eq!(worker.get(4), hit.result.clone().ok());
+    }
+    assert_eq!(
+        h.metrics.near_cache_hits_total.get(),
+        1,
+        "one message, not 51"
+    );
+
+    // Let the fill's time run out.
+    tokio::time::sleep_until((fill.fresh_until + Duration::from_millis(5)).into()).await;
+    assert_eq!(worker.get(4), None);
+    assert!(worker.is_empty(), "an expired entry is dropped");
+}
+
+#[actix_rt::test]
+async fn a_worker_never_keeps_a_fill_past_the_soft_expiry() {
+    // Near cache 5 s, but the Redis entry is fresh for only 1 s more.
+    let h = Setup {
+        expiring_cached: vec![(6, Duration::from_secs(1))],
+        owner: near_cache_ttl(5000),
+        ..Default::default()
+    }
+    .start();
+    let asked = Instant::now();
+    let _ = h.one(6).await;
+    let fill = h.one(6).await.fill.expect("a near-cache hit");
+    assert!(fill.fresh_until <= Instant::now() + Duration::from_secs(1));
+    assert!(fill.fresh_until > asked);
+}
+
+#[actix_rt::test]
+async fn an_invalidation_after_a_fill_makes_the_worker_miss_at_once() {
+    let h = Setup {
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    for id in [9, 10] {
+        let _ = through_worker(&h, &mut worker, id).await;
+        let _ = through_worker(&h, &mut worker, id).await;
+    }
+    assert!(worker.get(9).is_some() && worker.get(10).is_some());
+
+    // `send` returns once the owner has handled the change.
+    h.owner.send(Invalidate(9)).await.expect("owner running");
+    assert_eq!(
+        worker.get(9),
+        None,
+        "the owner knows: the worker must not answer"
+    );
+    assert!(worker.get(10).is_some(), "another key keeps its entry");
+
+    let reloaded = through_worker(&h, &mut worker, 9).await;
+    assert_eq!(reloaded.x_cache, XCache::Miss);
+    let hit = through_worker(&h, &mut worker, 9).await;
+    assert_eq!(loaded_by(&hit).as_deref(), Some("query 2"));
+    assert_eq!(worker.get(9), hit.result.ok(), "kept again: the new value");
+}
+
+#[actix_rt::test]
+async fn forget_all_after_a_fill_makes_the_worker_miss_at_once() {
+    let h = Setup {
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(100);
+    for id in 1..=20 {
+        let _ = through_worker(&h, &mut worker, id).await;
+        let _ = through_worker(&h, &mut worker, id).await;
+    }
+    assert!((1..=20).all(|id| worker.get(id).is_some()));
+    h.owner.send(ForgetAll).await.expect("owner running");
+    assert!((1..=20).all(|id| worker.get(id).is_none()));
+}
+
+#[actix_rt::test]
+async fn an_owner_restart_empties_the_workers_too() {
+    let h = Setup {
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    let _ = through_worker(&h, &mut worker, 3).await;
+    let _ = through_worker(&h, &mut worker, 3).await;
+    assert!(worker.get(3).is_some());
+    h.owner.do_send(Bug);
+    eventually("the owner restarted", || {
+        h.metrics
+            .actor_restarts_total
+            .with_label_values(&["key_owner"])
+            .get()
+            == 1
+    })
+    .await;
+    assert_eq!(
+        worker.get(3),
+        None,
+        "the owner forgot it, so must the worker"
+    );
+}
+
+#[actix_rt::test]
+async fn stale_shared_and_superseded_answers_are_never_kept() {
+    // A remembered value answered because its reload failed.
+    let h = Setup {
+        mode: DbMode::FailAfter(1),
+        forgetful_cache: true,
+        db_delay: Duration::ZERO,
+        owner: near_cache_ttl(50),
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    let _ = through_worker(&h, &mut worker, 6).await;
+    // Let the near-cache TTL run out.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let stale = through_worker(&h, &mut worker, 6).await;
+    assert_eq!((stale.x_cache, stale.fill), (XCache::Stale, None));
+    assert!(worker.is_empty());
+
+    // A soft-expired value from Redis, answered while it is refreshed.
+    let h = Setup {
+        stale_cached: vec![8],
+        db_delays: HashMap::from([(8, Duration::from_millis(200))]),
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    for _ in 0..3 {
+        let answer = through_worker(&h, &mut worker, 8).await;
+        assert_eq!((answer.x_cache, answer.fill), (XCache::Stale, None));
+    }
+    assert!(worker.is_empty());
+
+    // A flight superseded by a change, and the requests that shared a flight.
+    let h = Setup {
+        db_delay: Duration::from_millis(200),
+        ..Default::default()
+    }
+    .start();
+    let mut worker = h.worker_cache(10);
+    let before = h.ask(10);
+    eventually("the first load is in the air", || h.queries() == 1).await;
+    h.owner.send(Invalidate(10)).await.expect("owner running");
+    let after = h.burst(10, 5).await;
+    let before = receive(before).await;
+    assert_eq!(loaded_by(&before).as_deref(), Some("query 0"));
+    assert_eq!(before.fill, None, "superseded: never kept");
+    worker.keep(10, &before);
+    for answer in &after {
+        assert_eq!(answer.fill, None, "{:?}", answer.x_cache);
+        worker.keep(10, answer);
+    }
+    assert!(worker.is_empty());
+}
+
+#[actix_rt::test]
+async fn coalesce_off_answers_are_never_kept() {
+    let h = Setup {
+        owner: OwnerSettings {
+            coalesce: false,
+            ..Default::default()
+        },
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    for _ in 0..5 {
+        assert_eq!(h.one(2).await.fill, None);
+    }
 }
 
 #[test]

@@ -1,0 +1,165 @@
+//! Each HTTP worker's own cache of fresh answers: a hot key is answered in the handler, with no
+//! message to its owner's thread and no reply back (the two cross-thread wake-ups that cost a
+//! near-cache hit half of the bare handler's throughput).
+//!
+//! Only the worker's own thread touches its cache (no lock, no shared map). It is filled by the
+//! owners' answers themselves: a near-cache `HIT` comes with a [`Fill`] (see
+//! [`crate::actors::key_owner::generations`]), and the worker keeps that answer until the
+//! owner's near-cache entry would stop being fresh, or until the owner learns of a change to the
+//! key (its generation moves) — whichever comes first. Everything else — a miss, a stale value,
+//! a flight to join, shedding — goes to the owner as before, so loads are still deduplicated by
+//! the owners' mailboxes.
+//!
+//! Bounded by `WORKER_CACHE_CAPACITY` entries (least recently used go first); `0`, or
+//! `COALESCE=off`, turns it off.
+
+use std::time::Instant;
+
+use actix_web::web::Bytes;
+use lru::LruCache;
+
+use crate::actors::key_owner::{Answer, Fill, Generations};
+use crate::template::Lookup;
+
+pub struct WorkerCache {
+    /// `None` when the cache is off.
+    entries: Option<LruCache<i64, Kept>>,
+    generations: Generations,
+}
+
+/// An owner's answer, kept with what says how long it may be served.
+struct Kept {
+    lookup: Lookup,
+    fill: Fill,
+}
+
+impl WorkerCache {
+    pub fn new(capacity: usize, generations: Generations) -> Self {
+        WorkerCache {
+            entries: std::num::NonZeroUsize::new(capacity).map(LruCache::new),
+            generations,
+        }
+    }
+
+    /// The answer for `id` if this worker holds one that its owner would still answer as a fresh
+    /// `HIT`; an entry that is not is dropped.
+    pub fn get(&mut self, id: i64) -> Option<Lookup> {
+        let entries = self.entries.as_mut()?;
+        let kept = entries.get(&id)?;
+        if Instant::now() < kept.fill.fresh_until
+            && self.generations.current(id) == kept.fill.generation
+        {
+            return Some(kept.lookup.clone());
+        }
+        entries.pop(&id);
+        None
+    }
+
+    /// Keeps the owner's answer for `id` if it came with a [`Fill`] (a near-cache `HIT`).
+    pub fn keep(&mut self, id: i64, answer: &Answer) {
+        let (Some(entries), Some(fill), Ok(lookup)) =
+            (self.entries.as_mut(), answer.fill, &answer.result)
+        else {
+            return;
+        };
+        // A copy of the body of its own: serving it then touches only this thread's reference
+        // count, never a count that other workers' threads write too.
+        let lookup = match lookup {
+            Lookup::Found(body) => Lookup::Found(Bytes::copy_from_slice(body)),
+            Lookup::NotFound => Lookup::NotFound,
+        };
+        entries.put(id, Kept { lookup, fill });
+    }
+
+    /// Entries held (fresh or not yet found out to be stale).
+    pub fn len(&self) -> usize {
+        self.entries.as_ref().map_or(0, LruCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::actors::key_owner::XCache;
+
+    fn hit(generations: &Generations, id: i64, fresh_for: Duration) -> Answer {
+        Answer {
+            result: Ok(Lookup::Found(Bytes::from(format!("{{\"id\":{id}}}")))),
+            x_cache: XCache::Hit,
+            fill: Some(generations.fill(id, Instant::now() + fresh_for)),
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn bounded_by_its_capacity_least_recently_used_first() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(2, generations.clone());
+        cache.keep(1, &hit(&generations, 1, LONG));
+        cache.keep(2, &hit(&generations, 2, LONG));
+        assert!(cache.get(1).is_some(), "1 is now the most recently used");
+        cache.keep(3, &hit(&generations, 3, LONG));
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(2).is_none(), "the least recently used went");
+        assert!(cache.get(1).is_some() && cache.get(3).is_some());
+    }
+
+    #[test]
+    fn an_answer_past_its_fill_is_never_served() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(10, generations.clone());
+        cache.keep(1, &hit(&generations, 1, Duration::ZERO));
+        assert_eq!(cache.get(1), None);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn an_answer_whose_generation_moved_is_never_served() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(10, generations.clone());
+        let answer = hit(&generations, 1, LONG);
+        generations.bump(1);
+        // Kept after the change, from an answer given before it.
+        cache.keep(1, &answer);
+        assert_eq!(cache.get(1), None);
+    }
+
+    #[test]
+    fn the_body_is_a_copy_of_its_own_and_capacity_zero_keeps_nothing() {
+        let generations = Generations::default();
+        let answer = hit(&generations, 1, LONG);
+        let mut cache = WorkerCache::new(1, generations.clone());
+        cache.keep(1, &answer);
+        let (Some(Lookup::Found(kept)), Ok(Lookup::Found(given))) = (cache.get(1), &answer.result)
+        else {
+            panic!("kept a body")
+        };
+        assert_eq!(kept, given);
+        assert_ne!(kept.as_ptr(), given.as_ptr(), "not the owner's buffer");
+
+        let mut off = WorkerCache::new(0, generations.clone());
+        off.keep(1, &answer);
+        assert_eq!((off.get(1), off.len()), (None, 0));
+    }
+
+    #[test]
+    fn answers_without_a_fill_or_with_an_error_are_not_kept() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(10, generations.clone());
+        let mut miss = hit(&generations, 1, LONG);
+        miss.fill = None;
+        miss.x_cache = XCache::Miss;
+        cache.keep(1, &miss);
+        let mut failed = hit(&generations, 2, LONG);
+        failed.result = Err(crate::actors::key_owner::FlightError::Timeout(LONG));
+        cache.keep(2, &failed);
+        assert!(cache.is_empty());
+    }
+}

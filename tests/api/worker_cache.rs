@@ -1,0 +1,86 @@
+//! Each HTTP worker's cache of fresh answers, through HTTP: a hot key is answered by the worker
+//! itself (`X-Cache: HIT`, counted), a change is still served within a second and the old value
+//! never again, and the setting and `COALESCE=off` turn it off.
+
+use std::time::Duration;
+
+use testkit::poll;
+
+use crate::support::{header, spawn_app_with};
+
+/// Requests for one key in a row (one worker, so every answer after the first near-cache hit
+/// can come from that worker's cache).
+const REPEATS: usize = 50;
+
+#[actix_rt::test]
+async fn a_hot_key_is_answered_by_the_worker_and_a_change_ends_it_at_once() {
+    let app = spawn_app_with(|s| {
+        s.http_workers = 1;
+        s.cache_ttl = Duration::from_secs(300);
+        s.near_cache_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let first = app.template(40).await;
+    assert_eq!(first.status(), 200);
+    let old = first.text().await.expect("body");
+    for _ in 0..REPEATS {
+        let response = app.template(40).await;
+        assert_eq!(header(&response, "x-cache"), "HIT");
+        assert_eq!(response.text().await.expect("body"), old);
+    }
+    let worker_hits = app.metric("worker_cache_hits_total").await;
+    assert!(
+        worker_hits >= (REPEATS - 1) as f64,
+        "{worker_hits} of {REPEATS} hits answered by the worker"
+    );
+    assert!(
+        app.metric("cache_hits_total").await
+            >= worker_hits + app.metric("near_cache_hits_total").await,
+        "the workers' hits are in cache_hits_total too"
+    );
+
+    app.execute_sql("UPDATE templates SET name = 'Renamed by a test' WHERE id = 40")
+        .await;
+    let renamed = poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { app.template(40).await.text().await.expect("body") },
+        |body| body.contains("Renamed by a test"),
+    )
+    .await;
+    assert!(renamed.done, "never served the change: {}", renamed.last);
+    assert!(
+        renamed.took < Duration::from_secs(1),
+        "change visible after {:?}",
+        renamed.took
+    );
+    // Once the change is served, the old value never is again, from any cache.
+    for _ in 0..REPEATS {
+        let body = app.template(40).await.text().await.expect("body");
+        assert!(
+            body.contains("Renamed by a test"),
+            "old value served: {body}"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn capacity_zero_and_coalesce_off_turn_the_worker_cache_off() {
+    for (what, capacity, coalesce) in [("capacity 0", 0, true), ("COALESCE=off", 10, false)] {
+        let app = spawn_app_with(|s| {
+            s.http_workers = 1;
+            s.worker_cache_capacity = capacity;
+            s.coalesce = coalesce;
+        })
+        .await;
+        for _ in 0..REPEATS {
+            assert_eq!(app.template(41).await.status(), 200);
+        }
+        assert_eq!(
+            app.metric("worker_cache_hits_total").await,
+            0.0,
+            "{what}: no worker cache"
+        );
+        assert!(app.metric("cache_hits_total").await > 0.0, "{what}");
+    }
+}
