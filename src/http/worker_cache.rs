@@ -3,7 +3,8 @@
 //! near-cache hit half of the bare handler's throughput).
 //!
 //! Only the worker's own thread touches its cache (no lock, no shared map). It is filled by the
-//! owners' answers themselves: a near-cache `HIT` comes with a [`Fill`] (see
+//! owners' answers themselves: a near-cache `HIT`, or a current flight's fresh answer that the
+//! owner remembered in its near cache, comes with a [`Fill`] (see
 //! [`crate::actors::key_owner::generations`]), and the worker keeps that answer until the
 //! owner's near-cache entry would stop being fresh, or until the owner learns of a change to the
 //! key (its generation moves) — whichever comes first. Everything else — a miss, a stale value,
@@ -55,7 +56,7 @@ impl WorkerCache {
         None
     }
 
-    /// Keeps the owner's answer for `id` if it came with a [`Fill`] (a near-cache `HIT`).
+    /// Keeps the owner's answer for `id` if it came with a [`Fill`].
     pub fn keep(&mut self, id: i64, answer: &Answer) {
         let (Some(entries), Some(fill), Ok(lookup)) =
             (self.entries.as_mut(), answer.fill, &answer.result)

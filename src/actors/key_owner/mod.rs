@@ -89,8 +89,11 @@
 //! serves it again without a message while it is fresh and the counter unchanged; handling
 //! [`Invalidate`] bumps the id's counter, [`ForgetAll`] and a restart bump every counter, so a
 //! worker stops answering a value at the moment its owner learns it is old (see
-//! [`generations`]). Only near-cache hits are filled — never `STALE`, superseded flights, errors
-//! or `COALESCE=off` answers — so a worker's entry is a copy of the owner's own fresh entry.
+//! [`generations`]). The `Fresh` answers of a current flight (from Redis, PostgreSQL or a peer's
+//! fill) carry a fill too, when the owner remembered that value in its near cache: the fill is
+//! then the one a near-cache `HIT` would carry at that moment. Never `STALE`, superseded
+//! flights, errors, values not remembered or `COALESCE=off` answers — so a worker's entry is
+//! always a copy of the owner's own fresh entry.
 //!
 //! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
 //! cache, refresh-ahead, shedding and superseding are all off. It is a measurement baseline that
@@ -205,7 +208,8 @@ impl XCache {
 pub struct Answer {
     pub result: Result<Lookup, FlightError>,
     pub x_cache: XCache,
-    /// Set on a near-cache `HIT` only: how long the asking HTTP worker may keep the answer.
+    /// Set on a near-cache `HIT`, and on a current flight's `Fresh` answers that the owner
+    /// remembered: how long the asking HTTP worker may keep the answer.
     pub fill: Option<Fill>,
 }
 
@@ -443,6 +447,24 @@ impl KeyOwner {
         Some(self.deps.generations.fill(id, entry.fresh_until))
     }
 
+    /// What an HTTP worker may keep of a flight's answer for `id`: a fill only if the flight is
+    /// the current one (`current`: not superseded), its answer is `Fresh`, and the owner holds
+    /// that very value in its near cache as fresh now, so that a worker's entry is still a copy
+    /// of an entry the owner itself answers as a `HIT`. `STALE` answers, errors, superseded
+    /// flights and values that were not remembered (near cache off or full, a "not found" with
+    /// `NEGATIVE_TTL_SECS=0`) give none.
+    fn flight_fill(&mut self, id: i64, current: bool, settled: &Settled) -> Option<Fill> {
+        let Settled::Fresh(lookup, _) = settled else {
+            return None;
+        };
+        if !current || !self.deps.settings.coalesce {
+            return None;
+        }
+        let entry = self.near_cache.as_mut()?.peek(&id)?;
+        let remembered = Instant::now() < entry.fresh_until && entry.lookup == *lookup;
+        remembered.then(|| self.deps.generations.fill(id, entry.fresh_until))
+    }
+
     /// A remembered answer for `id` young enough to stand in for a failed load.
     fn stale(&mut self, id: i64) -> Option<Lookup> {
         let max_stale = self.deps.settings.max_stale;
@@ -584,7 +606,7 @@ impl KeyOwner {
                 // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
                 let stale = Settled::Revalidating(cached.lookup.clone());
                 for waiter in self.take_waiters(id, flight_id) {
-                    answer(&self.deps.metrics, waiter, &stale);
+                    answer(&self.deps.metrics, waiter, &stale, None);
                 }
                 if !current {
                     // Superseded: its waiters are answered, and a refresh would be old news.
@@ -672,8 +694,9 @@ impl KeyOwner {
         };
         self.remember(id, &lookup, read_at, Duration::MAX);
         let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
+        let fill = self.flight_fill(id, true, &loaded);
         for waiter in self.take_waiters(id, flight_id) {
-            answer(&self.deps.metrics, waiter, &loaded);
+            answer(&self.deps.metrics, waiter, &loaded, fill);
         }
         if let Some((flight, _)) = self.flight_mut(id, flight_id) {
             flight.phase = Phase::Storing(lookup.clone());
@@ -719,8 +742,9 @@ impl KeyOwner {
         }
         self.inflight_keys().dec();
         count_flight(&self.deps.metrics, &settled);
+        let fill = self.flight_fill(id, current, &settled);
         for waiter in waiters {
-            answer(&self.deps.metrics, waiter, &settled);
+            answer(&self.deps.metrics, waiter, &settled, fill);
         }
     }
 
@@ -845,7 +869,7 @@ impl KeyOwner {
         flight.phase = Phase::Refreshing(stale.clone());
         let settled = Settled::Revalidating(stale);
         for waiter in self.take_waiters(id, flight_id) {
-            answer(&self.deps.metrics, waiter, &settled);
+            answer(&self.deps.metrics, waiter, &settled, None);
         }
     }
 
@@ -1015,7 +1039,7 @@ impl KeyOwner {
                 reply,
                 started_it: true,
             };
-            answer(&owner.deps.metrics, waiter, &settled);
+            answer(&owner.deps.metrics, waiter, &settled, None);
         });
     }
 
@@ -1048,11 +1072,12 @@ impl KeyOwner {
             match &flight.phase {
                 Phase::Refreshing(lookup) => {
                     let settled = Settled::Revalidating(lookup.clone());
-                    return answer(&self.deps.metrics, waiter, &settled);
+                    return answer(&self.deps.metrics, waiter, &settled, None);
                 }
                 Phase::Storing(lookup) => {
                     let settled = Settled::Fresh(lookup.clone(), Origin::Database);
-                    return answer(&self.deps.metrics, waiter, &settled);
+                    let fill = self.flight_fill(id, true, &settled);
+                    return answer(&self.deps.metrics, waiter, &settled, fill);
                 }
                 Phase::Loading if flight.waiters.len() >= max_waiters => {
                     return self.shed(waiter.reply, ShedReason::Waiters);
@@ -1097,7 +1122,7 @@ impl Supervised for KeyOwner {
         let failed = Settled::Failed(FlightError::Panicked("the key owner"));
         for flight in current.chain(superseded) {
             for waiter in flight.waiters {
-                answer(&self.deps.metrics, waiter, &failed);
+                answer(&self.deps.metrics, waiter, &failed, None);
             }
         }
     }
@@ -1239,7 +1264,7 @@ fn count_flight(metrics: &Metrics, settled: &Settled) {
 
 /// Sends one waiter its answer and counts it. A waiter that left is still counted: its request
 /// was served as far as the owner is concerned, and the counts must add up to the flights' work.
-fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
+fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled, fill: Option<Fill>) {
     let (result, x_cache) = match settled {
         Settled::Fresh(lookup, Origin::Cache) => {
             metrics.cache_hits_total.inc();
@@ -1286,7 +1311,7 @@ fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled) {
     let _ = waiter.reply.send(Answer {
         result,
         x_cache,
-        fill: None,
+        fill,
     });
 }
 

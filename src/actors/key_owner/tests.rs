@@ -906,8 +906,8 @@ async fn forget_all_empties_the_near_cache_and_supersedes_every_flight() {
     );
 }
 
-// HTTP workers' caches: filled by near-cache hits only, and emptied the moment the owner
-// learns of a change (see `generations`).
+// HTTP workers' caches: filled by near-cache hits and by current flights' remembered fresh
+// answers, and emptied the moment the owner learns of a change (see `generations`).
 
 /// Asks the owner for `id` as an HTTP worker does after missing its own cache: the worker keeps
 /// what the owner allows it to.
@@ -927,8 +927,10 @@ async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it
     .start();
     let mut worker = h.worker_cache(10);
     let first = through_worker(&h, &mut worker, 4).await;
-    assert_eq!((first.x_cache, first.fill), (XCache::Miss, None));
-    assert!(worker.get(4).is_none(), "a MISS is not kept");
+    assert_eq!(first.x_cache, XCache::Miss);
+    assert!(first.fill.is_some(), "a remembered load fills too");
+    // Taken out again, to see a near-cache hit fill it.
+    let mut worker = h.worker_cache(10);
 
     let asked = Instant::now();
     let hit = through_worker(&h, &mut worker, 4).await;
@@ -1056,7 +1058,7 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
     }
     .start();
     let mut worker = h.worker_cache(10);
-    let _ = through_worker(&h, &mut worker, 6).await;
+    let _ = h.one(6).await;
     // Let the near-cache TTL run out.
     tokio::time::sleep(Duration::from_millis(80)).await;
     let stale = through_worker(&h, &mut worker, 6).await;
@@ -1092,11 +1094,15 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
     assert_eq!(loaded_by(&before).as_deref(), Some("query 0"));
     assert_eq!(before.fill, None, "superseded: never kept");
     worker.keep(10, &before);
+    assert!(worker.is_empty());
+    // The flight after the change is the current one: its answers fill, with its own value.
     for answer in &after {
-        assert_eq!(answer.fill, None, "{:?}", answer.x_cache);
+        assert_eq!(loaded_by(answer).as_deref(), Some("query 1"));
+        assert!(answer.fill.is_some(), "{:?}", answer.x_cache);
         worker.keep(10, answer);
     }
-    assert!(worker.is_empty());
+    let kept = worker.get(10);
+    assert_eq!(kept, after[0].result.clone().ok(), "only the new value");
 }
 
 #[actix_rt::test]
@@ -1113,6 +1119,113 @@ async fn coalesce_off_answers_are_never_kept() {
     for _ in 0..5 {
         assert_eq!(h.one(2).await.fill, None);
     }
+}
+
+#[actix_rt::test]
+async fn a_current_flights_fresh_answers_fill_workers_as_a_near_cache_hit_would() {
+    // From PostgreSQL: the request that started the flight and those that shared it.
+    let h = Setup {
+        db_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let loaded = h.burst(3, 5).await;
+    assert_eq!((count(&loaded, XCache::Miss), h.queries()), (1, 1));
+    let hit = h.one(3).await;
+    assert_eq!(hit.x_cache, XCache::Hit);
+    let hit_fill = hit.fill.expect("a near-cache hit");
+    for answer in &loaded {
+        assert_eq!(answer.fill, Some(hit_fill), "{:?}", answer.x_cache);
+    }
+    let mut worker = h.worker_cache(10);
+    worker.keep(3, &loaded[1]);
+    assert_eq!(worker.get(3), hit.result.clone().ok());
+
+    // From Redis, answered to every request that joined the read.
+    let h = Setup {
+        cached: vec![7],
+        cache_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let read = h.burst(7, 4).await;
+    assert_eq!((count(&read, XCache::Hit), h.gets()), (4, 1));
+    let hit_fill = h.one(7).await.fill.expect("a near-cache hit");
+    assert!(read.iter().all(|a| a.fill == Some(hit_fill)));
+
+    // The change that supersedes the flight comes after the fill: the worker misses at once.
+    h.owner.send(Invalidate(7)).await.expect("owner running");
+    let mut worker = h.worker_cache(10);
+    worker.keep(7, &read[0]);
+    assert_eq!(worker.get(7), None);
+}
+
+#[actix_rt::test]
+async fn a_flight_answer_the_owner_did_not_remember_is_never_kept() {
+    // Near cache off for fresh answers: nothing is remembered as fresh.
+    let h = Setup {
+        cached: vec![2],
+        owner: near_cache_ttl(0),
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    for id in [1, 2] {
+        for answer in h.burst(id, 3).await {
+            assert!(answer.result.is_ok());
+            assert_eq!(answer.fill, None, "{id}: {:?}", answer.x_cache);
+        }
+    }
+    // A failed load, with nothing remembered: an error, never kept.
+    let h = Setup {
+        mode: DbMode::FailAfter(0),
+        db_delay: Duration::ZERO,
+        ..Default::default()
+    }
+    .start();
+    let failed = h.one(5).await;
+    assert!(failed.result.is_err());
+    assert_eq!(failed.fill, None);
+}
+
+#[actix_rt::test]
+async fn a_peers_fill_read_by_a_waiting_flight_fills_workers_once_remembered() {
+    let h = Setup {
+        owner: near_cache_ttl(60_000),
+        ..leased()
+    }
+    .start();
+    h.cache
+        .send(HoldAsPeer {
+            id: 11,
+            for_: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let waiting = h.ask(11);
+    eventually("the flight waits on the peer", || {
+        h.metrics.lease_waits_total.get() == 1
+    })
+    .await;
+    h.cache
+        .send(FillAsPeer {
+            id: 11,
+            content: "peer",
+        })
+        .await
+        .unwrap();
+    h.owner.do_send(PeerFilled {
+        id: 11,
+        wrote_nothing: false,
+    });
+    let shared = receive(waiting).await;
+    assert_eq!(shared.x_cache, XCache::Shared);
+    let hit = h.one(11).await;
+    assert_eq!(hit.x_cache, XCache::Hit);
+    assert_eq!(shared.fill, hit.fill);
+    assert!(shared.fill.is_some());
 }
 
 #[test]
