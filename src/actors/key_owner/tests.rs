@@ -211,6 +211,20 @@ impl Harness {
         self.cache_gets.get()
     }
 
+    /// Another replica claims `id`'s lease for `for_` (and never fills unless told to).
+    async fn hold_as_peer(&self, id: i64, for_: Duration) {
+        self.cache.send(HoldAsPeer { id, for_ }).await.unwrap();
+    }
+
+    /// Another replica fills `id` with `content`, and its notice reaches the owner.
+    async fn fill_as_peer(&self, id: i64, content: &'static str) {
+        self.cache.send(FillAsPeer { id, content }).await.unwrap();
+        self.owner.do_send(PeerFilled {
+            id,
+            wrote_nothing: false,
+        });
+    }
+
     /// Waits until no flight is pending and nobody waits.
     async fn idle(&self) {
         eventually("every flight ended", || {
@@ -1197,29 +1211,13 @@ async fn a_peers_fill_read_by_a_waiting_flight_fills_workers_once_remembered() {
         ..leased()
     }
     .start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 11,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(11, Duration::from_secs(60)).await;
     let waiting = h.ask(11);
     eventually("the flight waits on the peer", || {
         h.metrics.lease_waits_total.get() == 1
     })
     .await;
-    h.cache
-        .send(FillAsPeer {
-            id: 11,
-            content: "peer",
-        })
-        .await
-        .unwrap();
-    h.owner.do_send(PeerFilled {
-        id: 11,
-        wrote_nothing: false,
-    });
+    h.fill_as_peer(11, "peer").await;
     let shared = receive(waiting).await;
     assert_eq!(shared.x_cache, XCache::Shared);
     let hit = h.one(11).await;
@@ -1280,29 +1278,13 @@ async fn the_lease_holder_loads_once_and_fills_under_its_token() {
 #[actix_rt::test]
 async fn a_flight_waits_on_another_replicas_lease_and_shares_its_fill() {
     let h = leased().start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 8,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(8, Duration::from_secs(60)).await;
     let waiting: Vec<_> = (0..20).map(|_| h.ask(8)).collect();
     eventually("the flight waits on the peer", || {
         h.metrics.lease_waits_total.get() == 1 && h.waiting() == 20
     })
     .await;
-    h.cache
-        .send(FillAsPeer {
-            id: 8,
-            content: "peer",
-        })
-        .await
-        .unwrap();
-    h.owner.do_send(PeerFilled {
-        id: 8,
-        wrote_nothing: false,
-    });
+    h.fill_as_peer(8, "peer").await;
     for rx in waiting {
         let answer = receive(rx).await;
         assert_eq!(answer.x_cache, XCache::Shared);
@@ -1317,13 +1299,7 @@ async fn a_flight_waits_on_another_replicas_lease_and_shares_its_fill() {
 #[actix_rt::test]
 async fn a_lease_that_runs_out_unfilled_is_taken_over_without_a_notice() {
     let h = leased().start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 9,
-            for_: Duration::from_millis(150),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(9, Duration::from_millis(150)).await;
     // No fill, no notice: the peer died. The owner looks again when the lease runs out.
     let answers = h.burst(9, 10).await;
     assert!(answers.iter().all(|a| a.result.is_ok()), "{answers:?}");
@@ -1374,13 +1350,7 @@ async fn a_change_while_waiting_on_a_peer_loads_for_the_earlier_waiters_at_once(
         ..leased()
     }
     .start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 12,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(12, Duration::from_secs(60)).await;
     let before = h.ask(12);
     eventually("the flight waits on the peer", || {
         h.metrics.lease_waits_total.get() == 1
@@ -1401,30 +1371,14 @@ async fn a_soft_expired_value_is_served_while_a_peer_refreshes_it() {
         ..leased()
     }
     .start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 13,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(13, Duration::from_secs(60)).await;
     let answers = h.burst(13, 5).await;
     assert!(
         answers.iter().all(|a| a.x_cache == XCache::Stale),
         "{answers:?}"
     );
     assert_eq!(h.queries(), 0, "the peer refreshes, not us");
-    h.cache
-        .send(FillAsPeer {
-            id: 13,
-            content: "refreshed",
-        })
-        .await
-        .unwrap();
-    h.owner.do_send(PeerFilled {
-        id: 13,
-        wrote_nothing: false,
-    });
+    h.fill_as_peer(13, "refreshed").await;
     h.idle().await;
     let answer = h.one(13).await;
     assert_eq!(answer.x_cache, XCache::Hit);
@@ -1459,13 +1413,7 @@ async fn a_superseded_holder_stops_renewing_the_lease_it_gave_up() {
 #[actix_rt::test]
 async fn a_fill_that_wrote_nothing_makes_waiters_load_at_once() {
     let h = leased().start();
-    h.cache
-        .send(HoldAsPeer {
-            id: 17,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(17, Duration::from_secs(60)).await;
     let waiting = h.ask(17);
     eventually("the flight waits on the peer", || {
         h.metrics.lease_waits_total.get() == 1
@@ -1491,13 +1439,7 @@ async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
     }
     .start();
     // A peer that holds the lease for a minute and never fills.
-    h.cache
-        .send(HoldAsPeer {
-            id: 18,
-            for_: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    h.hold_as_peer(18, Duration::from_secs(60)).await;
     let answer = h.one(18).await;
     assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
     h.idle().await;
