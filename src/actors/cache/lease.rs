@@ -37,6 +37,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use actix::prelude::*;
+use actix_web::web::Bytes;
 use redis::Value;
 
 use super::{usable, CacheActor, CacheError, Cached};
@@ -258,47 +259,41 @@ impl Handler<ClaimLoad> for CacheActor {
                     parse_claim(reply)
                 }
             };
-            let mut seen = None;
             // Another replica may fill the key between a look and a claim; a claim that finds a
             // new value looks at it instead. A value that keeps changing is a failed call.
             for _ in 0..3 {
-                let raw = match claim(seen.take()).await? {
+                let raw = match claim(None).await? {
                     ClaimReply::Lease(state) => {
                         return Ok(Claim {
                             value: None,
                             lease: Some(state),
                         })
                     }
-                    ClaimReply::Value(raw) => raw,
+                    ClaimReply::Value(raw) => Bytes::from(raw),
                 };
-                match usable(raw.clone(), id, suspect_before_ms, &metrics) {
+                let value = match usable(raw.clone(), id, suspect_before_ms, &metrics) {
                     Ok(Some(cached)) if !cached.is_soft_expired() => {
                         return Ok(Claim {
                             value: Some(cached),
                             lease: None,
                         })
                     }
-                    // Soft-expired, suspect or not a template: reload it, under the lease.
-                    Ok(value) => {
-                        if let ClaimReply::Lease(state) = claim(Some(raw)).await? {
-                            return Ok(Claim {
-                                value,
-                                lease: Some(state),
-                            });
-                        }
-                    }
+                    Ok(value) => value,
                     Err(e) => {
                         metrics
                             .redis_errors_total
                             .with_label_values(&[e.kind()])
                             .inc();
-                        if let ClaimReply::Lease(state) = claim(Some(raw)).await? {
-                            return Ok(Claim {
-                                value: None,
-                                lease: Some(state),
-                            });
-                        }
+                        None
                     }
+                };
+                // Soft-expired, suspect or not a template: reload it under the lease, unless it
+                // changed meanwhile.
+                if let ClaimReply::Lease(state) = claim(Some(raw.to_vec())).await? {
+                    return Ok(Claim {
+                        value,
+                        lease: Some(state),
+                    });
                 }
             }
             Err(CacheError::Protocol(format!(

@@ -423,12 +423,12 @@ const MAX_CHANGE_RECORDS: usize = 100_000;
 /// What a raw Redis value for `id` is worth: a usable entry, a miss (`None`: loaded before
 /// `suspect_before_ms`), or a decode error.
 fn usable(
-    raw: Vec<u8>,
+    raw: Bytes,
     id: i64,
     suspect_before_ms: u64,
     metrics: &Metrics,
 ) -> Result<Option<Cached>, CacheError> {
-    let entry = Entry::decode(Bytes::from(raw), id).ok_or(CacheError::Decode(id))?;
+    let entry = Entry::decode(raw, id).ok_or(CacheError::Decode(id))?;
     if entry.loaded_at_ms < suspect_before_ms {
         metrics.cache_suspect_entries_total.inc();
         return Ok(None);
@@ -533,7 +533,7 @@ impl Handler<CacheGet> for CacheActor {
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
             match value {
                 None => Ok(None),
-                Some(raw) => usable(raw, id, suspect_before_ms, &metrics),
+                Some(raw) => usable(Bytes::from(raw), id, suspect_before_ms, &metrics),
             }
         })
     }
