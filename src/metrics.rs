@@ -44,6 +44,11 @@ pub struct Metrics {
     pub stale_answers_total: IntCounter,
     /// Background refreshes of soft-expired keys (refresh-ahead).
     pub refreshes_total: IntCounter,
+    /// HTTP workers' background renewals of the copies they keep answering, by `outcome`:
+    /// `near_cache` (already renewed), `joined` (a flight), `flight` (started one), `skipped`
+    /// (at a bound, or the worker gone), `abandoned` (a flight that found nothing in Redis,
+    /// ended rather than load: a renewal never asks PostgreSQL).
+    pub worker_cache_renewals_total: IntCounterVec,
     /// Change notifications received from PostgreSQL (per replica, one per changed row).
     pub invalidations_total: IntCounter,
     /// Times the LISTEN connection was (re)established.
@@ -208,6 +213,11 @@ impl Metrics {
                 "refreshes_total",
                 "Background refreshes of soft-expired keys",
             )?,
+            worker_cache_renewals_total: counter_vec(
+                "worker_cache_renewals_total",
+                "HTTP workers' background renewals of the answers they keep, by outcome",
+                "outcome",
+            )?,
             invalidations_total: counter(
                 "invalidations_total",
                 "Template change notifications received from PostgreSQL",
@@ -326,6 +336,11 @@ impl Metrics {
         }
         for outcome in ["filled", "lost", "changed"] {
             metrics.lease_fills_total.with_label_values(&[outcome]);
+        }
+        for outcome in ["near_cache", "joined", "flight", "skipped", "abandoned"] {
+            metrics
+                .worker_cache_renewals_total
+                .with_label_values(&[outcome]);
         }
         for result in ["cache", "database", "not_found", "peer", "error"] {
             metrics.flights_total.with_label_values(&[result]);

@@ -1,5 +1,6 @@
 //! `GET /template-details?id=N`: validate; answer from this worker's cache of fresh answers if
-//! it holds the key; otherwise ask the key's owner, wait at most the request deadline, answer.
+//! it holds the key (asking the owner in the background for a renewed copy when it is due);
+//! otherwise ask the key's owner, wait at most the request deadline, answer.
 
 use std::rc::Rc;
 
@@ -7,7 +8,7 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
 
-use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, XCache};
+use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Renew, XCache};
 use crate::http::error::{mime_json, ApiError};
 use crate::http::{AppState, WorkerState};
 use crate::template::Lookup;
@@ -21,20 +22,23 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     reject_body(&req)?;
     let id = parse_id(req.query_string())?;
 
+    // Borrowed, not extracted: `web::Data` would clone (and drop) an `Arc` that every worker
+    // shares, an atomic write to one cache line from every core on every request.
+    let state = req.app_data::<web::Data<AppState>>();
     let worker = req.app_data::<Rc<WorkerState>>();
     if let Some(worker) = worker {
         let kept = worker.cache.borrow_mut().get(id);
-        if let Some(lookup) = kept {
+        if let Some(hit) = kept {
             worker.counts.worker_cache_hit();
-            return Ok(respond(id, lookup, XCache::Hit));
+            if let (true, Some(state)) = (hit.renew, state) {
+                renew(state, worker, id);
+            }
+            return Ok(respond(id, hit.lookup, XCache::Hit));
         }
     }
+    let state =
+        state.ok_or_else(|| ApiError::Unavailable("the service is not set up".to_owned()))?;
 
-    // Borrowed, not extracted: `web::Data` would clone (and drop) an `Arc` that every worker
-    // shares, an atomic write to one cache line from every core on every request.
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .ok_or_else(|| ApiError::Unavailable("the service is not set up".to_owned()))?;
     let (reply, answer) = oneshot::channel();
     let owner = &state.owners[shard_for(id, state.owners.len())];
     // `do_send` never waits on the owner's mailbox; if the owner is gone the message is dropped
@@ -67,6 +71,20 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
             "template {id} cannot be loaded right now: {e}"
         ))),
     }
+}
+
+/// Asks `id`'s owner for a renewed copy of what this worker keeps, and keeps the answer when it
+/// comes; no request waits on it. A renewal the owner drops (nothing fresh to give) or that
+/// outlasts the request deadline leaves the copy to run out as it would have.
+fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
+    let (reply, answer) = oneshot::channel();
+    state.owners[shard_for(id, state.owners.len())].do_send(Renew { id, reply });
+    let (worker, deadline) = (Rc::clone(worker), state.request_timeout);
+    actix_web::rt::spawn(async move {
+        if let Ok(Ok(answer)) = tokio::time::timeout(deadline, answer).await {
+            worker.cache.borrow_mut().keep(id, &answer);
+        }
+    });
 }
 
 /// The response for what a lookup found: the body as it was cached (a reference-counted buffer,

@@ -7,7 +7,12 @@
 //! owner remembered in its near cache, comes with a [`Fill`] (see
 //! [`crate::actors::key_owner::generations`]), and the worker keeps that answer until the
 //! owner's near-cache entry would stop being fresh, or until the owner learns of a change to the
-//! key (its generation moves) — whichever comes first. Everything else — a miss, a stale value,
+//! key (its generation moves) — whichever comes first. A key it keeps answering does not run out
+//! under its requests: the first request in the last quarter of the copy's freshness (from the
+//! fill's `renew_at`) is still answered from the copy, and the handler asks the owner in the
+//! background for a renewed one ([`crate::actors::key_owner::Renew`]): the owner's entry is read
+//! again from Redis, and its answer refills this cache. So no request for a key in steady use
+//! waits on the owner's thread. Everything else — a miss, a stale value,
 //! a flight to join, shedding — goes to the owner as before, so loads are still deduplicated by
 //! the owners' mailboxes.
 //!
@@ -32,6 +37,17 @@ pub struct WorkerCache {
 struct Kept {
     lookup: Lookup,
     fill: Fill,
+    /// A renewal was asked for this copy: it is served until `fresh_until` without asking again.
+    asked: bool,
+}
+
+/// A copy this worker may answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub lookup: Lookup,
+    /// The copy is in the last quarter of its freshness and no renewal was asked for it yet:
+    /// the caller asks the owner for one (once per copy).
+    pub renew: bool,
 }
 
 impl WorkerCache {
@@ -44,13 +60,17 @@ impl WorkerCache {
 
     /// The answer for `id` if this worker holds one that its owner would still answer as a fresh
     /// `HIT`; an entry that is not is dropped.
-    pub fn get(&mut self, id: i64) -> Option<Lookup> {
+    pub fn get(&mut self, id: i64) -> Option<Hit> {
         let entries = self.entries.as_mut()?;
-        let kept = entries.get(&id)?;
-        if Instant::now() < kept.fill.fresh_until
-            && self.generations.current(id) == kept.fill.generation
-        {
-            return Some(kept.lookup.clone());
+        let kept = entries.get_mut(&id)?;
+        let now = Instant::now();
+        if now < kept.fill.fresh_until && self.generations.current(id) == kept.fill.generation {
+            let renew = now >= kept.fill.renew_at && !kept.asked;
+            kept.asked |= renew;
+            return Some(Hit {
+                lookup: kept.lookup.clone(),
+                renew,
+            });
         }
         entries.pop(&id);
         None
@@ -69,7 +89,16 @@ impl WorkerCache {
             Lookup::Found(body) => Lookup::Found(Bytes::copy_from_slice(body)),
             Lookup::NotFound => Lookup::NotFound,
         };
-        entries.put(id, Kept { lookup, fill });
+        // Not asked yet, even if already due: the next hit asks, so the copy is renewed before
+        // it runs out.
+        entries.put(
+            id,
+            Kept {
+                lookup,
+                fill,
+                asked: false,
+            },
+        );
     }
 
     /// Entries held (fresh or not yet found out to be stale).
@@ -138,7 +167,8 @@ mod tests {
         let answer = hit(&generations, 1, LONG);
         let mut cache = WorkerCache::new(1, generations.clone());
         cache.keep(1, &answer);
-        let (Some(Lookup::Found(kept)), Ok(Lookup::Found(given))) = (cache.get(1), &answer.result)
+        let (Some(Lookup::Found(kept)), Ok(Lookup::Found(given))) =
+            (cache.get(1).map(|h| h.lookup), &answer.result)
         else {
             panic!("kept a body")
         };
@@ -148,6 +178,33 @@ mod tests {
         let mut off = WorkerCache::new(0, generations.clone());
         off.keep(1, &answer);
         assert_eq!((off.get(1), off.len()), (None, 0));
+    }
+
+    #[test]
+    fn a_copy_due_for_renewal_is_still_answered_and_asks_once() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(10, generations.clone());
+        let mut answer = hit(&generations, 1, LONG);
+        let renew_at = Instant::now() + Duration::from_millis(20);
+        answer.fill = answer.fill.map(|fill| fill.renew_from(renew_at));
+        cache.keep(1, &answer);
+        assert!(!cache.get(1).expect("kept").renew, "not due yet");
+        // Let the copy come due.
+        std::thread::sleep(renew_at.saturating_duration_since(Instant::now()));
+        let due = cache.get(1).expect("due, still fresh: answered");
+        assert!(due.renew, "the first hit once due asks for a renewal");
+        assert!(!cache.get(1).expect("kept").renew, "and only the first");
+
+        // A renewal's answer that is due already (the owner's entry near its end) asks again.
+        cache.keep(1, &answer);
+        assert!(cache.get(1).expect("kept").renew);
+
+        // A fill is never due after it runs out.
+        let fill = generations.fill(2, Instant::now());
+        assert_eq!(
+            fill.renew_from(Instant::now() + LONG).renew_at,
+            fill.fresh_until
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Each HTTP worker's cache of fresh answers, through HTTP: a hot key is answered by the worker
 //! itself (`X-Cache: HIT`, counted), a change is still served within a second and the old value
-//! never again, and the setting and `COALESCE=off` turn it off.
+//! never again, a key in steady use is renewed in the background rather than sent to its owner
+//! when its copy runs out, and the setting and `COALESCE=off` turn it off.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testkit::poll;
 
@@ -83,4 +84,42 @@ async fn capacity_zero_and_coalesce_off_turn_the_worker_cache_off() {
         );
         assert!(app.metric("cache_hits_total").await > 0.0, "{what}");
     }
+}
+
+#[actix_rt::test]
+async fn a_key_in_steady_use_is_renewed_in_the_background_and_never_waits_on_its_owner() {
+    const NEAR_TTL: Duration = Duration::from_millis(800);
+    let app = spawn_app_with(|s| {
+        s.http_workers = 1;
+        s.cache_ttl = Duration::from_secs(300);
+        s.near_cache_ttl = NEAR_TTL;
+    })
+    .await;
+    let first = app.template(42).await;
+    assert_eq!(first.status(), 200);
+    let body = first.text().await.expect("body");
+    // Five times the near cache's freshness: without renewals the worker's copy would run out
+    // five times, and the request after each would go to the owner.
+    let started = Instant::now();
+    let mut requests = 1;
+    while started.elapsed() < 5 * NEAR_TTL {
+        let response = app.template(42).await;
+        assert_eq!(header(&response, "x-cache"), "HIT");
+        assert_eq!(response.text().await.expect("body"), body);
+        requests += 1;
+    }
+    let to_owner = f64::from(requests) - app.metric("worker_cache_hits_total").await;
+    let renewals = app.metric("worker_cache_renewals_total").await;
+    // One renewal per three quarters of the freshness: about six. A request goes to the owner
+    // only if none came in a copy's last quarter (200 ms), which takes a stalled machine.
+    assert!(renewals >= 4.0, "{renewals} renewals");
+    assert!(
+        to_owner <= 3.0,
+        "{to_owner} of {requests} requests went to the owner ({renewals} renewals)"
+    );
+    assert_eq!(
+        app.metric("db_hits_total").await,
+        1.0,
+        "renewals read Redis only"
+    );
 }

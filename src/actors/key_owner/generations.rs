@@ -39,6 +39,21 @@ pub struct Generations(Arc<[AtomicU64]>);
 pub struct Fill {
     pub generation: u64,
     pub fresh_until: Instant,
+    /// From then on (the last quarter of the owner's entry's freshness) the worker, still
+    /// answering the kept copy, asks the owner once in the background for a renewed one
+    /// ([`super::Renew`]), so a key it keeps answering never expires under its requests. Never
+    /// later than `fresh_until`.
+    pub renew_at: Instant,
+}
+
+impl Fill {
+    /// This fill, due for renewal from `renew_at` (bounded by `fresh_until`).
+    pub fn renew_from(self, renew_at: Instant) -> Fill {
+        Fill {
+            renew_at: renew_at.min(self.fresh_until),
+            ..self
+        }
+    }
 }
 
 impl Default for Generations {
@@ -72,11 +87,13 @@ impl Generations {
         }
     }
 
-    /// The fill for an answer about `id` that the owner holds fresh until `fresh_until`.
+    /// The fill for an answer about `id` that the owner holds fresh until `fresh_until`, due
+    /// for renewal only then (see [`Fill::renew_from`]).
     pub fn fill(&self, id: i64, fresh_until: Instant) -> Fill {
         Fill {
             generation: self.current(id),
             fresh_until,
+            renew_at: fresh_until,
         }
     }
 }

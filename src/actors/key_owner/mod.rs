@@ -95,6 +95,16 @@
 //! flights, errors, values not remembered or `COALESCE=off` answers — so a worker's entry is
 //! always a copy of the owner's own fresh entry.
 //!
+//! A fill also says when the copy is due for renewal ([`Fill::renew_at`]: the last quarter of
+//! the owner's entry's freshness). The first request a worker answers from a due copy sends the
+//! owner a [`Renew`] in the background; the owner answers from its entry if another worker's
+//! renewal already renewed it, or else joins or starts the key's flight (its `Fresh` answer
+//! carries the new fill), so a key in steady use is read from Redis once per
+//! `NEAR_CACHE_TTL_MS` as before, and no request for it waits on the owner's thread. Renewals
+//! are not requests: they count in no request metric, never get `STALE` or an error, and a
+//! flight that only renewals wait on never loads from PostgreSQL (see
+//! [`KeyOwner::abandon_renewal`]).
+//!
 //! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
 //! cache, refresh-ahead, shedding and superseding are all off. It is a measurement baseline that
 //! shows what they save, not a mode to run in production.
@@ -306,16 +316,43 @@ pub struct Invalidate(pub i64);
 #[rtype(result = "()")]
 pub struct ForgetAll;
 
+/// An HTTP worker still answering its kept copy of `id` (see [`Fill::renew_at`]) asks for a
+/// renewed one, in the background: no request waits on the answer. The owner answers from its
+/// near-cache entry if another worker's renewal already renewed it; otherwise the renewal joins
+/// the key's flight or starts one (the normal Redis read or lease claim, the load on a miss),
+/// whose `Fresh` answer carries the renewed fill. It is not a request: it counts in no request
+/// metric, is never answered `STALE` or with an error (the reply is dropped instead, and the
+/// worker's copy runs out as it would have), and is skipped, never shed, at the owner's bounds.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Renew {
+    pub id: i64,
+    pub reply: oneshot::Sender<Answer>,
+}
+
 /// Readiness: answered at once by a running owner.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Alive;
 
-/// One request waiting for a flight.
+/// One request (or one worker's [`Renew`]) waiting for a flight.
 struct Waiter {
     reply: oneshot::Sender<Answer>,
     /// The request that started the flight (its answer is `MISS`, the others' `SHARED`).
     started_it: bool,
+    /// A worker's [`Renew`], not a request: it waits for a `Fresh` answer with a fill, and
+    /// is dropped unanswered otherwise.
+    renewal: bool,
+}
+
+impl Waiter {
+    fn request(reply: oneshot::Sender<Answer>, started_it: bool) -> Waiter {
+        Waiter {
+            reply,
+            started_it,
+            renewal: false,
+        }
+    }
 }
 
 /// Where a flight is; see the module docs.
@@ -366,6 +403,8 @@ struct Remembered {
     lookup: Lookup,
     /// Answered as `HIT` until then.
     fresh_until: Instant,
+    /// The start of the last quarter of its freshness: workers' copies are renewed from then on.
+    renew_at: Instant,
     /// When the value was read (from PostgreSQL: when the read began); `MAX_STALE_SECS` counts
     /// from here.
     seen_at: Instant,
@@ -444,7 +483,8 @@ impl KeyOwner {
     /// What an HTTP worker may keep of the near-cache hit just answered for `id`.
     fn worker_fill(&mut self, id: i64) -> Option<Fill> {
         let entry = self.near_cache.as_mut()?.peek(&id)?;
-        Some(self.deps.generations.fill(id, entry.fresh_until))
+        let fill = self.deps.generations.fill(id, entry.fresh_until);
+        Some(fill.renew_from(entry.renew_at))
     }
 
     /// What an HTTP worker may keep of a flight's answer for `id`: a fill only if the flight is
@@ -462,7 +502,8 @@ impl KeyOwner {
         }
         let entry = self.near_cache.as_mut()?.peek(&id)?;
         let remembered = Instant::now() < entry.fresh_until && entry.lookup == *lookup;
-        remembered.then(|| self.deps.generations.fill(id, entry.fresh_until))
+        let fill = self.deps.generations.fill(id, entry.fresh_until);
+        remembered.then(|| fill.renew_from(entry.renew_at))
     }
 
     /// A remembered answer for `id` young enough to stand in for a failed load.
@@ -480,12 +521,14 @@ impl KeyOwner {
             Lookup::Found(_) => s.near_cache_ttl,
             Lookup::NotFound => s.negative_ttl.min(s.near_cache_ttl),
         };
+        let fresh_for = ttl.min(fresh_for);
         if let Some(cache) = self.near_cache.as_mut() {
             cache.put(
                 id,
                 Remembered {
                     lookup: lookup.clone(),
-                    fresh_until: seen_at + ttl.min(fresh_for),
+                    fresh_until: seen_at + fresh_for,
+                    renew_at: seen_at + (fresh_for - fresh_for / 4),
                     seen_at,
                 },
             );
@@ -511,6 +554,20 @@ impl KeyOwner {
             return Some((flight, true));
         }
         self.superseded.remove(&flight_id).map(|f| (f, false))
+    }
+
+    /// Takes the waiting requests of flight `flight_id`, leaving it pending with its renewals
+    /// only (they wait for a fresh answer, not for a `STALE` one).
+    fn take_requests(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return Vec::new();
+        };
+        let (renewals, requests) = std::mem::take(&mut flight.waiters)
+            .into_iter()
+            .partition(|w| w.renewal);
+        flight.waiters = renewals;
+        self.waiters_gauge().sub(requests.len() as i64);
+        requests
     }
 
     /// Takes the waiters of flight `flight_id`, leaving it pending without them.
@@ -549,13 +606,9 @@ impl KeyOwner {
     }
 
     /// Starts a coalesced flight for `id` with its first waiter.
-    fn start_flight(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+    fn start_flight(&mut self, id: i64, first: Waiter, ctx: &mut Context<Self>) {
         self.next_flight_id += 1;
         let flight_id = self.next_flight_id;
-        let first = Waiter {
-            reply,
-            started_it: true,
-        };
         self.pending_waiters.insert(
             id,
             Flight {
@@ -605,7 +658,7 @@ impl KeyOwner {
                 // arrivals get it while the refresh runs, and the refresh replaces it. Not put in
                 // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
                 let stale = Settled::Revalidating(cached.lookup.clone());
-                for waiter in self.take_waiters(id, flight_id) {
+                for waiter in self.take_requests(id, flight_id) {
                     answer(&self.deps.metrics, waiter, &stale, None);
                 }
                 if !current {
@@ -622,8 +675,12 @@ impl KeyOwner {
     }
 
     /// Loads `id` from PostgreSQL, within the flight timeout; a lease holder renews its lease
-    /// meanwhile.
+    /// meanwhile. A flight that only workers' renewals wait on ends instead (see
+    /// [`KeyOwner::abandon_renewal`]).
     fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
+        if self.abandon_renewal(id, flight_id, ctx) {
+            return;
+        }
         let read_at = (Instant::now(), unix_ms_now());
         let deadline = read_at.0 + self.deps.settings.flight_timeout;
         let load = fetch(id, deadline, self.deps.clone());
@@ -653,6 +710,35 @@ impl KeyOwner {
         self.spawn_stage(ctx, load, move |owner, result, ctx| {
             owner.on_loaded(id, flight_id, result, read_at, ctx)
         });
+    }
+
+    /// A flight that only workers' renewals wait on, about to load from PostgreSQL (Redis had
+    /// nothing, or failed), ends there unanswered: the database is asked by requests only, so
+    /// with Redis gone a key still costs at most one load per `NEAR_CACHE_TTL_MS`. A lease it
+    /// claimed is released at once. A soft-expired value's refresh is not abandoned: it is the
+    /// one refresh that a request would start anyway. `true` if the flight ended.
+    fn abandon_renewal(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) -> bool {
+        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
+            return false;
+        };
+        let refreshing = matches!(flight.phase, Phase::Refreshing(_));
+        if refreshing || flight.waiters.is_empty() || flight.waiters.iter().any(|w| !w.renewal) {
+            return false;
+        }
+        if let Some(timer) = flight.wake.take() {
+            ctx.cancel_future(timer);
+        }
+        let role = std::mem::replace(&mut flight.role, Role::Local);
+        let waiters = self.take_waiters(id, flight_id);
+        self.remove_flight(id, flight_id);
+        self.inflight_keys().dec();
+        if let Role::Holding(token) = role {
+            self.release(id, token);
+        }
+        self.count_renewal("abandoned");
+        // Last: a worker that sees its reply dropped finds everything above done.
+        drop(waiters);
+        true
     }
 
     /// PostgreSQL answered. A current flight answers its waiters at once, remembers the value
@@ -857,8 +943,9 @@ impl KeyOwner {
         }
     }
 
-    /// A soft-expired value for `id`: its waiters get it now (`STALE`), and so do arrivals while
-    /// it is reloaded. A flight already refreshing keeps the value it serves.
+    /// A soft-expired value for `id`: its waiting requests get it now (`STALE`), and so do
+    /// arrivals while it is reloaded; renewals wait for the reload. A flight already refreshing
+    /// keeps the value it serves.
     fn revalidate(&mut self, id: i64, flight_id: u64, stale: Lookup) {
         let Some((flight, _)) = self.flight_mut(id, flight_id) else {
             return;
@@ -868,7 +955,7 @@ impl KeyOwner {
         }
         flight.phase = Phase::Refreshing(stale.clone());
         let settled = Settled::Revalidating(stale);
-        for waiter in self.take_waiters(id, flight_id) {
+        for waiter in self.take_requests(id, flight_id) {
             answer(&self.deps.metrics, waiter, &settled, None);
         }
     }
@@ -1035,11 +1122,12 @@ impl KeyOwner {
                 Err(e) => Settled::Failed(e),
             };
             count_flight(&owner.deps.metrics, &settled);
-            let waiter = Waiter {
-                reply,
-                started_it: true,
-            };
-            answer(&owner.deps.metrics, waiter, &settled, None);
+            answer(
+                &owner.deps.metrics,
+                Waiter::request(reply, true),
+                &settled,
+                None,
+            );
         });
     }
 
@@ -1065,10 +1153,10 @@ impl KeyOwner {
         }
         let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            let waiter = Waiter {
-                reply,
-                started_it: false,
-            };
+            // A loading flight that only renewals wait on so far is this request's own.
+            let first =
+                matches!(flight.phase, Phase::Loading) && flight.waiters.iter().all(|w| w.renewal);
+            let waiter = Waiter::request(reply, first);
             match &flight.phase {
                 Phase::Refreshing(lookup) => {
                     let settled = Settled::Revalidating(lookup.clone());
@@ -1093,7 +1181,70 @@ impl KeyOwner {
         if flights >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
-        self.start_flight(id, reply, ctx);
+        self.start_flight(id, Waiter::request(reply, true), ctx);
+    }
+
+    /// A worker's [`Renew`] for `id` (see its docs for what it is and is not).
+    fn renew(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+        if reply.is_closed() || !self.deps.settings.coalesce {
+            return self.count_renewal("skipped");
+        }
+        let now = Instant::now();
+        let renewed = self
+            .near_cache
+            .as_mut()
+            .and_then(|cache| cache.get(&id))
+            .filter(|entry| now < entry.renew_at && now < entry.fresh_until)
+            .map(|entry| entry.lookup.clone());
+        if let Some(lookup) = renewed {
+            // Another worker's renewal (or a request's flight) already renewed the entry.
+            self.count_renewal("near_cache");
+            let _ = reply.send(Answer {
+                result: Ok(lookup),
+                x_cache: XCache::Hit,
+                fill: self.worker_fill(id),
+            });
+            return;
+        }
+        let renewal = Waiter {
+            reply,
+            started_it: false,
+            renewal: true,
+        };
+        let max_waiters = self.deps.settings.max_waiters_per_key;
+        if let Some(flight) = self.pending_waiters.get_mut(&id) {
+            match &flight.phase {
+                Phase::Storing(lookup) => {
+                    let settled = Settled::Fresh(lookup.clone(), Origin::Database);
+                    self.count_renewal("joined");
+                    let fill = self.flight_fill(id, true, &settled);
+                    answer(&self.deps.metrics, renewal, &settled, fill);
+                }
+                Phase::Loading | Phase::Refreshing(_) if flight.waiters.len() < max_waiters => {
+                    flight.waiters.push(renewal);
+                    self.waiters_gauge().inc();
+                    self.count_renewal("joined");
+                }
+                _ => self.count_renewal("skipped"),
+            }
+            return;
+        }
+        let flights = self.pending_waiters.len() + self.superseded.len();
+        if flights >= self.deps.settings.max_pending_keys {
+            return self.count_renewal("skipped");
+        }
+        self.count_renewal("flight");
+        self.start_flight(id, renewal, ctx);
+    }
+
+    /// Counts a renewal by its `outcome` (counted before any answer, so that a worker that has
+    /// its answer finds it counted).
+    fn count_renewal(&self, outcome: &str) {
+        self.deps
+            .metrics
+            .worker_cache_renewals_total
+            .with_label_values(&[outcome])
+            .inc();
     }
 }
 
@@ -1134,6 +1285,16 @@ impl Handler<GetTemplate> for KeyOwner {
     fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
         contain(self, ctx, "a KeyOwner request", |owner, ctx| {
             owner.get_template(id, reply, ctx)
+        });
+    }
+}
+
+impl Handler<Renew> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, Renew { id, reply }: Renew, ctx: &mut Self::Context) {
+        contain(self, ctx, "a worker's renewal", |owner, ctx| {
+            owner.renew(id, reply, ctx)
         });
     }
 }
@@ -1264,7 +1425,20 @@ fn count_flight(metrics: &Metrics, settled: &Settled) {
 
 /// Sends one waiter its answer and counts it. A waiter that left is still counted: its request
 /// was served as far as the owner is concerned, and the counts must add up to the flights' work.
+///
+/// A renewal is not a request: it counts in nothing, and gets an answer only if that answer
+/// comes with a fill (anything else would be of no use to the worker that asked).
 fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled, fill: Option<Fill>) {
+    if waiter.renewal {
+        if let (Some(fill), Settled::Fresh(lookup, _)) = (fill, settled) {
+            let _ = waiter.reply.send(Answer {
+                result: Ok(lookup.clone()),
+                x_cache: XCache::Hit,
+                fill: Some(fill),
+            });
+        }
+        return;
+    }
     let (result, x_cache) = match settled {
         Settled::Fresh(lookup, Origin::Cache) => {
             metrics.cache_hits_total.inc();

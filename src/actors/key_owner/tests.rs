@@ -956,7 +956,7 @@ async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it
         "never past the near cache's own freshness"
     );
     for _ in 0..50 {
-        assert_eq!(worker.get(4), hit.result.clone().ok());
+        assert_eq!(worker.get(4).map(|h| h.lookup), hit.result.clone().ok());
     }
     assert_eq!(
         h.metrics.near_cache_hits_total.get(),
@@ -1013,7 +1013,11 @@ async fn an_invalidation_after_a_fill_makes_the_worker_miss_at_once() {
     assert_eq!(reloaded.x_cache, XCache::Miss);
     let hit = through_worker(&h, &mut worker, 9).await;
     assert_eq!(loaded_by(&hit).as_deref(), Some("query 2"));
-    assert_eq!(worker.get(9), hit.result.ok(), "kept again: the new value");
+    assert_eq!(
+        worker.get(9).map(|h| h.lookup),
+        hit.result.ok(),
+        "kept again: the new value"
+    );
 }
 
 #[actix_rt::test]
@@ -1115,7 +1119,7 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
         assert!(answer.fill.is_some(), "{:?}", answer.x_cache);
         worker.keep(10, answer);
     }
-    let kept = worker.get(10);
+    let kept = worker.get(10).map(|h| h.lookup);
     assert_eq!(kept, after[0].result.clone().ok(), "only the new value");
 }
 
@@ -1154,7 +1158,7 @@ async fn a_current_flights_fresh_answers_fill_workers_as_a_near_cache_hit_would(
     }
     let mut worker = h.worker_cache(10);
     worker.keep(3, &loaded[1]);
-    assert_eq!(worker.get(3), hit.result.clone().ok());
+    assert_eq!(worker.get(3).map(|h| h.lookup), hit.result.clone().ok());
 
     // From Redis, answered to every request that joined the read.
     let h = Setup {
@@ -1442,5 +1446,202 @@ async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
     h.hold_as_peer(18, Duration::from_secs(60)).await;
     let answer = h.one(18).await;
     assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
+    h.idle().await;
+}
+
+// Workers' renewals (`Renew`): a copy in steady use is renewed in the background.
+
+impl Harness {
+    /// Sends a worker's renewal for `id`; the receiver gets an answer only if it has a fill.
+    fn renew(&self, id: i64) -> oneshot::Receiver<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.owner.do_send(Renew { id, reply });
+        answer
+    }
+
+    fn renewals(&self, outcome: &str) -> u64 {
+        self.metrics
+            .worker_cache_renewals_total
+            .with_label_values(&[outcome])
+            .get()
+    }
+
+    /// Every request metric an answer moves, summed: a renewal must move none.
+    fn request_counts(&self) -> u64 {
+        let m = &self.metrics;
+        m.cache_hits_total.get()
+            + m.cache_misses_total.get()
+            + m.near_cache_hits_total.get()
+            + m.singleflight_shared_total.get()
+            + m.stale_answers_total.get()
+            + m.cache_reads_coalesced_total.get()
+    }
+}
+
+/// Waits (a clock running out) until `fill` is due for renewal.
+async fn until_due(fill: Fill) {
+    tokio::time::sleep(fill.renew_at.saturating_duration_since(Instant::now())).await;
+}
+
+/// A renewal that gets no answer: its reply was dropped.
+async fn dropped(rx: oneshot::Receiver<Answer>) {
+    let outcome = tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("no renewal may hang");
+    assert!(outcome.is_err(), "no answer, got {outcome:?}");
+}
+
+#[actix_rt::test]
+async fn a_due_renewal_reads_redis_again_and_gives_a_later_fill() {
+    let h = Setup {
+        cached: vec![5],
+        owner: near_cache_ttl(400),
+        ..Default::default()
+    }
+    .start();
+    let first = h.one(5).await;
+    let fill = first.fill.expect("a fresh flight answer fills");
+    assert!(fill.renew_at < fill.fresh_until, "due in its last quarter");
+    let ttl = Duration::from_millis(400);
+    assert!(fill.fresh_until - fill.renew_at <= ttl / 4 + Duration::from_millis(1));
+    let mut worker = h.worker_cache(10);
+    worker.keep(5, &first);
+    assert!(!worker.get(5).expect("kept").renew, "not due yet");
+
+    until_due(fill).await;
+    let due = worker.get(5).expect("still fresh");
+    assert!(due.renew, "the first hit once due asks for a renewal");
+    assert!(!worker.get(5).expect("kept").renew, "once per copy");
+    let (counts, gets) = (h.request_counts(), h.gets());
+    let renewed = receive(h.renew(5)).await;
+    assert_eq!(h.gets(), gets + 1, "read from Redis again");
+    assert_eq!(h.renewals("flight"), 1);
+    let renewed_fill = renewed.fill.expect("a renewal is answered with a fill");
+    assert!(renewed_fill.fresh_until > fill.fresh_until);
+    assert!(renewed_fill.renew_at > fill.fresh_until - ttl / 4);
+    worker.keep(5, &renewed);
+    assert!(!worker.get(5).expect("renewed").renew, "not due again yet");
+
+    // Another worker's renewal of the same copy: the owner's entry is already renewed.
+    let again = receive(h.renew(5)).await;
+    assert_eq!(again.fill, Some(renewed_fill));
+    assert_eq!((h.gets(), h.renewals("near_cache")), (gets + 1, 1));
+    assert_eq!(h.request_counts(), counts, "renewals are not requests");
+    assert_eq!(h.queries(), 0);
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn a_renewal_never_loads_from_the_database() {
+    for setup in [
+        // Redis always empty: the value came from PostgreSQL.
+        Setup {
+            forgetful_cache: true,
+            db_delay: Duration::ZERO,
+            owner: near_cache_ttl(200),
+            ..Default::default()
+        },
+        // The same under the fleet lease: the claim the renewal's miss made goes back at once.
+        Setup {
+            forgetful_cache: true,
+            db_delay: Duration::ZERO,
+            owner: near_cache_ttl(200),
+            ..leased()
+        },
+    ] {
+        let leased = setup.lease_ttl.is_some();
+        let h = setup.start();
+        let first = h.one(6).await;
+        assert_eq!((first.x_cache, h.queries()), (XCache::Miss, 1));
+        until_due(first.fill.expect("remembered")).await;
+        dropped(h.renew(6)).await;
+        assert_eq!(h.renewals("abandoned"), 1, "lease {leased}");
+        assert_eq!(
+            h.queries(),
+            1,
+            "lease {leased}: the database is asked by requests only"
+        );
+        if leased {
+            eventually("the lease went back", || h.lease_releases.get() == 1).await;
+        }
+        h.idle().await;
+        assert_eq!(
+            h.one(6).await.x_cache,
+            XCache::Hit,
+            "the owner still answers"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_request_joining_a_renewal_flight_is_its_own_miss_and_the_renewal_shares_it() {
+    let h = Setup {
+        forgetful_cache: true,
+        cache_delay: Duration::from_millis(100),
+        db_delay: Duration::from_millis(50),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    // The owner has no entry (evicted, say): the renewal starts a flight, and a request joins
+    // it while its Redis read is in the air.
+    let renewal = h.renew(8);
+    eventually("the renewal's flight started", || h.pending_flights() == 1).await;
+    let request = receive(h.ask(8)).await;
+    assert_eq!(request.x_cache, XCache::Miss, "the request's own load");
+    assert_eq!(h.queries(), 1);
+    let renewed = receive(renewal).await;
+    assert_eq!(renewed.fill, request.fill);
+    assert!(renewed.fill.is_some());
+    assert_eq!(h.renewals("flight"), 1);
+    assert_eq!(
+        h.metrics.cache_misses_total.get(),
+        1,
+        "one request, one miss"
+    );
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn a_change_during_a_renewal_gives_it_nothing_to_keep() {
+    let h = Setup {
+        cached: vec![9],
+        cache_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let renewal = h.renew(9);
+    eventually("the renewal's read is in the air", || {
+        h.pending_flights() == 1
+    })
+    .await;
+    h.owner.send(Invalidate(9)).await.expect("owner running");
+    dropped(renewal).await;
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn a_renewal_of_a_soft_expired_value_waits_for_the_refresh() {
+    let h = Setup {
+        stale_cached: vec![11],
+        cache_delay: Duration::from_millis(50),
+        db_delay: Duration::from_millis(150),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let renewal = h.renew(11);
+    eventually("the refresh is loading", || h.queries() == 1).await;
+    let request = receive(h.ask(11)).await;
+    assert_eq!(
+        request.x_cache,
+        XCache::Stale,
+        "requests get the old value at once"
+    );
+    let renewed = receive(renewal).await;
+    assert_eq!(loaded_by(&renewed).as_deref(), Some("query 0"));
+    assert!(renewed.fill.is_some(), "the refreshed value, to keep");
+    assert_eq!(h.metrics.refreshes_total.get(), 1);
     h.idle().await;
 }
