@@ -68,6 +68,7 @@ impl Owners {
             let cache = FakeCache::start_in_arbiter(&arbiter.handle(), |_| FakeCache::new(store));
             let deps = KeyOwnerDeps {
                 cache_get: cache.clone().recipient(),
+                cache_get_many: cache.clone().recipient(),
                 cache_set: cache.clone().recipient(),
                 cache_del: cache.recipient(),
                 db: db.clone().recipient(),

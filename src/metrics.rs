@@ -45,9 +45,9 @@ pub struct Metrics {
     /// Background refreshes of soft-expired keys (refresh-ahead).
     pub refreshes_total: IntCounter,
     /// HTTP workers' background renewals of the copies they keep answering, by `outcome`:
-    /// `near_cache` (already renewed), `joined` (a flight), `flight` (started one), `skipped`
-    /// (at a bound, or the worker gone), `abandoned` (a flight that found nothing in Redis,
-    /// ended rather than load: a renewal never asks PostgreSQL).
+    /// `near_cache` (already renewed by another worker), `joined` (the key's flight), `read`
+    /// (read again from Redis, in a batch), `missed` (Redis had no fresh value, failed, or a
+    /// change came first: the copy runs out), `skipped` (at a bound, or the worker gone).
     pub worker_cache_renewals_total: IntCounterVec,
     /// Change notifications received from PostgreSQL (per replica, one per changed row).
     pub invalidations_total: IntCounter,
@@ -337,7 +337,7 @@ impl Metrics {
         for outcome in ["filled", "lost", "changed"] {
             metrics.lease_fills_total.with_label_values(&[outcome]);
         }
-        for outcome in ["near_cache", "joined", "flight", "skipped", "abandoned"] {
+        for outcome in ["near_cache", "joined", "read", "missed", "skipped"] {
             metrics
                 .worker_cache_renewals_total
                 .with_label_values(&[outcome]);

@@ -187,6 +187,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
         });
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
+            cache_get_many: cache.clone().recipient(),
             cache_set: cache.clone().recipient(),
             cache_del: cache.clone().recipient(),
             db: db.clone().recipient(),
@@ -286,6 +287,7 @@ fn serve(
         let worker = std::rc::Rc::new(WorkerState {
             cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
             counts: per_worker.worker(),
+            renewals: Default::default(),
         });
         let counting = worker.clone();
         App::new()

@@ -20,8 +20,8 @@ use actix::prelude::*;
 use chrono::Utc;
 
 use crate::actors::cache::{
-    CacheDel, CacheError, CacheGet, CacheSet, Cached, Claim, ClaimLoad, LeaseFill, LeaseRelease,
-    LeaseRenew, LeaseState,
+    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseFill,
+    LeaseRelease, LeaseRenew, LeaseState,
 };
 use crate::actors::db::{guard_panics, DbError, FetchTemplate};
 use crate::template::{Lookup, Template};
@@ -65,6 +65,8 @@ pub struct FakeCache {
     /// Forgets every write (a Redis that is always empty).
     pub forgetful: bool,
     pub gets: Counter,
+    /// Batched reads ([`CacheGetMany`]), one per call.
+    pub get_manys: Counter,
     pub sets: Counter,
     pub dels: Counter,
     /// The fleet leases, kept next to the values as Redis keeps them.
@@ -115,6 +117,7 @@ impl FakeCache {
             set_delay: Duration::ZERO,
             forgetful: false,
             gets: Counter::default(),
+            get_manys: Counter::default(),
             sets: Counter::default(),
             dels: Counter::default(),
             leases: FakeLeases {
@@ -157,10 +160,7 @@ impl Handler<CacheGet> for FakeCache {
     type Result = Response<Result<Option<Cached>, CacheError>>;
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         self.gets.bump();
-        let value = self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
-            lookup: lookup.clone(),
-            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
-        });
+        let value = self.cached(id);
         let delay = self.get_delay;
         if delay.is_zero() {
             return Response::reply(Ok(value));
@@ -168,6 +168,28 @@ impl Handler<CacheGet> for FakeCache {
         Response::fut(async move {
             tokio::time::sleep(delay).await;
             Ok(value)
+        })
+    }
+}
+
+impl FakeCache {
+    fn cached(&self, id: i64) -> Option<Cached> {
+        self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
+            lookup: lookup.clone(),
+            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
+        })
+    }
+}
+
+impl Handler<CacheGetMany> for FakeCache {
+    type Result = Response<Result<Vec<Option<Cached>>, CacheError>>;
+    fn handle(&mut self, CacheGetMany(ids): CacheGetMany, _: &mut Self::Context) -> Self::Result {
+        self.get_manys.bump();
+        let values = ids.iter().map(|&id| self.cached(id)).collect();
+        let delay = self.get_delay;
+        Response::fut(async move {
+            tokio::time::sleep(delay).await;
+            Ok(values)
         })
     }
 }

@@ -34,6 +34,9 @@ pub struct AppState {
 pub struct WorkerState {
     pub cache: RefCell<WorkerCache>,
     pub counts: WorkerCounts,
+    /// Ids due for renewal not yet sent to their owner, by owner shard (see
+    /// [`template_details`]'s `renew`).
+    pub renewals: RefCell<Vec<Vec<i64>>>,
 }
 
 /// The paths served, as the `endpoint` label of the HTTP metrics names them; any other path is

@@ -3,6 +3,7 @@
 //! otherwise ask the key's owner, wait at most the request deadline, answer.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -73,17 +74,48 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     }
 }
 
-/// Asks `id`'s owner for a renewed copy of what this worker keeps, and keeps the answer when it
-/// comes; no request waits on it. A renewal the owner drops (nothing fresh to give) or that
-/// outlasts the request deadline leaves the copy to run out as it would have.
+/// How long a worker gathers the ids that come due for renewal before it sends them to their
+/// owner in one message (and the owner reads them from Redis in one round trip). A copy comes
+/// due with a quarter of the near cache's freshness left (250 ms by default), so a few
+/// milliseconds cost nothing, and over many keys they turn a message, a Redis round trip and
+/// their wake-ups per key into one per batch.
+const RENEWAL_BATCH: Duration = Duration::from_millis(5);
+
+/// Puts `id` in this worker's next renewal for its owner; the first id of a batch schedules the
+/// batch. The owner's answers refill the cache as they come; no request waits on them. A renewal
+/// the owner drops (nothing fresh to give), or one that outlasts the request deadline, leaves
+/// the copy to run out as it would have.
 fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
-    let (reply, answer) = oneshot::channel();
-    state.owners[shard_for(id, state.owners.len())].do_send(Renew { id, reply });
+    let shard = shard_for(id, state.owners.len());
+    let mut pending = worker.renewals.borrow_mut();
+    if pending.len() <= shard {
+        pending.resize_with(state.owners.len(), Vec::new);
+    }
+    pending[shard].push(id);
+    if pending[shard].len() > 1 {
+        return;
+    }
+    let owner = state.owners[shard].clone();
     let (worker, deadline) = (Rc::clone(worker), state.request_timeout);
     actix_web::rt::spawn(async move {
-        if let Ok(Ok(answer)) = tokio::time::timeout(deadline, answer).await {
-            worker.cache.borrow_mut().keep(id, &answer);
-        }
+        tokio::time::sleep(RENEWAL_BATCH).await;
+        let ids = std::mem::take(&mut worker.renewals.borrow_mut()[shard]);
+        let mut renewals = Vec::with_capacity(ids.len());
+        let answers: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let (reply, answer) = oneshot::channel();
+                renewals.push((id, reply));
+                let worker = Rc::clone(&worker);
+                async move {
+                    if let Ok(answer) = answer.await {
+                        worker.cache.borrow_mut().keep(id, &answer);
+                    }
+                }
+            })
+            .collect();
+        owner.do_send(Renew { renewals });
+        let _ = tokio::time::timeout(deadline, futures_util::future::join_all(answers)).await;
     });
 }
 

@@ -115,6 +115,14 @@ impl Cached {
 #[rtype(result = "Result<Option<Cached>, CacheError>")]
 pub struct CacheGet(pub i64);
 
+/// Read several templates in one round trip (`MGET`): for each id, in order, what [`CacheGet`]
+/// would answer, except that a value that is not a valid entry is a miss (`None`, counted as a
+/// decode error) rather than an error for all of them. What HTTP workers' renewals read (see
+/// [`crate::actors::key_owner::Renew`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<Option<Cached>>, CacheError>")]
+pub struct CacheGetMany(pub Vec<i64>);
+
 /// Remove a template's entry and bump its generation (its row changed): a lease holder that
 /// claimed before this fills nothing (see [`lease`]).
 #[derive(Debug, Message)]
@@ -535,6 +543,41 @@ impl Handler<CacheGet> for CacheActor {
                 None => Ok(None),
                 Some(raw) => usable(Bytes::from(raw), id, suspect_before_ms, &metrics),
             }
+        })
+    }
+}
+
+impl Handler<CacheGetMany> for CacheActor {
+    type Result = ResponseActFuture<Self, Result<Vec<Option<Cached>>, CacheError>>;
+
+    fn handle(&mut self, CacheGetMany(ids): CacheGetMany, _: &mut Self::Context) -> Self::Result {
+        if ids.is_empty() {
+            return Box::pin(fut::ready(Ok(Vec::new())));
+        }
+        let conn = self.connection();
+        let timeout = self.settings.timeout;
+        let suspect_before: Vec<u64> = ids.iter().map(|&id| self.suspect_before(id)).collect();
+        let metrics = self.metrics.clone();
+        self.call(async move {
+            let mut conn = conn?;
+            let keys: Vec<String> = ids.iter().map(|&id| cache_key(id)).collect();
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| CacheError::from_redis(e, timeout))?;
+            let read = ids.iter().zip(suspect_before).zip(values);
+            Ok(read
+                .map(|((&id, before), raw)| {
+                    usable(Bytes::from(raw?), id, before, &metrics).unwrap_or_else(|e| {
+                        metrics
+                            .redis_errors_total
+                            .with_label_values(&[e.kind()])
+                            .inc();
+                        None
+                    })
+                })
+                .collect())
         })
     }
 }

@@ -96,14 +96,17 @@
 //! always a copy of the owner's own fresh entry.
 //!
 //! A fill also says when the copy is due for renewal ([`Fill::renew_at`]: the last quarter of
-//! the owner's entry's freshness). The first request a worker answers from a due copy sends the
-//! owner a [`Renew`] in the background; the owner answers from its entry if another worker's
-//! renewal already renewed it, or else joins or starts the key's flight (its `Fresh` answer
-//! carries the new fill), so a key in steady use is read from Redis once per
-//! `NEAR_CACHE_TTL_MS` as before, and no request for it waits on the owner's thread. Renewals
-//! are not requests: they count in no request metric, never get `STALE` or an error, and a
-//! flight that only renewals wait on never loads from PostgreSQL (see
-//! [`KeyOwner::abandon_renewal`]).
+//! the owner's entry's freshness). The first request a worker answers from a due copy puts the
+//! id in a [`Renew`] that the worker sends in the background with the other ids due within a few
+//! milliseconds. The owner answers each from its entry if another worker's renewal already
+//! renewed it, joins the key's flight if it has one, and reads the rest again from Redis in one
+//! round trip; a fresh value is remembered and answered with its fill. So a key in steady use is
+//! read from Redis about once per `NEAR_CACHE_TTL_MS` as before, no request for it waits on the
+//! owner's thread, and a thousand keys cost a few dozen round trips a second rather than a
+//! thousand flights. A renewal is not a request: it counts in no request metric, starts no
+//! flight (so never loads from PostgreSQL), and never gets `STALE` or an error. Its read is
+//! voided by a change the owner learns of before the answer comes back (the id's generation
+//! moved), like a superseded flight's.
 //!
 //! With `COALESCE=off` every request runs a flight of its own: nothing is shared, and the near
 //! cache, refresh-ahead, shedding and superseding are all off. It is a measurement baseline that
@@ -125,8 +128,8 @@ use lru::LruCache;
 use tokio::sync::oneshot;
 
 use crate::actors::cache::{
-    CacheDel, CacheGet, CacheSet, Cached, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew,
-    LeaseState, LeaseToken,
+    CacheDel, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseFill, LeaseRelease,
+    LeaseRenew, LeaseState, LeaseToken,
 };
 use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
@@ -270,6 +273,8 @@ impl Default for OwnerSettings {
 #[derive(Clone)]
 pub struct KeyOwnerDeps {
     pub cache_get: Recipient<CacheGet>,
+    /// Workers' renewals, read in batches.
+    pub cache_get_many: Recipient<CacheGetMany>,
     pub cache_set: Recipient<CacheSet>,
     pub cache_del: Recipient<CacheDel>,
     pub db: Recipient<FetchTemplate>,
@@ -316,18 +321,19 @@ pub struct Invalidate(pub i64);
 #[rtype(result = "()")]
 pub struct ForgetAll;
 
-/// An HTTP worker still answering its kept copy of `id` (see [`Fill::renew_at`]) asks for a
-/// renewed one, in the background: no request waits on the answer. The owner answers from its
-/// near-cache entry if another worker's renewal already renewed it; otherwise the renewal joins
-/// the key's flight or starts one (the normal Redis read or lease claim, the load on a miss),
-/// whose `Fresh` answer carries the renewed fill. It is not a request: it counts in no request
-/// metric, is never answered `STALE` or with an error (the reply is dropped instead, and the
-/// worker's copy runs out as it would have), and is skipped, never shed, at the owner's bounds.
+/// An HTTP worker, still answering its kept copies of these ids, asks for renewed ones (see
+/// [`Fill::renew_at`]), in the background: no request waits on the answers. The worker sends the
+/// ids that came due within a few milliseconds together. For each id the owner answers from its
+/// near-cache entry if another worker's renewal already renewed it, joins a flight the key has
+/// (its `Fresh` answer carries the new fill), or else reads it again from Redis: the ids left
+/// are read in one round trip ([`CacheGetMany`]), and a fresh value is remembered and answered
+/// with its fill. A renewal is not a request: it counts in no request metric, starts no flight
+/// and so never loads from PostgreSQL, and is never answered `STALE` or with an error — its
+/// reply is dropped instead, and the worker's copy runs out as it would have.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Renew {
-    pub id: i64,
-    pub reply: oneshot::Sender<Answer>,
+    pub renewals: Vec<(i64, oneshot::Sender<Answer>)>,
 }
 
 /// Readiness: answered at once by a running owner.
@@ -675,12 +681,8 @@ impl KeyOwner {
     }
 
     /// Loads `id` from PostgreSQL, within the flight timeout; a lease holder renews its lease
-    /// meanwhile. A flight that only workers' renewals wait on ends instead (see
-    /// [`KeyOwner::abandon_renewal`]).
+    /// meanwhile.
     fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
-        if self.abandon_renewal(id, flight_id, ctx) {
-            return;
-        }
         let read_at = (Instant::now(), unix_ms_now());
         let deadline = read_at.0 + self.deps.settings.flight_timeout;
         let load = fetch(id, deadline, self.deps.clone());
@@ -710,35 +712,6 @@ impl KeyOwner {
         self.spawn_stage(ctx, load, move |owner, result, ctx| {
             owner.on_loaded(id, flight_id, result, read_at, ctx)
         });
-    }
-
-    /// A flight that only workers' renewals wait on, about to load from PostgreSQL (Redis had
-    /// nothing, or failed), ends there unanswered: the database is asked by requests only, so
-    /// with Redis gone a key still costs at most one load per `NEAR_CACHE_TTL_MS`. A lease it
-    /// claimed is released at once. A soft-expired value's refresh is not abandoned: it is the
-    /// one refresh that a request would start anyway. `true` if the flight ended.
-    fn abandon_renewal(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) -> bool {
-        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
-            return false;
-        };
-        let refreshing = matches!(flight.phase, Phase::Refreshing(_));
-        if refreshing || flight.waiters.is_empty() || flight.waiters.iter().any(|w| !w.renewal) {
-            return false;
-        }
-        if let Some(timer) = flight.wake.take() {
-            ctx.cancel_future(timer);
-        }
-        let role = std::mem::replace(&mut flight.role, Role::Local);
-        let waiters = self.take_waiters(id, flight_id);
-        self.remove_flight(id, flight_id);
-        self.inflight_keys().dec();
-        if let Role::Holding(token) = role {
-            self.release(id, token);
-        }
-        self.count_renewal("abandoned");
-        // Last: a worker that sees its reply dropped finds everything above done.
-        drop(waiters);
-        true
     }
 
     /// PostgreSQL answered. A current flight answers its waiters at once, remembers the value
@@ -1153,10 +1126,7 @@ impl KeyOwner {
         }
         let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            // A loading flight that only renewals wait on so far is this request's own.
-            let first =
-                matches!(flight.phase, Phase::Loading) && flight.waiters.iter().all(|w| w.renewal);
-            let waiter = Waiter::request(reply, first);
+            let waiter = Waiter::request(reply, false);
             match &flight.phase {
                 Phase::Refreshing(lookup) => {
                     let settled = Settled::Revalidating(lookup.clone());
@@ -1184,10 +1154,38 @@ impl KeyOwner {
         self.start_flight(id, Waiter::request(reply, true), ctx);
     }
 
-    /// A worker's [`Renew`] for `id` (see its docs for what it is and is not).
-    fn renew(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+    /// A worker's [`Renew`] (see its docs for what it is and is not).
+    fn renew(&mut self, renewals: Vec<(i64, oneshot::Sender<Answer>)>, ctx: &mut Context<Self>) {
+        let mut reads = Vec::new();
+        for (id, reply) in renewals {
+            if let Some(reply) = self.renew_from_memory(id, reply) {
+                // Read under the generation of now: a change learned before the read's answer
+                // comes back voids it.
+                reads.push((id, reply, self.deps.generations.current(id)));
+            }
+        }
+        if reads.is_empty() {
+            return;
+        }
+        let ids = reads.iter().map(|(id, ..)| *id).collect();
+        let read = self.deps.cache_get_many.send(CacheGetMany(ids));
+        // A failed read (Redis down, breaker open, the cache actor gone) renews nothing.
+        let read = async move { Ok(read.await.ok().and_then(Result::ok)) };
+        self.spawn_stage(ctx, read, move |owner, values, _| {
+            owner.on_renewal_read(reads, values.ok().flatten().unwrap_or_default())
+        });
+    }
+
+    /// A renewal of `id` that needs no Redis read: answered from an entry already renewed,
+    /// joined to the key's flight, or skipped. Otherwise its reply comes back, to be read.
+    fn renew_from_memory(
+        &mut self,
+        id: i64,
+        reply: oneshot::Sender<Answer>,
+    ) -> Option<oneshot::Sender<Answer>> {
         if reply.is_closed() || !self.deps.settings.coalesce {
-            return self.count_renewal("skipped");
+            self.count_renewal("skipped");
+            return None;
         }
         let now = Instant::now();
         let renewed = self
@@ -1204,37 +1202,60 @@ impl KeyOwner {
                 x_cache: XCache::Hit,
                 fill: self.worker_fill(id),
             });
-            return;
+            return None;
         }
+        let Some(flight) = self.pending_waiters.get_mut(&id) else {
+            return Some(reply);
+        };
         let renewal = Waiter {
             reply,
             started_it: false,
             renewal: true,
         };
-        let max_waiters = self.deps.settings.max_waiters_per_key;
-        if let Some(flight) = self.pending_waiters.get_mut(&id) {
-            match &flight.phase {
-                Phase::Storing(lookup) => {
-                    let settled = Settled::Fresh(lookup.clone(), Origin::Database);
-                    self.count_renewal("joined");
-                    let fill = self.flight_fill(id, true, &settled);
-                    answer(&self.deps.metrics, renewal, &settled, fill);
-                }
-                Phase::Loading | Phase::Refreshing(_) if flight.waiters.len() < max_waiters => {
-                    flight.waiters.push(renewal);
-                    self.waiters_gauge().inc();
-                    self.count_renewal("joined");
-                }
-                _ => self.count_renewal("skipped"),
+        match &flight.phase {
+            Phase::Storing(lookup) => {
+                let settled = Settled::Fresh(lookup.clone(), Origin::Database);
+                self.count_renewal("joined");
+                let fill = self.flight_fill(id, true, &settled);
+                answer(&self.deps.metrics, renewal, &settled, fill);
             }
-            return;
+            Phase::Loading | Phase::Refreshing(_)
+                if flight.waiters.len() < self.deps.settings.max_waiters_per_key =>
+            {
+                flight.waiters.push(renewal);
+                self.waiters_gauge().inc();
+                self.count_renewal("joined");
+            }
+            _ => self.count_renewal("skipped"),
         }
-        let flights = self.pending_waiters.len() + self.superseded.len();
-        if flights >= self.deps.settings.max_pending_keys {
-            return self.count_renewal("skipped");
+        None
+    }
+
+    /// Redis answered a batch of renewals (`values` in the order of `reads`; empty if the read
+    /// failed). A fresh value of an id whose generation has not moved since the read was sent is
+    /// remembered, as a flight's Redis read would be, and answered with its fill; the others get
+    /// nothing (a miss, a soft-expired or suspect value, a change in between).
+    fn on_renewal_read(
+        &mut self,
+        reads: Vec<(i64, oneshot::Sender<Answer>, u64)>,
+        values: Vec<Option<Cached>>,
+    ) {
+        let mut values = values.into_iter();
+        for (id, reply, generation) in reads {
+            let unchanged = self.deps.generations.current(id) == generation;
+            match values.next().flatten() {
+                Some(cached) if unchanged && !cached.is_soft_expired() => {
+                    self.remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
+                    self.count_renewal("read");
+                    let _ = reply.send(Answer {
+                        result: Ok(cached.lookup),
+                        x_cache: XCache::Hit,
+                        fill: self.worker_fill(id),
+                    });
+                }
+                _ => self.count_renewal("missed"),
+            }
         }
-        self.count_renewal("flight");
-        self.start_flight(id, renewal, ctx);
     }
 
     /// Counts a renewal by its `outcome` (counted before any answer, so that a worker that has
@@ -1292,9 +1313,9 @@ impl Handler<GetTemplate> for KeyOwner {
 impl Handler<Renew> for KeyOwner {
     type Result = ();
 
-    fn handle(&mut self, Renew { id, reply }: Renew, ctx: &mut Self::Context) {
-        contain(self, ctx, "a worker's renewal", |owner, ctx| {
-            owner.renew(id, reply, ctx)
+    fn handle(&mut self, Renew { renewals }: Renew, ctx: &mut Self::Context) {
+        contain(self, ctx, "workers' renewals", |owner, ctx| {
+            owner.renew(renewals, ctx)
         });
     }
 }

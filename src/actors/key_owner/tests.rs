@@ -44,6 +44,7 @@ struct Harness {
     lease_releases: Counter,
     lease_renew_calls: Counter,
     cache_gets: Counter,
+    cache_get_manys: Counter,
     cache_sets: Counter,
     cache_dels: Counter,
     db_queries: Counter,
@@ -107,6 +108,7 @@ impl Setup {
         cache.leases.failing = self.lease_failing;
         let (cache_gets, cache_sets, cache_dels) =
             (cache.gets.clone(), cache.sets.clone(), cache.dels.clone());
+        let cache_get_manys = cache.get_manys.clone();
         let (lease_claims, lease_fills, lease_releases, lease_renew_calls) = (
             cache.leases.claims.clone(),
             cache.leases.fills.clone(),
@@ -122,6 +124,7 @@ impl Setup {
         let generations = Generations::default();
         let deps = KeyOwnerDeps {
             cache_get: cache.clone().recipient(),
+            cache_get_many: cache.clone().recipient(),
             cache_set: cache.clone().recipient(),
             cache_del: cache.clone().recipient(),
             db: db.recipient(),
@@ -146,6 +149,7 @@ impl Setup {
             lease_releases,
             lease_renew_calls,
             cache_gets,
+            cache_get_manys,
             cache_sets,
             cache_dels,
             db_queries,
@@ -1452,11 +1456,21 @@ async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
 // Workers' renewals (`Renew`): a copy in steady use is renewed in the background.
 
 impl Harness {
-    /// Sends a worker's renewal for `id`; the receiver gets an answer only if it has a fill.
-    fn renew(&self, id: i64) -> oneshot::Receiver<Answer> {
-        let (reply, answer) = oneshot::channel();
-        self.owner.do_send(Renew { id, reply });
-        answer
+    /// Sends one worker's renewal of `ids`; each receiver gets an answer only if it has a fill.
+    fn renew(&self, ids: &[i64]) -> Vec<oneshot::Receiver<Answer>> {
+        let (renewals, answers) = ids
+            .iter()
+            .map(|&id| {
+                let (reply, answer) = oneshot::channel();
+                ((id, reply), answer)
+            })
+            .unzip();
+        self.owner.do_send(Renew { renewals });
+        answers
+    }
+
+    fn renew_one(&self, id: i64) -> oneshot::Receiver<Answer> {
+        self.renew(&[id]).remove(0)
     }
 
     fn renewals(&self, outcome: &str) -> u64 {
@@ -1501,8 +1515,8 @@ async fn a_due_renewal_reads_redis_again_and_gives_a_later_fill() {
     .start();
     let first = h.one(5).await;
     let fill = first.fill.expect("a fresh flight answer fills");
-    assert!(fill.renew_at < fill.fresh_until, "due in its last quarter");
     let ttl = Duration::from_millis(400);
+    assert!(fill.renew_at < fill.fresh_until, "due in its last quarter");
     assert!(fill.fresh_until - fill.renew_at <= ttl / 4 + Duration::from_millis(1));
     let mut worker = h.worker_cache(10);
     worker.keep(5, &first);
@@ -1513,9 +1527,13 @@ async fn a_due_renewal_reads_redis_again_and_gives_a_later_fill() {
     assert!(due.renew, "the first hit once due asks for a renewal");
     assert!(!worker.get(5).expect("kept").renew, "once per copy");
     let (counts, gets) = (h.request_counts(), h.gets());
-    let renewed = receive(h.renew(5)).await;
-    assert_eq!(h.gets(), gets + 1, "read from Redis again");
-    assert_eq!(h.renewals("flight"), 1);
+    let renewed = receive(h.renew_one(5)).await;
+    assert_eq!(h.cache_get_manys.get(), 1, "read from Redis again");
+    assert_eq!(
+        (h.gets(), h.renewals("read")),
+        (gets, 1),
+        "and by no flight"
+    );
     let renewed_fill = renewed.fill.expect("a renewal is answered with a fill");
     assert!(renewed_fill.fresh_until > fill.fresh_until);
     assert!(renewed_fill.renew_at > fill.fresh_until - ttl / 4);
@@ -1523,12 +1541,44 @@ async fn a_due_renewal_reads_redis_again_and_gives_a_later_fill() {
     assert!(!worker.get(5).expect("renewed").renew, "not due again yet");
 
     // Another worker's renewal of the same copy: the owner's entry is already renewed.
-    let again = receive(h.renew(5)).await;
+    let again = receive(h.renew_one(5)).await;
     assert_eq!(again.fill, Some(renewed_fill));
-    assert_eq!((h.gets(), h.renewals("near_cache")), (gets + 1, 1));
+    assert_eq!((h.cache_get_manys.get(), h.renewals("near_cache")), (1, 1));
     assert_eq!(h.request_counts(), counts, "renewals are not requests");
     assert_eq!(h.queries(), 0);
-    h.idle().await;
+    assert_eq!(
+        h.metrics.flights_total.with_label_values(&["cache"]).get(),
+        1
+    );
+    // The owner answers the renewed entry as a near-cache hit, with the same fill.
+    assert_eq!(h.one(5).await.fill, Some(renewed_fill));
+}
+
+#[actix_rt::test]
+async fn renewals_of_many_keys_are_one_redis_read() {
+    let h = Setup {
+        cached: (1..=50).collect(),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let ids: Vec<i64> = (1..=60).collect();
+    let answers = h.renew(&ids);
+    for (id, rx) in ids.iter().zip(answers) {
+        if *id <= 50 {
+            let renewed = receive(rx).await;
+            assert_eq!(loaded_by(&renewed).as_deref(), Some("cached"), "{id}");
+            assert!(renewed.fill.is_some(), "{id}");
+        } else {
+            dropped(rx).await;
+        }
+    }
+    assert_eq!(h.cache_get_manys.get(), 1, "one round trip for all 60");
+    assert_eq!((h.renewals("read"), h.renewals("missed")), (50, 10));
+    assert_eq!((h.gets(), h.queries()), (0, 0), "no flight, no load");
+    // What was read is remembered: the owner answers it from memory now.
+    assert_eq!(h.one(7).await.x_cache, XCache::Hit);
+    assert_eq!(h.gets(), 0);
 }
 
 #[actix_rt::test]
@@ -1541,7 +1591,7 @@ async fn a_renewal_never_loads_from_the_database() {
             owner: near_cache_ttl(200),
             ..Default::default()
         },
-        // The same under the fleet lease: the claim the renewal's miss made goes back at once.
+        // The same under the fleet lease: a renewal claims nothing.
         Setup {
             forgetful_cache: true,
             db_delay: Duration::ZERO,
@@ -1553,47 +1603,38 @@ async fn a_renewal_never_loads_from_the_database() {
         let h = setup.start();
         let first = h.one(6).await;
         assert_eq!((first.x_cache, h.queries()), (XCache::Miss, 1));
+        let claims = h.lease_claims.get();
         until_due(first.fill.expect("remembered")).await;
-        dropped(h.renew(6)).await;
-        assert_eq!(h.renewals("abandoned"), 1, "lease {leased}");
+        dropped(h.renew_one(6)).await;
+        assert_eq!(h.renewals("missed"), 1, "lease {leased}");
+        assert_eq!(h.pending_flights(), 0, "lease {leased}: no flight");
         assert_eq!(
             h.queries(),
             1,
             "lease {leased}: the database is asked by requests only"
         );
-        if leased {
-            eventually("the lease went back", || h.lease_releases.get() == 1).await;
-        }
-        h.idle().await;
-        assert_eq!(
-            h.one(6).await.x_cache,
-            XCache::Hit,
-            "the owner still answers"
-        );
+        assert_eq!(h.lease_claims.get(), claims, "lease {leased}");
     }
 }
 
 #[actix_rt::test]
-async fn a_request_joining_a_renewal_flight_is_its_own_miss_and_the_renewal_shares_it() {
+async fn a_renewal_joins_the_keys_flight_and_shares_its_fill() {
     let h = Setup {
-        forgetful_cache: true,
-        cache_delay: Duration::from_millis(100),
-        db_delay: Duration::from_millis(50),
+        db_delay: Duration::from_millis(150),
         owner: near_cache_ttl(60_000),
         ..Default::default()
     }
     .start();
-    // The owner has no entry (evicted, say): the renewal starts a flight, and a request joins
-    // it while its Redis read is in the air.
-    let renewal = h.renew(8);
-    eventually("the renewal's flight started", || h.pending_flights() == 1).await;
-    let request = receive(h.ask(8)).await;
-    assert_eq!(request.x_cache, XCache::Miss, "the request's own load");
-    assert_eq!(h.queries(), 1);
+    let request = h.ask(8);
+    eventually("the request's load is in the air", || h.queries() == 1).await;
+    let renewal = h.renew_one(8);
+    let request = receive(request).await;
+    assert_eq!(request.x_cache, XCache::Miss);
     let renewed = receive(renewal).await;
-    assert_eq!(renewed.fill, request.fill);
     assert!(renewed.fill.is_some());
-    assert_eq!(h.renewals("flight"), 1);
+    assert_eq!(renewed.fill, request.fill);
+    assert_eq!(h.renewals("joined"), 1);
+    assert_eq!((h.queries(), h.cache_get_manys.get()), (1, 0));
     assert_eq!(
         h.metrics.cache_misses_total.get(),
         1,
@@ -1603,42 +1644,48 @@ async fn a_request_joining_a_renewal_flight_is_its_own_miss_and_the_renewal_shar
 }
 
 #[actix_rt::test]
-async fn a_change_during_a_renewal_gives_it_nothing_to_keep() {
+async fn a_change_during_a_renewals_read_gives_it_nothing_to_keep() {
     let h = Setup {
-        cached: vec![9],
+        cached: vec![9, 10],
         cache_delay: Duration::from_millis(100),
         owner: near_cache_ttl(60_000),
         ..Default::default()
     }
     .start();
-    let renewal = h.renew(9);
-    eventually("the renewal's read is in the air", || {
-        h.pending_flights() == 1
-    })
-    .await;
+    let mut answers = h.renew(&[9, 10]);
+    eventually("the read is in the air", || h.cache_get_manys.get() == 1).await;
     h.owner.send(Invalidate(9)).await.expect("owner running");
-    dropped(renewal).await;
-    h.idle().await;
+    let other = receive(answers.remove(1)).await;
+    assert!(other.fill.is_some(), "the unchanged key is renewed");
+    dropped(answers.remove(0)).await;
+    assert_eq!((h.renewals("read"), h.renewals("missed")), (1, 1));
+    // Nothing of the read before the change was remembered: a request reads again.
+    h.one(9).await;
+    assert_eq!(h.gets(), 1);
 }
 
 #[actix_rt::test]
-async fn a_renewal_of_a_soft_expired_value_waits_for_the_refresh() {
+async fn a_renewal_waits_through_a_refresh_but_never_starts_one() {
     let h = Setup {
-        stale_cached: vec![11],
-        cache_delay: Duration::from_millis(50),
+        stale_cached: vec![11, 12],
         db_delay: Duration::from_millis(150),
         owner: near_cache_ttl(60_000),
         ..Default::default()
     }
     .start();
-    let renewal = h.renew(11);
-    eventually("the refresh is loading", || h.queries() == 1).await;
+    // Alone, a renewal of a soft-expired value gets nothing and refreshes nothing.
+    dropped(h.renew_one(12)).await;
+    assert_eq!((h.renewals("missed"), h.queries()), (1, 0));
+    assert_eq!(h.metrics.refreshes_total.get(), 0);
+
+    // Joined to a request's refresh, it waits for the refreshed value.
     let request = receive(h.ask(11)).await;
     assert_eq!(
         request.x_cache,
         XCache::Stale,
-        "requests get the old value at once"
+        "the request gets the old value at once"
     );
+    let renewal = h.renew_one(11);
     let renewed = receive(renewal).await;
     assert_eq!(loaded_by(&renewed).as_deref(), Some("query 0"));
     assert!(renewed.fill.is_some(), "the refreshed value, to keep");
