@@ -128,3 +128,84 @@ async fn a_key_in_steady_use_is_renewed_in_the_background_and_never_waits_on_its
         "renewals read Redis only"
     );
 }
+
+#[actix_rt::test]
+async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() {
+    const NEAR_TTL: Duration = Duration::from_millis(400);
+    let app = spawn_app_with(|s| {
+        s.http_workers = 1;
+        s.cache_ttl = Duration::from_secs(300);
+        s.near_cache_ttl = NEAR_TTL;
+    })
+    .await;
+    let ids = [50, 51, 52];
+    let mut bodies = Vec::new();
+    for id in ids {
+        let response = app.template(id).await;
+        assert_eq!(response.status(), 200);
+        bodies.push(response.text().await.expect("body"));
+    }
+    // In Redis: 50 stays good, 51 becomes garbage, 52 goes (as eviction would take it).
+    let redis = redis::Client::open(app.redis_url.as_str()).expect("redis url");
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis directly");
+    redis::pipe()
+        .cmd("SET")
+        .arg("template:51")
+        .arg("not a template")
+        .ignore()
+        .cmd("DEL")
+        .arg("template:52")
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("Redis answers");
+
+    // Three near-cache periods of steady requests: each copy comes due and is renewed (50), or
+    // is not and runs out (51, 52), then the next request reloads it and rewrites Redis.
+    let started = Instant::now();
+    while started.elapsed() < 3 * NEAR_TTL {
+        for (id, body) in ids.iter().zip(&bodies) {
+            let response = app.template(*id).await;
+            assert_eq!(response.status(), 200, "{id}");
+            assert_eq!(&response.text().await.expect("body"), body, "{id}");
+        }
+    }
+    let text = app.metrics_text().await;
+    let outcome = |name: &str| {
+        testkit::prom::series(&text, "worker_cache_renewals_total")
+            .into_iter()
+            .find(|(labels, _)| labels.contains(&format!("\"{name}\"")))
+            .map_or(0.0, |(_, n)| n)
+    };
+    assert!(outcome("read") >= 2.0, "50 renewed each period: {text}");
+    assert!(outcome("missed") >= 2.0, "51 and 52 not renewed: {text}");
+    assert!(
+        sum_kind(&text, "decode") >= 1.0,
+        "the garbage counted as a decode error: {text}"
+    );
+    assert_eq!(
+        app.metric("db_hits_total").await,
+        5.0,
+        "three first loads, then one reload each of 51 and 52 (by a request)"
+    );
+    for id in [51, 52] {
+        let stored: String = redis::cmd("GET")
+            .arg(format!("template:{id}"))
+            .query_async(&mut conn)
+            .await
+            .expect("a rewritten entry");
+        assert!(stored.starts_with("sf1 "), "{id}: {stored}");
+    }
+}
+
+/// `redis_errors_total` of one kind.
+fn sum_kind(text: &str, kind: &str) -> f64 {
+    testkit::prom::series(text, "redis_errors_total")
+        .into_iter()
+        .filter(|(labels, _)| labels.contains(&format!("\"{kind}\"")))
+        .map(|(_, n)| n)
+        .sum()
+}
