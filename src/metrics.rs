@@ -44,10 +44,12 @@ pub struct Metrics {
     pub stale_answers_total: IntCounter,
     /// Background refreshes of soft-expired keys (refresh-ahead).
     pub refreshes_total: IntCounter,
-    /// HTTP workers' background renewals of the copies they keep answering, by `outcome`:
-    /// `near_cache` (already renewed by another worker), `joined` (the key's flight), `read`
-    /// (read again from Redis, in a batch), `missed` (Redis had no fresh value, failed, or a
-    /// change came first: the copy runs out), `skipped` (at a bound, or the worker gone).
+    /// HTTP workers' background renewals of the copies they keep answering, each counted once
+    /// by how it ended (`outcome`): renewed from an entry another worker's renewal already
+    /// renewed (`near_cache`), by the key's flight (`joined`), or by a Redis read, in a batch or
+    /// shared with another worker's (`read`); not renewed (`missed`: Redis had no fresh value or
+    /// failed, a change came first, or the flight gave nothing to keep), or not tried
+    /// (`skipped`: at a bound, or the worker gone).
     pub worker_cache_renewals_total: IntCounterVec,
     /// Change notifications received from PostgreSQL (per replica, one per changed row).
     pub invalidations_total: IntCounter,

@@ -109,7 +109,7 @@ fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
                 let worker = Rc::clone(&worker);
                 async move {
                     if let Ok(answer) = answer.await {
-                        worker.cache.borrow_mut().keep(id, &answer);
+                        worker.cache.borrow_mut().keep_renewal(id, &answer);
                     }
                 }
             })

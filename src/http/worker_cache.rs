@@ -76,8 +76,24 @@ impl WorkerCache {
         None
     }
 
-    /// Keeps the owner's answer for `id` if it came with a [`Fill`].
+    /// Keeps the owner's answer for `id` if it came with a [`Fill`]: the answer to a request.
+    /// Not asked for a renewal yet, even if already due: the next hit asks, so the copy is
+    /// renewed before it runs out.
     pub fn keep(&mut self, id: i64, answer: &Answer) {
+        self.put(id, answer, false);
+    }
+
+    /// Keeps the answer to a renewal, like [`WorkerCache::keep`]; but one already due (the
+    /// owner's entry came from a load slower than three quarters of its freshness, say) is not
+    /// asked for again: asking would get the same entry back. It runs out instead.
+    pub fn keep_renewal(&mut self, id: i64, answer: &Answer) {
+        let due = answer
+            .fill
+            .is_some_and(|fill| Instant::now() >= fill.renew_at);
+        self.put(id, answer, due);
+    }
+
+    fn put(&mut self, id: i64, answer: &Answer, asked: bool) {
         let (Some(entries), Some(fill), Ok(lookup)) =
             (self.entries.as_mut(), answer.fill, &answer.result)
         else {
@@ -89,14 +105,12 @@ impl WorkerCache {
             Lookup::Found(body) => Lookup::Found(Bytes::copy_from_slice(body)),
             Lookup::NotFound => Lookup::NotFound,
         };
-        // Not asked yet, even if already due: the next hit asks, so the copy is renewed before
-        // it runs out.
         entries.put(
             id,
             Kept {
                 lookup,
                 fill,
-                asked: false,
+                asked,
             },
         );
     }
@@ -195,9 +209,12 @@ mod tests {
         assert!(due.renew, "the first hit once due asks for a renewal");
         assert!(!cache.get(1).expect("kept").renew, "and only the first");
 
-        // A renewal's answer that is due already (the owner's entry near its end) asks again.
+        // An answer to a request that is due already (the owner's entry near its end) asks
+        // again; an answer to a renewal does not: asking would get the same entry back.
         cache.keep(1, &answer);
         assert!(cache.get(1).expect("kept").renew);
+        cache.keep_renewal(1, &answer);
+        assert!(!cache.get(1).expect("kept").renew);
 
         // A fill is never due after it runs out.
         let fill = generations.fill(2, Instant::now());

@@ -341,23 +341,16 @@ pub struct Renew {
 #[rtype(result = "()")]
 pub struct Alive;
 
-/// One request (or one worker's [`Renew`]) waiting for a flight.
+/// One request waiting for a flight.
 struct Waiter {
     reply: oneshot::Sender<Answer>,
     /// The request that started the flight (its answer is `MISS`, the others' `SHARED`).
     started_it: bool,
-    /// A worker's [`Renew`], not a request: it waits for a `Fresh` answer with a fill, and
-    /// is dropped unanswered otherwise.
-    renewal: bool,
 }
 
 impl Waiter {
     fn request(reply: oneshot::Sender<Answer>, started_it: bool) -> Waiter {
-        Waiter {
-            reply,
-            started_it,
-            renewal: false,
-        }
+        Waiter { reply, started_it }
     }
 }
 
@@ -402,6 +395,10 @@ struct Flight {
     /// While this flight loads under the lease: set to `false` to stop renewing it (the flight
     /// was superseded and gave the lease up).
     renewing: Option<Rc<Cell<bool>>>,
+    /// Workers' renewals of the key that joined the flight: not requests (not in `waiters`,
+    /// the waiters gauge or its bound). They get the flight's `Fresh` answer if it comes with
+    /// a fill, nothing otherwise; a refresh's `STALE` answer does not end their wait.
+    renewals: Vec<oneshot::Sender<Answer>>,
 }
 
 /// The latest answer the owner saw for a key.
@@ -429,6 +426,9 @@ pub struct KeyOwner {
     /// up to `max_stale`. `None` when neither use is enabled.
     near_cache: Option<LruCache<i64, Remembered>>,
     next_flight_id: u64,
+    /// Workers' renewals waiting on a Redis read of their id (see [`Renew`]), by id: a renewal
+    /// of an id already being read waits on that read.
+    renewal_reads: HashMap<i64, Vec<oneshot::Sender<Answer>>>,
     /// Drawn at random when the owner starts: with the shard and the flight id, it makes lease
     /// tokens unique across the fleet.
     replica: u64,
@@ -458,6 +458,7 @@ impl KeyOwner {
             superseded: HashMap::new(),
             near_cache,
             next_flight_id: 0,
+            renewal_reads: HashMap::new(),
             replica: std::collections::hash_map::RandomState::new().hash_one((
                 std::process::id(),
                 shard,
@@ -562,18 +563,43 @@ impl KeyOwner {
         self.superseded.remove(&flight_id).map(|f| (f, false))
     }
 
-    /// Takes the waiting requests of flight `flight_id`, leaving it pending with its renewals
-    /// only (they wait for a fresh answer, not for a `STALE` one).
-    fn take_requests(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
-        let Some((flight, _)) = self.flight_mut(id, flight_id) else {
-            return Vec::new();
+    /// Answers the renewals that joined a flight with what it settled: a `Fresh` answer with a
+    /// fill renews them, anything else gives them nothing.
+    fn answer_renewals(
+        &self,
+        renewals: Vec<oneshot::Sender<Answer>>,
+        settled: &Settled,
+        fill: Option<Fill>,
+    ) {
+        let renewed = match (settled, fill) {
+            (Settled::Fresh(lookup, _), Some(fill)) => Some((lookup, fill)),
+            _ => None,
         };
-        let (renewals, requests) = std::mem::take(&mut flight.waiters)
-            .into_iter()
-            .partition(|w| w.renewal);
-        flight.waiters = renewals;
-        self.waiters_gauge().sub(requests.len() as i64);
-        requests
+        for reply in renewals {
+            self.renewed(
+                reply,
+                renewed.map(|(lookup, fill)| (lookup.clone(), fill)),
+                "joined",
+            );
+        }
+    }
+
+    /// Ends one renewal: with a renewed copy (counted as `outcome`), or with none (`missed`).
+    fn renewed(
+        &self,
+        reply: oneshot::Sender<Answer>,
+        renewed: Option<(Lookup, Fill)>,
+        outcome: &str,
+    ) {
+        let Some((lookup, fill)) = renewed else {
+            return self.count_renewal("missed");
+        };
+        self.count_renewal(outcome);
+        let _ = reply.send(Answer {
+            result: Ok(lookup),
+            x_cache: XCache::Hit,
+            fill: Some(fill),
+        });
     }
 
     /// Takes the waiters of flight `flight_id`, leaving it pending without them.
@@ -627,6 +653,7 @@ impl KeyOwner {
                 noticed: false,
                 notice_missed: false,
                 renewing: None,
+                renewals: Vec::new(),
             },
         );
         self.waiters_gauge().inc();
@@ -664,7 +691,7 @@ impl KeyOwner {
                 // arrivals get it while the refresh runs, and the refresh replaces it. Not put in
                 // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
                 let stale = Settled::Revalidating(cached.lookup.clone());
-                for waiter in self.take_requests(id, flight_id) {
+                for waiter in self.take_waiters(id, flight_id) {
                     answer(&self.deps.metrics, waiter, &stale, None);
                 }
                 if !current {
@@ -758,6 +785,10 @@ impl KeyOwner {
             answer(&self.deps.metrics, waiter, &loaded, fill);
         }
         if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+            let renewals = std::mem::take(&mut flight.renewals);
+            self.answer_renewals(renewals, &loaded, fill);
+        }
+        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
             flight.phase = Phase::Storing(lookup.clone());
         }
         let write = match (holding, &self.deps.lease) {
@@ -805,6 +836,7 @@ impl KeyOwner {
         for waiter in waiters {
             answer(&self.deps.metrics, waiter, &settled, fill);
         }
+        self.answer_renewals(flight.renewals, &settled, fill);
     }
 
     /// The lease token of flight `flight_id`: unique across the fleet.
@@ -916,9 +948,9 @@ impl KeyOwner {
         }
     }
 
-    /// A soft-expired value for `id`: its waiting requests get it now (`STALE`), and so do
-    /// arrivals while it is reloaded; renewals wait for the reload. A flight already refreshing
-    /// keeps the value it serves.
+    /// A soft-expired value for `id`: its waiters get it now (`STALE`), and so do arrivals while
+    /// it is reloaded; renewals wait for the reload. A flight already refreshing keeps the value
+    /// it serves.
     fn revalidate(&mut self, id: i64, flight_id: u64, stale: Lookup) {
         let Some((flight, _)) = self.flight_mut(id, flight_id) else {
             return;
@@ -928,7 +960,7 @@ impl KeyOwner {
         }
         flight.phase = Phase::Refreshing(stale.clone());
         let settled = Settled::Revalidating(stale);
-        for waiter in self.take_requests(id, flight_id) {
+        for waiter in self.take_waiters(id, flight_id) {
             answer(&self.deps.metrics, waiter, &settled, None);
         }
     }
@@ -1158,16 +1190,23 @@ impl KeyOwner {
     fn renew(&mut self, renewals: Vec<(i64, oneshot::Sender<Answer>)>, ctx: &mut Context<Self>) {
         let mut reads = Vec::new();
         for (id, reply) in renewals {
-            if let Some(reply) = self.renew_from_memory(id, reply) {
-                // Read under the generation of now: a change learned before the read's answer
-                // comes back voids it.
-                reads.push((id, reply, self.deps.generations.current(id)));
+            let Some(reply) = self.renew_from_memory(id, reply) else {
+                continue;
+            };
+            if let Some(waiting) = self.renewal_reads.get_mut(&id) {
+                // Another worker's renewal of the id is being read: this one shares the read.
+                waiting.push(reply);
+                continue;
             }
+            self.renewal_reads.insert(id, vec![reply]);
+            // Read under the generation of now: a change learned before the read's answer comes
+            // back voids it.
+            reads.push((id, self.deps.generations.current(id)));
         }
         if reads.is_empty() {
             return;
         }
-        let ids = reads.iter().map(|(id, ..)| *id).collect();
+        let ids = reads.iter().map(|(id, _)| *id).collect();
         let read = self.deps.cache_get_many.send(CacheGetMany(ids));
         // A failed read (Redis down, breaker open, the cache actor gone) renews nothing.
         let read = async move { Ok(read.await.ok().and_then(Result::ok)) };
@@ -1176,8 +1215,8 @@ impl KeyOwner {
         });
     }
 
-    /// A renewal of `id` that needs no Redis read: answered from an entry already renewed,
-    /// joined to the key's flight, or skipped. Otherwise its reply comes back, to be read.
+    /// A renewal of `id` that needs no Redis read of its own: answered from an entry already
+    /// renewed, joined to the key's flight, or skipped. Otherwise its reply comes back.
     fn renew_from_memory(
         &mut self,
         id: i64,
@@ -1196,35 +1235,23 @@ impl KeyOwner {
             .map(|entry| entry.lookup.clone());
         if let Some(lookup) = renewed {
             // Another worker's renewal (or a request's flight) already renewed the entry.
-            self.count_renewal("near_cache");
-            let _ = reply.send(Answer {
-                result: Ok(lookup),
-                x_cache: XCache::Hit,
-                fill: self.worker_fill(id),
-            });
+            let fill = self.worker_fill(id);
+            self.renewed(reply, fill.map(|fill| (lookup, fill)), "near_cache");
             return None;
         }
         let Some(flight) = self.pending_waiters.get_mut(&id) else {
             return Some(reply);
         };
-        let renewal = Waiter {
-            reply,
-            started_it: false,
-            renewal: true,
-        };
         match &flight.phase {
             Phase::Storing(lookup) => {
                 let settled = Settled::Fresh(lookup.clone(), Origin::Database);
-                self.count_renewal("joined");
                 let fill = self.flight_fill(id, true, &settled);
-                answer(&self.deps.metrics, renewal, &settled, fill);
+                self.answer_renewals(vec![reply], &settled, fill);
             }
             Phase::Loading | Phase::Refreshing(_)
-                if flight.waiters.len() < self.deps.settings.max_waiters_per_key =>
+                if flight.renewals.len() < self.deps.settings.max_waiters_per_key =>
             {
-                flight.waiters.push(renewal);
-                self.waiters_gauge().inc();
-                self.count_renewal("joined");
+                flight.renewals.push(reply);
             }
             _ => self.count_renewal("skipped"),
         }
@@ -1233,27 +1260,27 @@ impl KeyOwner {
 
     /// Redis answered a batch of renewals (`values` in the order of `reads`; empty if the read
     /// failed). A fresh value of an id whose generation has not moved since the read was sent is
-    /// remembered, as a flight's Redis read would be, and answered with its fill; the others get
-    /// nothing (a miss, a soft-expired or suspect value, a change in between).
-    fn on_renewal_read(
-        &mut self,
-        reads: Vec<(i64, oneshot::Sender<Answer>, u64)>,
-        values: Vec<Option<Cached>>,
-    ) {
+    /// remembered, as a flight's Redis read would be, and renews every renewal that waited on
+    /// the read; the others get nothing (a miss, a soft-expired or suspect value, a change in
+    /// between).
+    fn on_renewal_read(&mut self, reads: Vec<(i64, u64)>, values: Vec<Option<Cached>>) {
         let mut values = values.into_iter();
-        for (id, reply, generation) in reads {
+        for (id, generation) in reads {
+            let value = values.next().flatten();
+            // Gone only if the owner restarted meanwhile (and answered them then).
+            let Some(replies) = self.renewal_reads.remove(&id) else {
+                continue;
+            };
             let unchanged = self.deps.generations.current(id) == generation;
-            match values.next().flatten() {
+            let renewed = match value {
                 Some(cached) if unchanged && !cached.is_soft_expired() => {
                     self.remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
-                    self.count_renewal("read");
-                    let _ = reply.send(Answer {
-                        result: Ok(cached.lookup),
-                        x_cache: XCache::Hit,
-                        fill: self.worker_fill(id),
-                    });
+                    self.worker_fill(id).map(|fill| (cached.lookup, fill))
                 }
-                _ => self.count_renewal("missed"),
+                _ => None,
+            };
+            for reply in replies {
+                self.renewed(reply, renewed.clone(), "read");
             }
         }
     }
@@ -1296,6 +1323,10 @@ impl Supervised for KeyOwner {
             for waiter in flight.waiters {
                 answer(&self.deps.metrics, waiter, &failed, None);
             }
+            self.answer_renewals(flight.renewals, &failed, None);
+        }
+        for replies in std::mem::take(&mut self.renewal_reads).into_values() {
+            self.answer_renewals(replies, &failed, None);
         }
     }
 }
@@ -1446,20 +1477,7 @@ fn count_flight(metrics: &Metrics, settled: &Settled) {
 
 /// Sends one waiter its answer and counts it. A waiter that left is still counted: its request
 /// was served as far as the owner is concerned, and the counts must add up to the flights' work.
-///
-/// A renewal is not a request: it counts in nothing, and gets an answer only if that answer
-/// comes with a fill (anything else would be of no use to the worker that asked).
 fn answer(metrics: &Metrics, waiter: Waiter, settled: &Settled, fill: Option<Fill>) {
-    if waiter.renewal {
-        if let (Some(fill), Settled::Fresh(lookup, _)) = (fill, settled) {
-            let _ = waiter.reply.send(Answer {
-                result: Ok(lookup.clone()),
-                x_cache: XCache::Hit,
-                fill: Some(fill),
-            });
-        }
-        return;
-    }
     let (result, x_cache) = match settled {
         Settled::Fresh(lookup, Origin::Cache) => {
             metrics.cache_hits_total.inc();

@@ -1690,5 +1690,85 @@ async fn a_renewal_waits_through_a_refresh_but_never_starts_one() {
     assert_eq!(loaded_by(&renewed).as_deref(), Some("query 0"));
     assert!(renewed.fill.is_some(), "the refreshed value, to keep");
     assert_eq!(h.metrics.refreshes_total.get(), 1);
+    assert_eq!(h.renewals("joined"), 1);
+    h.idle().await;
+}
+
+#[actix_rt::test]
+async fn renewals_of_one_key_from_two_workers_share_one_read() {
+    let h = Setup {
+        cached: vec![13],
+        cache_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let first = h.renew_one(13);
+    eventually("the first worker's read is in the air", || {
+        h.cache_get_manys.get() == 1
+    })
+    .await;
+    let second = h.renew_one(13);
+    let (first, second) = (receive(first).await, receive(second).await);
+    assert!(first.fill.is_some() && first.fill == second.fill);
+    assert_eq!(h.cache_get_manys.get(), 1, "one read for both workers");
+    assert_eq!(h.renewals("read"), 2);
+    // A third, once the entry is renewed, is answered from it.
+    assert_eq!(receive(h.renew_one(13)).await.fill, first.fill);
+    assert_eq!((h.cache_get_manys.get(), h.renewals("near_cache")), (1, 1));
+}
+
+#[actix_rt::test]
+async fn forget_all_during_a_renewals_read_gives_it_nothing_to_keep() {
+    let h = Setup {
+        cached: vec![14],
+        cache_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start();
+    let renewal = h.renew_one(14);
+    eventually("the read is in the air", || h.cache_get_manys.get() == 1).await;
+    h.owner.send(ForgetAll).await.expect("owner running");
+    dropped(renewal).await;
+    assert_eq!(h.renewals("missed"), 1);
+    h.one(14).await;
+    assert_eq!(h.gets(), 1, "nothing of the read was remembered");
+}
+
+#[actix_rt::test]
+async fn renewals_joined_to_a_flight_are_not_requests_and_a_change_leaves_them_nothing() {
+    let h = Setup {
+        db_delay: Duration::from_millis(200),
+        owner: OwnerSettings {
+            max_waiters_per_key: 2,
+            ..near_cache_ttl(60_000)
+        },
+        ..Default::default()
+    }
+    .start();
+    let request = h.ask(15);
+    eventually("the load is in the air", || h.queries() == 1).await;
+    let renewals = h.renew(&[15, 15, 15]);
+    // Renewals take none of the flight's request slots (their own are as many), and are not
+    // counted as waiting.
+    let second = h.ask(15);
+    eventually("the second request joined", || h.waiting() == 2).await;
+    h.owner.send(Invalidate(15)).await.expect("owner running");
+    for renewal in renewals {
+        dropped(renewal).await;
+    }
+    // Bounded on their own: two joined, the third was skipped.
+    assert_eq!(h.renewals("skipped"), 1);
+    assert_eq!(h.renewals("missed"), 2, "superseded: nothing to keep");
+    assert_eq!(receive(request).await.x_cache, XCache::Miss);
+    assert_eq!(receive(second).await.x_cache, XCache::Shared);
+    assert_eq!(
+        h.metrics
+            .shed_requests_total
+            .with_label_values(&["waiters"])
+            .get(),
+        0
+    );
     h.idle().await;
 }
