@@ -325,9 +325,10 @@ pub struct ForgetAll;
 /// [`Fill::renew_at`]), in the background: no request waits on the answers. The worker sends the
 /// ids that came due within a few milliseconds together. For each id the owner answers from its
 /// near-cache entry if another worker's renewal already renewed it, joins a flight the key has
-/// (its `Fresh` answer carries the new fill), or else reads it again from Redis: the ids left
-/// are read in one round trip ([`CacheGetMany`]), and a fresh value is remembered and answered
-/// with its fill. A renewal is not a request: it counts in no request metric, starts no flight
+/// (its `Fresh` answer carries the new fill), waits on a Redis read of the id already in the
+/// air (another worker's renewal), or else reads it again from Redis: the ids left are read in
+/// one round trip ([`CacheGetMany`]), and a fresh value is remembered and answered with its
+/// fill. A renewal is not a request: it counts in no request metric, starts no flight
 /// and so never loads from PostgreSQL, and is never answered `STALE` or with an error — its
 /// reply is dropped instead, and the worker's copy runs out as it would have.
 #[derive(Debug, Message)]
