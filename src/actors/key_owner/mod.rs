@@ -1306,12 +1306,13 @@ impl Actor for KeyOwner {
 /// address, and so its mailbox, stay the same.
 impl Supervised for KeyOwner {
     fn restarting(&mut self, _: &mut Self::Context) {
+        // First: from now on no worker answers what this owner is about to forget.
+        self.deps.generations.bump_all();
         self.deps
             .metrics
             .actor_restarts_total
             .with_label_values(&["key_owner"])
             .inc();
-        self.deps.generations.bump_all();
         let current = std::mem::take(&mut self.pending_waiters).into_values();
         let superseded = std::mem::take(&mut self.superseded).into_values();
         if let Some(cache) = self.near_cache.as_mut() {
