@@ -243,10 +243,7 @@ impl Handler<ClaimLoad> for FakeCache {
         if let Some(e) = self.lease_failure() {
             return Err(e);
         }
-        let value = self.store.get(&id).map(|(lookup, soft_expiry)| Cached {
-            lookup: lookup.clone(),
-            fresh_for: soft_expiry.saturating_duration_since(Instant::now()),
-        });
+        let value = self.cached(id);
         if value.as_ref().is_some_and(|v| !v.is_soft_expired()) {
             return Ok(Claim { value, lease: None });
         }

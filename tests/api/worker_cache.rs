@@ -89,12 +89,7 @@ async fn capacity_zero_and_coalesce_off_turn_the_worker_cache_off() {
 #[actix_rt::test]
 async fn a_key_in_steady_use_is_renewed_in_the_background_and_never_waits_on_its_owner() {
     const NEAR_TTL: Duration = Duration::from_millis(1000);
-    let app = spawn_app_with(|s| {
-        s.http_workers = 1;
-        s.cache_ttl = Duration::from_secs(300);
-        s.near_cache_ttl = NEAR_TTL;
-    })
-    .await;
+    let app = one_worker_with_near_cache(NEAR_TTL).await;
     let first = app.template(42).await;
     assert_eq!(first.status(), 200);
     let body = first.text().await.expect("body");
@@ -133,12 +128,7 @@ async fn a_key_in_steady_use_is_renewed_in_the_background_and_never_waits_on_its
 #[actix_rt::test]
 async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() {
     const NEAR_TTL: Duration = Duration::from_millis(400);
-    let app = spawn_app_with(|s| {
-        s.http_workers = 1;
-        s.cache_ttl = Duration::from_secs(300);
-        s.near_cache_ttl = NEAR_TTL;
-    })
-    .await;
+    let app = one_worker_with_near_cache(NEAR_TTL).await;
     let ids = [50, 51, 52];
     let mut bodies = Vec::new();
     for id in ids {
@@ -200,6 +190,17 @@ async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() 
             .expect("a rewritten entry");
         assert!(stored.starts_with("sf1 "), "{id}: {stored}");
     }
+}
+
+/// The service with one HTTP worker (so that every copy is that worker's), a long Redis TTL
+/// and a near cache fresh for `near_ttl`.
+async fn one_worker_with_near_cache(near_ttl: Duration) -> crate::support::TestApp {
+    spawn_app_with(|s| {
+        s.http_workers = 1;
+        s.cache_ttl = Duration::from_secs(300);
+        s.near_cache_ttl = near_ttl;
+    })
+    .await
 }
 
 /// `redis_errors_total` of one kind.

@@ -1492,6 +1492,18 @@ impl Harness {
     }
 }
 
+/// An owner whose Redis holds `cached` and takes 100 ms to answer a read: long enough to act
+/// while a renewal's read is in the air.
+fn reading_slowly(cached: Vec<i64>) -> Harness {
+    Setup {
+        cached,
+        cache_delay: Duration::from_millis(100),
+        owner: near_cache_ttl(60_000),
+        ..Default::default()
+    }
+    .start()
+}
+
 /// Waits (a clock running out) until `fill` is due for renewal.
 async fn until_due(fill: Fill) {
     tokio::time::sleep(fill.renew_at.saturating_duration_since(Instant::now())).await;
@@ -1645,13 +1657,7 @@ async fn a_renewal_joins_the_keys_flight_and_shares_its_fill() {
 
 #[actix_rt::test]
 async fn a_change_during_a_renewals_read_gives_it_nothing_to_keep() {
-    let h = Setup {
-        cached: vec![9, 10],
-        cache_delay: Duration::from_millis(100),
-        owner: near_cache_ttl(60_000),
-        ..Default::default()
-    }
-    .start();
+    let h = reading_slowly(vec![9, 10]);
     let mut answers = h.renew(&[9, 10]);
     eventually("the read is in the air", || h.cache_get_manys.get() == 1).await;
     h.owner.send(Invalidate(9)).await.expect("owner running");
@@ -1696,13 +1702,7 @@ async fn a_renewal_waits_through_a_refresh_but_never_starts_one() {
 
 #[actix_rt::test]
 async fn renewals_of_one_key_from_two_workers_share_one_read() {
-    let h = Setup {
-        cached: vec![13],
-        cache_delay: Duration::from_millis(100),
-        owner: near_cache_ttl(60_000),
-        ..Default::default()
-    }
-    .start();
+    let h = reading_slowly(vec![13]);
     let first = h.renew_one(13);
     eventually("the first worker's read is in the air", || {
         h.cache_get_manys.get() == 1
@@ -1720,13 +1720,7 @@ async fn renewals_of_one_key_from_two_workers_share_one_read() {
 
 #[actix_rt::test]
 async fn forget_all_during_a_renewals_read_gives_it_nothing_to_keep() {
-    let h = Setup {
-        cached: vec![14],
-        cache_delay: Duration::from_millis(100),
-        owner: near_cache_ttl(60_000),
-        ..Default::default()
-    }
-    .start();
+    let h = reading_slowly(vec![14]);
     let renewal = h.renew_one(14);
     eventually("the read is in the air", || h.cache_get_manys.get() == 1).await;
     h.owner.send(ForgetAll).await.expect("owner running");
