@@ -274,39 +274,20 @@ impl Drop for Stack {
     }
 }
 
-/// Four distinct ports that were free a moment ago (all bound at once, so no two are equal).
+/// Four distinct free ports, below the kernel's ephemeral range (see `testkit::ports`): a port
+/// found from port 0 can be taken as the source of an outgoing connection (a replica's pool,
+/// a scrape) before the script's server binds it.
 fn free_ports() -> [u16; 4] {
-    let listeners: Vec<TcpListener> = (0..4)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port"))
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local address").port())
-        .collect();
-    [ports[0], ports[1], ports[2], ports[3]]
+    let mut ports = [0; 4];
+    for i in 0..ports.len() {
+        ports[i] = free_port_run(1, &ports[..i]);
+    }
+    ports
 }
 
-/// The first of `n` consecutive ports that were free a moment ago, none of them in `taken`.
+/// The first of `n` consecutive free ports, none of them in `taken`.
 fn free_port_run(n: u16, taken: &[u16]) -> u16 {
-    for _ in 0..200 {
-        let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("bind a free port")
-            .port();
-        let Some(last) = first.checked_add(n - 1) else {
-            continue;
-        };
-        if taken.iter().any(|p| (first..=last).contains(p)) {
-            continue;
-        }
-        let held: std::io::Result<Vec<TcpListener>> = (first..=last)
-            .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
-            .collect();
-        if held.is_ok() {
-            return first;
-        }
-    }
-    panic!("found no {n} consecutive free ports");
+    testkit::ports::free_port_run(n, taken).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn connect(port: u16) -> std::io::Result<TcpStream> {

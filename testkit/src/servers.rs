@@ -54,7 +54,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::raw::{c_int, c_ulong};
 use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -64,6 +64,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::ports::free_port;
 
 /// Ports of the shared servers. Both listen on `127.0.0.1` only.
 ///
@@ -759,8 +761,8 @@ fn wait_ready(
 }
 
 /// Starts a server on a free port, retrying once with a new port if the
-/// process exits during start-up (another process can grab the port between
-/// our probe and the server's bind).
+/// process exits during start-up (another test process can pick the same port
+/// between our probe and the server's bind).
 fn start_on_free_port(
     name: &'static str,
     log: &Path,
@@ -794,18 +796,6 @@ fn start_on_free_port(
         }
     }
     Err(first_failure.unwrap_or_else(|| format!("{name} did not start")))
-}
-
-/// A port that was free a moment ago: bind port 0 on loopback, read what the
-/// kernel picked, release it. Racy by nature, hence the retry in
-/// [`start_on_free_port`].
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|e| format!("could not bind 127.0.0.1:0 to find a free port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|addr| addr.port())
-        .map_err(|e| format!("could not read the port of a bound listener: {e}"))
 }
 
 /// Can something connect to `127.0.0.1:port` right now?

@@ -11,14 +11,13 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{spawn_app, sum_metric, TestApp};
+use crate::support::{ports, spawn_app, sum_metric, TestApp};
 
 /// How often the test's Prometheus scrapes (the project's file says 5 s; a test cannot wait that).
 const SCRAPE_INTERVAL: &str = "1s";
@@ -216,10 +215,7 @@ impl Prometheus {
         let config_path = dir.path().join("prometheus.yaml");
         fs::write(&config_path, config).expect("write the test's prometheus.yaml");
         let log = dir.path().join("prometheus.log");
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = ports::free_port().expect("a free port");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{postgres_proxy, redis_proxy, via};
 use crate::support::fault_proxy::Mode;
-use crate::support::{empty_database_url, servers, sum_metric, wait_for_warm_pool};
+use crate::support::{empty_database_url, ports, servers, sum_metric, wait_for_warm_pool};
 
 /// One service process, killed when dropped (a failed assertion must not leave it running).
 struct Replica {
@@ -26,8 +26,7 @@ impl Drop for Replica {
 }
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+    ports::free_port().expect("a free port")
 }
 
 /// Starts `n` replicas on `database_url` and `redis_url` with `env` on top, and waits until

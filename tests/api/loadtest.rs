@@ -151,11 +151,8 @@ async fn a_small_seed_run_reports_what_the_service_counted_and_the_responses_sho
 
 #[actix_rt::test]
 async fn an_unreachable_service_is_a_clear_error_not_a_panic() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    // Nothing listens there.
+    let port = closed_port();
     let url = format!("http://127.0.0.1:{port}");
 
     let output = loadtest(&["stampede", "--url", &url, "--rounds", "1"]).await;

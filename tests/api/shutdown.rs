@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{postgres_proxy, via};
 use crate::support::fault_proxy::Mode;
-use crate::support::{servers, sum_metric, wait_for_warm_pool};
+use crate::support::{ports, servers, sum_metric, wait_for_warm_pool};
 
 /// Requests in flight when the signal arrives.
 const IN_FLIGHT: usize = 50;
@@ -25,8 +25,7 @@ impl Drop for KillOnDrop {
 }
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+    ports::free_port().expect("a free port")
 }
 
 #[actix_rt::test]

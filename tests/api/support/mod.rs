@@ -5,7 +5,7 @@
 // The servers and the fault proxy live in the testkit crate (shared with benches); re-exported
 // here so that test files keep writing `support::servers`, `support::fault_proxy`.
 pub use testkit::prom::sum_metric;
-pub use testkit::{fault_proxy, servers};
+pub use testkit::{fault_proxy, ports, servers};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -64,12 +64,10 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
     }
 }
 
-/// A loopback port nothing listens on, so connecting to it is refused. The shared servers are
-/// started first: they pick free ports too, and must not pick this one after we let it go.
+/// A loopback port nothing listens on, so connecting to it is refused. No other test in this
+/// process is handed the same port, and no outgoing connection takes it as its source.
 pub fn closed_port() -> u16 {
-    let _ = servers::servers();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
+    ports::free_port().expect("a free port")
 }
 
 /// The URL of a new, empty database (no migration applied) on the shared test PostgreSQL.
