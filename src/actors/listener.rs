@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 
 use crate::actors::cache::{CacheActor, MarkSuspect};
@@ -98,14 +99,17 @@ async fn listen_forever(
                 // Anything remembered may predate a change we were not told about. The caches
                 // are told first: an owner reads Redis only through its cache actor, so a read it
                 // starts after `ForgetAll` is queued behind `MarkSuspect` and cannot be answered
-                // with an entry from before.
+                // with an entry from before. The connect is counted once every owner has
+                // forgotten, so whoever sees the count sees nothing from before answered.
                 let before_unix_ms = unix_ms_now();
-                for cache in &links.caches {
-                    cache.do_send(MarkSuspect { before_unix_ms });
-                }
-                for owner in &links.owners {
-                    owner.do_send(ForgetAll);
-                }
+                join_all(
+                    links
+                        .caches
+                        .iter()
+                        .map(|cache| cache.send(MarkSuspect { before_unix_ms })),
+                )
+                .await;
+                join_all(links.owners.iter().map(|owner| owner.send(ForgetAll))).await;
                 links.metrics.listener_connects_total.inc();
                 links.metrics.listener_connected.set(1);
                 if let Some(tx) = listening.take() {
