@@ -199,7 +199,8 @@ mod tests {
         let generations = Generations::default();
         let mut cache = WorkerCache::new(10, generations.clone());
         let mut answer = hit(&generations, 1, LONG);
-        let renew_at = Instant::now() + Duration::from_millis(20);
+        // Far enough ahead that a stalled test thread still looks before it is due.
+        let renew_at = Instant::now() + Duration::from_millis(500);
         answer.fill = answer.fill.map(|fill| fill.renew_from(renew_at));
         cache.keep(1, &answer);
         assert!(!cache.get(1).expect("kept").renew, "not due yet");

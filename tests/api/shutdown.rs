@@ -1,5 +1,5 @@
 //! The real binary stops gracefully on SIGTERM and SIGINT: it stops accepting, finishes what is
-//! in flight — here, loads from a PostgreSQL 150 ms away — and exits 0.
+//! in flight — here, loads from a PostgreSQL 500 ms away — and exits 0.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,6 +42,11 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
                 .env("DATABASE_URL", via(&proxy, &servers.pg_url("postgres")))
                 .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
                 .env("RUST_LOG", "warn")
+                // Loads take 1 s (two 0.5 s hops), long enough for all the requests to arrive
+                // while the first is still loading, on a loaded machine too.
+                .env("DB_QUERY_TIMEOUT_MS", "5000")
+                .env("FLIGHT_TIMEOUT_MS", "8000")
+                .env("REQUEST_TIMEOUT_MS", "8000")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -65,7 +70,7 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
         }
         // Every pooled connection open before the network turns slow, as after any idle period.
         wait_for_warm_pool(&client, &url, 10.0).await;
-        proxy.set_mode(Mode::Latency(Duration::from_millis(150)));
+        proxy.set_mode(Mode::Latency(Duration::from_millis(500)));
 
         let first_id = 100 + (round * IN_FLIGHT) as i64;
         let requests: Vec<_> = (first_id..first_id + IN_FLIGHT as i64)

@@ -548,7 +548,7 @@ fn near_cache_ttl(ms: u64) -> OwnerSettings {
 #[actix_rt::test]
 async fn the_near_cache_answers_fresh_keys_without_a_cache_read() {
     let h = Setup {
-        owner: near_cache_ttl(300),
+        owner: near_cache_ttl(1000),
         db_delay: Duration::ZERO,
         ..Default::default()
     }
@@ -561,7 +561,7 @@ async fn the_near_cache_answers_fresh_keys_without_a_cache_read() {
     assert_eq!(h.metrics.near_cache_hits_total.get(), 50);
 
     // Let the near-cache TTL run out.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     assert_eq!(
         h.one(4).await.x_cache,
         XCache::Hit,
@@ -661,7 +661,7 @@ async fn without_max_stale_a_failed_load_is_an_error() {
 #[actix_rt::test]
 async fn requests_beyond_the_owner_bounds_are_shed_at_once() {
     let h = Setup {
-        db_delay: Duration::from_millis(300),
+        db_delay: Duration::from_millis(1000),
         owner: OwnerSettings {
             max_pending_keys: 2,
             max_waiters_per_key: 3,
@@ -938,7 +938,7 @@ async fn through_worker(h: &Harness, worker: &mut WorkerCache, id: i64) -> Answe
 #[actix_rt::test]
 async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it() {
     let h = Setup {
-        owner: near_cache_ttl(300),
+        owner: near_cache_ttl(1000),
         db_delay: Duration::ZERO,
         ..Default::default()
     }
@@ -956,7 +956,7 @@ async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it
     let fill = hit.fill.expect("a near-cache hit comes with a fill");
     assert!(fill.fresh_until > asked);
     assert!(
-        fill.fresh_until <= Instant::now() + Duration::from_millis(300),
+        fill.fresh_until <= Instant::now() + Duration::from_millis(1000),
         "never past the near cache's own freshness"
     );
     for _ in 0..50 {
@@ -1521,13 +1521,13 @@ async fn dropped(rx: oneshot::Receiver<Answer>) {
 async fn a_due_renewal_reads_redis_again_and_gives_a_later_fill() {
     let h = Setup {
         cached: vec![5],
-        owner: near_cache_ttl(400),
+        owner: near_cache_ttl(1000),
         ..Default::default()
     }
     .start();
     let first = h.one(5).await;
     let fill = first.fill.expect("a fresh flight answer fills");
-    let ttl = Duration::from_millis(400);
+    let ttl = Duration::from_millis(1000);
     assert!(fill.renew_at < fill.fresh_until, "due in its last quarter");
     assert!(fill.fresh_until - fill.renew_at <= ttl / 4 + Duration::from_millis(1));
     let mut worker = h.worker_cache(10);
