@@ -11,7 +11,7 @@ use singleflight::startup::Application;
 use singleflight::tls::{PemFile, PemKind, PgConnector};
 
 use crate::support::servers::{self, TlsServers};
-use crate::support::{header, spawn_app_with};
+use crate::support::{header, spawn_app_with, wait_for_warm_pool};
 use testkit::poll;
 
 fn pem(path: &Path) -> PemFile {
@@ -39,6 +39,25 @@ async fn tls_database(tls: &TlsServers, suffix: &str, owner: Option<&str>) -> St
     let owner = owner.map(|o| format!(" OWNER {o}")).unwrap_or_default();
     admin(tls, &[format!("CREATE DATABASE {name}{owner}")]).await;
     name
+}
+
+/// The service with `configure` applied, once its pool has a TLS connection open. Opening one
+/// (a handshake, then SCRAM) costs far more CPU than a plain one in a debug build: on a loaded
+/// machine ten of them at once, each bounded by the 5 s connect timeout, can all run out and
+/// start again. These tests are about TLS, not about a starved pool, so the pool opens two,
+/// each with time to finish, and the test waits for one before its first request.
+async fn spawn_tls_app(configure: impl FnOnce(&mut Settings)) -> crate::support::TestApp {
+    let app = spawn_app_with(|s| {
+        s.db_pool_size = 2;
+        s.db_pool_min_idle = 2;
+        s.db_connect_timeout = Duration::from_secs(30);
+        s.request_timeout = Duration::from_secs(10);
+        s.db_query_timeout = Duration::from_secs(5);
+        configure(s);
+    })
+    .await;
+    wait_for_warm_pool(&app.client, &app.address, 1.0).await;
+    app
 }
 
 /// A template served MISS, then HIT once its flight has written it, proves Redis (over TLS)
@@ -74,7 +93,7 @@ async fn readiness(app: &crate::support::TestApp) -> serde_json::Value {
 async fn verify_full_postgres_and_rediss_with_a_ca_file_serve_through_the_cache() {
     let tls = servers::tls_servers();
     let database = tls_database(tls, "verify_full", None).await;
-    let app = spawn_app_with(|s| {
+    let app = spawn_tls_app(|s| {
         s.database_url = tls.pg_url(&database, "verify-full");
         s.database_ca = Some(pem(&tls.ca_file));
         s.redis_url = tls.rediss_url(servers::next_redis_db());
@@ -109,7 +128,7 @@ async fn sslmode_require_needs_no_ca_and_a_password_role_and_a_client_certificat
         PemFile::read(&tls.client_cert_file, PemKind::Certificates).expect("client cert"),
         PemFile::read(&tls.client_key_file, PemKind::PrivateKey).expect("client key"),
     );
-    let app = spawn_app_with(|s| {
+    let app = spawn_tls_app(|s| {
         s.database_url = url;
         s.redis_url = tls.rediss_url(servers::next_redis_db());
         s.redis_ca = Some(pem(&tls.ca_file));
@@ -156,7 +175,7 @@ async fn verify_full_with_a_ca_that_did_not_sign_the_server_does_not_start() {
 async fn rediss_with_a_wrong_ca_leaves_the_service_serving_from_postgresql() {
     let tls = servers::tls_servers();
     let database = tls_database(tls, "redis_wrong_ca", None).await;
-    let app = spawn_app_with(|s| {
+    let app = spawn_tls_app(|s| {
         s.database_url = tls.pg_url(&database, "verify-full");
         s.database_ca = Some(pem(&tls.ca_file));
         s.redis_url = tls.rediss_url(servers::next_redis_db());
