@@ -3,7 +3,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::support::{header, spawn_app, spawn_app_with, sum_metric};
+use crate::faults::{postgres_proxy, via};
+use crate::support::fault_proxy::Mode;
+use crate::support::{header, spawn_app, spawn_app_with, sum_metric, wait_for_warm_pool};
 
 #[actix_rt::test]
 async fn a_cold_stampede_costs_exactly_one_query_and_everyone_gets_the_same_body() {
@@ -177,10 +179,25 @@ async fn a_body_on_get_is_400_and_other_methods_are_405() {
 
 #[actix_rt::test]
 async fn coalesce_off_sends_every_concurrent_miss_to_the_database() {
-    let app = spawn_app_with(|s| s.coalesce = false).await;
+    // Each load takes 0.2 s (PostgreSQL 0.1 s away), so the burst's requests overlap the first
+    // load even on a machine slow to send them, rather than find its write in Redis. The 50
+    // loads share the pool's 10 connections, so requests get more time than the default.
+    let proxy = postgres_proxy();
+    let app = spawn_app_with(|s| {
+        s.coalesce = false;
+        s.database_url = via(&proxy, &s.database_url);
+        s.request_timeout = Duration::from_secs(10);
+        s.flight_timeout = Duration::from_secs(10);
+    })
+    .await;
+    wait_for_warm_pool(&app.client, &app.address, 10.0).await;
+    proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
     app.warm_connections(50).await;
     let answers = app.burst(3, 50).await;
-    assert!(answers.iter().all(|(status, ..)| *status == 200));
+    assert!(
+        answers.iter().all(|(status, ..)| *status == 200),
+        "{answers:?}"
+    );
     let queries = app.metric("db_hits_total").await;
     let misses = answers.iter().filter(|(_, x, _)| x == "MISS").count() as f64;
     assert_eq!(queries, misses, "each MISS was its own query");
