@@ -24,7 +24,7 @@ use crate::actors::key_owner::{Generations, KeyOwner, KeyOwnerDeps, LeaseDeps, O
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
 use crate::http::worker_cache::WorkerCache;
-use crate::http::{self, AppState, WorkerState};
+use crate::http::{self, renewal_batch, AppState, WorkerState};
 use crate::metrics::Metrics;
 use crate::tls::PgConnector;
 
@@ -94,6 +94,7 @@ impl Application {
             db,
             cache_probe: shards.caches[0].clone(),
             request_timeout: settings.request_timeout,
+            renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),
         };
         let (server, port) = serve(&settings, state, &generations, &metrics)?;

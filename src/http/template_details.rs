@@ -3,7 +3,6 @@
 //! otherwise ask the key's owner, wait at most the request deadline, answer.
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -74,15 +73,8 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     }
 }
 
-/// How long a worker gathers the ids that come due for renewal before it sends them to their
-/// owner in one message (and the owner reads them from Redis in one round trip). A copy comes
-/// due with a quarter of the near cache's freshness left (250 ms by default), so a few
-/// milliseconds cost nothing, and over many keys they turn a message, a Redis round trip and
-/// their wake-ups per key into one per batch.
-const RENEWAL_BATCH: Duration = Duration::from_millis(5);
-
 /// Puts `id` in this worker's next renewal for its owner; the first id of a batch schedules the
-/// batch. The owner's answers refill the cache as they come; no request waits on them. A renewal
+/// batch, sent [`AppState::renewal_batch`] later. The owner's answers refill the cache as they come; no request waits on them. A renewal
 /// the owner drops (nothing fresh to give), or one that outlasts the request deadline, leaves
 /// the copy to run out as it would have.
 fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
@@ -96,9 +88,13 @@ fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
         return;
     }
     let owner = state.owners[shard].clone();
-    let (worker, deadline) = (Rc::clone(worker), state.request_timeout);
+    let (worker, deadline, batch) = (
+        Rc::clone(worker),
+        state.request_timeout,
+        state.renewal_batch,
+    );
     actix_web::rt::spawn(async move {
-        tokio::time::sleep(RENEWAL_BATCH).await;
+        tokio::time::sleep(batch).await;
         let ids = std::mem::take(&mut worker.renewals.borrow_mut()[shard]);
         let mut renewals = Vec::with_capacity(ids.len());
         let answers: Vec<_> = ids
