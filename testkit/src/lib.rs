@@ -6,7 +6,7 @@
 //! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
 //! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
 //!   too).
-//! - [`ports`]: free loopback ports for servers started in another process, below the
+//! - [`ports`]: free loopback ports for servers started in another process, outside the
 //!   kernel's ephemeral range so that no outgoing connection takes one first.
 //! - [`poll::until`]: waiting for a condition with a bound, instead of sleeping.
 //! - [`workspace::binary`]: another member's binary (the load generator), built and found.

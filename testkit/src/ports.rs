@@ -8,14 +8,17 @@
 //! ports for `bind(0)` and even ones for `connect`, so the second of two consecutive ports
 //! found from port 0 is exactly the kind a connection picks next.
 //!
-//! So the ports here come from below the ephemeral range, where the kernel never puts a
-//! source port. Each is checked by binding it, picked at random so that test processes
-//! running side by side rarely try the same one, and never handed out twice in one process.
+//! So the ports here come from outside the ephemeral range, where the kernel never puts a
+//! source port: below it (from 10000), or above it where a machine's range leaves no room
+//! below. Each is checked by binding it, picked at random so that test processes running side
+//! by side rarely try the same one, and never handed out twice in one process. A machine whose
+//! ephemeral range leaves no room on either side gets ports found from port 0, as before.
 
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, TcpListener};
+use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,8 +26,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// developer runs by hand (5432, 6379, 8080, 9090, ...).
 const LOWEST: u16 = 10_000;
 
-/// Where the ephemeral range starts when `/proc` does not say (Linux's default).
-const DEFAULT_EPHEMERAL_START: u16 = 32_768;
+/// The ephemeral range when `/proc` does not say (Linux's default).
+const DEFAULT_EPHEMERAL: RangeInclusive<u16> = 32_768..=60_999;
 
 /// Tries before giving up on finding a free run of ports.
 const ATTEMPTS: usize = 500;
@@ -38,45 +41,73 @@ pub fn free_port() -> Result<u16, String> {
 }
 
 /// The first of `n` consecutive loopback ports that were free a moment ago, none of them in
-/// `taken`, all below the kernel's ephemeral range.
+/// `taken` or handed out before by this process, all outside the kernel's ephemeral range.
 pub fn free_port_run(n: u16, taken: &[u16]) -> Result<u16, String> {
-    let ceiling = ephemeral_start();
-    if n == 0 || ceiling <= LOWEST.saturating_add(n) {
-        return Err(format!(
-            "no room for {n} ports between {LOWEST} and the ephemeral range at {ceiling}"
-        ));
+    if n == 0 {
+        return Err("asked for a run of 0 ports".to_owned());
     }
-    let span = u64::from(ceiling - LOWEST - n + 1);
+    let ephemeral = ephemeral_range();
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    for attempt in 0..ATTEMPTS {
-        let first = LOWEST + (random(attempt) % span) as u16;
-        let run = first..first + n;
-        if run
-            .clone()
+    let usable = |first: u16| {
+        let run = first..=first + (n - 1);
+        !run.clone()
             .any(|port| taken.contains(&port) || handed_out.contains(&port))
-        {
-            continue;
+            && run
+                .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
+                .collect::<std::io::Result<Vec<_>>>()
+                .is_ok()
+    };
+    let found = match firsts_outside(&ephemeral, n) {
+        Some(firsts) => {
+            let span = u64::from(firsts.end() - firsts.start()) + 1;
+            (0..ATTEMPTS)
+                .map(|attempt| firsts.start() + (random(attempt) % span) as u16)
+                .find(|first| usable(*first))
         }
-        let held: std::io::Result<Vec<TcpListener>> = run
-            .clone()
-            .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
-            .collect();
-        if held.is_ok() {
-            handed_out.extend(run);
-            return Ok(first);
-        }
-    }
-    Err(format!(
-        "found no {n} consecutive free ports between {LOWEST} and {ceiling} in {ATTEMPTS} tries"
-    ))
+        // No room outside the ephemeral range: the kernel's pick, as a last resort.
+        None => (0..ATTEMPTS)
+            .filter_map(|_| {
+                let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    .and_then(|l| l.local_addr())
+                    .ok()?
+                    .port();
+                port.checked_add(n - 1).map(|_| port)
+            })
+            .find(|first| usable(*first)),
+    };
+    let first = found.ok_or_else(|| {
+        format!("found no {n} consecutive free ports in {ATTEMPTS} tries (ephemeral range {ephemeral:?})")
+    })?;
+    handed_out.extend(first..=first + (n - 1));
+    Ok(first)
 }
 
-/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
-fn ephemeral_start() -> u16 {
+/// Where a run of `n` ports may start so that all of it lies outside `ephemeral`: below it from
+/// [`LOWEST`] if there is room, else above it; `None` if neither side has room.
+fn firsts_outside(ephemeral: &RangeInclusive<u16>, n: u16) -> Option<RangeInclusive<u16>> {
+    let below = ephemeral
+        .start()
+        .checked_sub(n)
+        .filter(|last_first| *last_first >= LOWEST)
+        .map(|last_first| LOWEST..=last_first);
+    let above = || {
+        let first = ephemeral.end().checked_add(1)?.max(LOWEST);
+        let last_first = u16::MAX.checked_sub(n - 1)?;
+        (first <= last_first).then_some(first..=last_first)
+    };
+    below.or_else(above)
+}
+
+/// The kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_range() -> RangeInclusive<u16> {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(DEFAULT_EPHEMERAL_START)
+        .and_then(|range| {
+            let mut bounds = range.split_whitespace().map(|b| b.parse::<u16>().ok());
+            let (low, high) = (bounds.next()??, bounds.next()??);
+            (low <= high).then_some(low..=high)
+        })
+        .unwrap_or(DEFAULT_EPHEMERAL)
 }
 
 /// A random number: the standard library's randomly keyed hasher over the clock and a counter.
@@ -96,12 +127,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_are_free_below_the_ephemeral_range_and_never_handed_out_twice() {
-        let ceiling = ephemeral_start();
+    fn ports_are_free_outside_the_ephemeral_range_and_never_handed_out_twice() {
+        let ephemeral = ephemeral_range();
         let mut seen = BTreeSet::new();
         for _ in 0..50 {
             let port = free_port().expect("a free port");
-            assert!((LOWEST..ceiling).contains(&port), "{port} below {ceiling}");
+            if firsts_outside(&ephemeral, 1).is_some() {
+                assert!(!ephemeral.contains(&port), "{port} outside {ephemeral:?}");
+                assert!(port >= LOWEST, "{port}");
+            }
             assert!(seen.insert(port), "{port} handed out twice");
             TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("the port is free");
         }
@@ -117,15 +151,26 @@ mod tests {
                 .collect();
             assert_eq!(held.len(), 3);
             assert!(
-                first >= LOWEST + 100,
-                "{first} is not among the taken ports"
+                !(first..first + 3).any(|port| taken.contains(&port)),
+                "{first}: none of the taken ports"
             );
         }
     }
 
     #[test]
-    fn a_run_that_cannot_fit_is_an_error() {
+    fn runs_start_below_the_ephemeral_range_or_above_it_where_there_is_room() {
+        let linux = 32_768..=60_999;
+        assert_eq!(firsts_outside(&linux, 1), Some(LOWEST..=32_767));
+        assert_eq!(firsts_outside(&linux, 3), Some(LOWEST..=32_765));
+        // A container's range from 1024: only above it.
+        assert_eq!(firsts_outside(&(1024..=60_999), 3), Some(61_000..=65_533));
+        assert_eq!(firsts_outside(&(10_001..=65_535), 1), Some(LOWEST..=LOWEST));
+        assert_eq!(firsts_outside(&(1024..=65_535), 1), None);
+        assert_eq!(firsts_outside(&linux, u16::MAX), None);
+    }
+
+    #[test]
+    fn a_run_of_nothing_is_an_error() {
         assert!(free_port_run(0, &[]).is_err());
-        assert!(free_port_run(u16::MAX, &[]).is_err());
     }
 }
