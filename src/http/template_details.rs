@@ -74,9 +74,9 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
 }
 
 /// Puts `id` in this worker's next renewal for its owner; the first id of a batch schedules the
-/// batch, sent [`AppState::renewal_batch`] later. The owner's answers refill the cache as they come; no request waits on them. A renewal
-/// the owner drops (nothing fresh to give), or one that outlasts the request deadline, leaves
-/// the copy to run out as it would have.
+/// batch, sent [`AppState::renewal_batch`] later. The owner's answers refill the cache as they
+/// come; no request waits on them. A renewal the owner drops (nothing fresh to give), or one
+/// that outlasts the request deadline, leaves the copy to run out as it would have.
 fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
     let shard = shard_for(id, state.owners.len());
     let mut pending = worker.renewals.borrow_mut();

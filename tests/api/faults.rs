@@ -346,8 +346,9 @@ const HOT_IDS: RangeInclusive<i64> = 1..=100;
 /// Writes every hot id to Redis again before a recovery window. Keys loaded while a breaker was
 /// open, or whose write failed, are not in Redis: once their near-cache entries have expired, a
 /// round with every breaker closed reloads and writes them. A round in which a Redis call failed
-/// anyway (a machine busy with other tests) is run again, up to three times.
-async fn refill(app: &TestApp, client: &reqwest::Client) {
+/// anyway (a machine busy with other tests) is run again, up to three times. Says whether a
+/// round was clean, for the report.
+async fn refill(app: &TestApp, client: &reqwest::Client) -> bool {
     for _ in 0..3 {
         let _ = settle(app, SETTLE, |f| f.breaker_state == 0.0).await;
         tokio::time::sleep(NEAR_CACHE_TTL + Duration::from_millis(200)).await;
@@ -361,9 +362,10 @@ async fn refill(app: &TestApp, client: &reqwest::Client) {
             && after.breaker_state == 0.0
             && after.redis_errors == before.redis_errors;
         if clean {
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// The incident, shortened: `fault` between Redis and the service from 2 s to 4 s of a 6 s load
@@ -441,11 +443,11 @@ async fn redis_fault_under_load(fault: Mode) {
     // A window in which a Redis call failed anyway (a 100 ms timeout on a machine busy with other
     // tests) says nothing about recovery: it is run again, up to three times. Redis that has not
     // recovered fails all three.
-    let (mut window, mut window_start, mut window_end);
+    let (mut window, mut window_start, mut window_end, mut refilled);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        refill(&app, &client).await;
+        refilled = refill(&app, &client).await;
         window_start = figures(&app).await;
         // Rounds over every id for longer than the near-cache TTL, so that entries expire and
         // are read from Redis again.
@@ -462,7 +464,7 @@ async fn redis_fault_under_load(fault: Mode) {
         }
     }
     let report = format!(
-        "window {attempt}: {window:?}\nstart {window_start:?}\nend {window_end:?}\n{report}"
+        "window {attempt} (after a clean refill: {refilled}): {window:?}\nstart {window_start:?}\nend {window_end:?}\n{report}"
     );
     assert_eq!(
         window.count(200),

@@ -82,15 +82,19 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
             async move {
                 redis::cmd("GET")
                     .arg("template:77")
-                    .query_async::<String>(&mut conn)
+                    .query_async::<Option<String>>(&mut conn)
                     .await
-                    .unwrap_or_default()
             }
         },
-        |stored| stored != "not a template",
+        |stored| matches!(stored, Ok(Some(s)) if s != "not a template"),
     )
-    .await
-    .last;
+    .await;
+    assert!(
+        stored.done,
+        "the bad value was never overwritten: {:?}",
+        stored.last
+    );
+    let stored = stored.last.expect("GET").expect("an entry");
     let (header_line, body) = stored
         .split_once('\n')
         .expect("an entry: header line, then body");
