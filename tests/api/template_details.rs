@@ -75,16 +75,8 @@ async fn ttl_expiry_causes_exactly_one_reload() {
     assert!(answers.iter().all(|(status, ..)| *status == 200));
     // The burst may have been answered while the reload ran in the background: count the
     // queries once no flight is in the air.
-    let settled = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || app.metrics_text(),
-        |text| sum_metric(text, "key_owner_inflight_keys") == 0.0,
-    )
-    .await;
-    assert!(settled.done, "a flight still in the air: {}", settled.last);
     assert_eq!(
-        sum_metric(&settled.last, "db_hits_total"),
+        sum_metric(&app.metrics_when_idle().await, "db_hits_total"),
         2.0,
         "one reload after expiry, not 100"
     );

@@ -151,6 +151,21 @@ impl TestApp {
         sum_metric(&self.metrics_text().await, name)
     }
 
+    /// One `/metrics` scrape taken once no flight is in the air (asked again for up to 10 s), so
+    /// that counts a flight moves at different moments (a refresh when it starts, its query once
+    /// it has a connection) are read together.
+    pub async fn metrics_when_idle(&self) -> String {
+        let idle = testkit::poll::until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || self.metrics_text(),
+            |text| sum_metric(text, "key_owner_inflight_keys") == 0.0,
+        )
+        .await;
+        assert!(idle.done, "flights still in the air: {}", idle.last);
+        idle.last
+    }
+
     /// Opens `n` keep-alive connections, so that a following burst of `n` requests is sent at
     /// once rather than paced by TCP handshakes.
     pub async fn warm_connections(&self, n: usize) {
