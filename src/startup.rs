@@ -194,7 +194,7 @@ fn start_shards(settings: &Settings, db: &Addr<DbActor>, metrics: &Metrics) -> S
             db: db.clone().recipient(),
             lease: (settings.coalesce && !settings.lease_ttl.is_zero()).then(|| LeaseDeps {
                 claim: cache.clone().recipient(),
-                renew: cache.clone().recipient(),
+                extend: cache.clone().recipient(),
                 fill: cache.clone().recipient(),
                 release: cache.clone().recipient(),
                 ttl: settings.lease_ttl,

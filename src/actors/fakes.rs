@@ -20,8 +20,8 @@ use actix::prelude::*;
 use chrono::Utc;
 
 use crate::actors::cache::{
-    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseFill,
-    LeaseRelease, LeaseRenew, LeaseState,
+    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseExtend,
+    LeaseFill, LeaseRelease, LeaseState,
 };
 use crate::actors::db::{guard_panics, DbError, FetchTemplate};
 use crate::template::{Lookup, Template};
@@ -82,9 +82,9 @@ pub struct FakeLeases {
     /// Every lease call fails, as with Redis unreachable.
     pub failing: bool,
     pub claims: Counter,
-    /// Renewal calls, whether or not they renewed.
-    pub renew_calls: Counter,
-    pub renewals: Counter,
+    /// Extension calls, whether or not they extended.
+    pub extend_calls: Counter,
+    pub extensions: Counter,
     pub fills: Counter,
     pub releases: Counter,
 }
@@ -269,11 +269,11 @@ impl Handler<ClaimLoad> for FakeCache {
     }
 }
 
-impl Handler<LeaseRenew> for FakeCache {
+impl Handler<LeaseExtend> for FakeCache {
     type Result = Result<bool, CacheError>;
     fn handle(
         &mut self,
-        LeaseRenew { id, token }: LeaseRenew,
+        LeaseExtend { id, token }: LeaseExtend,
         _: &mut Self::Context,
     ) -> Self::Result {
         if let Some(e) = self.lease_failure() {
@@ -282,7 +282,7 @@ impl Handler<LeaseRenew> for FakeCache {
         if self.holder(id) != Some(token.0.as_str()) {
             return Ok(false);
         }
-        self.leases.renewals.bump();
+        self.leases.extensions.bump();
         let until = Instant::now() + self.leases.ttl;
         self.leases.held.insert(id, (token.0, until));
         Ok(true)

@@ -4,12 +4,12 @@
 //!
 //! Only the worker's own thread touches its cache (no lock, no shared map). It is filled by the
 //! owners' answers themselves: a near-cache `HIT`, or a current flight's fresh answer that the
-//! owner remembered in its near cache, comes with a [`Fill`] (see
+//! owner remembered in its near cache, comes with [`CopyTerms`] (see
 //! [`crate::actors::key_owner::generations`]), and the worker keeps that answer until the
 //! owner's near-cache entry would stop being fresh, or until the owner learns of a change to the
 //! key (its generation moves) — whichever comes first. A key it keeps answering does not run out
 //! under its requests: the first request in the last quarter of the copy's freshness (from the
-//! fill's `renew_at`) is still answered from the copy, and the handler asks the owner in the
+//! terms' `renew_at`) is still answered from the copy, and the handler asks the owner in the
 //! background for a renewed one ([`crate::actors::key_owner::Renew`]): the owner's entry is read
 //! again from Redis, and its answer refills this cache. So no request for a key in steady use
 //! waits on the owner's thread. Everything else — a miss, a stale value,
@@ -21,10 +21,10 @@
 
 use std::time::Instant;
 
-use actix_web::web::Bytes;
+use bytes::Bytes;
 use lru::LruCache;
 
-use crate::actors::key_owner::{Answer, Fill, Generations};
+use crate::actors::key_owner::{Answer, CopyTerms, Generations};
 use crate::template::Lookup;
 
 pub struct WorkerCache {
@@ -36,7 +36,7 @@ pub struct WorkerCache {
 /// An owner's answer, kept with what says how long it may be served.
 struct Kept {
     lookup: Lookup,
-    fill: Fill,
+    terms: CopyTerms,
     /// A renewal was asked for this copy: it is served until `fresh_until` without asking again.
     asked: bool,
 }
@@ -64,8 +64,8 @@ impl WorkerCache {
         let entries = self.entries.as_mut()?;
         let kept = entries.get_mut(&id)?;
         let now = Instant::now();
-        if now < kept.fill.fresh_until && self.generations.current(id) == kept.fill.generation {
-            let renew = now >= kept.fill.renew_at && !kept.asked;
+        if now < kept.terms.fresh_until && self.generations.current(id) == kept.terms.generation {
+            let renew = now >= kept.terms.renew_at && !kept.asked;
             kept.asked |= renew;
             return Some(Hit {
                 lookup: kept.lookup.clone(),
@@ -76,7 +76,7 @@ impl WorkerCache {
         None
     }
 
-    /// Keeps the owner's answer for `id` if it came with a [`Fill`]: the answer to a request.
+    /// Keeps the owner's answer for `id` if it came with [`CopyTerms`]: the answer to a request.
     /// Not asked for a renewal yet, even if already due: the next hit asks, so the copy is
     /// renewed before it runs out.
     pub fn keep(&mut self, id: i64, answer: &Answer) {
@@ -88,14 +88,14 @@ impl WorkerCache {
     /// asked for again: asking would get the same entry back. It runs out instead.
     pub fn keep_renewal(&mut self, id: i64, answer: &Answer) {
         let due = answer
-            .fill
-            .is_some_and(|fill| Instant::now() >= fill.renew_at);
+            .terms
+            .is_some_and(|terms| Instant::now() >= terms.renew_at);
         self.put(id, answer, due);
     }
 
     fn put(&mut self, id: i64, answer: &Answer, asked: bool) {
-        let (Some(entries), Some(fill), Ok(lookup)) =
-            (self.entries.as_mut(), answer.fill, &answer.result)
+        let (Some(entries), Some(terms), Ok(lookup)) =
+            (self.entries.as_mut(), answer.terms, &answer.result)
         else {
             return;
         };
@@ -109,7 +109,7 @@ impl WorkerCache {
             id,
             Kept {
                 lookup,
-                fill,
+                terms,
                 asked,
             },
         );
@@ -136,7 +136,7 @@ mod tests {
         Answer {
             result: Ok(Lookup::Found(Bytes::from(format!("{{\"id\":{id}}}")))),
             x_cache: XCache::Hit,
-            fill: Some(generations.fill(id, Instant::now() + fresh_for)),
+            terms: Some(generations.terms(id, Instant::now() + fresh_for)),
         }
     }
 
@@ -156,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_past_its_fill_is_never_served() {
+    fn an_answer_past_its_terms_is_never_served() {
         let generations = Generations::default();
         let mut cache = WorkerCache::new(10, generations.clone());
         cache.keep(1, &hit(&generations, 1, Duration::ZERO));
@@ -201,7 +201,7 @@ mod tests {
         let mut answer = hit(&generations, 1, LONG);
         // Far enough ahead that a stalled test thread still looks before it is due.
         let renew_at = Instant::now() + Duration::from_millis(500);
-        answer.fill = answer.fill.map(|fill| fill.renew_from(renew_at));
+        answer.terms = answer.terms.map(|terms| terms.renew_from(renew_at));
         cache.keep(1, &answer);
         assert!(!cache.get(1).expect("kept").renew, "not due yet");
         // Let the copy come due.
@@ -217,20 +217,20 @@ mod tests {
         cache.keep_renewal(1, &answer);
         assert!(!cache.get(1).expect("kept").renew);
 
-        // A fill is never due after it runs out.
-        let fill = generations.fill(2, Instant::now());
+        // Terms are never due after they run out.
+        let terms = generations.terms(2, Instant::now());
         assert_eq!(
-            fill.renew_from(Instant::now() + LONG).renew_at,
-            fill.fresh_until
+            terms.renew_from(Instant::now() + LONG).renew_at,
+            terms.fresh_until
         );
     }
 
     #[test]
-    fn answers_without_a_fill_or_with_an_error_are_not_kept() {
+    fn answers_without_terms_or_with_an_error_are_not_kept() {
         let generations = Generations::default();
         let mut cache = WorkerCache::new(10, generations.clone());
         let mut miss = hit(&generations, 1, LONG);
-        miss.fill = None;
+        miss.terms = None;
         miss.x_cache = XCache::Miss;
         cache.keep(1, &miss);
         let mut failed = hit(&generations, 2, LONG);

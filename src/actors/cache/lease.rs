@@ -2,7 +2,7 @@
 //!
 //! Each replica coalesces its own requests in its key owners; the lease coalesces the replicas.
 //! A key's lease is a Redis key next to its value (`template:N:lease`) holding the token of the
-//! flight that claimed it, with a TTL (`LEASE_TTL_MS`) the holder renews while it loads:
+//! flight that claimed it, with a TTL (`LEASE_TTL_MS`) the holder extends while it loads:
 //!
 //! 1. [`ClaimLoad`]: one script reads the value and, when there is none, claims the lease
 //!    (`SET NX PX`) — or says how long the current holder's lease has left. A soft-expired,
@@ -10,7 +10,7 @@
 //!    claimed to reload it, so refresh-ahead is one refresh per expiry across the fleet. That
 //!    second claim names the value it judged: if another replica has filled the key since, the
 //!    script returns the new value instead of claiming.
-//! 2. [`LeaseRenew`]: the holder extends its lease while its load runs, if it still holds it.
+//! 2. [`LeaseExtend`]: the holder extends its lease while its load runs, if it still holds it.
 //! 3. [`LeaseFill`]: one script writes the loaded value only if the token still holds the lease
 //!    and the key has not changed since the claim, deletes the lease and publishes the id on the
 //!    fills channel ([`fills_channel`]). A holder whose lease ran out and was taken over writes
@@ -37,7 +37,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::web::Bytes;
+use bytes::Bytes;
 use redis::Value;
 
 use super::{usable, CacheActor, CacheError, Cached};
@@ -83,7 +83,7 @@ pub enum LeaseState {
 /// Extend the lease, if `token` still holds it. `Ok(false)`: it does not.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<bool, CacheError>")]
-pub struct LeaseRenew {
+pub struct LeaseExtend {
     pub id: i64,
     pub token: LeaseToken,
 }
@@ -151,8 +151,8 @@ const HELD_BY_TOKEN: &str = "
     local function held(v) return v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|' end
 ";
 
-/// KEYS: lease. ARGV: token, TTL (ms). Returns 1 if renewed.
-static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+/// KEYS: lease. ARGV: token, TTL (ms). Returns 1 if extended.
+static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         "{HELD_BY_TOKEN}
         if not held(redis.call('GET', KEYS[1])) then return 0 end
@@ -303,12 +303,12 @@ impl Handler<ClaimLoad> for CacheActor {
     }
 }
 
-impl Handler<LeaseRenew> for CacheActor {
+impl Handler<LeaseExtend> for CacheActor {
     type Result = ResponseActFuture<Self, Result<bool, CacheError>>;
 
     fn handle(
         &mut self,
-        LeaseRenew { id, token }: LeaseRenew,
+        LeaseExtend { id, token }: LeaseExtend,
         _: &mut Self::Context,
     ) -> Self::Result {
         let conn = self.connection();
@@ -316,13 +316,13 @@ impl Handler<LeaseRenew> for CacheActor {
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {
             let mut conn = conn?;
-            RENEW
+            EXTEND
                 .key(lease_key(id))
                 .arg(token.0)
                 .arg(ttl_ms)
                 .invoke_async::<i64>(&mut conn)
                 .await
-                .map(|renewed| renewed == 1)
+                .map(|extended| extended == 1)
                 .map_err(|e| CacheError::from_redis(e, timeout))
         })
     }

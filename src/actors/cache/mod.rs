@@ -23,7 +23,7 @@ mod breaker;
 mod lease;
 
 pub use lease::{
-    fills_channel, notice, Claim, ClaimLoad, LeaseFill, LeaseRelease, LeaseRenew, LeaseState,
+    fills_channel, notice, Claim, ClaimLoad, LeaseExtend, LeaseFill, LeaseRelease, LeaseState,
     LeaseToken,
 };
 
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::web::Bytes;
+use bytes::Bytes;
 use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
@@ -171,7 +171,7 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
-    /// How long a fleet lease lasts without renewal (see [`lease`]).
+    /// How long a fleet lease lasts unless extended (see [`lease`]).
     pub lease_ttl: Duration,
 }
 

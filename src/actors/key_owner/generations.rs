@@ -4,14 +4,15 @@
 //! One shared array of counters, a few thousand buckets, each id in one of them (a hash of the
 //! id). An owner bumps the bucket of an id *while it handles* [`super::Invalidate`] for it, and
 //! every bucket while it handles [`super::ForgetAll`] or restarts. Every answer an owner gives
-//! from its near cache carries a [`Fill`]: the generation of the id's bucket read at that moment
-//! and the near-cache entry's `fresh_until`. A worker keeps the answer with its fill and serves
-//! it again only while `now < fresh_until` and the bucket still holds that generation.
+//! from its near cache carries [`CopyTerms`]: the generation of the id's bucket read at that
+//! moment and the near-cache entry's `fresh_until`. A worker keeps a copy of the answer with its
+//! terms and serves it again only while `now < fresh_until` and the bucket still holds that
+//! generation.
 //!
 //! Why that keeps the freshness invariant: the counters only grow, and an owner bumps before its
 //! handler returns. So once an owner has learned of a change to an id, every worker that looks
-//! at the id's bucket afterwards sees a generation newer than any fill given before the change,
-//! and misses; fills given after it were read after the bump and carry only data the owner
+//! at the id's bucket afterwards sees a generation newer than any terms given before the change,
+//! and misses; terms given after it were read after the bump and come only with data the owner
 //! itself answers after the change. A worker's entry is never fresher than the owner's own
 //! near-cache entry it came from, and a change empties both at the same instant, where a message
 //! to each worker would leave a window in which a worker answers the old value after the owner
@@ -33,10 +34,11 @@ const BUCKETS: usize = 4096;
 #[derive(Clone)]
 pub struct Generations(Arc<[AtomicU64]>);
 
-/// What an HTTP worker may keep of an answer: the generation of the id's bucket when the owner
-/// answered, and how long the owner itself would answer it as a fresh `HIT`.
+/// The terms on which an HTTP worker may keep a copy of an answer: the generation of the id's
+/// bucket when the owner answered, and how long the owner itself would answer it as a fresh
+/// `HIT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fill {
+pub struct CopyTerms {
     pub generation: u64,
     pub fresh_until: Instant,
     /// From then on (the last quarter of the owner's entry's freshness) the worker, still
@@ -46,10 +48,10 @@ pub struct Fill {
     pub renew_at: Instant,
 }
 
-impl Fill {
-    /// This fill, due for renewal from `renew_at` (bounded by `fresh_until`).
-    pub fn renew_from(self, renew_at: Instant) -> Fill {
-        Fill {
+impl CopyTerms {
+    /// These terms, due for renewal from `renew_at` (bounded by `fresh_until`).
+    pub fn renew_from(self, renew_at: Instant) -> CopyTerms {
+        CopyTerms {
             renew_at: renew_at.min(self.fresh_until),
             ..self
         }
@@ -75,22 +77,22 @@ impl Generations {
         self.bucket(id).load(Ordering::SeqCst)
     }
 
-    /// `id` changed: every fill given for it so far is void.
+    /// `id` changed: every copy kept of it so far is void.
     pub fn bump(&self, id: i64) {
         self.bucket(id).fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Anything may have changed: every fill given so far is void.
+    /// Anything may have changed: every copy kept so far is void.
     pub fn bump_all(&self) {
         for generation in self.0.iter() {
             generation.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    /// The fill for an answer about `id` that the owner holds fresh until `fresh_until`, due
-    /// for renewal only then (see [`Fill::renew_from`]).
-    pub fn fill(&self, id: i64, fresh_until: Instant) -> Fill {
-        Fill {
+    /// The terms for an answer about `id` that the owner holds fresh until `fresh_until`, due
+    /// for renewal only then (see [`CopyTerms::renew_from`]).
+    pub fn terms(&self, id: i64, fresh_until: Instant) -> CopyTerms {
+        CopyTerms {
             generation: self.current(id),
             fresh_until,
             renew_at: fresh_until,

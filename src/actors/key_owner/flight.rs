@@ -1,0 +1,395 @@
+//! Flights: one load of a key that its requests share, from the Redis read to the Redis fill,
+//! through the phases of the table in the module docs of [`super`] (loading, refreshing,
+//! filling). Each stage runs as a future on the owner's context ([`KeyOwner::spawn_stage`]),
+//! bounded by `FLIGHT_TIMEOUT_MS`, with a panic turned into an error, and hands its result back
+//! inside the actor. With the fleet lease on, the first stage is a claim instead of a read (see
+//! [`super::fleet`]).
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+use tokio::sync::oneshot;
+
+use super::answers::{answer, count_flight, Settled};
+use super::deps::KeyOwnerDeps;
+use super::fleet::{extending, Role};
+use super::generations::CopyTerms;
+use super::messages::{Answer, FlightError, Origin};
+use super::KeyOwner;
+use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached, LeaseFill};
+use crate::actors::contain;
+use crate::actors::db::{DbError, FetchTemplate};
+use crate::template::{unix_ms_now, Lookup};
+
+/// A flight in progress for one key.
+pub(super) struct Flight {
+    /// Distinguishes this flight from any later one for the same key.
+    pub(super) id: u64,
+    pub(super) waiters: Vec<Waiter>,
+    /// Workers' renewals of the key that joined the flight: not requests (not in `waiters`,
+    /// the waiters gauge or its bound). They get the flight's `Fresh` answer if it comes with
+    /// copy terms, nothing otherwise; a refresh's `STALE` answer does not end their wait.
+    pub(super) renewals: Vec<oneshot::Sender<Answer>>,
+    pub(super) phase: Phase,
+    /// Its part in the fleet lease.
+    pub(super) role: Role,
+}
+
+/// Where a flight is; see the module docs of [`super`].
+pub(super) enum Phase {
+    Loading,
+    /// Serving this soft-expired value while PostgreSQL reloads the key.
+    Refreshing(Lookup),
+    /// Loaded (and answered); the Redis fill is in the air.
+    Filling(Lookup),
+}
+
+/// One request waiting for a flight.
+pub(super) struct Waiter {
+    pub(super) reply: oneshot::Sender<Answer>,
+    /// The request that started the flight (its answer is `MISS`, the others' `SHARED`).
+    pub(super) started_it: bool,
+}
+
+impl Waiter {
+    pub(super) fn request(reply: oneshot::Sender<Answer>, started_it: bool) -> Waiter {
+        Waiter { reply, started_it }
+    }
+}
+
+impl KeyOwner {
+    /// Flight `flight_id` for `id`, wherever it is, and whether it is still the current one.
+    pub(super) fn flight_mut(&mut self, id: i64, flight_id: u64) -> Option<(&mut Flight, bool)> {
+        match self.flights.get_mut(&id) {
+            Some(flight) if flight.id == flight_id => Some((flight, true)),
+            _ => self.superseded.get_mut(&flight_id).map(|f| (f, false)),
+        }
+    }
+
+    /// Removes flight `flight_id` for `id`; `true` with it if it was the current one.
+    fn remove_flight(&mut self, id: i64, flight_id: u64) -> Option<(Flight, bool)> {
+        if self.flights.get(&id).is_some_and(|f| f.id == flight_id) {
+            let flight = self.flights.remove(&id)?;
+            return Some((flight, true));
+        }
+        self.superseded.remove(&flight_id).map(|f| (f, false))
+    }
+
+    /// Takes the waiters of flight `flight_id`, leaving it pending without them.
+    pub(super) fn take_waiters(&mut self, id: i64, flight_id: u64) -> Vec<Waiter> {
+        let waiters = self
+            .flight_mut(id, flight_id)
+            .map(|(flight, _)| std::mem::take(&mut flight.waiters))
+            .unwrap_or_default();
+        self.waiters_gauge().sub(waiters.len() as i64);
+        waiters
+    }
+
+    /// The copy terms of a flight's answer for `id`: only if the flight is the current one
+    /// (`current`: not superseded), its answer is `Fresh`, and the owner holds that very value
+    /// in its near cache as fresh now, so that a worker's copy is still a copy of an entry the
+    /// owner itself answers as a `HIT`. `STALE` answers, errors, superseded flights and values
+    /// that were not remembered (near cache off or full, a "not found" with
+    /// `NEGATIVE_TTL_SECS=0`) give none.
+    pub(super) fn flight_terms(
+        &mut self,
+        id: i64,
+        current: bool,
+        settled: &Settled,
+    ) -> Option<CopyTerms> {
+        let Settled::Fresh(lookup, _) = settled else {
+            return None;
+        };
+        if !current || !self.deps.settings.coalesce {
+            return None;
+        }
+        self.near_cache
+            .terms_if_holds(id, lookup, &self.deps.generations)
+    }
+
+    /// Runs one stage of a flight (`stage` is a future made from `deps`) as a future on the
+    /// owner's context, bounded by the flight timeout, with a panic turned into an error, and
+    /// hands its result to `on_done` inside the actor.
+    pub(super) fn spawn_stage<T, Fut, F>(&mut self, ctx: &mut Context<Self>, stage: Fut, on_done: F)
+    where
+        T: 'static,
+        Fut: std::future::Future<Output = Result<T, FlightError>> + 'static,
+        F: FnOnce(&mut Self, Result<T, FlightError>, &mut Context<Self>) + 'static,
+    {
+        let timeout = self.deps.settings.flight_timeout;
+        // A panic inside the flight (a bug in a collaborator's client code) must not take the
+        // owner down with every other key's waiters: it becomes an error like any other.
+        let guarded = AssertUnwindSafe(stage).catch_unwind();
+        let bounded = tokio::time::timeout(timeout, guarded).map(move |outcome| match outcome {
+            Err(_elapsed) => Err(FlightError::Timeout(timeout)),
+            Ok(Err(_panic)) => Err(FlightError::Panicked("the flight")),
+            Ok(Ok(result)) => result,
+        });
+        ctx.spawn(bounded.into_actor(self).map(move |result, owner, ctx| {
+            contain(owner, ctx, "a KeyOwner flight callback", |owner, ctx| {
+                on_done(owner, result, ctx)
+            });
+        }));
+    }
+
+    /// Starts a coalesced flight for `id` with its first waiter.
+    pub(super) fn start_flight(&mut self, id: i64, first: Waiter, ctx: &mut Context<Self>) {
+        self.next_flight_id += 1;
+        let flight_id = self.next_flight_id;
+        self.flights.insert(
+            id,
+            Flight {
+                id: flight_id,
+                waiters: vec![first],
+                renewals: Vec::new(),
+                phase: Phase::Loading,
+                role: Role::Local,
+            },
+        );
+        self.waiters_gauge().inc();
+        self.inflight_keys().inc();
+        if self.deps.lease.is_some() {
+            return self.claim(id, flight_id, None, ctx);
+        }
+        let read = read_cache(id, self.deps.clone());
+        self.spawn_stage(ctx, read, move |owner, result, ctx| {
+            owner.on_cache_read(id, flight_id, result, ctx)
+        });
+    }
+
+    /// The Redis read is over: a fresh value ends the flight; a soft-expired one is answered at
+    /// once and reloaded in the background (refresh-ahead); a miss goes on to the database.
+    fn on_cache_read(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        result: Result<Option<Cached>, FlightError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some((_, current)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        match result {
+            Ok(Some(cached)) if !cached.is_soft_expired() => {
+                if current {
+                    self.near_cache
+                        .remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
+                }
+                self.finish(id, flight_id, Settled::Fresh(cached.lookup, Origin::Cache));
+            }
+            Ok(Some(cached)) => {
+                // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
+                // arrivals get it while the refresh runs, and the refresh replaces it. Not put in
+                // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
+                let stale = Settled::Revalidating(cached.lookup.clone());
+                for waiter in self.take_waiters(id, flight_id) {
+                    answer(&self.deps.metrics, waiter, &stale, None);
+                }
+                if !current {
+                    // Superseded: its waiters are answered, and a refresh would be old news.
+                    return self.finish(id, flight_id, stale);
+                }
+                if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                    flight.phase = Phase::Refreshing(cached.lookup);
+                }
+                self.load(id, flight_id, ctx);
+            }
+            Ok(None) | Err(_) => self.load(id, flight_id, ctx),
+        }
+    }
+
+    /// Loads `id` from PostgreSQL, within the flight timeout; a lease holder extends its lease
+    /// meanwhile.
+    pub(super) fn load(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
+        let read_at = (Instant::now(), unix_ms_now());
+        let deadline = read_at.0 + self.deps.settings.flight_timeout;
+        let load = fetch(id, deadline, self.deps.clone());
+        let (refreshing, holding) = match self.flight_mut(id, flight_id) {
+            Some((flight, _)) => (
+                matches!(flight.phase, Phase::Refreshing(_)),
+                match &flight.role {
+                    Role::Holding { token, extending } => Some((token.clone(), extending.clone())),
+                    _ => None,
+                },
+            ),
+            None => (false, None),
+        };
+        if refreshing {
+            self.deps.metrics.refreshes_total.inc();
+        }
+        let load = match (holding, self.deps.lease.clone()) {
+            (Some((token, keep)), Some(lease)) => {
+                extending(id, token, lease, keep, load).boxed_local()
+            }
+            _ => load.boxed_local(),
+        };
+        self.spawn_stage(ctx, load, move |owner, result, ctx| {
+            owner.on_loaded(id, flight_id, result, read_at, ctx)
+        });
+    }
+
+    /// PostgreSQL answered. A current flight answers its waiters at once, remembers the value
+    /// and fills Redis with it; a superseded one only answers its waiters.
+    fn on_loaded(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        result: Result<Lookup, FlightError>,
+        (read_at, read_at_ms): (Instant, u64),
+        ctx: &mut Context<Self>,
+    ) {
+        let Some((flight, current)) = self.flight_mut(id, flight_id) else {
+            return;
+        };
+        let holding = match std::mem::replace(&mut flight.role, Role::Local) {
+            Role::Holding { token, .. } => Some(token),
+            _ => None,
+        };
+        let lookup = match result {
+            Err(e) => {
+                if let Some(token) = holding {
+                    // Waiting replicas try for themselves at once rather than at expiry.
+                    self.release(id, token);
+                }
+                let settled = match self.near_cache.stale(id) {
+                    Some(lookup) => Settled::Stale(lookup),
+                    None => Settled::Failed(e),
+                };
+                return self.finish(id, flight_id, settled);
+            }
+            Ok(lookup) if !current => {
+                return self.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database));
+            }
+            Ok(lookup) => lookup,
+        };
+        self.near_cache
+            .remember(id, &lookup, read_at, Duration::MAX);
+        let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
+        let terms = self.flight_terms(id, true, &loaded);
+        for waiter in self.take_waiters(id, flight_id) {
+            answer(&self.deps.metrics, waiter, &loaded, terms);
+        }
+        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+            let renewals = std::mem::take(&mut flight.renewals);
+            self.answer_renewals(renewals, &loaded, terms);
+        }
+        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+            flight.phase = Phase::Filling(lookup.clone());
+        }
+        let fill = match (holding, &self.deps.lease) {
+            (Some(token), Some(lease)) => {
+                let fill = lease.fill.send(LeaseFill {
+                    id,
+                    token,
+                    lookup: lookup.clone(),
+                    loaded_at_ms: read_at_ms,
+                });
+                async move { drop(fill.await) }.boxed_local()
+            }
+            _ => {
+                let set = self.deps.cache_set.send(CacheSet {
+                    id,
+                    lookup: lookup.clone(),
+                    loaded_at_ms: read_at_ms,
+                });
+                async move { drop(set.await) }.boxed_local()
+            }
+        };
+        // A failed fill is counted by the cache actor; the value is good either way.
+        let fill = async move {
+            fill.await;
+            Ok(())
+        };
+        self.spawn_stage(ctx, fill, move |owner, _: Result<(), _>, _| {
+            owner.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database))
+        });
+    }
+
+    /// Ends a flight: answers the waiters it still has and forgets it. A flight superseded while
+    /// its Redis fill was in the air deletes what it wrote.
+    pub(super) fn finish(&mut self, id: i64, flight_id: u64, settled: Settled) {
+        let waiters = self.take_waiters(id, flight_id);
+        let Some((flight, current)) = self.remove_flight(id, flight_id) else {
+            return;
+        };
+        if !current && matches!(flight.phase, Phase::Filling(_)) {
+            self.deps.cache_del.do_send(CacheDel(id));
+        }
+        self.inflight_keys().dec();
+        count_flight(&self.deps.metrics, &settled);
+        let terms = self.flight_terms(id, current, &settled);
+        for waiter in waiters {
+            answer(&self.deps.metrics, waiter, &settled, terms);
+        }
+        self.answer_renewals(flight.renewals, &settled, terms);
+    }
+
+    /// `COALESCE=off`: this request's own cache read and, on a miss, its own load and write.
+    pub(super) fn run_alone(
+        &mut self,
+        id: i64,
+        reply: oneshot::Sender<Answer>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.waiters_gauge().inc();
+        self.inflight_keys().inc();
+        let deps = self.deps.clone();
+        let timeout = deps.settings.flight_timeout;
+        let alone = async move {
+            match read_cache(id, deps.clone()).await {
+                // A soft-expired value is a miss here: this mode has no background refresh.
+                Ok(Some(cached)) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
+                _ => {
+                    let read_at_ms = unix_ms_now();
+                    let lookup = fetch(id, Instant::now() + timeout, deps.clone()).await?;
+                    let write = CacheSet {
+                        id,
+                        lookup: lookup.clone(),
+                        loaded_at_ms: read_at_ms,
+                    };
+                    let _ = deps.cache_set.send(write).await;
+                    Ok((lookup, Origin::Database))
+                }
+            }
+        };
+        self.spawn_stage(ctx, alone, move |owner, result, _| {
+            owner.waiters_gauge().dec();
+            owner.inflight_keys().dec();
+            let settled = match result {
+                Ok((lookup, origin)) => Settled::Fresh(lookup, origin),
+                Err(e) => Settled::Failed(e),
+            };
+            count_flight(&owner.deps.metrics, &settled);
+            answer(
+                &owner.deps.metrics,
+                Waiter::request(reply, true),
+                &settled,
+                None,
+            );
+        });
+    }
+}
+
+/// The Redis read. A cache error is a miss.
+async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, FlightError> {
+    Ok(deps
+        .cache_get
+        .send(CacheGet(id))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten())
+}
+
+/// The database load, ending by `deadline`.
+async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
+    match deps.db.send(FetchTemplate { id, deadline }).await {
+        Err(_mailbox) => Err(FlightError::DatabaseActorGone),
+        Ok(Err(DbError::Panicked)) => Err(FlightError::Panicked("a database call")),
+        Ok(Err(e)) => Err(FlightError::Database(e)),
+        Ok(Ok(None)) => Ok(Lookup::NotFound),
+        Ok(Ok(Some(template))) => Ok(Lookup::Found(template.to_body())),
+    }
+}
