@@ -316,12 +316,8 @@ impl Metrics {
         };
         // Make the labelled series exist from the first scrape, so dashboards and rate() see 0
         // rather than "no data" before the first error.
-        for kind in ["timeout", "refused", "io", "protocol", "decode"] {
-            metrics.redis_errors_total.with_label_values(&[kind]);
-        }
-        for kind in crate::actors::db::DbError::KINDS {
-            metrics.db_errors_total.with_label_values(&[kind]);
-        }
+        // The error kinds of `redis_errors_total` and `db_errors_total` are made to exist by the
+        // actors whose errors they count, where those kinds are defined.
         for state in ["idle", "in_use"] {
             metrics.db_pool_connections.with_label_values(&[state]);
         }

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
 
 use crate::actors::cache::{client, fills_channel, CacheSettings};
 use crate::actors::key_owner::{shard_for, KeyOwner, PeerFilled};
+use crate::actors::relay::{relay_forever, Subscription};
 use crate::metrics::Metrics;
 
 /// How long the subscription may stay quiet before it is checked with a `PING`.
@@ -45,63 +47,78 @@ impl Actor for FillSubscriber {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let subscribing = subscribe_forever(
-            self.settings.clone(),
-            self.owners.clone(),
-            self.metrics.clone(),
-        );
-        ctx.spawn(subscribing.into_actor(self));
+        let notices = Notices {
+            settings: self.settings.clone(),
+            owners: self.owners.clone(),
+            metrics: self.metrics.clone(),
+        };
+        ctx.spawn(relay_forever(notices, QUIET_CHECK, RETRY_DELAY).into_actor(self));
     }
 }
 
-async fn subscribe_forever(settings: CacheSettings, owners: Vec<Addr<KeyOwner>>, metrics: Metrics) {
-    loop {
-        match relay(&settings, &owners, &metrics).await {
-            Ok(why) | Err(why) => log::debug!("lease notices interrupted ({why}); resubscribing"),
+/// The subscription to lease notices, and where they go.
+struct Notices {
+    settings: CacheSettings,
+    owners: Vec<Addr<KeyOwner>>,
+    metrics: Metrics,
+}
+
+impl Notices {
+    /// Subscribing and checking may take a little longer than a command, as connecting does.
+    fn patience(&self) -> Duration {
+        self.settings.timeout.max(Duration::from_millis(500))
+    }
+}
+
+impl Subscription for Notices {
+    type Connection = (PubSubSink, PubSubStream);
+    type Message = redis::Msg;
+
+    async fn connect(&mut self) -> Result<Self::Connection, String> {
+        let patience = self.patience();
+        let client = client(&self.settings).map_err(|e| e.to_string())?;
+        let pubsub = tokio::time::timeout(patience, client.get_async_pubsub())
+            .await
+            .map_err(|_| "connecting timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let (mut sink, stream) = pubsub.split();
+        tokio::time::timeout(patience, sink.subscribe(fills_channel(&self.settings)))
+            .await
+            .map_err(|_| "SUBSCRIBE timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        Ok((sink, stream))
+    }
+
+    async fn connected(&mut self) {
+        self.metrics.lease_subscriptions_total.inc();
+    }
+
+    async fn next(&self, (_, stream): &mut Self::Connection) -> Option<Result<redis::Msg, String>> {
+        stream.next().await.map(Ok)
+    }
+
+    async fn check(&self, (sink, _): &mut Self::Connection) -> Result<(), String> {
+        // A subscribed connection answers PING with an array (`pong`, ""), not a status: any
+        // answer will do.
+        match tokio::time::timeout(self.patience(), sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the connection stopped answering".to_owned()),
         }
-        tokio::time::sleep(RETRY_DELAY).await;
     }
-}
 
-/// Subscribes and relays notices until the subscription fails; returns why it stopped.
-async fn relay(
-    settings: &CacheSettings,
-    owners: &[Addr<KeyOwner>],
-    metrics: &Metrics,
-) -> Result<String, String> {
-    // Subscribing may take a little longer than a command, as connecting does.
-    let patience = settings.timeout.max(Duration::from_millis(500));
-    let client = client(settings).map_err(|e| e.to_string())?;
-    let pubsub = tokio::time::timeout(patience, client.get_async_pubsub())
-        .await
-        .map_err(|_| "connecting timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (mut sink, mut stream) = pubsub.split();
-    tokio::time::timeout(patience, sink.subscribe(fills_channel(settings)))
-        .await
-        .map_err(|_| "SUBSCRIBE timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    metrics.lease_subscriptions_total.inc();
-    loop {
-        match tokio::time::timeout(QUIET_CHECK, stream.next()).await {
-            Ok(Some(message)) => match message.get_payload::<String>().ok().and_then(parse) {
-                Some(notice) => {
-                    metrics.lease_notices_total.inc();
-                    owners[shard_for(notice.id, owners.len())].do_send(notice);
-                }
-                None => log::warn!("ignoring a lease notice that is not a template id"),
-            },
-            Ok(None) => return Ok("the connection closed".to_owned()),
-            // A subscribed connection answers PING with an array (`pong`, ""), not a status:
-            // any answer will do.
-            Err(_quiet) => {
-                match tokio::time::timeout(patience, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => return Err("the connection stopped answering".to_owned()),
-                }
+    fn relay(&mut self, message: redis::Msg) {
+        match message.get_payload::<String>().ok().and_then(parse) {
+            Some(notice) => {
+                self.metrics.lease_notices_total.inc();
+                self.owners[shard_for(notice.id, self.owners.len())].do_send(notice);
             }
+            None => log::warn!("ignoring a lease notice that is not a template id"),
         }
+    }
+
+    fn interrupted(&mut self, why: &str, _connected: bool) {
+        log::debug!("lease notices interrupted ({why}); resubscribing");
     }
 }
 

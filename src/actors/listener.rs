@@ -18,9 +18,11 @@ use actix::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
+use tokio::sync::oneshot;
 
 use crate::actors::cache::{CacheActor, MarkSuspect};
 use crate::actors::key_owner::{shard_for, ForgetAll, Invalidate, KeyOwner};
+use crate::actors::relay::{relay_forever, Subscription};
 use crate::metrics::Metrics;
 use crate::template::unix_ms_now;
 use crate::tls::PgConnector;
@@ -42,7 +44,7 @@ pub struct ChangeListener {
     metrics: Metrics,
     /// Told once, when the first `LISTEN` is in place (start-up waits for it, so that nothing is
     /// cached before invalidations can arrive).
-    listening: Option<tokio::sync::oneshot::Sender<()>>,
+    listening: Option<oneshot::Sender<()>>,
 }
 
 impl ChangeListener {
@@ -51,7 +53,7 @@ impl ChangeListener {
         owners: Vec<Addr<KeyOwner>>,
         caches: Vec<Addr<CacheActor>>,
         metrics: Metrics,
-        listening: tokio::sync::oneshot::Sender<()>,
+        listening: oneshot::Sender<()>,
     ) -> Self {
         ChangeListener {
             postgres,
@@ -71,100 +73,98 @@ impl Actor for ChangeListener {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let links = Links {
+        let changes = Changes {
+            postgres: self.postgres.clone(),
             owners: self.owners.clone(),
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
+            listening: self.listening.take(),
         };
-        let listening = self.listening.take();
-        ctx.spawn(listen_forever(self.postgres.clone(), links, listening).into_actor(self));
+        ctx.spawn(relay_forever(changes, QUIET_CHECK, RETRY_DELAY).into_actor(self));
     }
 }
 
-/// Where notifications go.
-struct Links {
+/// The subscription to change notifications, and where they go.
+struct Changes {
+    postgres: PgConnector,
     owners: Vec<Addr<KeyOwner>>,
     caches: Vec<Addr<CacheActor>>,
     metrics: Metrics,
+    /// Told once, when the first `LISTEN` is in place.
+    listening: Option<oneshot::Sender<()>>,
 }
 
-async fn listen_forever(
-    postgres: PgConnector,
-    links: Links,
-    mut listening: Option<tokio::sync::oneshot::Sender<()>>,
-) {
-    loop {
-        match connect_and_listen(&postgres).await {
-            Ok(mut conn) => {
-                // Anything remembered may predate a change we were not told about. The caches
-                // are told first: an owner reads Redis only through its cache actor, so a read it
-                // starts after `ForgetAll` is queued behind `MarkSuspect` and cannot be answered
-                // with an entry from before. The connect is counted once every owner has
-                // forgotten, so whoever sees the count sees nothing from before answered.
-                let before_unix_ms = unix_ms_now();
-                join_all(
-                    links
-                        .caches
-                        .iter()
-                        .map(|cache| cache.send(MarkSuspect { before_unix_ms })),
-                )
-                .await;
-                join_all(links.owners.iter().map(|owner| owner.send(ForgetAll))).await;
-                links.metrics.listener_connects_total.inc();
-                links.metrics.listener_connected.set(1);
-                if let Some(tx) = listening.take() {
-                    let _ = tx.send(());
-                }
-                let why = relay(&mut conn, &links).await;
-                links.metrics.listener_connected.set(0);
-                log::warn!("change notifications interrupted ({why}); reconnecting");
-            }
-            Err(e) => log::warn!("cannot listen for template changes ({e}); retrying"),
-        }
-        tokio::time::sleep(RETRY_DELAY).await;
-    }
-}
+impl Subscription for Changes {
+    type Connection = AsyncPgConnection;
+    type Message = diesel::pg::PgNotification;
 
-async fn connect_and_listen(postgres: &PgConnector) -> Result<AsyncPgConnection, String> {
-    let mut conn = tokio::time::timeout(STEP_TIMEOUT, postgres.connect())
+    async fn connect(&mut self) -> Result<AsyncPgConnection, String> {
+        let mut conn = tokio::time::timeout(STEP_TIMEOUT, self.postgres.connect())
+            .await
+            .map_err(|_| "connecting timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn),
+        )
         .await
-        .map_err(|_| "connecting timed out".to_owned())?
+        .map_err(|_| "LISTEN timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    tokio::time::timeout(
-        STEP_TIMEOUT,
-        diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn),
-    )
-    .await
-    .map_err(|_| "LISTEN timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    Ok(conn)
-}
+        Ok(conn)
+    }
 
-/// Relays notifications until the connection fails; returns why it stopped.
-async fn relay(conn: &mut AsyncPgConnection, links: &Links) -> String {
-    loop {
-        let next = {
-            let mut stream = std::pin::pin!(conn.notifications_stream());
-            tokio::time::timeout(QUIET_CHECK, stream.next()).await
-        };
-        match next {
-            Ok(Some(Ok(notification))) => match notification.payload.trim().parse::<i64>() {
-                Ok(id) => {
-                    let owner = &links.owners[shard_for(id, links.owners.len())];
-                    owner.do_send(Invalidate(id));
-                }
-                Err(_) => log::warn!("ignoring notification {:?}", notification.payload),
-            },
-            Ok(Some(Err(e))) => return e.to_string(),
-            Ok(None) => return "the connection closed".to_owned(),
-            Err(_quiet) => {
-                let check = diesel::sql_query("SELECT 1").execute(conn);
-                match tokio::time::timeout(STEP_TIMEOUT, check).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return e.to_string(),
-                    Err(_) => return "the connection stopped answering".to_owned(),
-                }
+    async fn connected(&mut self) {
+        // Anything remembered may predate a change we were not told about. The caches are told
+        // first: an owner reads Redis only through its cache actor, so a read it starts after
+        // `ForgetAll` is queued behind `MarkSuspect` and cannot be answered with an entry from
+        // before. The connect is counted once every owner has forgotten, so whoever sees the
+        // count sees nothing from before answered.
+        let before_unix_ms = unix_ms_now();
+        join_all(
+            self.caches
+                .iter()
+                .map(|cache| cache.send(MarkSuspect { before_unix_ms })),
+        )
+        .await;
+        join_all(self.owners.iter().map(|owner| owner.send(ForgetAll))).await;
+        self.metrics.listener_connects_total.inc();
+        self.metrics.listener_connected.set(1);
+        if let Some(tx) = self.listening.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn next(&self, conn: &mut AsyncPgConnection) -> Option<Result<Self::Message, String>> {
+        let mut stream = std::pin::pin!(conn.notifications_stream());
+        let next = stream.next().await?;
+        Some(next.map_err(|e| e.to_string()))
+    }
+
+    async fn check(&self, conn: &mut AsyncPgConnection) -> Result<(), String> {
+        let check = diesel::sql_query("SELECT 1").execute(conn);
+        match tokio::time::timeout(STEP_TIMEOUT, check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the connection stopped answering".to_owned()),
+        }
+    }
+
+    fn relay(&mut self, notification: Self::Message) {
+        match notification.payload.trim().parse::<i64>() {
+            Ok(id) => {
+                let owner = &self.owners[shard_for(id, self.owners.len())];
+                owner.do_send(Invalidate(id));
             }
+            Err(_) => log::warn!("ignoring notification {:?}", notification.payload),
+        }
+    }
+
+    fn interrupted(&mut self, why: &str, connected: bool) {
+        if connected {
+            self.metrics.listener_connected.set(0);
+            log::warn!("change notifications interrupted ({why}); reconnecting");
+        } else {
+            log::warn!("cannot listen for template changes ({why}); retrying");
         }
     }
 }

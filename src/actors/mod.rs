@@ -2,7 +2,7 @@
 //! [`cache::CacheActor`]s that own Redis connections, and the [`db::DbActor`] that owns the
 //! PostgreSQL pool, the [`listener::ChangeListener`] that turns row changes into
 //! invalidations, and the [`fills::FillSubscriber`] that wakes flights waiting on another
-//! replica's lease.
+//! replica's lease. The last two keep a subscription up through one loop ([`relay`]).
 //!
 //! Every one of them runs under an actix [`Supervisor`](actix::Supervisor): if it stops, it is
 //! started again with the same address, so senders never hold a dead one. A panic does not stop
@@ -17,6 +17,7 @@ pub mod fakes;
 pub mod fills;
 pub mod key_owner;
 pub mod listener;
+mod relay;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -234,7 +234,7 @@ impl Handler<ClaimLoad> for CacheActor {
     ) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let suspect_before_ms = self.suspect_before(id);
+        let suspect_before_ms = self.suspects.before(id);
         let metrics = self.metrics.clone();
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {

@@ -18,16 +18,25 @@
 //!
 //! One CacheActor runs on each KeyOwner's arbiter (thread), so the owner reaches it without a
 //! cross-thread wake-up, and each shard has a connection and a breaker of its own.
+//!
+//! # What is where
+//! This file holds the actor, its reads, writes and deletes; [`breaker`] the breaker's states;
+//! [`lease`] the fleet lease's scripts; [`suspect`] which entries are read as misses because
+//! they may predate a change.
 
 mod breaker;
 mod lease;
+mod messages;
+mod suspect;
 
 pub use lease::{
     fills_channel, notice, Claim, ClaimLoad, LeaseExtend, LeaseFill, LeaseRelease, LeaseState,
     LeaseToken,
 };
+pub use messages::{
+    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, MarkSuspect, PingCache,
+};
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -40,119 +49,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
 use breaker::{Breaker, State};
-
-/// Why a Redis call gave no usable answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CacheError {
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("redis refused the connection: {0}")]
-    Refused(String),
-    #[error("redis connection failed: {0}")]
-    Io(String),
-    #[error("redis error: {0}")]
-    Protocol(String),
-    #[error("the cached value for template {0} is not a valid template")]
-    Decode(i64),
-    #[error("redis skipped: circuit breaker open after repeated failures")]
-    BreakerOpen,
-}
-
-impl CacheError {
-    fn kind(&self) -> &'static str {
-        match self {
-            CacheError::Timeout(_) => "timeout",
-            CacheError::Refused(_) => "refused",
-            CacheError::Io(_) => "io",
-            CacheError::Protocol(_) => "protocol",
-            CacheError::Decode(_) => "decode",
-            CacheError::BreakerOpen => "skipped",
-        }
-    }
-
-    /// Failures that say Redis is unreachable (and so count towards opening the breaker), as
-    /// opposed to a reachable Redis holding a bad value or rejecting a command.
-    fn is_connectivity(&self) -> bool {
-        matches!(
-            self,
-            CacheError::Timeout(_) | CacheError::Refused(_) | CacheError::Io(_)
-        )
-    }
-
-    fn from_redis(e: redis::RedisError, timeout: Duration) -> Self {
-        if e.is_timeout() {
-            CacheError::Timeout(timeout)
-        } else if e.is_connection_refusal() {
-            CacheError::Refused(e.to_string())
-        } else if e.is_io_error() || e.is_connection_dropped() {
-            CacheError::Io(e.to_string())
-        } else {
-            CacheError::Protocol(e.to_string())
-        }
-    }
-}
-
-/// A usable value found in Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cached {
-    pub lookup: Lookup,
-    /// How much longer the entry is fresh. Zero once past its soft expiry: then it is servable
-    /// only as `STALE`, while one refresh reloads it.
-    pub fresh_for: Duration,
-}
-
-impl Cached {
-    pub fn is_soft_expired(&self) -> bool {
-        self.fresh_for.is_zero()
-    }
-}
-
-/// Read a template: `Ok(None)` on a miss, `Ok(Some(NotFound))` for a cached "no such template".
-/// A value that is not a valid entry for this id is an `Err(Decode)`, so the caller reloads it
-/// and the write overwrites the bad value. An entry loaded before the service last learned that
-/// it may have missed a change ([`MarkSuspect`]) is a miss too: it may be older than that change.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Option<Cached>, CacheError>")]
-pub struct CacheGet(pub i64);
-
-/// Read several templates in one round trip (`MGET`): for each id, in order, what [`CacheGet`]
-/// would answer, except that a value that is not a valid entry is a miss (`None`, counted as a
-/// decode error) rather than an error for all of them. What HTTP workers' renewals read (see
-/// [`crate::actors::key_owner::Renew`]).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<Option<Cached>>, CacheError>")]
-pub struct CacheGetMany(pub Vec<i64>);
-
-/// Remove a template's entry and bump its generation (its row changed): a lease holder that
-/// claimed before this fills nothing (see [`lease`]).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct CacheDel(pub i64);
-
-/// Entries loaded before this moment may predate changes whose notifications were missed: treat
-/// them as misses (they are reloaded, and overwritten by the reload).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct MarkSuspect {
-    pub before_unix_ms: u64,
-}
-
-/// Store what a load found: a body fresh for `CACHE_TTL_SECS`, a "not found" for
-/// `NEGATIVE_TTL_SECS`, both counted from `loaded_at_ms`, when the database read began.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), CacheError>")]
-pub struct CacheSet {
-    pub id: i64,
-    pub lookup: Lookup,
-    /// Wall-clock time (unix ms) at which the load's database read began: the entry's age, and
-    /// what [`MarkSuspect`] compares with.
-    pub loaded_at_ms: u64,
-}
-
-/// Readiness probe: `PING` (reported as degraded while the breaker is open).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), CacheError>")]
-pub struct PingCache;
+use suspect::Suspects;
 
 /// Settings a CacheActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
@@ -206,13 +103,8 @@ pub struct CacheActor {
     breaker: Breaker,
     /// The breaker state last logged and shown in `redis_breaker_state`.
     published: State,
-    /// Entries loaded before this wall-clock time are misses (see [`MarkSuspect`]).
-    suspect_before_ms: u64,
-    /// Per key, when this replica last learned that its row changed ([`CacheDel`]): entries of
-    /// the key loaded before then are misses. Another replica that loaded the old row before the
-    /// change may write it after this replica's delete; its entry must not be served here.
-    /// Bounded (see [`CacheActor::record_change`]).
-    changed_at_ms: HashMap<i64, u64>,
+    /// Which entries are misses because they may predate a change (see [`suspect`]).
+    suspects: Suspects,
     /// Where lease fills and releases are announced (see [`lease`]).
     fills_channel: String,
     /// Feeds the TTL jitter; different on every write.
@@ -227,11 +119,17 @@ impl CacheActor {
         let conn = connect_lazily(&settings);
         let channel = fills_channel(&settings);
         let breaker_failures = settings.breaker_failures;
+        // An entry's whole life: its soft TTL with the largest jitter, and the grace after it.
+        let entry_lifetime = settings.ttl + settings.grace + settings.ttl / 2;
         let shard = shard.to_string();
         metrics
             .redis_breaker_state
             .with_label_values(&[&shard])
             .set(0);
+        // Every kind shows from the first scrape: dashboards and rate() see 0, not "no data".
+        for kind in CacheError::COUNTED_KINDS {
+            metrics.redis_errors_total.with_label_values(&[kind]);
+        }
         CacheActor {
             conn,
             settings,
@@ -239,8 +137,7 @@ impl CacheActor {
             shard,
             breaker: Breaker::new(breaker_failures),
             published: State::Closed,
-            suspect_before_ms: 0,
-            changed_at_ms: HashMap::new(),
+            suspects: Suspects::new(entry_lifetime),
             fills_channel: channel,
             writes: 0,
         }
@@ -363,31 +260,6 @@ impl CacheActor {
             self.metrics.clone(),
         )
     }
-}
-
-impl CacheActor {
-    /// Entries of `id` loaded before this wall-clock time are misses.
-    fn suspect_before(&self, id: i64) -> u64 {
-        let changed = self.changed_at_ms.get(&id).copied().unwrap_or(0);
-        self.suspect_before_ms.max(changed)
-    }
-
-    /// Remembers that `id` changed now. Records older than an entry's whole life (soft TTL and
-    /// grace) can go: every entry loaded before them has expired. Should the records still
-    /// exceed [`MAX_CHANGE_RECORDS`], every entry loaded before now becomes suspect instead.
-    fn record_change(&mut self, id: i64) {
-        let now = unix_ms_now();
-        self.changed_at_ms.insert(id, now);
-        if self.changed_at_ms.len() > MAX_CHANGE_RECORDS {
-            let lifetime = self.settings.ttl + self.settings.grace + self.settings.ttl / 2;
-            let horizon = now.saturating_sub(lifetime.as_millis() as u64);
-            self.changed_at_ms.retain(|_, at| *at >= horizon);
-            if self.changed_at_ms.len() > MAX_CHANGE_RECORDS / 2 {
-                self.suspect_before_ms = self.suspect_before_ms.max(now);
-                self.changed_at_ms.clear();
-            }
-        }
-    }
 
     /// The bytes and the expiry (ms from now) of the entry to write for a load of `lookup` that
     /// began at `loaded_at_ms`; `None` when nothing is to be written (a "not found" with
@@ -424,9 +296,6 @@ impl CacheActor {
 /// How long a key's generation outlives its last change: far longer than any flight, so a lease
 /// claimed under an older generation cannot see it expire and start again from zero.
 const GENERATION_TTL_MS: i64 = 3_600_000;
-
-/// Change records kept per cache actor (see [`CacheActor::record_change`]).
-const MAX_CHANGE_RECORDS: usize = 100_000;
 
 /// What a raw Redis value for `id` is worth: a usable entry, a miss (`None`: loaded before
 /// `suspect_before_ms`), or a decode error.
@@ -531,7 +400,7 @@ impl Handler<CacheGet> for CacheActor {
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let suspect_before_ms = self.suspect_before(id);
+        let suspect_before_ms = self.suspects.before(id);
         let metrics = self.metrics.clone();
         self.call(async move {
             let mut conn = conn?;
@@ -556,7 +425,7 @@ impl Handler<CacheGetMany> for CacheActor {
         }
         let conn = self.connection();
         let timeout = self.settings.timeout;
-        let suspect_before: Vec<u64> = ids.iter().map(|&id| self.suspect_before(id)).collect();
+        let suspect_before: Vec<u64> = ids.iter().map(|&id| self.suspects.before(id)).collect();
         let metrics = self.metrics.clone();
         self.call(async move {
             let mut conn = conn?;
@@ -617,7 +486,7 @@ impl Handler<CacheDel> for CacheActor {
     type Result = ();
 
     fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
-        self.record_change(id);
+        self.suspects.changed(id);
         let conn = self.connection();
         let timeout = self.settings.timeout;
         let del = self.call(async move {
@@ -641,7 +510,7 @@ impl Handler<CacheDel> for CacheActor {
         // written before now becomes suspect (served, but refreshed on first read).
         ctx.spawn(del.map(|result, actor, _| {
             if result.is_err() {
-                actor.suspect_before_ms = actor.suspect_before_ms.max(unix_ms_now());
+                actor.suspects.all_before(unix_ms_now());
             }
         }));
     }
@@ -651,7 +520,7 @@ impl Handler<MarkSuspect> for CacheActor {
     type Result = ();
 
     fn handle(&mut self, msg: MarkSuspect, _: &mut Self::Context) {
-        self.suspect_before_ms = self.suspect_before_ms.max(msg.before_unix_ms);
+        self.suspects.all_before(msg.before_unix_ms);
     }
 }
 

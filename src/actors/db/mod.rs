@@ -17,7 +17,7 @@
 //! client-side timeout a little longer, which frees the caller even if the server never answers.
 //!
 //! # Failing fast where the database is known to be down
-//! [`Reachability`] records what the last attempts said: a connection attempt that fails (refused,
+//! [`reachability`] records what the last attempts said: a connection attempt that fails (refused,
 //! reset, or no answer within the connect timeout), or a query the server never answered, marks
 //! PostgreSQL *down*; the next connection opened or query answered marks it up again. While it is
 //! down, loads fail at once ([`DbError::Unavailable`]) — the owners then answer with a value they
@@ -41,7 +41,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -52,13 +51,16 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
 use crate::tls::PgConnector;
+use reachability::Reachability;
+
+mod reachability;
 
 /// Slack over `statement_timeout` for the client-side bound, so that the server's own
 /// cancellation (which leaves the connection usable) normally wins.
@@ -154,62 +156,6 @@ impl DbSettings {
 
 type PgPool = Pool<AsyncPgConnection>;
 
-/// Whether PostgreSQL is known to be unreachable, and why. Written by the connection set-up (which
-/// bb8 runs in background tasks on the actor's thread) and by loads; read by loads, which also
-/// wait on it to be released the moment it goes down.
-#[derive(Clone)]
-pub struct Reachability {
-    /// `None` while reachable; `Some(why)` while down.
-    state: Arc<watch::Sender<Option<String>>>,
-    metrics: Metrics,
-}
-
-impl Reachability {
-    fn new(metrics: Metrics) -> Self {
-        metrics.db_available.set(1);
-        Reachability {
-            state: Arc::new(watch::Sender::new(None)),
-            metrics,
-        }
-    }
-
-    fn up(&self) {
-        let changed = self.state.send_if_modified(|s| s.take().is_some());
-        if changed {
-            log::info!("the database is reachable again");
-            self.metrics.db_available.set(1);
-        }
-    }
-
-    fn down(&self, why: String) {
-        let changed = self.state.send_if_modified(|s| {
-            let was_up = s.is_none();
-            *s = Some(why.clone());
-            was_up
-        });
-        if changed {
-            log::warn!("the database is unreachable ({why}); failing loads fast until it answers");
-            self.metrics.db_available.set(0);
-        }
-    }
-
-    /// Why the database is down, or `None` while it is reachable.
-    pub fn why_down(&self) -> Option<String> {
-        self.state.borrow().clone()
-    }
-
-    /// Resolves when the database is (or goes) down, with the reason.
-    async fn until_down(&self) -> String {
-        let mut rx = self.state.subscribe();
-        let why = match rx.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            // The sender lives as long as `self`: unreachable, but never resolve wrongly.
-            Err(_) => return std::future::pending().await,
-        };
-        why
-    }
-}
-
 /// A load waiting to be sent, and where its row goes.
 struct Waiting {
     id: i64,
@@ -236,6 +182,10 @@ impl DbActor {
     /// the thread (arbiter) the actor will live on, so that connections and their background
     /// tasks live there too.
     pub fn new(settings: DbSettings, metrics: Metrics) -> Self {
+        // Every kind shows from the first scrape: dashboards and rate() see 0, not "no data".
+        for kind in DbError::KINDS {
+            metrics.db_errors_total.with_label_values(&[kind]);
+        }
         let reachability = Reachability::new(metrics.clone());
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
         let (connect_timeout, statement_timeout_ms) =
@@ -612,25 +562,5 @@ mod tests {
         assert!(!is_server_full(
             "error connecting to server: Connection refused (os error 111)"
         ));
-    }
-
-    #[actix_rt::test]
-    async fn reachability_releases_waiters_when_it_goes_down() {
-        let reach = Reachability::new(Metrics::new().expect("metrics"));
-        assert_eq!(reach.why_down(), None);
-        let waiting = actix_rt::spawn({
-            let reach = reach.clone();
-            async move { reach.until_down().await }
-        });
-        reach.down("refused".into());
-        let why = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("released")
-            .expect("joined");
-        assert_eq!(why, "refused");
-        assert_eq!(reach.metrics.db_available.get(), 0);
-        reach.up();
-        assert_eq!(reach.why_down(), None);
-        assert_eq!(reach.metrics.db_available.get(), 1);
     }
 }

@@ -1,0 +1,118 @@
+//! Which Redis entries this replica no longer trusts: entries that may be older than a change it
+//! learned of, or older than a moment at which it may have missed one.
+//!
+//! An entry records when its load read the database (`loaded_at_ms`). It is a *suspect* — read
+//! as a miss, reloaded, and overwritten by the reload — when it was loaded before either
+//! - the last moment this replica may have missed changes ([`Suspects::all_before`]: the change
+//!   listener reconnected, or a delete of a changed key failed and the old value may still be
+//!   there), or
+//! - the last change to its own key that this replica learned of ([`Suspects::changed`]):
+//!   another replica that loaded the old row before the change may write it after this
+//!   replica's delete, and that entry must not be served here.
+//!
+//! The per-key records are bounded: a record older than an entry's whole life can go, since
+//! every entry loaded before it has expired; past [`MAX_CHANGE_RECORDS`] every entry loaded
+//! before now becomes suspect instead, which costs reloads, never freshness.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::template::unix_ms_now;
+
+/// Change records kept per cache actor.
+const MAX_CHANGE_RECORDS: usize = 100_000;
+
+pub(super) struct Suspects {
+    /// Entries loaded before this wall-clock time (unix ms) are misses, whatever their key.
+    all_before_ms: u64,
+    /// Per key, when this replica last learned that its row changed.
+    changed_at_ms: HashMap<i64, u64>,
+    /// Longer than any entry lives in Redis (soft TTL, the largest jitter, grace).
+    entry_lifetime: Duration,
+}
+
+impl Suspects {
+    /// `entry_lifetime`: how long an entry can live in Redis at the most.
+    pub(super) fn new(entry_lifetime: Duration) -> Self {
+        Suspects {
+            all_before_ms: 0,
+            changed_at_ms: HashMap::new(),
+            entry_lifetime,
+        }
+    }
+
+    /// Entries of `id` loaded before this wall-clock time (unix ms) are misses.
+    pub(super) fn before(&self, id: i64) -> u64 {
+        let changed = self.changed_at_ms.get(&id).copied().unwrap_or(0);
+        self.all_before_ms.max(changed)
+    }
+
+    /// Every entry loaded before `unix_ms` is a miss from now on.
+    pub(super) fn all_before(&mut self, unix_ms: u64) {
+        self.all_before_ms = self.all_before_ms.max(unix_ms);
+    }
+
+    /// `id` changed now: its entries loaded before now are misses from now on.
+    pub(super) fn changed(&mut self, id: i64) {
+        self.changed_at(id, unix_ms_now());
+    }
+
+    fn changed_at(&mut self, id: i64, now: u64) {
+        self.changed_at_ms.insert(id, now);
+        if self.changed_at_ms.len() > MAX_CHANGE_RECORDS {
+            let horizon = now.saturating_sub(self.entry_lifetime.as_millis() as u64);
+            self.changed_at_ms.retain(|_, at| *at >= horizon);
+            if self.changed_at_ms.len() > MAX_CHANGE_RECORDS / 2 {
+                self.all_before(now);
+                self.changed_at_ms.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIFETIME: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_change_makes_only_its_own_key_suspect() {
+        let mut suspects = Suspects::new(LIFETIME);
+        assert_eq!((suspects.before(1), suspects.before(2)), (0, 0));
+        suspects.changed_at(1, 5_000);
+        assert_eq!((suspects.before(1), suspects.before(2)), (5_000, 0));
+    }
+
+    #[test]
+    fn all_before_only_ever_moves_forward_and_covers_every_key() {
+        let mut suspects = Suspects::new(LIFETIME);
+        suspects.changed_at(1, 5_000);
+        suspects.all_before(3_000);
+        assert_eq!((suspects.before(1), suspects.before(2)), (5_000, 3_000));
+        suspects.all_before(2_000);
+        assert_eq!(suspects.before(2), 3_000, "never moves back");
+        suspects.all_before(9_000);
+        assert_eq!((suspects.before(1), suspects.before(2)), (9_000, 9_000));
+    }
+
+    #[test]
+    fn records_beyond_the_bound_make_everything_before_now_suspect() {
+        let mut suspects = Suspects::new(LIFETIME);
+        let now = 1_000_000_000;
+        // Old records go first: every entry loaded before them has expired.
+        for id in 0..MAX_CHANGE_RECORDS as i64 {
+            suspects.changed_at(id, now - 2 * LIFETIME.as_millis() as u64);
+        }
+        suspects.changed_at(-1, now);
+        assert_eq!(suspects.changed_at_ms.len(), 1, "expired records dropped");
+        assert_eq!(suspects.before(-1), now);
+        assert_eq!(suspects.before(5), 0, "no longer suspect: expired anyway");
+        // Young records that cannot be dropped: everything before now turns suspect.
+        for id in 0..MAX_CHANGE_RECORDS as i64 {
+            suspects.changed_at(id, now + 1);
+        }
+        assert!(suspects.changed_at_ms.is_empty());
+        assert_eq!(suspects.before(123_456_789), now + 1);
+    }
+}
