@@ -16,7 +16,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 
 use crate::actors::cache::{client, fills_channel, CacheSettings};
 use crate::actors::key_owner::{shard_for, KeyOwner, PeerFilled};
-use crate::actors::relay::{relay_forever, Subscription};
+use crate::actors::relay::{Relay, Subscription};
 use crate::metrics::Metrics;
 
 /// How long the subscription may stay quiet before it is checked with a `PING`.
@@ -24,40 +24,23 @@ const QUIET_CHECK: Duration = Duration::from_secs(5);
 /// Pause between attempts to subscribe.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
-pub struct FillSubscriber {
-    settings: CacheSettings,
-    owners: Vec<Addr<KeyOwner>>,
-    metrics: Metrics,
-}
+/// The actor that keeps the subscription up.
+pub type FillSubscriber = Relay<Notices>;
 
 impl FillSubscriber {
     pub fn new(settings: CacheSettings, owners: Vec<Addr<KeyOwner>>, metrics: Metrics) -> Self {
-        FillSubscriber {
+        let notices = Notices {
             settings,
             owners,
             metrics,
-        }
-    }
-}
-
-/// Its loop never ends on its own; if the actor stops anyway, it subscribes afresh.
-impl Supervised for FillSubscriber {}
-
-impl Actor for FillSubscriber {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let notices = Notices {
-            settings: self.settings.clone(),
-            owners: self.owners.clone(),
-            metrics: self.metrics.clone(),
         };
-        ctx.spawn(relay_forever(notices, QUIET_CHECK, RETRY_DELAY).into_actor(self));
+        Relay::keeping(notices, QUIET_CHECK, RETRY_DELAY)
     }
 }
 
 /// The subscription to lease notices, and where they go.
-struct Notices {
+#[derive(Clone)]
+pub struct Notices {
     settings: CacheSettings,
     owners: Vec<Addr<KeyOwner>>,
     metrics: Metrics,

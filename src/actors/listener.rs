@@ -12,6 +12,8 @@
 //! A connection that goes silent without closing (a partition) is found by a `SELECT 1` after
 //! a few quiet seconds, and replaced.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -22,7 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::cache::{CacheActor, MarkSuspect};
 use crate::actors::key_owner::{shard_for, ForgetAll, Invalidate, KeyOwner};
-use crate::actors::relay::{relay_forever, Subscription};
+use crate::actors::relay::{Relay, Subscription};
 use crate::metrics::Metrics;
 use crate::template::unix_ms_now;
 use crate::tls::PgConnector;
@@ -37,17 +39,12 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between reconnection attempts.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
-pub struct ChangeListener {
-    postgres: PgConnector,
-    owners: Vec<Addr<KeyOwner>>,
-    caches: Vec<Addr<CacheActor>>,
-    metrics: Metrics,
-    /// Told once, when the first `LISTEN` is in place (start-up waits for it, so that nothing is
-    /// cached before invalidations can arrive).
-    listening: Option<oneshot::Sender<()>>,
-}
+/// The actor that keeps the `LISTEN` connection up.
+pub type ChangeListener = Relay<Changes>;
 
 impl ChangeListener {
+    /// `listening` is told once, when the first `LISTEN` is in place (start-up waits for it, so
+    /// that nothing is cached before invalidations can arrive).
     pub fn new(
         postgres: PgConnector,
         owners: Vec<Addr<KeyOwner>>,
@@ -55,43 +52,28 @@ impl ChangeListener {
         metrics: Metrics,
         listening: oneshot::Sender<()>,
     ) -> Self {
-        ChangeListener {
+        let changes = Changes {
             postgres,
             owners,
             caches,
             metrics,
-            listening: Some(listening),
-        }
-    }
-}
-
-/// The listener's loop never ends on its own; if the actor stops anyway, it starts listening
-/// afresh (and, on connecting, tells every owner to forget what it remembers).
-impl Supervised for ChangeListener {}
-
-impl Actor for ChangeListener {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let changes = Changes {
-            postgres: self.postgres.clone(),
-            owners: self.owners.clone(),
-            caches: self.caches.clone(),
-            metrics: self.metrics.clone(),
-            listening: self.listening.take(),
+            listening: Rc::new(Cell::new(Some(listening))),
         };
-        ctx.spawn(relay_forever(changes, QUIET_CHECK, RETRY_DELAY).into_actor(self));
+        Relay::keeping(changes, QUIET_CHECK, RETRY_DELAY)
     }
 }
 
-/// The subscription to change notifications, and where they go.
-struct Changes {
+/// The subscription to change notifications, and where they go. A restarted listener starts
+/// from a copy: it listens afresh and, on connecting, tells every owner to forget what it
+/// remembers.
+#[derive(Clone)]
+pub struct Changes {
     postgres: PgConnector,
     owners: Vec<Addr<KeyOwner>>,
     caches: Vec<Addr<CacheActor>>,
     metrics: Metrics,
-    /// Told once, when the first `LISTEN` is in place.
-    listening: Option<oneshot::Sender<()>>,
+    /// Told once, when the first `LISTEN` is in place; shared by the copies.
+    listening: Rc<Cell<Option<oneshot::Sender<()>>>>,
 }
 
 impl Subscription for Changes {

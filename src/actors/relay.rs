@@ -6,9 +6,11 @@
 //! must act on that); hand on every message that arrives; check a connection that has been
 //! quiet for a while with a round trip of its own, since a connection stalled behind a
 //! partition neither closes nor delivers; and on any failure, say why and connect again after
-//! a pause.
+//! a pause. The loop runs on a [`Relay`] actor of its own, under a supervisor.
 
 use std::time::Duration;
+
+use actix::prelude::*;
 
 /// A subscription that [`relay_forever`] keeps up. Its methods bound their own waits.
 pub(crate) trait Subscription {
@@ -36,6 +38,39 @@ pub(crate) trait Subscription {
     /// `why`; it is made again after the pause.
     fn interrupted(&mut self, why: &str, connected: bool);
 }
+
+/// The actor that keeps one subscription up, through [`relay_forever`] on its context. The loop
+/// never ends on its own; if the actor stops anyway, its supervisor starts it again and it
+/// subscribes afresh from a copy of the subscription it was given.
+pub struct Relay<S> {
+    subscription: S,
+    quiet_check: Duration,
+    retry_delay: Duration,
+}
+
+impl<S> Relay<S> {
+    /// A connection quiet for `quiet_check` is checked; a failed one is made again after
+    /// `retry_delay`.
+    pub(crate) fn keeping(subscription: S, quiet_check: Duration, retry_delay: Duration) -> Self {
+        Relay {
+            subscription,
+            quiet_check,
+            retry_delay,
+        }
+    }
+}
+
+impl<S: Subscription + Clone + Unpin + 'static> Actor for Relay<S> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let subscription = self.subscription.clone();
+        let forever = relay_forever(subscription, self.quiet_check, self.retry_delay);
+        ctx.spawn(forever.into_actor(self));
+    }
+}
+
+impl<S: Subscription + Clone + Unpin + 'static> Supervised for Relay<S> {}
 
 /// Keeps `subscription` up forever: messages relayed as they arrive, a connection quiet for
 /// `quiet_check` checked, a failed one made again after `retry_delay`.

@@ -58,11 +58,7 @@ async fn a_lease_that_runs_out_unfilled_is_taken_over_without_a_notice() {
 
 #[actix_rt::test]
 async fn with_lease_calls_failing_the_owner_coalesces_on_its_own() {
-    let h = Setup {
-        lease_failing: true,
-        ..leased()
-    }
-    .start();
+    let h = leased().lease_failing(true).start();
     let answers = h.burst(10, 30).await;
     assert!(answers.iter().all(|a| a.result.is_ok()), "{answers:?}");
     assert_eq!(h.queries(), 1);
@@ -72,11 +68,7 @@ async fn with_lease_calls_failing_the_owner_coalesces_on_its_own() {
 
 #[actix_rt::test]
 async fn a_change_makes_the_holder_release_its_lease_and_write_nothing() {
-    let h = Setup {
-        db_delay: Duration::from_millis(300),
-        ..leased()
-    }
-    .start();
+    let h = leased().db_delay(Duration::from_millis(300)).start();
     let before = h.ask(11);
     eventually("the lease is claimed", || h.lease_claims.get() == 1).await;
     h.owner.send(Invalidate(11)).await.unwrap();
@@ -92,11 +84,7 @@ async fn a_change_makes_the_holder_release_its_lease_and_write_nothing() {
 
 #[actix_rt::test]
 async fn a_change_while_waiting_on_a_peer_loads_for_the_earlier_waiters_at_once() {
-    let h = Setup {
-        db_delay: Duration::from_millis(10),
-        ..leased()
-    }
-    .start();
+    let h = leased().db_delay(Duration::from_millis(10)).start();
     h.hold_as_peer(12, Duration::from_secs(60)).await;
     let before = h.ask(12);
     eventually("the flight waits on the peer", || {
@@ -113,11 +101,7 @@ async fn a_change_while_waiting_on_a_peer_loads_for_the_earlier_waiters_at_once(
 
 #[actix_rt::test]
 async fn a_soft_expired_value_is_served_while_a_peer_refreshes_it() {
-    let h = Setup {
-        stale_cached: vec![13],
-        ..leased()
-    }
-    .start();
+    let h = leased().stale_cached(vec![13]).start();
     h.hold_as_peer(13, Duration::from_secs(60)).await;
     let answers = h.burst(13, 5).await;
     assert!(
@@ -136,13 +120,11 @@ async fn a_soft_expired_value_is_served_while_a_peer_refreshes_it() {
 
 #[actix_rt::test]
 async fn a_superseded_holder_stops_extending_the_lease_it_gave_up() {
-    let h = Setup {
+    let h = leased()
         // Extended every 50 ms while a 600 ms load runs.
-        lease_ttl: Some(Duration::from_millis(150)),
-        db_delay: Duration::from_millis(600),
-        ..leased()
-    }
-    .start();
+        .lease_ttl(Some(Duration::from_millis(150)))
+        .db_delay(Duration::from_millis(600))
+        .start();
     let before = h.ask(16);
     eventually("the lease is claimed", || h.lease_claims.get() == 1).await;
     h.owner.send(Invalidate(16)).await.unwrap();
@@ -176,15 +158,13 @@ async fn a_fill_that_wrote_nothing_makes_waiters_load_at_once() {
 
 #[actix_rt::test]
 async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
-    let h = Setup {
-        owner: OwnerSettings {
+    let h = leased()
+        .owner(OwnerSettings {
             flight_timeout: Duration::from_millis(300),
             ..OwnerSettings::default()
-        },
-        db_delay: Duration::from_millis(10),
-        ..leased()
-    }
-    .start();
+        })
+        .db_delay(Duration::from_millis(10))
+        .start();
     // A peer that holds the lease for a minute and never fills.
     h.hold_as_peer(18, Duration::from_secs(60)).await;
     let answer = h.one(18).await;

@@ -64,7 +64,26 @@ struct Harness {
     generations: Generations,
 }
 
-struct Setup {
+/// Defines [`Setup`] and a setter per field, so that a test names only what its setup changes:
+/// `Setup::default().db_delay(Duration::ZERO).start()`.
+macro_rules! setup {
+    ($($(#[$doc:meta])* $field:ident: $type:ty,)*) => {
+        struct Setup {
+            $($(#[$doc])* $field: $type,)*
+        }
+
+        impl Setup {
+            $(
+                fn $field(mut self, $field: $type) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setup! {
     mode: DbMode,
     db_delay: Duration,
     db_delays: HashMap<i64, Duration>,
@@ -241,6 +260,14 @@ impl Harness {
         });
     }
 
+    /// Requests shed at once for `reason`.
+    fn shed(&self, reason: &str) -> u64 {
+        self.metrics
+            .shed_requests_total
+            .with_label_values(&[reason])
+            .get()
+    }
+
     /// Waits until no flight is pending and nobody waits.
     async fn idle(&self) {
         eventually("every flight ended", || {
@@ -274,6 +301,17 @@ impl Handler<Bug> for KeyOwner {
             panic!("a bug in the owner")
         });
     }
+}
+
+/// An owner (with `owner`'s settings) whose first load succeeds and every later one fails,
+/// over a Redis that is always empty: what it remembered is all it has.
+fn failing_after_one_load(owner: OwnerSettings) -> Harness {
+    Setup::default()
+        .mode(DbMode::FailAfter(1))
+        .forgetful_cache(true)
+        .db_delay(Duration::ZERO)
+        .owner(owner)
+        .start()
 }
 
 fn near_cache_ttl(ms: u64) -> OwnerSettings {

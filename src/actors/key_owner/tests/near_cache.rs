@@ -5,12 +5,10 @@ use super::*;
 
 #[actix_rt::test]
 async fn the_near_cache_answers_fresh_keys_without_a_cache_read() {
-    let h = Setup {
-        owner: near_cache_ttl(1000),
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .owner(near_cache_ttl(1000))
+        .db_delay(Duration::ZERO)
+        .start();
     assert_eq!(h.one(4).await.x_cache, XCache::Miss);
     for _ in 0..50 {
         assert_eq!(h.one(4).await.x_cache, XCache::Hit);
@@ -32,13 +30,11 @@ async fn the_near_cache_answers_fresh_keys_without_a_cache_read() {
 #[actix_rt::test]
 async fn the_near_cache_never_answers_hit_past_the_soft_expiry() {
     // Near cache 5 s, but the Redis entry is fresh for only 1 s more.
-    let h = Setup {
-        expiring_cached: vec![(6, Duration::from_secs(1))],
-        db_delay: Duration::from_millis(300),
-        owner: near_cache_ttl(5000),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .expiring_cached(vec![(6, Duration::from_secs(1))])
+        .db_delay(Duration::from_millis(300))
+        .owner(near_cache_ttl(5000))
+        .start();
     assert_eq!(h.one(6).await.x_cache, XCache::Hit);
     assert_eq!(h.one(6).await.x_cache, XCache::Hit, "near cache");
     assert_eq!(h.gets(), 1);
@@ -58,12 +54,10 @@ async fn the_near_cache_never_answers_hit_past_the_soft_expiry() {
 
 #[actix_rt::test]
 async fn not_found_is_remembered_too() {
-    let h = Setup {
-        forgetful_cache: true,
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .forgetful_cache(true)
+        .db_delay(Duration::ZERO)
+        .start();
     for _ in 0..20 {
         assert_eq!(h.one(5555).await.result, Ok(Lookup::NotFound));
     }
@@ -72,14 +66,7 @@ async fn not_found_is_remembered_too() {
 
 #[actix_rt::test]
 async fn a_failed_load_answers_a_remembered_value_as_stale() {
-    let h = Setup {
-        mode: DbMode::FailAfter(1),
-        forgetful_cache: true,
-        db_delay: Duration::ZERO,
-        owner: near_cache_ttl(50),
-        ..Default::default()
-    }
-    .start();
+    let h = failing_after_one_load(near_cache_ttl(50));
     let fresh = h.one(6).await;
     assert_eq!(fresh.x_cache, XCache::Miss);
     // Let the near-cache TTL run out.
@@ -95,18 +82,11 @@ async fn a_failed_load_answers_a_remembered_value_as_stale() {
 
 #[actix_rt::test]
 async fn without_max_stale_a_failed_load_is_an_error() {
-    let h = Setup {
-        mode: DbMode::FailAfter(1),
-        forgetful_cache: true,
-        db_delay: Duration::ZERO,
-        owner: OwnerSettings {
-            near_cache_ttl: Duration::from_millis(50),
-            max_stale: Duration::ZERO,
-            ..Default::default()
-        },
+    let h = failing_after_one_load(OwnerSettings {
+        near_cache_ttl: Duration::from_millis(50),
+        max_stale: Duration::ZERO,
         ..Default::default()
-    }
-    .start();
+    });
     assert!(h.one(6).await.result.is_ok());
     // Let the near-cache TTL run out.
     tokio::time::sleep(Duration::from_millis(80)).await;
@@ -118,16 +98,14 @@ async fn without_max_stale_a_failed_load_is_an_error() {
 
 #[actix_rt::test]
 async fn the_near_cache_is_bounded() {
-    let h = Setup {
-        forgetful_cache: true,
-        db_delay: Duration::ZERO,
-        owner: OwnerSettings {
+    let h = Setup::default()
+        .forgetful_cache(true)
+        .db_delay(Duration::ZERO)
+        .owner(OwnerSettings {
             near_cache_capacity: 10,
             ..Default::default()
-        },
-        ..Default::default()
-    }
-    .start();
+        })
+        .start();
     for id in 1..=30 {
         let _ = h.one(id).await;
     }

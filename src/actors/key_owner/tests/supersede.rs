@@ -5,11 +5,7 @@ use super::*;
 
 #[actix_rt::test]
 async fn invalidate_drops_the_key_everywhere() {
-    let h = Setup {
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default().db_delay(Duration::ZERO).start();
     assert_eq!(h.one(9).await.x_cache, XCache::Miss);
     assert_eq!(h.one(9).await.x_cache, XCache::Hit);
     assert_eq!(h.gets(), 1, "near cache");
@@ -28,11 +24,9 @@ async fn invalidate_drops_the_key_everywhere() {
 
 #[actix_rt::test]
 async fn after_an_invalidation_new_requests_never_join_the_old_flight() {
-    let h = Setup {
-        db_delay: Duration::from_millis(200),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .db_delay(Duration::from_millis(200))
+        .start();
     let before = h.ask(10);
     eventually("the first load is in the air", || h.queries() == 1).await;
     h.owner.do_send(Invalidate(10));
@@ -63,12 +57,10 @@ async fn after_an_invalidation_new_requests_never_join_the_old_flight() {
 
 #[actix_rt::test]
 async fn a_flight_superseded_during_its_cache_write_deletes_what_it_wrote() {
-    let h = Setup {
-        cache_set_delay: Duration::from_millis(200),
-        owner: near_cache_ttl(0),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .cache_set_delay(Duration::from_millis(200))
+        .owner(near_cache_ttl(0))
+        .start();
     let answer = h.one(10).await;
     assert_eq!(answer.x_cache, XCache::Miss);
     assert_eq!(h.sets(), 0, "the write is still in the air");
@@ -85,13 +77,11 @@ async fn a_flight_superseded_during_its_cache_write_deletes_what_it_wrote() {
 
 #[actix_rt::test]
 async fn an_invalidated_refresh_stops_serving_its_old_value() {
-    let h = Setup {
-        stale_cached: vec![8],
-        db_delays: HashMap::from([(8, Duration::from_millis(300))]),
-        owner: near_cache_ttl(0),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .stale_cached(vec![8])
+        .db_delays(HashMap::from([(8, Duration::from_millis(300))]))
+        .owner(near_cache_ttl(0))
+        .start();
     let first = h.one(8).await;
     assert_eq!(first.x_cache, XCache::Stale);
     assert_eq!(loaded_by(&first).as_deref(), Some("cached"));
@@ -105,12 +95,10 @@ async fn an_invalidated_refresh_stops_serving_its_old_value() {
 
 #[actix_rt::test]
 async fn forget_all_empties_the_near_cache_and_supersedes_every_flight() {
-    let h = Setup {
-        db_delay: Duration::ZERO,
-        db_delays: HashMap::from([(20, Duration::from_millis(200))]),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .db_delay(Duration::ZERO)
+        .db_delays(HashMap::from([(20, Duration::from_millis(200))]))
+        .start();
     for id in 1..=5 {
         let _ = h.one(id).await;
     }

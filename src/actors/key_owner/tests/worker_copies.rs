@@ -13,12 +13,10 @@ async fn through_worker(h: &Harness, worker: &mut WorkerCache, id: i64) -> Answe
 
 #[actix_rt::test]
 async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it() {
-    let h = Setup {
-        owner: near_cache_ttl(1000),
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .owner(near_cache_ttl(1000))
+        .db_delay(Duration::ZERO)
+        .start();
     let mut worker = h.worker_cache(10);
     let first = through_worker(&h, &mut worker, 4).await;
     assert_eq!(first.x_cache, XCache::Miss);
@@ -53,12 +51,10 @@ async fn a_worker_keeps_a_near_cache_hit_until_the_owner_would_stop_answering_it
 #[actix_rt::test]
 async fn a_worker_never_keeps_a_copy_past_the_soft_expiry() {
     // Near cache 5 s, but the Redis entry is fresh for only 1 s more.
-    let h = Setup {
-        expiring_cached: vec![(6, Duration::from_secs(1))],
-        owner: near_cache_ttl(5000),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .expiring_cached(vec![(6, Duration::from_secs(1))])
+        .owner(near_cache_ttl(5000))
+        .start();
     let asked = Instant::now();
     let _ = h.one(6).await;
     let terms = h.one(6).await.terms.expect("a near-cache hit");
@@ -68,11 +64,7 @@ async fn a_worker_never_keeps_a_copy_past_the_soft_expiry() {
 
 #[actix_rt::test]
 async fn an_invalidation_after_a_copy_makes_the_worker_miss_at_once() {
-    let h = Setup {
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default().db_delay(Duration::ZERO).start();
     let mut worker = h.worker_cache(10);
     for id in [9, 10] {
         let _ = through_worker(&h, &mut worker, id).await;
@@ -102,11 +94,7 @@ async fn an_invalidation_after_a_copy_makes_the_worker_miss_at_once() {
 
 #[actix_rt::test]
 async fn forget_all_after_a_copy_makes_the_worker_miss_at_once() {
-    let h = Setup {
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default().db_delay(Duration::ZERO).start();
     let mut worker = h.worker_cache(100);
     for id in 1..=20 {
         let _ = through_worker(&h, &mut worker, id).await;
@@ -119,11 +107,7 @@ async fn forget_all_after_a_copy_makes_the_worker_miss_at_once() {
 
 #[actix_rt::test]
 async fn an_owner_restart_empties_the_workers_too() {
-    let h = Setup {
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default().db_delay(Duration::ZERO).start();
     let mut worker = h.worker_cache(10);
     let _ = through_worker(&h, &mut worker, 3).await;
     let _ = through_worker(&h, &mut worker, 3).await;
@@ -147,14 +131,7 @@ async fn an_owner_restart_empties_the_workers_too() {
 #[actix_rt::test]
 async fn stale_shared_and_superseded_answers_are_never_kept() {
     // A remembered value answered because its reload failed.
-    let h = Setup {
-        mode: DbMode::FailAfter(1),
-        forgetful_cache: true,
-        db_delay: Duration::ZERO,
-        owner: near_cache_ttl(50),
-        ..Default::default()
-    }
-    .start();
+    let h = failing_after_one_load(near_cache_ttl(50));
     let mut worker = h.worker_cache(10);
     let _ = h.one(6).await;
     // Let the near-cache TTL run out.
@@ -164,12 +141,10 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
     assert!(worker.is_empty());
 
     // A soft-expired value from Redis, answered while it is refreshed.
-    let h = Setup {
-        stale_cached: vec![8],
-        db_delays: HashMap::from([(8, Duration::from_millis(200))]),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .stale_cached(vec![8])
+        .db_delays(HashMap::from([(8, Duration::from_millis(200))]))
+        .start();
     let mut worker = h.worker_cache(10);
     for _ in 0..3 {
         let answer = through_worker(&h, &mut worker, 8).await;
@@ -178,11 +153,9 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
     assert!(worker.is_empty());
 
     // A flight superseded by a change, and the requests that shared a flight.
-    let h = Setup {
-        db_delay: Duration::from_millis(200),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .db_delay(Duration::from_millis(200))
+        .start();
     let mut worker = h.worker_cache(10);
     let before = h.ask(10);
     eventually("the first load is in the air", || h.queries() == 1).await;
@@ -205,15 +178,13 @@ async fn stale_shared_and_superseded_answers_are_never_kept() {
 
 #[actix_rt::test]
 async fn coalesce_off_answers_are_never_kept() {
-    let h = Setup {
-        owner: OwnerSettings {
+    let h = Setup::default()
+        .owner(OwnerSettings {
             coalesce: false,
             ..Default::default()
-        },
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+        })
+        .db_delay(Duration::ZERO)
+        .start();
     for _ in 0..5 {
         assert_eq!(h.one(2).await.terms, None);
     }
@@ -222,12 +193,10 @@ async fn coalesce_off_answers_are_never_kept() {
 #[actix_rt::test]
 async fn a_current_flights_fresh_answers_give_terms_as_a_near_cache_hit_would() {
     // From PostgreSQL: the request that started the flight and those that shared it.
-    let h = Setup {
-        db_delay: Duration::from_millis(100),
-        owner: near_cache_ttl(60_000),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .db_delay(Duration::from_millis(100))
+        .owner(near_cache_ttl(60_000))
+        .start();
     let loaded = h.burst(3, 5).await;
     assert_eq!((count(&loaded, XCache::Miss), h.queries()), (1, 1));
     let hit = h.one(3).await;
@@ -241,13 +210,11 @@ async fn a_current_flights_fresh_answers_give_terms_as_a_near_cache_hit_would() 
     assert_eq!(worker.get(3).map(|h| h.lookup), hit.result.clone().ok());
 
     // From Redis, answered to every request that joined the read.
-    let h = Setup {
-        cached: vec![7],
-        cache_delay: Duration::from_millis(100),
-        owner: near_cache_ttl(60_000),
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .cached(vec![7])
+        .cache_delay(Duration::from_millis(100))
+        .owner(near_cache_ttl(60_000))
+        .start();
     let read = h.burst(7, 4).await;
     assert_eq!((count(&read, XCache::Hit), h.gets()), (4, 1));
     let hit_terms = h.one(7).await.terms.expect("a near-cache hit");
@@ -263,13 +230,11 @@ async fn a_current_flights_fresh_answers_give_terms_as_a_near_cache_hit_would() 
 #[actix_rt::test]
 async fn a_flight_answer_the_owner_did_not_remember_is_never_kept() {
     // Near cache off for fresh answers: nothing is remembered as fresh.
-    let h = Setup {
-        cached: vec![2],
-        owner: near_cache_ttl(0),
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .cached(vec![2])
+        .owner(near_cache_ttl(0))
+        .db_delay(Duration::ZERO)
+        .start();
     for id in [1, 2] {
         for answer in h.burst(id, 3).await {
             assert!(answer.result.is_ok());
@@ -277,12 +242,10 @@ async fn a_flight_answer_the_owner_did_not_remember_is_never_kept() {
         }
     }
     // A failed load, with nothing remembered: an error, never kept.
-    let h = Setup {
-        mode: DbMode::FailAfter(0),
-        db_delay: Duration::ZERO,
-        ..Default::default()
-    }
-    .start();
+    let h = Setup::default()
+        .mode(DbMode::FailAfter(0))
+        .db_delay(Duration::ZERO)
+        .start();
     let failed = h.one(5).await;
     assert!(failed.result.is_err());
     assert_eq!(failed.terms, None);
@@ -290,11 +253,7 @@ async fn a_flight_answer_the_owner_did_not_remember_is_never_kept() {
 
 #[actix_rt::test]
 async fn a_peers_fill_read_by_a_waiting_flight_gives_terms_once_remembered() {
-    let h = Setup {
-        owner: near_cache_ttl(60_000),
-        ..leased()
-    }
-    .start();
+    let h = leased().owner(near_cache_ttl(60_000)).start();
     h.hold_as_peer(11, Duration::from_secs(60)).await;
     let waiting = h.ask(11);
     eventually("the flight waits on the peer", || {
