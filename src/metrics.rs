@@ -57,7 +57,8 @@ pub struct Metrics {
     pub listener_connects_total: IntCounter,
     /// 1 while the LISTEN connection is up.
     pub listener_connected: IntGauge,
-    /// Requests answered 503 at once because an owner was at a bound, by `reason`.
+    /// Requests answered 503 at once because an owner was at a bound, by `reason`:
+    /// `pending_keys`, `waiters`, or `mailbox` (its mailbox was full).
     pub shed_requests_total: IntCounterVec,
     /// Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open (probing).
     pub redis_breaker_state: IntGaugeVec,
@@ -323,9 +324,6 @@ impl Metrics {
         }
         for actor in ["key_owner", "cache", "db"] {
             metrics.actor_restarts_total.with_label_values(&[actor]);
-        }
-        for reason in ["pending_keys", "waiters"] {
-            metrics.shed_requests_total.with_label_values(&[reason]);
         }
         for to in ["open", "half_open", "closed"] {
             metrics

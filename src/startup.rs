@@ -91,8 +91,8 @@ impl Application {
         let generations = shards.generations;
         let state = AppState {
             owners: shards.owners,
-            db,
-            cache_probe: shards.caches[0].clone(),
+            db_probe: db.clone().recipient(),
+            cache_probe: shards.caches[0].clone().recipient(),
             request_timeout: settings.request_timeout,
             renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),

@@ -23,7 +23,7 @@ pub async fn healthz() -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let db = state.db.send(PingDb(PROBE_TIMEOUT));
+    let db = state.db_probe.send(PingDb(PROBE_TIMEOUT));
     let redis = state.cache_probe.send(PingCache);
     let owners = futures_util::future::join_all(
         state

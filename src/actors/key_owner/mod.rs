@@ -192,6 +192,11 @@ pub struct KeyOwner {
 
 impl KeyOwner {
     pub fn new(shard: usize, deps: KeyOwnerDeps) -> Self {
+        // Every reason shows from the first scrape: dashboards and rate() see 0, not "no data".
+        for reason in ShedReason::ALL {
+            let shed = &deps.metrics.shed_requests_total;
+            shed.with_label_values(&[reason.label()]);
+        }
         KeyOwner {
             shard: shard.to_string(),
             near_cache: NearCache::new(&deps.settings),
@@ -271,8 +276,17 @@ impl KeyOwner {
     }
 }
 
+/// Requests an owner holds in its mailbox at the most: beyond it, HTTP workers shed requests
+/// for its keys at once (`try_send`) rather than queue them without bound. A few milliseconds
+/// of its work: an owner handles a request in microseconds.
+const MAILBOX_CAPACITY: usize = 4096;
+
 impl Actor for KeyOwner {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
 }
 
 /// After a panic (see [`contain`]) the owner's state may be half-updated: every waiter is
