@@ -1,10 +1,12 @@
 //! `ChangeListener`: turns PostgreSQL's change notifications into cache invalidations.
 //!
 //! A migration installs a trigger that `NOTIFY`s channel `template_changes` with the id of every
-//! template inserted, updated or deleted. The listener holds one dedicated connection (not from
-//! the pool: a pooled connection would be handed to queries) that `LISTEN`s on it, and sends
-//! [`Invalidate`] to the key's owner for each notification — every replica of the service has a
-//! listener of its own, so each drops the key from its own near cache (and from Redis).
+//! template inserted, updated or deleted (both ids when an update changes one), and `*` when the
+//! table is truncated. The listener holds one dedicated connection (not from the pool: a pooled
+//! connection would be handed to queries) that `LISTEN`s on it, and sends [`Invalidate`] to the
+//! key's owner for each notification — every replica of the service has a listener of its own,
+//! so each drops the key from its own near cache (and from Redis). `*` is treated as a reconnect
+//! is (below): every owner forgets everything.
 //!
 //! Notifications sent while the connection is down are lost. So whenever the listener
 //! (re)connects it tells every owner to forget what it remembers and every cache actor that
@@ -31,6 +33,9 @@ use crate::tls::PgConnector;
 
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "template_changes";
+
+/// The payload that says every row may have changed (the trigger sends it on `TRUNCATE`).
+const EVERYTHING: &str = "*";
 
 /// How long the connection may stay quiet before it is checked with a query.
 const QUIET_CHECK: Duration = Duration::from_secs(5);
@@ -132,12 +137,25 @@ impl Subscription for Changes {
     }
 
     fn relay(&mut self, notification: Self::Message) {
-        match notification.payload.trim().parse::<i64>() {
+        let payload = notification.payload.trim();
+        if payload == EVERYTHING {
+            // As after a reconnect, and in the same order: a read an owner starts after
+            // `ForgetAll` is queued behind `MarkSuspect` in its cache actor's mailbox.
+            let before_unix_ms = unix_ms_now();
+            for cache in &self.caches {
+                cache.do_send(MarkSuspect { before_unix_ms });
+            }
+            for owner in &self.owners {
+                owner.do_send(ForgetAll);
+            }
+            return;
+        }
+        match payload.parse::<i64>() {
             Ok(id) => {
                 let owner = &self.owners[shard_for(id, self.owners.len())];
                 owner.do_send(Invalidate(id));
             }
-            Err(_) => log::warn!("ignoring notification {:?}", notification.payload),
+            Err(_) => log::warn!("ignoring notification {payload:?}"),
         }
     }
 

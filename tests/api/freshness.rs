@@ -207,3 +207,33 @@ async fn a_restart_reloads_what_it_finds_cached_instead_of_trusting_it() {
     assert_eq!(second.metric("db_hits_total").await, 1.0);
     assert_eq!(header(&second.template(50).await, "x-cache"), "HIT");
 }
+
+#[actix_rt::test]
+async fn an_update_that_changes_an_id_invalidates_the_old_and_the_new_id() {
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(300);
+        s.negative_ttl = Duration::from_secs(300);
+    })
+    .await;
+    assert_eq!(app.template(40).await.status(), 200);
+    assert_eq!(app.template(6000).await.status(), 404);
+    assert_eq!(header(&app.template(6000).await, "x-cache"), "HIT");
+
+    app.execute_sql("UPDATE templates SET id = 6000 WHERE id = 40")
+        .await;
+    time_until(&app, 40, |status, _| status == 404).await;
+    time_until(&app, 6000, |status, _| status == 200).await;
+}
+
+#[actix_rt::test]
+async fn a_truncate_invalidates_every_id() {
+    let app = spawn_app_with(|s| s.cache_ttl = Duration::from_secs(300)).await;
+    for id in [41, 42, 43] {
+        assert_eq!(app.template(id).await.status(), 200);
+        assert_eq!(header(&app.template(id).await, "x-cache"), "HIT");
+    }
+    app.execute_sql("TRUNCATE templates").await;
+    for id in [41, 42, 43] {
+        time_until(&app, id, |status, _| status == 404).await;
+    }
+}
