@@ -75,6 +75,9 @@ pub struct Metrics {
     pub db_errors_total: IntCounterVec,
     /// 1 while PostgreSQL is reachable, 0 while it is known to be down (loads fail fast).
     pub db_available: IntGauge,
+    /// 1 while every shard's Redis circuit breaker is closed, 0 while one is open or probing
+    /// (requests of that shard are served from PostgreSQL).
+    pub redis_available: IntGauge,
     /// Pooled PostgreSQL connections by `state`: `idle` or `in_use`.
     pub db_pool_connections: IntGaugeVec,
     /// Actors restarted after stopping unexpectedly, by `actor` (`key_owner`, `cache`, `db`).
@@ -141,6 +144,12 @@ impl Metrics {
             "1 while the LISTEN connection for change notifications is up",
         )?;
         registry.register(Box::new(listener_connected.clone()))?;
+        let redis_available = IntGauge::new(
+            "redis_available",
+            "1 while every shard's Redis circuit breaker is closed, 0 while one is not",
+        )?;
+        redis_available.set(1);
+        registry.register(Box::new(redis_available.clone()))?;
         let db_available = IntGauge::new(
             "db_available",
             "1 while PostgreSQL is reachable, 0 while it is known to be down",
@@ -263,6 +272,7 @@ impl Metrics {
                 "kind",
             )?,
             db_available,
+            redis_available,
             db_pool_connections,
             actor_restarts_total: counter_vec(
                 "actor_restarts_total",

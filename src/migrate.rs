@@ -22,6 +22,7 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::AsyncPgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+use crate::actors::db::Evidence;
 use crate::tls::PgConnector;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -64,8 +65,12 @@ fn migrate_with_retries(postgres: &PgConnector, patience: Duration) -> Result<us
                 let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
                 return migrate_holding_lock(&mut conn);
             }
-            // A certificate that fails the check will fail it again: say so now.
-            Err(e) if crate::tls::is_rejection(&e) || started.elapsed() >= patience => {
+            // Credentials, a database name or a certificate that were turned away will be turned
+            // away again: say so now.
+            Err(e)
+                if Evidence::of_connect(&e) == Evidence::Rejected
+                    || started.elapsed() >= patience =>
+            {
                 return Err(format!("cannot connect to PostgreSQL at DATABASE_URL: {e}"));
             }
             Err(e) => {

@@ -84,7 +84,7 @@ impl Application {
         let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
         let (db_arbiter, db) = start_db(&settings, &postgres, &metrics);
         let shards = start_shards(&settings, &db, &metrics);
-        start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
+        let listener = start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
         start_fill_subscriber(&settings, &db_arbiter, &shards, &metrics);
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
@@ -93,6 +93,7 @@ impl Application {
             owners: shards.owners,
             db_probe: db.clone().recipient(),
             cache_probe: shards.caches[0].clone().recipient(),
+            listener_probe: listener.recipient(),
             request_timeout: settings.request_timeout,
             renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),
@@ -222,7 +223,7 @@ async fn start_listener(
     db_arbiter: &Arbiter,
     shards: &Shards,
     metrics: &Metrics,
-) {
+) -> Addr<ChangeListener> {
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     let (url, lo, lc, lm) = (
         postgres.clone(),
@@ -230,7 +231,7 @@ async fn start_listener(
         shards.caches.clone(),
         metrics.clone(),
     );
-    Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+    let listener = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
         ChangeListener::new(url, lo, lc, lm, listening_tx)
     });
     if tokio::time::timeout(LISTEN_PATIENCE, listening)
@@ -239,6 +240,7 @@ async fn start_listener(
     {
         log::warn!("not yet listening for template changes; starting anyway");
     }
+    listener
 }
 
 /// The replica's subscription to lease notices, on the database arbiter; only with the lease on.

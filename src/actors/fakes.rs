@@ -23,7 +23,7 @@ use crate::actors::cache::{
     CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseExtend,
     LeaseFill, LeaseRelease, LeaseState, PingCache,
 };
-use crate::actors::db::{guard_panics, DbError, FetchTemplate, PingDb};
+use crate::actors::db::{guard_panics, DbError, FetchTemplate, PingDb, Standing};
 use crate::actors::key_owner::{Generations, KeyOwnerDeps, LeaseDeps, OwnerSettings};
 use crate::metrics::Metrics;
 use crate::template::{Lookup, Template};
@@ -410,11 +410,11 @@ impl Handler<PingCache> for FakeCache {
     }
 }
 
-/// A fake database always answers.
+/// A fake database is always up.
 impl Handler<PingDb> for FakeDb {
-    type Result = Result<(), DbError>;
+    type Result = MessageResult<PingDb>;
     fn handle(&mut self, _: PingDb, _: &mut Self::Context) -> Self::Result {
-        Ok(())
+        MessageResult(Standing::Up)
     }
 }
 

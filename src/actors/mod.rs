@@ -21,7 +21,13 @@ mod relay;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use actix::{Actor, ActorContext, Context};
+use actix::{Actor, ActorContext, Context, Message};
+
+/// Readiness: answered at once by a running actor (a key owner, the change listener), so that a
+/// stopped or stuck one is found.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Alive;
 
 /// Runs `f` on `actor`. A panic inside it is logged and stops the actor (its supervisor then
 /// restarts it), and `None` is returned; otherwise `f`'s result.

@@ -72,6 +72,12 @@ impl<S: Subscription + Clone + Unpin + 'static> Actor for Relay<S> {
 
 impl<S: Subscription + Clone + Unpin + 'static> Supervised for Relay<S> {}
 
+impl<S: Subscription + Clone + Unpin + 'static> Handler<super::Alive> for Relay<S> {
+    type Result = ();
+
+    fn handle(&mut self, _: super::Alive, _: &mut Self::Context) {}
+}
+
 /// Keeps `subscription` up forever: messages relayed as they arrive, a connection quiet for
 /// `quiet_check` checked, a failed one made again after `retry_delay`.
 pub(crate) async fn relay_forever<S: Subscription>(

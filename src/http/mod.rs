@@ -14,6 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use crate::actors::cache::PingCache;
 use crate::actors::db::PingDb;
 use crate::actors::key_owner::KeyOwner;
+use crate::actors::Alive;
 use crate::http::error::ApiError;
 use crate::http::worker_cache::WorkerCache;
 use crate::metrics::{Metrics, WorkerCounts};
@@ -26,6 +27,8 @@ pub struct AppState {
     pub db_probe: Recipient<PingDb>,
     /// One cache actor, asked by `/readyz` whether Redis answers.
     pub cache_probe: Recipient<PingCache>,
+    /// The change listener, asked by `/readyz` whether it runs.
+    pub listener_probe: Recipient<Alive>,
     pub request_timeout: Duration,
     /// How long a worker gathers due renewals before it sends them ([`renewal_batch`]).
     pub renewal_batch: Duration,

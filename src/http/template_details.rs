@@ -335,7 +335,8 @@ mod tests {
         use actix_web::{test, App};
 
         use crate::actors::fakes::{owner_deps, DbMode, FakeCache, FakeDb};
-        use crate::actors::key_owner::{Alive, Generations, KeyOwner, OwnerSettings};
+        use crate::actors::key_owner::{Generations, KeyOwner, OwnerSettings};
+        use crate::actors::Alive;
         use crate::metrics::Metrics;
 
         let fakes = Arbiter::new();
@@ -357,9 +358,10 @@ mod tests {
             let _ = busy.recv_timeout(Duration::from_secs(30));
         });
         let state = AppState {
-            owners: vec![owner],
+            owners: vec![owner.clone()],
             db_probe: db.recipient(),
             cache_probe: cache.recipient(),
+            listener_probe: owner.clone().recipient(),
             request_timeout: Duration::from_secs(30),
             renewal_batch: Duration::from_millis(20),
             metrics: metrics.clone(),

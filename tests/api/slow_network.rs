@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use testkit::poll;
 
 use crate::faults::{postgres_proxy, redis_proxy, via, wait_for_metric};
 use crate::support::fault_proxy::{FaultProxy, Mode};
@@ -110,8 +111,10 @@ async fn fifty_cold_ids_against_a_database_150ms_away_are_all_served() {
 }
 
 /// PostgreSQL goes down in the way `fault` plays it: the service notices (from a refused
-/// connection, or from a query the server never answered), then fails uncached loads at once,
-/// says so in `/readyz`, and serves again once PostgreSQL is back.
+/// connection, or from a query the server never answered and a cancel request that cannot
+/// reach it, confirmed by a probe), then fails uncached loads at once, says so in `/readyz`
+/// (degraded, still ready: the replica serves what it has), and serves again once PostgreSQL
+/// is back.
 async fn a_database_that_goes_down_is_failed_fast_and_found_again(fault: Mode) {
     let proxy = postgres_proxy();
     let app = app_behind(&proxy, true).await;
@@ -140,7 +143,18 @@ async fn a_database_that_goes_down_is_failed_fast_and_found_again(fault: Mode) {
         asked.elapsed()
     );
     let ready = app.get("/readyz").await;
-    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        ready.status(),
+        200,
+        "a shared backend down is degraded, not unready"
+    );
+    let body: serde_json::Value = ready.json().await.expect("readyz JSON");
+    let degraded = body["degraded"].as_array().expect("a list of backends");
+    assert!(degraded.contains(&"postgres".into()), "{body}");
+    assert_eq!(
+        body["checks"]["database"],
+        "degraded: PostgreSQL refused or did not answer connections; serving what is cached"
+    );
 
     proxy.set_mode(Mode::Pass);
     let started = Instant::now();
@@ -272,4 +286,64 @@ async fn cold_burst_figures() {
             }
         }
     }
+}
+
+/// A query that runs too long is a slow query, not an outage: its waiters get a 503 when the
+/// query timeout runs out, the server is asked to cancel it (and does: nothing of the service's
+/// is left waiting on the server), and PostgreSQL stays "up" in `/readyz` and `db_available`.
+#[actix_rt::test]
+async fn a_query_cancelled_for_running_too_long_is_a_slow_query_not_an_outage() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+    let app = spawn_app_with(|s| {
+        s.db_query_timeout = Duration::from_millis(300);
+        s.request_timeout = Duration::from_secs(5);
+    })
+    .await;
+    // Another client holds a lock that every read of the table waits behind.
+    let mut holder = AsyncPgConnection::establish(&app.database_url)
+        .await
+        .expect("connect to the test database");
+    diesel::sql_query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    diesel::sql_query("LOCK TABLE templates IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let response = app.template(7).await;
+    assert_eq!(response.status(), 503, "the query ran out of time");
+    let timeouts = r#"db_errors_total{kind="query_timeout"}"#;
+    assert!(app.metrics_text().await.contains(&format!("{timeouts} 1")));
+    // The server cancelled the query: no backend of the service still waits on the lock.
+    let waiting = || async {
+        app.execute_sql(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%templates%'",
+        )
+        .await
+    };
+    let polled = poll::until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        waiting,
+        |n| *n == 0,
+    )
+    .await;
+    assert!(
+        polled.done,
+        "{} queries still wait on the lock",
+        polled.last
+    );
+    let ready: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["database"], "ok", "{ready}");
+    assert_eq!(app.metric("db_available").await, 1.0);
+
+    diesel::sql_query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(app.template(7).await.status(), 200);
 }

@@ -182,6 +182,16 @@ impl CacheActor {
             .with_label_values(&[&self.shard])
             .set(state.gauge_value());
         self.published = state;
+        // Redis is available while no shard's breaker is open or probing: read from every
+        // shard's gauge (a change of state is rare, so reading them all costs nothing).
+        let gauges = prometheus::core::Collector::collect(&self.metrics.redis_breaker_state);
+        let all_closed = gauges.iter().all(|family| {
+            family
+                .get_metric()
+                .iter()
+                .all(|gauge| gauge.get_gauge().get_value() == 0.0)
+        });
+        self.metrics.redis_available.set(i64::from(all_closed));
     }
 
     /// The breaker has just opened: drop the connection (it may be stalled behind a partition)

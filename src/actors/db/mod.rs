@@ -3,8 +3,8 @@
 //! # A slow database is not a failed one
 //! Connections are opened *off* the request path: the pool keeps `DB_POOL_MIN_IDLE` of them open
 //! (bb8 `min_idle`), opens them when the actor starts, and replaces broken or expired ones in the
-//! background (its reaper runs every second). Opening one — connect, authenticate, set
-//! `statement_timeout`, prepare the template query — has a bound of its own
+//! background (its reaper runs every second). Opening one — connect, authenticate, prepare the
+//! template query — has a bound of its own
 //! (`DB_CONNECT_TIMEOUT_MS`), long enough for a server far away. So a burst after an idle period
 //! finds the connections ready, and pays one round trip per query.
 //!
@@ -12,19 +12,20 @@
 //! carries the deadline), not for a fixed time: a busy pool on a slow network is waited for; only
 //! the flight's own deadline (and each request's, in the handler) bounds it. A checked-out
 //! connection that closed meanwhile (a server restart) is dropped without a round trip and
-//! another one taken. Each query is bounded twice: by the server's `statement_timeout`
-//! (`DB_QUERY_TIMEOUT_MS`), which cancels the work and leaves the connection usable, and by a
-//! client-side timeout a little longer, which frees the caller even if the server never answers.
+//! another one taken. Each query is bounded by `DB_QUERY_TIMEOUT_MS`: when it runs out the
+//! caller is answered, and the server is asked to cancel the query, which leaves the connection
+//! usable (what a session's `statement_timeout` would do, without session state: see [`query`]).
 //!
 //! # Failing fast where the database is known to be down
-//! [`reachability`] records what the last attempts said: a connection attempt that fails (refused,
-//! reset, or no answer within the connect timeout), or a query the server never answered, marks
-//! PostgreSQL *down*; the next connection opened or query answered marks it up again. While it is
-//! down, loads fail at once ([`DbError::Unavailable`]) — the owners then answer with a value they
-//! remember (`STALE`) or `503` — and a load already waiting for a connection is released the moment
-//! it goes down. Every half second the actor tries a fresh connection (and bb8 its
-//! replenishment), so recovery is noticed without any request paying for the probe. A server
-//! that is merely full ("too many clients") is not down: it is waited for like a busy pool.
+//! "Down" is decided on evidence ([`failure`], by SQLSTATE and error kind) and confirmed by a
+//! probe ([`reachability`]): a connection attempt refused or unanswered, a connection lost under
+//! a query, or a cancel request that cannot reach the server make PostgreSQL *suspect*, and the
+//! actor at once opens a connection of its own; if that fails too, PostgreSQL is *down*. A slow
+//! query, a failed one, or a full server ("too many clients", waited for like a busy pool) are
+//! never evidence. While it is down, loads fail at once ([`DbError::Unavailable`]) — the owners
+//! then answer with a value they remember (`STALE`) or `503` — and a load already waiting for a
+//! connection is released the moment it goes down. Every half second the actor probes again, so
+//! recovery is noticed as soon as a probe connects, without any request paying for it.
 //!
 //! # Batching
 //! Loads do not queue on the pool one by one. The actor keeps at most `DB_POOL_SIZE` queries in
@@ -38,36 +39,42 @@
 //! # Panics
 //! A panic inside a database call (a bug in a driver) is caught and reported as
 //! [`DbError::Panicked`] to that load's flight; the actor and its pool live on.
+//!
+//! # What is where
+//! This file holds the actor, its messages and the batching; [`query`] opening connections, the
+//! checkout and the query; [`failure`] what an error says about the server; [`reachability`]
+//! whether it is down.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use diesel::prelude::*;
-use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
-use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, PoolableConnection,
-};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use futures_util::future::{BoxFuture, FutureExt};
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::AsyncPgConnection;
+use futures_util::future::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::schema::templates;
 use crate::template::Template;
 use crate::tls::PgConnector;
+pub use failure::Evidence;
+use query::PgPool;
 use reachability::Reachability;
+pub use reachability::Standing;
 
+pub mod failure;
+mod query;
 mod reachability;
 
-/// Slack over `statement_timeout` for the client-side bound, so that the server's own
-/// cancellation (which leaves the connection usable) normally wins.
-const CLIENT_SLACK: Duration = Duration::from_millis(100);
-
-/// How often the actor looks at the pool: gauges, and a connection attempt while down.
+/// How often the actor updates the pool's gauges, and probes PostgreSQL while it is down.
 const TICK: Duration = Duration::from_millis(500);
+
+/// A service that asked nothing of PostgreSQL (or got no answer) for this long probes it, so
+/// that what it says of it (`/readyz`, `db_available`) holds when nothing is being loaded too.
+const QUIET_CHECK: Duration = Duration::from_secs(5);
 
 /// How often bb8 reaps expired connections and tops the pool up to `min_idle`.
 const REAPER_RATE: Duration = Duration::from_secs(1);
@@ -75,9 +82,9 @@ const REAPER_RATE: Duration = Duration::from_secs(1);
 /// Why a load from PostgreSQL failed. Cloned to every waiter of the flight.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DbError {
-    /// PostgreSQL is known to be unreachable: failed at once, without waiting.
-    #[error("the database is unreachable ({0})")]
-    Unavailable(String),
+    /// PostgreSQL is known to be down: failed at once, without waiting.
+    #[error("{}", .0.describe())]
+    Unavailable(Evidence),
     /// The flight's deadline passed while every connection was busy.
     #[error("no database connection became free within the {0:?} the load had left")]
     PoolTimeout(Duration),
@@ -119,11 +126,11 @@ pub struct FetchTemplate {
     pub deadline: Instant,
 }
 
-/// Readiness probe: one `SELECT 1` through the pool, bounded by the given timeout; fails at once
-/// while the database is known to be down.
+/// Readiness: where PostgreSQL stands, as the actor's evidence and probes decided (no query of
+/// its own: readiness checks must not load the database).
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), DbError>")]
-pub struct PingDb(pub Duration);
+#[rtype(result = "Standing")]
+pub struct PingDb;
 
 /// Settings the DbActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
@@ -154,8 +161,6 @@ impl DbSettings {
     }
 }
 
-type PgPool = Pool<AsyncPgConnection>;
-
 /// A load waiting to be sent, and where its row goes.
 struct Waiting {
     id: i64,
@@ -168,8 +173,6 @@ pub struct DbActor {
     settings: DbSettings,
     metrics: Metrics,
     reachability: Reachability,
-    /// A connection attempt made by [`DbActor::tick`] while down is still in the air.
-    probing: bool,
     /// Loads that arrived while `DB_POOL_SIZE` queries were in the air, oldest first.
     queue: VecDeque<Waiting>,
     /// Queries in the air (each on a connection of its own), at most `pool_size`.
@@ -188,19 +191,12 @@ impl DbActor {
         }
         let reachability = Reachability::new(metrics.clone());
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        let (connect_timeout, statement_timeout_ms) =
-            (settings.connect_timeout, settings.query_timeout.as_millis());
+        let connect_timeout = settings.connect_timeout;
         let reach = reachability.clone();
         let postgres = settings.postgres.clone();
         // bb8's URL is unused: every connection is opened by `postgres`, with its TLS set-up.
         config.custom_setup = Box::new(move |_url| {
-            connect(
-                postgres.clone(),
-                connect_timeout,
-                statement_timeout_ms,
-                reach.clone(),
-            )
-            .boxed()
+            query::pooled_setup(postgres.clone(), connect_timeout, reach.clone())
         });
         let manager =
             AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
@@ -221,7 +217,6 @@ impl DbActor {
             settings,
             metrics,
             reachability,
-            probing: false,
             queue: VecDeque::new(),
             queries_in_flight: 0,
         }
@@ -236,7 +231,8 @@ impl DbActor {
             self.queries_in_flight += 1;
             let (pool, settings) = (self.pool.clone(), self.settings.clone());
             let (metrics, reach) = (self.metrics.clone(), self.reachability.clone());
-            let query = async move { run_batch(&pool, &settings, &metrics, &reach, batch).await };
+            let query =
+                async move { query::run_batch(&pool, &settings, &metrics, &reach, batch).await };
             ctx.spawn(query.into_actor(self).map(|(), actor, ctx| {
                 actor.queries_in_flight -= 1;
                 actor.dispatch(ctx);
@@ -244,87 +240,53 @@ impl DbActor {
         }
     }
 
-    /// Every [`TICK`]: pool gauges; while down, one connection attempt in the background (its
-    /// outcome is recorded by the connection set-up).
-    fn tick(&mut self, ctx: &mut Context<Self>) {
+    /// Every [`TICK`]: the pool's gauges.
+    fn tick(&mut self, _: &mut Context<Self>) {
         let state = self.pool.state();
         let idle = i64::from(state.idle_connections);
         let open = i64::from(state.connections);
         let gauge = &self.metrics.db_pool_connections;
         gauge.with_label_values(&["idle"]).set(idle);
         gauge.with_label_values(&["in_use"]).set(open - idle);
-        if self.probing || self.reachability.why_down().is_none() {
-            return;
-        }
-        self.probing = true;
-        let pool = self.pool.clone();
-        ctx.spawn(
-            async move {
-                // A dedicated connection: a pooled one may be stuck behind a partition that a
-                // fresh connection would find healed (or still there).
-                drop(pool.dedicated_connection().await);
-            }
-            .into_actor(self)
-            .map(|(), actor, _| actor.probing = false),
+    }
+
+    /// Settles every doubt about PostgreSQL with a probe: a connection of its own, opened as the
+    /// pool opens one (a pooled one may be stuck behind a partition that a fresh connection
+    /// would find healed, or still there). Suspect: one probe at once decides down or up. Down:
+    /// a probe every [`TICK`] until one connects. Up but quiet for [`QUIET_CHECK`]: a probe
+    /// whose failure is evidence, which the next probe confirms or not.
+    fn probe_when_in_doubt(&self, ctx: &mut Context<Self>) {
+        let reach = self.reachability.clone();
+        let (postgres, timeout) = (
+            self.settings.postgres.clone(),
+            self.settings.connect_timeout,
         );
-    }
-}
-
-/// Opens one connection: connect, set its server-side `statement_timeout`, and prepare the
-/// template query (diesel-async caches prepared statements per connection, so the first load on
-/// it costs one round trip, not two). Records the outcome in `reach`.
-fn connect(
-    postgres: PgConnector,
-    timeout: Duration,
-    statement_timeout_ms: u128,
-    reach: Reachability,
-) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
-    // The whole set-up is bounded, not only the connect: a server that accepts and then stops
-    // answering must not hold a pool slot for good.
-    let setup = async move {
-        let mut conn = postgres.connect().await?;
-        diesel::sql_query(format!("SET statement_timeout = {statement_timeout_ms}"))
-            .execute(&mut conn)
-            .await
-            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        load_templates(&mut conn, &[0])
-            .await
-            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        Ok(conn)
-    };
-    async move {
-        let result = match tokio::time::timeout(timeout, setup).await {
-            Ok(result) => result,
-            Err(_) => Err(diesel::ConnectionError::BadConnection(format!(
-                "connecting took longer than {timeout:?}"
-            ))),
-        };
-        match &result {
-            Ok(_) => reach.up(),
-            Err(e) if is_server_full(&e.to_string()) => {
-                log::warn!("PostgreSQL refused a connection because it is full: {e}")
+        let probing = async move {
+            loop {
+                let quiet = tokio::time::sleep(QUIET_CHECK.saturating_sub(reach.quiet_for()));
+                let in_doubt = tokio::select! {
+                    () = reach.until_in_doubt() => true,
+                    () = quiet => false,
+                };
+                if !in_doubt && reach.quiet_for() < QUIET_CHECK {
+                    continue;
+                }
+                match query::open(&postgres, timeout).await {
+                    // A quiet service's check: evidence, which the next probe settles.
+                    Err((evidence, detail)) if !in_doubt => reach.saw(evidence, &detail),
+                    Err((evidence, detail)) if evidence.against_the_server() => {
+                        reach.confirm_down(evidence, &detail)
+                    }
+                    // Connected, or answered (a full server is there).
+                    _ => reach.up(),
+                }
+                if reach.down().is_some() {
+                    tokio::time::sleep(TICK).await;
+                }
             }
-            Err(e) => reach.down(e.to_string()),
-        }
-        result
+        };
+        ctx.spawn(probing.into_actor(self));
     }
-    .boxed()
-}
-
-/// "Too many clients" is a busy server, not an unreachable one.
-fn is_server_full(message: &str) -> bool {
-    message.contains("too many") || message.contains("connection slots")
-}
-
-/// The one query this service runs (`WHERE id = ANY($1)`: one statement for any number of ids),
-/// used by loads and by the connection set-up alike, so that the set-up prepares exactly the
-/// statement loads will use.
-async fn load_templates(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<Template>> {
-    templates::table
-        .filter(templates::id.eq_any(ids))
-        .select(Template::as_select())
-        .load(conn)
-        .await
 }
 
 impl Actor for DbActor {
@@ -335,6 +297,7 @@ impl Actor for DbActor {
         // wait on the mailbox rather than on the pool, whose own bound is the one that matters.
         ctx.set_mailbox_capacity(4096);
         ctx.run_interval(TICK, Self::tick);
+        self.probe_when_in_doubt(ctx);
         // After a restart: what was queued before it is sent now.
         self.dispatch(ctx);
     }
@@ -349,7 +312,6 @@ impl Supervised for DbActor {
             .actor_restarts_total
             .with_label_values(&["db"])
             .inc();
-        self.probing = false;
         // Their futures were dropped with the old context: whatever they had taken is answered
         // by the closed channels; what is still queued is sent afresh.
         self.queries_in_flight = 0;
@@ -362,7 +324,7 @@ impl Handler<FetchTemplate> for DbActor {
     fn handle(&mut self, msg: FetchTemplate, ctx: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
         let (reply, row) = oneshot::channel();
-        let known_down = self.reachability.why_down();
+        let known_down = self.reachability.down();
         match known_down {
             // Known down: failed at once, without queueing.
             Some(why) => drop(reply.send(Err(DbError::Unavailable(why)))),
@@ -406,133 +368,11 @@ pub async fn guard_panics<T>(
     }
 }
 
-/// A pooled connection that is open, waited for until `deadline` — or an error at once while the
-/// database is known to be down.
-async fn checkout<'a>(
-    pool: &'a PgPool,
-    reach: &Reachability,
-    deadline: Instant,
-) -> Result<PooledConnection<'a, AsyncPgConnection>, DbError> {
-    let asked = Instant::now();
-    loop {
-        if let Some(why) = reach.why_down() {
-            return Err(DbError::Unavailable(why));
-        }
-        let wait = tokio::time::timeout_at(deadline.into(), pool.get());
-        let got = tokio::select! {
-            why = reach.until_down() => return Err(DbError::Unavailable(why)),
-            got = wait => got,
-        };
-        match got {
-            Err(_deadline) => return Err(DbError::PoolTimeout(asked.elapsed())),
-            // bb8's own bound fired first: ask again while the deadline allows.
-            Ok(Err(bb8::RunError::TimedOut)) => continue,
-            Ok(Err(bb8::RunError::User(e))) => return Err(DbError::Unavailable(e.to_string())),
-            Ok(Ok(mut conn)) => {
-                if PoolableConnection::is_broken(&mut *conn) {
-                    // Closed under us (a server restart): dropping it makes bb8 discard and
-                    // replace it; take another.
-                    continue;
-                }
-                return Ok(conn);
-            }
-        }
-    }
-}
-
-/// Sends one query for every load of `batch` still within its deadline, and answers each with
-/// its own row (or the query's error).
-async fn run_batch(
-    pool: &PgPool,
-    settings: &DbSettings,
-    metrics: &Metrics,
-    reach: &Reachability,
-    batch: Vec<Waiting>,
-) {
-    let now = Instant::now();
-    let (live, late): (Vec<Waiting>, Vec<Waiting>) =
-        batch.into_iter().partition(|w| w.deadline > now);
-    for waiting in late {
-        let _ = waiting
-            .reply
-            .send(Err(DbError::PoolTimeout(Duration::ZERO)));
-    }
-    // Waited for as long as the most patient load allows; the others leave at their own
-    // deadline on the owner's side, and a row that arrives for them still fills the cache.
-    let Some(deadline) = live.iter().map(|w| w.deadline).max() else {
-        return;
-    };
-    let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
-    let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
-    match result {
-        Ok(rows) => {
-            for waiting in live {
-                // Cloned, not taken: one id may be in a batch twice (a superseded flight and the
-                // one that replaced it), and both get the row.
-                let row = rows.get(&waiting.id).cloned();
-                let _ = waiting.reply.send(Ok(row));
-            }
-        }
-        Err(e) => {
-            for waiting in live {
-                let _ = waiting.reply.send(Err(e.clone()));
-            }
-        }
-    }
-}
-
-/// One query for `ids`: the rows found, by id.
-async fn fetch(
-    pool: &PgPool,
-    settings: &DbSettings,
-    metrics: &Metrics,
-    reach: &Reachability,
-    ids: &[i64],
-    deadline: Instant,
-) -> Result<HashMap<i64, Template>, DbError> {
-    let mut conn = checkout(pool, reach, deadline).await?;
-    metrics.db_hits_total.inc();
-    metrics.db_keys_per_query.observe(ids.len() as f64);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let silent_server = settings.query_timeout + CLIENT_SLACK;
-    match tokio::time::timeout(silent_server.min(left), load_templates(&mut conn, ids)).await {
-        Err(_) if left < silent_server => Err(DbError::QueryTimeout(left)),
-        Err(_) => {
-            // Not even statement_timeout answered: the server is not reachable.
-            reach.down(format!("no answer to a query within {silent_server:?}"));
-            Err(DbError::QueryTimeout(settings.query_timeout))
-        }
-        Ok(Ok(rows)) => {
-            reach.up();
-            Ok(rows.into_iter().map(|t| (t.id, t)).collect())
-        }
-        Ok(Err(e)) if is_statement_timeout(&e) => {
-            Err(DbError::QueryTimeout(settings.query_timeout))
-        }
-        Ok(Err(e)) => Err(DbError::Query(e.to_string())),
-    }
-}
-
-fn is_statement_timeout(e: &diesel::result::Error) -> bool {
-    e.to_string().contains("statement timeout")
-}
-
 impl Handler<PingDb> for DbActor {
-    type Result = ResponseFuture<Result<(), DbError>>;
+    type Result = MessageResult<PingDb>;
 
-    fn handle(&mut self, PingDb(timeout): PingDb, _: &mut Self::Context) -> Self::Result {
-        let (pool, reach) = (self.pool.clone(), self.reachability.clone());
-        Box::pin(guard_panics(async move {
-            let deadline = Instant::now() + timeout;
-            let mut conn = checkout(&pool, &reach, deadline).await?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, diesel::sql_query("SELECT 1").execute(&mut conn)).await
-            {
-                Err(_) => Err(DbError::QueryTimeout(timeout)),
-                Ok(Err(e)) => Err(DbError::Query(e.to_string())),
-                Ok(Ok(_)) => Ok(()),
-            }
-        }))
+    fn handle(&mut self, _: PingDb, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.reachability.standing())
     }
 }
 
@@ -551,16 +391,5 @@ mod tests {
         .await;
         assert_eq!(result, Err(DbError::Panicked));
         assert_eq!(guard_panics(async { Ok(7) }).await, Ok(7));
-    }
-
-    #[test]
-    fn a_full_server_is_not_a_down_one() {
-        assert!(is_server_full("FATAL: sorry, too many clients already"));
-        assert!(is_server_full(
-            "FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute"
-        ));
-        assert!(!is_server_full(
-            "error connecting to server: Connection refused (os error 111)"
-        ));
     }
 }

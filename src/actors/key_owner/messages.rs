@@ -148,8 +148,3 @@ pub struct ForgetAll;
 pub struct Renew {
     pub renewals: Vec<(i64, oneshot::Sender<Answer>)>,
 }
-
-/// Readiness: answered at once by a running owner.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Alive;

@@ -137,7 +137,7 @@ use std::collections::HashMap;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::actors::contain;
+use crate::actors::{contain, Alive};
 
 mod answers;
 mod deps;
@@ -154,8 +154,8 @@ mod tests;
 pub use deps::{KeyOwnerDeps, LeaseDeps, OwnerSettings};
 pub use generations::{CopyTerms, Generations};
 pub use messages::{
-    Alive, Answer, FlightError, ForgetAll, GetTemplate, Invalidate, Origin, PeerFilled, Renew,
-    ShedReason, XCache,
+    Answer, FlightError, ForgetAll, GetTemplate, Invalidate, Origin, PeerFilled, Renew, ShedReason,
+    XCache,
 };
 
 use answers::{answer, Settled};

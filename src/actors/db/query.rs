@@ -1,0 +1,221 @@
+//! The query side of the [`DbActor`](super::DbActor): opening a connection, checking one out,
+//! and the one query the service runs, each failure reported as evidence
+//! ([`super::failure`]) to the database's [`Reachability`].
+//!
+//! Nothing here leaves state on a server session (a pooler may hand the next transaction to
+//! another client): the query's time bound is enforced by the service, which on expiry asks the
+//! server over a connection of its own to cancel the query ([`PgConnector::cancel`]), as
+//! `statement_timeout` would, instead of a session-level `SET statement_timeout`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
+use diesel_async::pooled_connection::PoolableConnection;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::{BoxFuture, FutureExt};
+
+use super::failure::Evidence;
+use super::reachability::Reachability;
+use super::{guard_panics, DbError, DbSettings, Waiting};
+use crate::metrics::Metrics;
+use crate::schema::templates;
+use crate::template::Template;
+use crate::tls::PgConnector;
+
+pub(super) type PgPool = Pool<AsyncPgConnection>;
+
+/// How long a checkout pauses after a connection attempt failed before it asks the pool again
+/// (the pool then tries again to connect).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Opens one connection and prepares the template query on it (diesel-async caches prepared
+/// statements per connection, so the first load on it costs one round trip, not two). The
+/// whole set-up is bounded by `timeout`: a server that accepts and then stops answering must
+/// not hold a pool slot for good. A failure comes with what it says about the server.
+pub(super) async fn open(
+    postgres: &PgConnector,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, (Evidence, String)> {
+    let setup = async {
+        let mut conn = postgres
+            .connect()
+            .await
+            .map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
+        load_templates(&mut conn, &[0])
+            .await
+            .map_err(|e| (Evidence::of_query(&e), e.to_string()))?;
+        Ok(conn)
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(result) => result,
+        Err(_) => Err((
+            Evidence::Unreachable,
+            format!("connecting took longer than {timeout:?}"),
+        )),
+    }
+}
+
+/// [`open`] as the pool's connection set-up (bb8 runs it in background tasks), recording what
+/// it found in `reach`.
+pub(super) fn pooled_setup(
+    postgres: PgConnector,
+    timeout: Duration,
+    reach: Reachability,
+) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
+    async move {
+        match open(&postgres, timeout).await {
+            Ok(conn) => {
+                reach.up();
+                Ok(conn)
+            }
+            Err((evidence, detail)) => {
+                if evidence == Evidence::Busy {
+                    log::warn!("PostgreSQL turned a connection away because it is full: {detail}");
+                }
+                reach.saw(evidence, &detail);
+                Err(diesel::ConnectionError::BadConnection(detail))
+            }
+        }
+    }
+    .boxed()
+}
+
+/// The one query this service runs (`WHERE id = ANY($1)`: one statement for any number of ids),
+/// used by loads and by the connection set-up alike, so that the set-up prepares exactly the
+/// statement loads will use.
+async fn load_templates(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<Template>> {
+    templates::table
+        .filter(templates::id.eq_any(ids))
+        .select(Template::as_select())
+        .load(conn)
+        .await
+}
+
+/// A pooled connection that is open, waited for until `deadline` — or an error at once while the
+/// database is known to be down, and the moment it goes down.
+async fn checkout<'a>(
+    pool: &'a PgPool,
+    reach: &Reachability,
+    deadline: Instant,
+) -> Result<PooledConnection<'a, AsyncPgConnection>, DbError> {
+    let asked = Instant::now();
+    loop {
+        if let Some(why) = reach.down() {
+            return Err(DbError::Unavailable(why));
+        }
+        let wait = tokio::time::timeout_at(deadline.into(), pool.get());
+        let got = tokio::select! {
+            why = reach.until_down() => return Err(DbError::Unavailable(why)),
+            got = wait => got,
+        };
+        match got {
+            Err(_deadline) => return Err(DbError::PoolTimeout(asked.elapsed())),
+            // bb8's own bound fired first: ask again while the deadline allows.
+            Ok(Err(bb8::RunError::TimedOut)) => continue,
+            // A connection attempt failed (its evidence is recorded): a full server is waited
+            // for like a busy pool; a down one releases this wait as soon as a probe confirms it.
+            Ok(Err(bb8::RunError::User(_))) => {
+                let pause = tokio::time::sleep_until((Instant::now() + RETRY_PAUSE).into());
+                tokio::select! {
+                    why = reach.until_down() => return Err(DbError::Unavailable(why)),
+                    () = pause => continue,
+                }
+            }
+            Ok(Ok(mut conn)) => {
+                if PoolableConnection::is_broken(&mut *conn) {
+                    // Closed under us (a server restart): dropping it makes bb8 discard and
+                    // replace it; take another.
+                    continue;
+                }
+                return Ok(conn);
+            }
+        }
+    }
+}
+
+/// Sends one query for every load of `batch` still within its deadline, and answers each with
+/// its own row (or the query's error).
+pub(super) async fn run_batch(
+    pool: &PgPool,
+    settings: &DbSettings,
+    metrics: &Metrics,
+    reach: &Reachability,
+    batch: Vec<Waiting>,
+) {
+    let now = Instant::now();
+    let (live, late): (Vec<Waiting>, Vec<Waiting>) =
+        batch.into_iter().partition(|w| w.deadline > now);
+    for waiting in late {
+        let _ = waiting
+            .reply
+            .send(Err(DbError::PoolTimeout(Duration::ZERO)));
+    }
+    // Waited for as long as the most patient load allows; the others leave at their own
+    // deadline on the owner's side, and a row that arrives for them still fills the cache.
+    let Some(deadline) = live.iter().map(|w| w.deadline).max() else {
+        return;
+    };
+    let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
+    let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
+    match result {
+        Ok(rows) => {
+            for waiting in live {
+                // Cloned, not taken: one id may be in a batch twice (a superseded flight and the
+                // one that replaced it), and both get the row.
+                let row = rows.get(&waiting.id).cloned();
+                let _ = waiting.reply.send(Ok(row));
+            }
+        }
+        Err(e) => {
+            for waiting in live {
+                let _ = waiting.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One query for `ids`: the rows found, by id. The query is bounded by `DB_QUERY_TIMEOUT_MS`
+/// (or the deadline, if sooner); when that runs out the server is asked to cancel it, and the
+/// cancel request's fate is the evidence: a server that takes it is there and slow, one that
+/// cannot be reached may be down.
+async fn fetch(
+    pool: &PgPool,
+    settings: &DbSettings,
+    metrics: &Metrics,
+    reach: &Reachability,
+    ids: &[i64],
+    deadline: Instant,
+) -> Result<HashMap<i64, Template>, DbError> {
+    let mut conn = checkout(pool, reach, deadline).await?;
+    metrics.db_hits_total.inc();
+    metrics.db_keys_per_query.observe(ids.len() as f64);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let bound = settings.query_timeout.min(left);
+    let cancel = conn.cancel_token();
+    match tokio::time::timeout(bound, load_templates(&mut conn, ids)).await {
+        Ok(Ok(rows)) => {
+            reach.up();
+            Ok(rows.into_iter().map(|t| (t.id, t)).collect())
+        }
+        Ok(Err(e)) => {
+            let detail = e.to_string();
+            reach.saw(Evidence::of_query(&e), &detail);
+            Err(DbError::Query(detail))
+        }
+        Err(_) => {
+            let (postgres, reach) = (settings.postgres.clone(), reach.clone());
+            let patience = settings.connect_timeout;
+            // In the background: the waiters are answered now.
+            actix_rt::spawn(async move {
+                match tokio::time::timeout(patience, postgres.cancel(&cancel)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(detail)) => reach.saw(Evidence::Unreachable, &detail),
+                    Err(_) => reach.saw(Evidence::Unreachable, "a cancel request went unanswered"),
+                }
+            });
+            Err(DbError::QueryTimeout(bound))
+        }
+    }
+}
