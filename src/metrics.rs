@@ -78,6 +78,9 @@ pub struct Metrics {
     /// 1 while every shard's Redis circuit breaker is closed, 0 while one is open or probing
     /// (requests of that shard are served from PostgreSQL).
     pub redis_available: IntGauge,
+    /// 1 while loads run in transactions of their own because `DATABASE_URL` goes through a
+    /// transaction-mode pooler (`DATABASE_POOLER`).
+    pub db_transaction_mode: IntGauge,
     /// Pooled PostgreSQL connections by `state`: `idle` or `in_use`.
     pub db_pool_connections: IntGaugeVec,
     /// Actors restarted after stopping unexpectedly, by `actor` (`key_owner`, `cache`, `db`).
@@ -150,6 +153,11 @@ impl Metrics {
         )?;
         redis_available.set(1);
         registry.register(Box::new(redis_available.clone()))?;
+        let db_transaction_mode = IntGauge::new(
+            "db_transaction_mode",
+            "1 while loads run in transactions of their own (a transaction-mode pooler)",
+        )?;
+        registry.register(Box::new(db_transaction_mode.clone()))?;
         let db_available = IntGauge::new(
             "db_available",
             "1 while PostgreSQL is reachable, 0 while it is known to be down",
@@ -273,6 +281,7 @@ impl Metrics {
             )?,
             db_available,
             redis_available,
+            db_transaction_mode,
             db_pool_connections,
             actor_restarts_total: counter_vec(
                 "actor_restarts_total",

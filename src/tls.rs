@@ -253,6 +253,35 @@ impl PgConnector {
             .map_err(PgConnectError::Setup)
     }
 
+    /// Connects as [`PgConnector::connect`] does, for a transaction-mode pooler: diesel-async's
+    /// set-up of the connection (two `SET`s, each a statement prepared and run in separate round
+    /// trips) runs inside one transaction, so that it stays on one server connection.
+    pub async fn connect_in_transaction(&self) -> Result<AsyncPgConnection, PgConnectError> {
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(PgConnectError::Connect)?;
+        // Driven here: diesel-async is given only the client. The task ends when the client is
+        // dropped, or the connection fails.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("a PostgreSQL connection ended: {e}");
+            }
+        });
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(PgConnectError::Connect)?;
+        let mut conn = AsyncPgConnection::try_from(client)
+            .await
+            .map_err(PgConnectError::Setup)?;
+        diesel_async::SimpleAsyncConnection::batch_execute(&mut conn, "COMMIT")
+            .await
+            .map_err(|e| PgConnectError::Setup(ConnectionError::CouldntSetupConfiguration(e)))?;
+        Ok(conn)
+    }
+
     /// Asks the server, over a connection of its own, to cancel what the connection of `token`
     /// is running (as a query's own timeout does on the server): the query ends with an error
     /// and its connection stays usable. Transaction-mode poolers pass cancel requests on.

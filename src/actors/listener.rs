@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
@@ -92,7 +92,7 @@ impl Subscription for Changes {
             .map_err(|e| e.to_string())?;
         tokio::time::timeout(
             STEP_TIMEOUT,
-            diesel::sql_query(format!("LISTEN {CHANNEL}")).execute(&mut conn),
+            conn.batch_execute(&format!("LISTEN {CHANNEL}")),
         )
         .await
         .map_err(|_| "LISTEN timed out".to_owned())?
@@ -128,7 +128,9 @@ impl Subscription for Changes {
     }
 
     async fn check(&self, conn: &mut AsyncPgConnection) -> Result<(), String> {
-        let check = diesel::sql_query("SELECT 1").execute(conn);
+        // A simple query: no statement is prepared on a connection that may (misconfigured)
+        // go through a transaction-mode pooler.
+        let check = conn.batch_execute("SELECT 1");
         match tokio::time::timeout(STEP_TIMEOUT, check).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

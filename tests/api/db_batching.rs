@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use futures_util::future::join_all;
-use singleflight::actors::db::{DbActor, DbSettings, FetchTemplate};
+use singleflight::actors::db::{DbActor, DbSettings, FetchTemplate, Sessions};
+use singleflight::config::Pooler;
 use singleflight::metrics::Metrics;
 use singleflight::tls::PgConnector;
 
@@ -28,6 +29,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
             connect_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(1),
             batch_max: 100,
+            sessions: Sessions::new(Pooler::None, &metrics),
         },
         metrics.clone(),
     )

@@ -12,6 +12,7 @@
 //! | refused, reset, unanswered (no SQLSTATE: the network said so) | [`Evidence::Unreachable`] |
 //! | class `28` (authentication), `3D000` no such database, a certificate that fails the check | [`Evidence::Rejected`] |
 //! | anything else while connecting (a protocol surprise) | [`Evidence::Unreachable`] |
+//! | a statement of the connection's set-up that failed on its own | as a query's, below |
 //!
 //! A query's own failure is not evidence against the server: a query cancelled for running too
 //! long (`57014`, whether by the service's timeout or the server's `statement_timeout`) is a
@@ -70,6 +71,11 @@ impl Evidence {
                 // No SQLSTATE: the network, TLS or the connection closing said it.
                 None => Evidence::Unreachable,
             },
+            // Connected: what the set-up's own statements said (a transaction-mode pooler may
+            // fail them without anything being wrong with the server).
+            PgConnectError::Setup(diesel::ConnectionError::CouldntSetupConfiguration(e)) => {
+                Evidence::of_query(e)
+            }
             PgConnectError::Setup(_) => Evidence::Unreachable,
         }
     }

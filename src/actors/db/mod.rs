@@ -64,10 +64,12 @@ pub use failure::Evidence;
 use query::PgPool;
 use reachability::Reachability;
 pub use reachability::Standing;
+pub use sessions::Sessions;
 
 pub mod failure;
 mod query;
 mod reachability;
+mod sessions;
 
 /// How often the actor updates the pool's gauges, and probes PostgreSQL while it is down.
 const TICK: Duration = Duration::from_millis(500);
@@ -145,11 +147,14 @@ pub struct DbSettings {
     pub query_timeout: Duration,
     /// Most ids sent in one query; 1 sends every load alone.
     pub batch_max: usize,
+    /// Whether loads run in transactions of their own (a transaction-mode pooler).
+    pub sessions: Sessions,
 }
 
 impl DbSettings {
-    pub fn new(s: &Settings, postgres: PgConnector) -> Self {
+    pub fn new(s: &Settings, postgres: PgConnector, metrics: &Metrics) -> Self {
         DbSettings {
+            sessions: Sessions::new(s.database_pooler, metrics),
             postgres,
             pool_size: s.db_pool_size,
             min_idle: s.db_pool_min_idle,
@@ -191,13 +196,11 @@ impl DbActor {
         }
         let reachability = Reachability::new(metrics.clone());
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        let connect_timeout = settings.connect_timeout;
         let reach = reachability.clone();
-        let postgres = settings.postgres.clone();
+        let for_pool = settings.clone();
         // bb8's URL is unused: every connection is opened by `postgres`, with its TLS set-up.
-        config.custom_setup = Box::new(move |_url| {
-            query::pooled_setup(postgres.clone(), connect_timeout, reach.clone())
-        });
+        config.custom_setup =
+            Box::new(move |_url| query::pooled_setup(for_pool.clone(), reach.clone()));
         let manager =
             AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
         let pool = Pool::builder()
@@ -206,7 +209,7 @@ impl DbActor {
             // bb8's bound on one `get` and on retrying a failed connect. Loads bound their own
             // wait by their deadline (and ask again if this fires first); this only has to be
             // long enough for a slow server to be connected to.
-            .connection_timeout(connect_timeout)
+            .connection_timeout(settings.connect_timeout)
             .reaper_rate(REAPER_RATE)
             // Broken connections are found without a round trip (see `checkout`); a test query
             // per checkout would double the round trips of every load.
@@ -257,10 +260,7 @@ impl DbActor {
     /// whose failure is evidence, which the next probe confirms or not.
     fn probe_when_in_doubt(&self, ctx: &mut Context<Self>) {
         let reach = self.reachability.clone();
-        let (postgres, timeout) = (
-            self.settings.postgres.clone(),
-            self.settings.connect_timeout,
-        );
+        let settings = self.settings.clone();
         let probing = async move {
             loop {
                 let quiet = tokio::time::sleep(QUIET_CHECK.saturating_sub(reach.quiet_for()));
@@ -271,7 +271,7 @@ impl DbActor {
                 if !in_doubt && reach.quiet_for() < QUIET_CHECK {
                     continue;
                 }
-                match query::open(&postgres, timeout).await {
+                match query::open(&settings).await {
                     // A quiet service's check: evidence, which the next probe settles.
                     Err((evidence, detail)) if !in_doubt => reach.saw(evidence, &detail),
                     Err((evidence, detail)) if evidence.against_the_server() => {

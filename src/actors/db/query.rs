@@ -10,10 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use diesel::connection::CacheSize;
 use diesel::prelude::*;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::PoolableConnection;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::failure::Evidence;
@@ -22,7 +23,6 @@ use super::{guard_panics, DbError, DbSettings, Waiting};
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
-use crate::tls::PgConnector;
 
 pub(super) type PgPool = Pool<AsyncPgConnection>;
 
@@ -30,22 +30,43 @@ pub(super) type PgPool = Pool<AsyncPgConnection>;
 /// (the pool then tries again to connect).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Opens one connection and prepares the template query on it (diesel-async caches prepared
-/// statements per connection, so the first load on it costs one round trip, not two). The
-/// whole set-up is bounded by `timeout`: a server that accepts and then stops answering must
-/// not hold a pool slot for good. A failure comes with what it says about the server.
-pub(super) async fn open(
-    postgres: &PgConnector,
-    timeout: Duration,
+/// Opens one connection as the pool's set-up and the probes do: in transaction mode (see
+/// [`super::sessions`]) with diesel-async's set-up inside one transaction and nothing prepared
+/// ahead; otherwise with the template query prepared (diesel-async caches prepared statements
+/// per connection, so the first load on it costs one round trip, not two). In `auto` mode a
+/// set-up that fails on its own and then works in transaction mode switches to it. The whole
+/// set-up is bounded by `DB_CONNECT_TIMEOUT_MS`: a server that accepts and then stops answering
+/// must not hold a pool slot for good. A failure comes with what it says about the server.
+pub(super) async fn open(settings: &DbSettings) -> Result<AsyncPgConnection, (Evidence, String)> {
+    let sessions = &settings.sessions;
+    match open_as(settings, sessions.in_transactions()).await {
+        Err((Evidence::QueryFailed, detail)) if sessions.may_switch() => {
+            let conn = open_as(settings, true).await?;
+            sessions.switch(&detail);
+            Ok(conn)
+        }
+        opened => opened,
+    }
+}
+
+async fn open_as(
+    settings: &DbSettings,
+    in_transaction: bool,
 ) -> Result<AsyncPgConnection, (Evidence, String)> {
+    let timeout = settings.connect_timeout;
     let setup = async {
-        let mut conn = postgres
-            .connect()
-            .await
-            .map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
-        load_templates(&mut conn, &[0])
-            .await
-            .map_err(|e| (Evidence::of_query(&e), e.to_string()))?;
+        let connected = match in_transaction {
+            true => settings.postgres.connect_in_transaction().await,
+            false => settings.postgres.connect().await,
+        };
+        let mut conn = connected.map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
+        if in_transaction {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        } else {
+            load_templates(&mut conn, &[0])
+                .await
+                .map_err(|e| (Evidence::of_query(&e), e.to_string()))?;
+        }
         Ok(conn)
     };
     match tokio::time::timeout(timeout, setup).await {
@@ -60,12 +81,11 @@ pub(super) async fn open(
 /// [`open`] as the pool's connection set-up (bb8 runs it in background tasks), recording what
 /// it found in `reach`.
 pub(super) fn pooled_setup(
-    postgres: PgConnector,
-    timeout: Duration,
+    settings: DbSettings,
     reach: Reachability,
 ) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
     async move {
-        match open(&postgres, timeout).await {
+        match open(&settings).await {
             Ok(conn) => {
                 reach.up();
                 Ok(conn)
@@ -90,6 +110,26 @@ async fn load_templates(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResul
         .filter(templates::id.eq_any(ids))
         .select(Template::as_select())
         .load(conn)
+        .await
+}
+
+/// The template query on `conn`; in transaction mode (see [`super::sessions`]) inside a
+/// read-only transaction of its own, with the statement cache off (the statement is prepared,
+/// run and closed on the one server connection the transaction holds).
+async fn load(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    in_transaction: bool,
+) -> QueryResult<Vec<Template>> {
+    if !in_transaction {
+        return load_templates(conn, ids).await;
+    }
+    // A connection opened before a switch may hold cached statements: they are dropped (and
+    // closed; closing one the server does not have is no error).
+    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    conn.build_transaction()
+        .read_only()
+        .run(async |conn| load_templates(conn, ids).await)
         .await
 }
 
@@ -194,7 +234,20 @@ async fn fetch(
     let left = deadline.saturating_duration_since(Instant::now());
     let bound = settings.query_timeout.min(left);
     let cancel = conn.cancel_token();
-    match tokio::time::timeout(bound, load_templates(&mut conn, ids)).await {
+    let sessions = &settings.sessions;
+    let load = async {
+        match load(&mut conn, ids, sessions.in_transactions()).await {
+            // A load that fails on its own on what may be a transaction-mode pooler: once more
+            // in transaction mode, which stays if that works.
+            Err(e) if sessions.may_switch() && Evidence::of_query(&e) == Evidence::QueryFailed => {
+                let rows = load(&mut conn, ids, true).await?;
+                sessions.switch(&e.to_string());
+                Ok(rows)
+            }
+            loaded => loaded,
+        }
+    };
+    match tokio::time::timeout(bound, load).await {
         Ok(Ok(rows)) => {
             reach.up();
             Ok(rows.into_iter().map(|t| (t.id, t)).collect())
