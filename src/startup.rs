@@ -83,9 +83,10 @@ impl Application {
         let (postgres, session) = connectors(&settings)?;
         prepare_schema(&settings, &session).await?;
         let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
-        let (db_arbiter, db) = start_db(&settings, &postgres, &metrics);
+        let replicas = replica_settings(&settings, &metrics)?;
+        let (db_arbiter, db) = start_db(&settings, &postgres, &replicas, &metrics);
         let shards = start_shards(&settings, &db, &metrics);
-        let listener = start_listener(&session, &db_arbiter, &shards, &metrics).await;
+        let listener = start_listener(&session, &db_arbiter, &shards, &db, &metrics).await;
         start_fill_subscriber(&settings, &db_arbiter, &shards, &metrics);
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
@@ -151,6 +152,24 @@ pub fn connectors(settings: &Settings) -> Result<(PgConnector, PgConnector), Sta
     Ok((postgres, session))
 }
 
+/// Each read replica's settings (`DATABASE_READ_URL`): the primary's, with the replica's URL.
+fn replica_settings(
+    settings: &Settings,
+    metrics: &Metrics,
+) -> Result<Vec<DbSettings>, StartupError> {
+    let ca = settings.database_ca.as_ref();
+    settings
+        .database_read_urls
+        .iter()
+        .map(|url| {
+            let postgres = PgConnector::new(url, ca).map_err(|e| {
+                StartupError::DatabaseUrl(e.replace("DATABASE_URL", "DATABASE_READ_URL"))
+            })?;
+            Ok(DbSettings::new(settings, postgres, metrics))
+        })
+        .collect()
+}
+
 /// `MIGRATE=on`: applies pending migrations; `off`: checks that what the service needs is there.
 /// Either way waits a while for PostgreSQL to accept connections.
 pub async fn prepare_schema(
@@ -175,13 +194,15 @@ pub async fn prepare_schema(
 fn start_db(
     settings: &Settings,
     postgres: &PgConnector,
+    replicas: &[DbSettings],
     metrics: &Metrics,
 ) -> (Arbiter, Addr<DbActor>) {
     let arbiter = Arbiter::new();
     let db_settings = DbSettings::new(settings, postgres.clone(), metrics);
+    let replicas = replicas.to_vec();
     let db_metrics = metrics.clone();
     let db = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-        DbActor::new(db_settings, db_metrics)
+        DbActor::new(db_settings, replicas, db_metrics)
     });
     (arbiter, db)
 }
@@ -246,8 +267,10 @@ async fn start_listener(
     postgres: &PgConnector,
     db_arbiter: &Arbiter,
     shards: &Shards,
+    db: &Addr<DbActor>,
     metrics: &Metrics,
 ) -> Addr<ChangeListener> {
+    let db = db.clone();
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     let (url, lo, lc, lm) = (
         postgres.clone(),
@@ -256,7 +279,7 @@ async fn start_listener(
         metrics.clone(),
     );
     let listener = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
-        ChangeListener::new(url, lo, lc, lm, listening_tx)
+        ChangeListener::new(url, lo, lc, db, lm, listening_tx)
     });
     if tokio::time::timeout(LISTEN_PATIENCE, listening)
         .await

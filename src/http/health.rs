@@ -79,6 +79,17 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         _ => Verdict::Degraded("the cache actor is not answering".to_owned()),
     };
     let listener = match listener {
+        Ok(Ok(()))
+            if state.metrics.listener_connected.get() == 1
+                && state.metrics.listener_hearing.get() == 0 =>
+        {
+            Verdict::Degraded(format!(
+                "deaf: its own heartbeat NOTIFY, sent through DATABASE_URL, does not come back; \
+                 DATABASE_LISTEN_URL must be a direct connection to the primary. Meanwhile \
+                 cached values older than {} s are reloaded",
+                crate::actors::listener::DEAF_MAX_AGE.as_secs()
+            ))
+        }
         Ok(Ok(())) if state.metrics.listener_connected.get() == 1 => {
             Verdict::Ok("ok: listening for changes".to_owned())
         }

@@ -31,6 +31,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
             batch_max: 100,
             sessions: Sessions::new(Pooler::None, &metrics),
         },
+        Vec::new(),
         metrics.clone(),
     )
     .start();
@@ -38,7 +39,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
     let idle = || {
         metrics
             .db_pool_connections
-            .with_label_values(&["idle"])
+            .with_label_values(&["primary", "idle"])
             .get()
     };
     while idle() < 1 {

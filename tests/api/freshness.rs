@@ -237,3 +237,55 @@ async fn a_truncate_invalidates_every_id() {
         time_until(&app, id, |status, _| status == 404).await;
     }
 }
+
+/// A listener that hears nothing — here it listens on another database than the one changes and
+/// its heartbeats are sent to, as it would through a transaction-mode pooler — is found out by
+/// its heartbeat: `/readyz` says deaf (still ready), `listener_hearing` is 0, and while it is
+/// deaf a change is still served within a few seconds: nothing cached is older than 2 s.
+#[actix_rt::test]
+async fn a_deaf_listener_is_found_out_and_changes_are_still_served_within_seconds() {
+    let elsewhere = crate::support::empty_database_url().await;
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(300);
+        s.database_listen_url = Some(elsewhere);
+    })
+    .await;
+    let readiness = || async {
+        let ready = app.get("/readyz").await;
+        let status = ready.status().as_u16();
+        (
+            status,
+            ready
+                .json::<serde_json::Value>()
+                .await
+                .expect("readyz JSON"),
+        )
+    };
+    let polled = poll::until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        readiness,
+        |(_, body)| {
+            body["checks"]["listener"]
+                .as_str()
+                .is_some_and(|check| check.starts_with("degraded: deaf"))
+        },
+    )
+    .await;
+    let (status, body) = polled.last;
+    assert!(polled.done, "never found deaf: {body}");
+    assert_eq!(
+        status, 200,
+        "a deaf listener is degraded, not unready: {body}"
+    );
+    assert_eq!(app.metric("listener_hearing").await, 0.0);
+
+    assert_eq!(app.template(50).await.status(), 200);
+    app.execute_sql("UPDATE templates SET name = 'Renamed while deaf' WHERE id = 50")
+        .await;
+    let took = time_until(&app, 50, |status, body| {
+        status == 200 && body.contains("Renamed while deaf")
+    })
+    .await;
+    assert!(took < Duration::from_secs(5), "visible after {took:?}");
+}

@@ -45,6 +45,7 @@ use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+use crate::actors::Deafness;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
@@ -523,6 +524,14 @@ impl Handler<CacheDel> for CacheActor {
                 actor.suspects.all_before(unix_ms_now());
             }
         }));
+    }
+}
+
+impl Handler<Deafness> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
+        self.suspects.deafness(max_age);
     }
 }
 

@@ -40,19 +40,22 @@
 //! A panic inside a database call (a bug in a driver) is caught and reported as
 //! [`DbError::Panicked`] to that load's flight; the actor and its pool live on.
 //!
+//! # Read replicas
+//! With `DATABASE_READ_URL`, each replica has a pool of its own, and a load goes to a replica
+//! unless one may not have replayed a change the service knows of for its key ([`replicas`]);
+//! a batch that fails on a replica is sent to the primary. Probes, readiness and
+//! `db_available` are about the primary: a replica that fails only sends its loads elsewhere.
+//!
 //! # What is where
-//! This file holds the actor, its messages and the batching; [`query`] opening connections, the
-//! checkout and the query; [`failure`] what an error says about the server; [`reachability`]
-//! whether it is down.
+//! This file holds the actor, its messages and the dispatch of batches; [`backend`] one server's
+//! pool and queue; [`query`] opening connections, the checkout and the queries; [`failure`] what
+//! an error says about the server; [`reachability`] whether it is down; [`sessions`] what a
+//! transaction-mode pooler changes; [`replicas`] where a load may go.
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use diesel_async::pooled_connection::bb8::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::AsyncPgConnection;
 use futures_util::future::FutureExt;
 use tokio::sync::oneshot;
 
@@ -60,15 +63,18 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::Template;
 use crate::tls::PgConnector;
+use backend::Backend;
 pub use failure::Evidence;
-use query::PgPool;
 use reachability::Reachability;
 pub use reachability::Standing;
+use replicas::{Lsn, Routing, Target};
 pub use sessions::Sessions;
 
+mod backend;
 pub mod failure;
 mod query;
 mod reachability;
+mod replicas;
 mod sessions;
 
 /// How often the actor updates the pool's gauges, and probes PostgreSQL while it is down.
@@ -128,6 +134,28 @@ pub struct FetchTemplate {
     pub deadline: Instant,
 }
 
+/// Sends a notification on `channel` through the pool (`DATABASE_URL`), as a change would be
+/// sent: the change listener's heartbeat. `Ok` once it is committed.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), DbError>")]
+pub struct Notify {
+    pub channel: &'static str,
+    pub payload: String,
+}
+
+/// The change listener relayed a change of template `id`: until a replica has replayed it, its
+/// loads read the primary (see [`replicas`]). Sent before the key's owner is told, so that every
+/// load the owner starts after it is routed by it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Changed(pub i64);
+
+/// Anything may have changed (the listener reconnected, heard again after a deaf spell, or saw a
+/// `TRUNCATE`): every key's loads read the primary until a replica has replayed past now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ChangedAll;
+
 /// Readiness: where PostgreSQL stands, as the actor's evidence and probes decided (no query of
 /// its own: readiness checks must not load the database).
 #[derive(Debug, Message)]
@@ -174,83 +202,181 @@ struct Waiting {
 }
 
 pub struct DbActor {
-    pool: PgPool,
-    settings: DbSettings,
+    primary: Backend,
+    /// `DATABASE_READ_URL`'s replicas, in order (`replica-1` first).
+    replicas: Vec<Backend>,
+    /// Which of them a load may read (see [`replicas`]).
+    routing: Routing,
     metrics: Metrics,
-    reachability: Reachability,
-    /// Loads that arrived while `DB_POOL_SIZE` queries were in the air, oldest first.
-    queue: VecDeque<Waiting>,
-    /// Queries in the air (each on a connection of its own), at most `pool_size`.
-    queries_in_flight: u32,
+    /// The primary is being asked for its WAL position (for pins; see [`replicas`]).
+    asking_position: bool,
+    /// Pins were made while it was being asked: ask again when it answers.
+    ask_again: bool,
+    /// The primary's WAL position when last read (for the replicas' lag).
+    primary_position: Option<Lsn>,
+    /// Replicas whose replayed position is being read, by index.
+    polling: Vec<bool>,
 }
 
 impl DbActor {
-    /// Builds the pool and starts opening its `min_idle` connections in the background (start-up
-    /// does not wait for them, so the service starts while PostgreSQL is still down). Must run on
-    /// the thread (arbiter) the actor will live on, so that connections and their background
-    /// tasks live there too.
-    pub fn new(settings: DbSettings, metrics: Metrics) -> Self {
+    /// Builds the primary's pool and each replica's (`replicas`: their settings, in order), and
+    /// starts opening their `min_idle` connections in the background (start-up does not wait for
+    /// them, so the service starts while PostgreSQL is still down). Must run on the thread
+    /// (arbiter) the actor will live on, so that connections and their tasks live there too.
+    pub fn new(settings: DbSettings, replicas: Vec<DbSettings>, metrics: Metrics) -> Self {
         // Every kind shows from the first scrape: dashboards and rate() see 0, not "no data".
         for kind in DbError::KINDS {
             metrics.db_errors_total.with_label_values(&[kind]);
         }
-        let reachability = Reachability::new(metrics.clone());
-        let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        let reach = reachability.clone();
-        let for_pool = settings.clone();
-        // bb8's URL is unused: every connection is opened by `postgres`, with its TLS set-up.
-        config.custom_setup =
-            Box::new(move |_url| query::pooled_setup(for_pool.clone(), reach.clone()));
-        let manager =
-            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
-        let pool = Pool::builder()
-            .max_size(settings.pool_size)
-            .min_idle(Some(settings.min_idle.min(settings.pool_size)))
-            // bb8's bound on one `get` and on retrying a failed connect. Loads bound their own
-            // wait by their deadline (and ask again if this fires first); this only has to be
-            // long enough for a slow server to be connected to.
-            .connection_timeout(settings.connect_timeout)
-            .reaper_rate(REAPER_RATE)
-            // Broken connections are found without a round trip (see `checkout`); a test query
-            // per checkout would double the round trips of every load.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
+        for target in ["primary", "replica"] {
+            metrics.db_loads_total.with_label_values(&[target]);
+        }
+        let reach = Reachability::new(Some(metrics.db_available.clone()));
+        let primary = Backend::new("primary".to_owned(), settings, reach);
+        let replicas: Vec<Backend> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(i, settings)| {
+                let name = format!("replica-{}", i + 1);
+                Backend::new(name, settings, Reachability::new(None))
+            })
+            .collect();
         DbActor {
-            pool,
-            settings,
+            routing: Routing::new(replicas.len()),
+            polling: vec![false; replicas.len()],
+            primary,
+            replicas,
             metrics,
-            reachability,
-            queue: VecDeque::new(),
-            queries_in_flight: 0,
+            asking_position: false,
+            ask_again: false,
+            primary_position: None,
         }
     }
 
-    /// Sends what is queued while fewer than `pool_size` queries are in the air: each query
-    /// takes the oldest loads, up to `batch_max` of them.
-    fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        while self.queries_in_flight < self.settings.pool_size && !self.queue.is_empty() {
-            let take = self.queue.len().min(self.settings.batch_max.max(1));
-            let batch: Vec<Waiting> = self.queue.drain(..take).collect();
-            self.queries_in_flight += 1;
-            let (pool, settings) = (self.pool.clone(), self.settings.clone());
-            let (metrics, reach) = (self.metrics.clone(), self.reachability.clone());
-            let query =
-                async move { query::run_batch(&pool, &settings, &metrics, &reach, batch).await };
-            ctx.spawn(query.into_actor(self).map(|(), actor, ctx| {
-                actor.queries_in_flight -= 1;
-                actor.dispatch(ctx);
+    fn backend(&mut self, target: Target) -> &mut Backend {
+        match target {
+            Target::Primary => &mut self.primary,
+            Target::Replica(i) => &mut self.replicas[i],
+        }
+    }
+
+    /// Sends what is queued for `target` while fewer than its `pool_size` queries are in the air.
+    /// A batch that fails on a replica is given back and sent to the primary (and the replica
+    /// is taken as unhealthy until its next poll answers).
+    fn dispatch(&mut self, target: Target, ctx: &mut Context<Self>) {
+        let label = match target {
+            Target::Primary => "primary",
+            Target::Replica(_) => "replica",
+        };
+        while let Some(batch) = self.backend(target).next_batch() {
+            self.metrics
+                .db_loads_total
+                .with_label_values(&[label])
+                .inc_by(batch.len() as u64);
+            let metrics = self.metrics.clone();
+            let backend = self.backend(target);
+            let (pool, settings) = (backend.pool.clone(), backend.settings.clone());
+            let reach = backend.reach.clone();
+            let give_back = target != Target::Primary;
+            let query = async move {
+                query::run_batch(&pool, &settings, &metrics, &reach, batch, give_back).await
+            };
+            ctx.spawn(query.into_actor(self).map(move |given_back, actor, ctx| {
+                actor.backend(target).in_flight -= 1;
+                if let (Some(batch), Target::Replica(i)) = (given_back, target) {
+                    actor.routing.replica_at(i, None);
+                    actor.primary.queue.extend(batch);
+                    actor.dispatch(Target::Primary, ctx);
+                }
+                actor.dispatch(target, ctx);
             }));
         }
     }
 
-    /// Every [`TICK`]: the pool's gauges.
-    fn tick(&mut self, _: &mut Context<Self>) {
-        let state = self.pool.state();
-        let idle = i64::from(state.idle_connections);
-        let open = i64::from(state.connections);
-        let gauge = &self.metrics.db_pool_connections;
-        gauge.with_label_values(&["idle"]).set(idle);
-        gauge.with_label_values(&["in_use"]).set(open - idle);
+    /// Every [`TICK`]: the pools' gauges; each replica's replayed position (its health check),
+    /// and with replicas, the primary's position (their lag) and any position pins still wait
+    /// for.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.primary.publish(&self.metrics);
+        for replica in &self.replicas {
+            replica.publish(&self.metrics);
+        }
+        if self.replicas.is_empty() {
+            return;
+        }
+        self.metrics
+            .db_pinned_keys
+            .set(self.routing.pinned() as i64);
+        if self.ask_again && !self.asking_position {
+            self.ask_position(ctx);
+        }
+        for i in 0..self.replicas.len() {
+            if std::mem::replace(&mut self.polling[i], true) {
+                continue;
+            }
+            let replica = &self.replicas[i];
+            let (pool, settings, reach) = (
+                replica.pool.clone(),
+                replica.settings.clone(),
+                replica.reach.clone(),
+            );
+            let poll =
+                async move { query::position(&pool, &settings, &reach, query::REPLAYED).await };
+            ctx.spawn(poll.into_actor(self).map(move |replayed, actor, _| {
+                actor.polling[i] = false;
+                actor.replica_at(i, replayed.ok());
+            }));
+        }
+    }
+
+    /// Replica `i` has replayed up to `replayed` (`None`: its poll failed).
+    fn replica_at(&mut self, i: usize, replayed: Option<Lsn>) {
+        let name = &self.replicas[i].name;
+        self.metrics
+            .db_replica_healthy
+            .with_label_values(&[name])
+            .set(i64::from(replayed.is_some()));
+        if let (Some(replayed), Some(primary)) = (replayed, self.primary_position) {
+            let lag = primary.saturating_sub(replayed) as i64;
+            self.metrics
+                .db_replica_lag_bytes
+                .with_label_values(&[name])
+                .set(lag);
+        }
+        self.routing.replica_at(i, replayed);
+    }
+
+    /// Asks the primary for its WAL position: the pins made so far get it (see [`replicas`]).
+    /// It is the replicas' lag reference too.
+    fn ask_position(&mut self, ctx: &mut Context<Self>) {
+        if self.asking_position {
+            self.ask_again = true;
+            return;
+        }
+        self.asking_position = true;
+        self.ask_again = false;
+        let asked = self.routing.asking();
+        let primary = &self.primary;
+        let (pool, settings, reach) = (
+            primary.pool.clone(),
+            primary.settings.clone(),
+            primary.reach.clone(),
+        );
+        let ask = async move { query::position(&pool, &settings, &reach, query::CURRENT).await };
+        ctx.spawn(ask.into_actor(self).map(move |position, actor, ctx| {
+            actor.asking_position = false;
+            match position {
+                Ok(lsn) => {
+                    actor.primary_position = Some(lsn);
+                    actor.routing.primary_at(asked, lsn);
+                }
+                // The pins stay with the primary; asked again at the next tick.
+                Err(_) => actor.ask_again = true,
+            }
+            if actor.ask_again && actor.routing.replicas() > 0 {
+                actor.ask_position(ctx);
+            }
+        }));
     }
 
     /// Settles every doubt about PostgreSQL with a probe: a connection of its own, opened as the
@@ -259,8 +385,8 @@ impl DbActor {
     /// a probe every [`TICK`] until one connects. Up but quiet for [`QUIET_CHECK`]: a probe
     /// whose failure is evidence, which the next probe confirms or not.
     fn probe_when_in_doubt(&self, ctx: &mut Context<Self>) {
-        let reach = self.reachability.clone();
-        let settings = self.settings.clone();
+        let reach = self.primary.reach.clone();
+        let settings = self.primary.settings.clone();
         let probing = async move {
             loop {
                 let quiet = tokio::time::sleep(QUIET_CHECK.saturating_sub(reach.quiet_for()));
@@ -299,12 +425,15 @@ impl Actor for DbActor {
         ctx.run_interval(TICK, Self::tick);
         self.probe_when_in_doubt(ctx);
         // After a restart: what was queued before it is sent now.
-        self.dispatch(ctx);
+        self.dispatch(Target::Primary, ctx);
+        for i in 0..self.replicas.len() {
+            self.dispatch(Target::Replica(i), ctx);
+        }
     }
 }
 
-/// The DbActor holds nothing a restart must rebuild (the pool is shared with its futures), so a
-/// stop — which only a bug can cause, panics being caught — just starts it again.
+/// The DbActor holds nothing a restart must rebuild (the pools are shared with their futures),
+/// so a stop — which only a bug can cause, panics being caught — just starts it again.
 impl Supervised for DbActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         log::error!("the database actor stopped unexpectedly; restarting it");
@@ -314,7 +443,14 @@ impl Supervised for DbActor {
             .inc();
         // Their futures were dropped with the old context: whatever they had taken is answered
         // by the closed channels; what is still queued is sent afresh.
-        self.queries_in_flight = 0;
+        self.primary.in_flight = 0;
+        for replica in &mut self.replicas {
+            replica.in_flight = 0;
+        }
+        self.polling.iter_mut().for_each(|polling| *polling = false);
+        self.asking_position = false;
+        // Pins whose position was being asked wait for the next question.
+        self.ask_again = true;
     }
 }
 
@@ -324,17 +460,17 @@ impl Handler<FetchTemplate> for DbActor {
     fn handle(&mut self, msg: FetchTemplate, ctx: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
         let (reply, row) = oneshot::channel();
-        let known_down = self.reachability.down();
-        match known_down {
-            // Known down: failed at once, without queueing.
-            Some(why) => drop(reply.send(Err(DbError::Unavailable(why)))),
-            None => {
-                self.queue.push_back(Waiting {
+        let target = self.routing.route(msg.id);
+        match (target, self.primary.reach.down()) {
+            // The primary known down: failed at once, without queueing.
+            (Target::Primary, Some(why)) => drop(reply.send(Err(DbError::Unavailable(why)))),
+            _ => {
+                self.backend(target).queue.push_back(Waiting {
                     id: msg.id,
                     deadline: msg.deadline,
                     reply,
                 });
-                self.dispatch(ctx);
+                self.dispatch(target, ctx);
             }
         }
         let metrics = self.metrics.clone();
@@ -368,11 +504,44 @@ pub async fn guard_panics<T>(
     }
 }
 
+impl Handler<Notify> for DbActor {
+    type Result = ResponseFuture<Result<(), DbError>>;
+
+    fn handle(&mut self, msg: Notify, _: &mut Self::Context) -> Self::Result {
+        let primary = &self.primary;
+        let (pool, settings) = (primary.pool.clone(), primary.settings.clone());
+        let reach = primary.reach.clone();
+        Box::pin(guard_panics(async move {
+            query::notify(&pool, &settings, &reach, msg.channel, &msg.payload).await
+        }))
+    }
+}
+
+impl Handler<Changed> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, Changed(id): Changed, ctx: &mut Self::Context) {
+        if self.routing.changed(id) {
+            self.ask_position(ctx);
+        }
+    }
+}
+
+impl Handler<ChangedAll> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ChangedAll, ctx: &mut Self::Context) {
+        if self.routing.changed_all() {
+            self.ask_position(ctx);
+        }
+    }
+}
+
 impl Handler<PingDb> for DbActor {
     type Result = MessageResult<PingDb>;
 
     fn handle(&mut self, _: PingDb, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.reachability.standing())
+        MessageResult(self.primary.reach.standing())
     }
 }
 

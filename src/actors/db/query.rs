@@ -19,6 +19,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 
 use super::failure::Evidence;
 use super::reachability::Reachability;
+use super::replicas::Lsn;
 use super::{guard_panics, DbError, DbSettings, Waiting};
 use crate::metrics::Metrics;
 use crate::schema::templates;
@@ -29,6 +30,38 @@ pub(super) type PgPool = Pool<AsyncPgConnection>;
 /// How long a checkout pauses after a connection attempt failed before it asks the pool again
 /// (the pool then tries again to connect).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether a transaction of `in_session!` may write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    No,
+    Yes,
+}
+
+/// `in_session!(conn, in_transaction, writes, |c| work)`: the future `work` (which uses the
+/// connection as `c`) awaited as on a direct connection; in transaction mode (see
+/// [`super::sessions`]) inside a transaction of its own (read-only unless it `Writes`), with the
+/// statement cache off, so that its statements are prepared, run and closed on the one server
+/// connection the transaction holds. (A macro: diesel-async's transaction takes an async
+/// closure whose bounds cannot be named outside it.)
+macro_rules! in_session {
+    ($conn:expr, $in_transaction:expr, $writes:expr, |$c:ident| $work:expr) => {{
+        let conn: &mut AsyncPgConnection = $conn;
+        if $in_transaction {
+            // A connection opened before a switch may hold cached statements: they are dropped
+            // (and closed; closing one the server does not have is no error).
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+            let mut transaction = conn.build_transaction();
+            if $writes == Writes::No {
+                transaction = transaction.read_only();
+            }
+            transaction.run(async |$c| $work.await).await
+        } else {
+            let $c = conn;
+            $work.await
+        }
+    }};
+}
 
 /// Opens one connection as the pool's set-up and the probes do: in transaction mode (see
 /// [`super::sessions`]) with diesel-async's set-up inside one transaction and nothing prepared
@@ -121,16 +154,7 @@ async fn load(
     ids: &[i64],
     in_transaction: bool,
 ) -> QueryResult<Vec<Template>> {
-    if !in_transaction {
-        return load_templates(conn, ids).await;
-    }
-    // A connection opened before a switch may hold cached statements: they are dropped (and
-    // closed; closing one the server does not have is no error).
-    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-    conn.build_transaction()
-        .read_only()
-        .run(async |conn| load_templates(conn, ids).await)
-        .await
+    in_session!(conn, in_transaction, Writes::No, |c| load_templates(c, ids))
 }
 
 /// A pooled connection that is open, waited for until `deadline` — or an error at once while the
@@ -176,14 +200,16 @@ async fn checkout<'a>(
 }
 
 /// Sends one query for every load of `batch` still within its deadline, and answers each with
-/// its own row (or the query's error).
+/// its own row — or, if the query failed, with its error, unless `give_back` (a replica's
+/// batch): then the loads still within their deadline come back, to be sent elsewhere.
 pub(super) async fn run_batch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
     reach: &Reachability,
     batch: Vec<Waiting>,
-) {
+    give_back: bool,
+) -> Option<Vec<Waiting>> {
     let now = Instant::now();
     let (live, late): (Vec<Waiting>, Vec<Waiting>) =
         batch.into_iter().partition(|w| w.deadline > now);
@@ -194,9 +220,7 @@ pub(super) async fn run_batch(
     }
     // Waited for as long as the most patient load allows; the others leave at their own
     // deadline on the owner's side, and a row that arrives for them still fills the cache.
-    let Some(deadline) = live.iter().map(|w| w.deadline).max() else {
-        return;
-    };
+    let deadline = live.iter().map(|w| w.deadline).max()?;
     let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
     let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
     match result {
@@ -208,12 +232,18 @@ pub(super) async fn run_batch(
                 let _ = waiting.reply.send(Ok(row));
             }
         }
+        Err(e) if give_back => {
+            log::warn!("a read replica failed a load ({e}); the primary takes it");
+            let now = Instant::now();
+            return Some(live.into_iter().filter(|w| w.deadline > now).collect());
+        }
         Err(e) => {
             for waiting in live {
                 let _ = waiting.reply.send(Err(e.clone()));
             }
         }
     }
+    None
 }
 
 /// One query for `ids`: the rows found, by id. The query is bounded by `DB_QUERY_TIMEOUT_MS`
@@ -270,5 +300,70 @@ async fn fetch(
             });
             Err(DbError::QueryTimeout(bound))
         }
+    }
+}
+
+/// `pg_notify(channel, payload)` on a pooled connection (in a transaction of its own in
+/// transaction mode: a notification goes out at commit), within `DB_QUERY_TIMEOUT_MS`.
+pub(super) async fn notify(
+    pool: &PgPool,
+    settings: &DbSettings,
+    reach: &Reachability,
+    channel: &str,
+    payload: &str,
+) -> Result<(), DbError> {
+    let deadline = Instant::now() + settings.query_timeout;
+    let mut conn = checkout(pool, reach, deadline).await?;
+    let (channel, payload) = (channel.to_owned(), payload.to_owned());
+    let notify = move || {
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<diesel::sql_types::Text, _>(channel)
+            .bind::<diesel::sql_types::Text, _>(payload)
+    };
+    let in_transaction = settings.sessions.in_transactions();
+    let sent = async {
+        in_session!(&mut conn, in_transaction, Writes::Yes, |c| notify()
+            .execute(c))
+    };
+    match tokio::time::timeout_at(deadline.into(), sent).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(DbError::Query(e.to_string())),
+        Err(_) => Err(DbError::QueryTimeout(settings.query_timeout)),
+    }
+}
+
+/// The primary's current WAL position.
+pub(super) const CURRENT: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
+
+/// A replica's replayed WAL position (a server that is not in recovery: its current one).
+pub(super) const REPLAYED: &str = "SELECT (COALESCE(pg_last_wal_replay_lsn(), \
+     pg_current_wal_lsn()) - '0/0'::pg_lsn)::bigint AS lsn";
+
+#[derive(diesel::QueryableByName)]
+struct Position {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    lsn: i64,
+}
+
+/// A WAL position, read with `sql` ([`CURRENT`] or [`REPLAYED`]) on a pooled connection within
+/// `DB_QUERY_TIMEOUT_MS`.
+pub(super) async fn position(
+    pool: &PgPool,
+    settings: &DbSettings,
+    reach: &Reachability,
+    sql: &'static str,
+) -> Result<Lsn, DbError> {
+    let deadline = Instant::now() + settings.query_timeout;
+    let mut conn = checkout(pool, reach, deadline).await?;
+    let in_transaction = settings.sessions.in_transactions();
+    let read = async {
+        in_session!(&mut conn, in_transaction, Writes::No, |c| {
+            diesel::sql_query(sql).get_result::<Position>(c)
+        })
+    };
+    match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(Ok(at)) => Ok(at.lsn.max(0) as Lsn),
+        Ok(Err(e)) => Err(DbError::Query(e.to_string())),
+        Err(_) => Err(DbError::QueryTimeout(settings.query_timeout)),
     }
 }

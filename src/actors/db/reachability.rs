@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::failure::Evidence;
-use crate::metrics::Metrics;
+use prometheus::IntGauge;
 
 /// Where PostgreSQL stands, as far as the service can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,21 +39,31 @@ pub enum Standing {
 #[derive(Clone)]
 pub struct Reachability {
     state: Arc<watch::Sender<Standing>>,
+    /// 1 while not down, 0 while down (`db_available` for the primary; none for a replica,
+    /// whose health its routing tracks).
     /// When PostgreSQL last answered (a connection opened, a query answered), in milliseconds
     /// since `epoch`: an idle service checks on it now and then ([`Reachability::quiet_for`]).
     answered_ms: Arc<AtomicU64>,
     epoch: Instant,
-    metrics: Metrics,
+    gauge: Option<IntGauge>,
 }
 
 impl Reachability {
-    pub(super) fn new(metrics: Metrics) -> Self {
-        metrics.db_available.set(1);
+    pub(super) fn new(gauge: Option<IntGauge>) -> Self {
+        if let Some(gauge) = &gauge {
+            gauge.set(1);
+        }
         Reachability {
             state: Arc::new(watch::Sender::new(Standing::Up)),
             answered_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
-            metrics,
+            gauge,
+        }
+    }
+
+    fn publish(&self, available: bool) {
+        if let Some(gauge) = &self.gauge {
+            gauge.set(i64::from(available));
         }
     }
 
@@ -71,7 +81,7 @@ impl Reachability {
         let was = self.state.send_replace(Standing::Up);
         if let Standing::Down(_) = was {
             log::info!("PostgreSQL answers again");
-            self.metrics.db_available.set(1);
+            self.publish(true);
         }
     }
 
@@ -101,7 +111,7 @@ impl Reachability {
                 "PostgreSQL is down ({detail}): {}; failing loads fast until a probe connects",
                 evidence.describe()
             );
-            self.metrics.db_available.set(0);
+            self.publish(false);
         }
     }
 
@@ -151,27 +161,29 @@ mod tests {
 
     #[actix_rt::test]
     async fn evidence_makes_it_suspect_and_only_a_probe_makes_it_down() {
-        let reach = Reachability::new(Metrics::new().expect("metrics"));
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let reach = Reachability::new(Some(metrics.db_available.clone()));
         reach.saw(Evidence::QueryFailed, "a query failed");
         reach.saw(Evidence::Busy, "too many clients");
         assert_eq!(reach.standing(), Standing::Up, "not evidence against it");
         reach.saw(Evidence::Unreachable, "refused");
         assert_eq!(reach.standing(), Standing::Suspect(Evidence::Unreachable));
         assert_eq!(reach.down(), None, "loads still go out");
-        assert_eq!(reach.metrics.db_available.get(), 1);
+        assert_eq!(metrics.db_available.get(), 1);
         reach.confirm_down(Evidence::Unreachable, "refused again");
         assert_eq!(reach.down(), Some(Evidence::Unreachable));
-        assert_eq!(reach.metrics.db_available.get(), 0);
+        assert_eq!(metrics.db_available.get(), 0);
         reach.saw(Evidence::Rejected, "more evidence");
         assert_eq!(reach.down(), Some(Evidence::Unreachable), "down stays down");
         reach.up();
         assert_eq!(reach.standing(), Standing::Up);
-        assert_eq!(reach.metrics.db_available.get(), 1);
+        assert_eq!(metrics.db_available.get(), 1);
     }
 
     #[actix_rt::test]
     async fn waiters_are_released_when_it_goes_down_and_probes_when_in_doubt() {
-        let reach = Reachability::new(Metrics::new().expect("metrics"));
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let reach = Reachability::new(Some(metrics.db_available.clone()));
         let down = actix_rt::spawn({
             let reach = reach.clone();
             async move { reach.until_down().await }

@@ -137,7 +137,7 @@ use std::collections::HashMap;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::actors::{contain, Alive};
+use crate::actors::{contain, Alive, Deafness};
 
 mod answers;
 mod deps;
@@ -368,6 +368,19 @@ impl Handler<PeerFilled> for KeyOwner {
                     owner.wake(id, flight_id, Wake::Notice, ctx)
                 }
             });
+        }
+    }
+}
+
+/// While the listener is deaf nothing stays fresh longer than it allows: what the near cache
+/// and the workers' copies hold goes now (the generations move), and new entries are capped.
+impl Handler<Deafness> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
+        self.near_cache.deafness(max_age);
+        if max_age.is_some() {
+            self.deps.generations.bump_all();
         }
     }
 }

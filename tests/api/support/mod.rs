@@ -236,7 +236,7 @@ pub async fn wait_for_warm_pool(client: &reqwest::Client, base_url: &str, n: f64
         let text = response.text().await.unwrap_or_default();
         testkit::prom::series(&text, "db_pool_connections")
             .into_iter()
-            .find(|(labels, _)| labels == r#"{state="idle"}"#)
+            .find(|(labels, _)| labels == r#"{server="primary",state="idle"}"#)
             .map_or(0.0, |(_, idle)| idle)
     };
     let (limit, every) = (Duration::from_secs(15), Duration::from_millis(50));
