@@ -9,10 +9,11 @@
 //! Replicas started together (compose, a Kubernetes Deployment) all migrate at start. diesel
 //! takes no lock of its own: on an empty database two of them both see no migration applied,
 //! both run the first one, and the loser fails (`relation already exists`, or a duplicate key in
-//! `__diesel_schema_migrations`). So each run holds a PostgreSQL advisory lock
-//! ([`MIGRATION_LOCK_KEY`]) on its migration connection: one replica migrates at a time, and the
-//! ones that waited find nothing pending. The lock is per session, so a replica that dies while
-//! holding it releases it with its connection.
+//! `__diesel_schema_migrations`). So each run is one transaction that holds a PostgreSQL advisory
+//! lock ([`MIGRATION_LOCK_KEY`]): one replica migrates at a time, and the ones that waited find
+//! nothing pending. The lock is the transaction's, not the session's: it ends with the
+//! transaction (a replica that dies while holding it releases it with its connection), and it
+//! holds through a transaction-mode pooler too.
 
 use std::time::{Duration, Instant};
 
@@ -81,31 +82,37 @@ fn migrate_with_retries(postgres: &PgConnector, patience: Duration) -> Result<us
     }
 }
 
-/// Runs the pending migrations while holding [`MIGRATION_LOCK_KEY`] on `conn`. Waiting for the
-/// lock has no bound of its own: the holder is another replica migrating the same database, and
-/// its lock ends with its migration or its connection.
+/// Runs the pending migrations in one transaction that holds [`MIGRATION_LOCK_KEY`] as a
+/// transaction-level advisory lock: released at its commit (or rollback, or the connection's
+/// end), never left on a server session, so it holds even through a transaction-mode pooler.
+/// Each migration runs inside it (diesel nests them as savepoints): a failed one rolls back
+/// everything this run applied. Waiting for the lock has no bound of its own: the holder is
+/// another replica migrating the same database, and its lock ends with its transaction.
 fn migrate_holding_lock(
     conn: &mut AsyncConnectionWrapper<AsyncPgConnection>,
 ) -> Result<usize, String> {
-    let lock = |function: &str, conn: &mut AsyncConnectionWrapper<AsyncPgConnection>| {
-        diesel::sql_query(format!("SELECT {function}($1)"))
+    use diesel::Connection;
+    conn.transaction(|conn| {
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
             .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
             .execute(conn)
-            .map_err(|e| format!("{function} for the migration lock failed: {e}"))
-    };
-    lock("pg_advisory_lock", conn)?;
-    let applied = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map(|applied| applied.len())
-        .map_err(|e| format!("applying migrations failed: {e}"));
-    // Released at once, not when the connection closes, so that a waiting replica does not also
-    // wait for this connection's teardown. Were the unlock to fail, closing the connection (it
-    // is dropped by the caller) releases the lock all the same, so the migration's own result
-    // is what counts.
-    if let Err(e) = lock("pg_advisory_unlock", conn) {
-        log::warn!("{e}; the lock is released when the migration connection closes");
-    }
-    applied
+            .map_err(|e| Failed::Lock(e.to_string()))?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map(|applied| applied.len())
+            .map_err(|e| Failed::Migration(e.to_string()))
+    })
+    .map_err(|e: Failed| e.to_string())
+}
+
+/// Why the migration transaction ended without applying what was pending.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("taking the migration lock failed: {0}")]
+    Lock(String),
+    #[error("applying migrations failed: {0}")]
+    Migration(String),
+    #[error("the migration transaction failed: {0}")]
+    Transaction(#[from] diesel::result::Error),
 }
 
 /// What `MIGRATE=off` requires of a database the service does not own, each with the migration
