@@ -190,6 +190,11 @@ impl Watch for Pid {
 pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch) -> Result<(), Error> {
     let started = Instant::now();
     loop {
+        // Before the probe: a stop asked for while the server was starting wins over its being
+        // ready now.
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
         if let Some(status) = process.exited() {
             return Err(Error::Exited {
                 server: server.name(),
@@ -201,9 +206,6 @@ pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch) -> Result<(), Er
             Ok(()) => return Ok(()),
             Err(problem) => problem,
         };
-        if interrupted() {
-            return Err(Error::Interrupted);
-        }
         if started.elapsed() >= server.ready_within() {
             return Err(Error::NotReady {
                 server: server.name(),

@@ -63,7 +63,7 @@ impl Stack {
         if self.s.fleet() {
             let binary = self.service_binary()?;
             // Dropped: the daemons outlive this command.
-            self.fleet_start(&binary)?;
+            self.fleet_start(&binary, &mut Vec::new())?;
         }
         let targets = self.service_targets()?.join(" ");
         let (l, me) = (&self.s.layout, &self.s.me);

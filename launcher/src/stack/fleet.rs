@@ -366,9 +366,13 @@ impl Stack {
     // ------------------------------------------------------------ fleet --
 
     /// Starts (or reuses) REPLICAS replicas of `binary` and HAProxy in front of them, and stops
-    /// replicas beyond REPLICAS left from an earlier, larger fleet. The children started here.
-    pub(super) fn fleet_start(&self, binary: &Path) -> Result<Vec<Child>, Failure> {
-        let mut children = Vec::new();
+    /// replicas beyond REPLICAS left from an earlier, larger fleet. The processes started here
+    /// go into `children`, also when a later step fails.
+    pub(super) fn fleet_start(
+        &self,
+        binary: &Path,
+        children: &mut Vec<Child>,
+    ) -> Result<(), Failure> {
         // Replica 1 first, alone: every replica applies pending migrations at start-up, and two
         // migrating an empty database at the same moment could collide.
         children.extend(self.replica_start(1, binary)?);
@@ -385,7 +389,7 @@ impl Stack {
                 self.replica_stop(i)?;
             }
         }
-        Ok(children)
+        Ok(())
     }
 
     /// Stops HAProxy, then every replica that has a pid file.
@@ -474,10 +478,10 @@ impl Stack {
         self.start_stack()?;
         let binary = self.service_binary()?;
         catch_stop_signals();
-        let children = match self.fleet_start(&binary) {
-            Ok(children) => children,
-            Err(failure) => return Ok(self.leave(Some(failure))),
-        };
+        let mut children = Vec::new();
+        if let Err(failure) = self.fleet_start(&binary, &mut children) {
+            return Ok(self.leave(children, Some(failure)));
+        }
         self.up_fleet_banner(&binary)?;
         let logs: Vec<PathBuf> = (1..=self.s.replicas)
             .map(|i| self.s.layout.replica(i, "log").into())
@@ -526,7 +530,7 @@ impl Stack {
         loop {
             thread::sleep(FOLLOW_EVERY);
             if process::interrupted() {
-                return self.leave(None);
+                return self.leave(children, None);
             }
             logs.copy_new();
             // Reap the replicas started here, so that none stays a zombie while `up` runs.
@@ -546,20 +550,23 @@ impl Stack {
                 }
             }
             if alive_now == 0 {
-                return self.leave(Some(Failure::new(
-                    format!(
-                        "every replica has exited (see the logs in {}).",
-                        self.s.layout.app_dir
-                    ),
-                    [format!("fix the cause, then run '{} up' again.", self.s.me)],
-                )));
+                return self.leave(
+                    children,
+                    Some(Failure::new(
+                        format!(
+                            "every replica has exited (see the logs in {}).",
+                            self.s.layout.app_dir
+                        ),
+                        [format!("fix the cause, then run '{} up' again.", self.s.me)],
+                    )),
+                );
             }
         }
     }
 
     /// Stops HAProxy and the replicas on the way out of `up`: after `failure` (printed first), or
-    /// after a stop signal (exit code 0).
-    fn leave(&self, failure: Option<Failure>) -> ExitCode {
+    /// after a stop signal (exit code 0). The `children` started here are reaped once stopped.
+    fn leave(&self, children: Vec<Child>, failure: Option<Failure>) -> ExitCode {
         let code = match failure {
             Some(failure) if !process::interrupted() => {
                 failure.print();
@@ -570,7 +577,11 @@ impl Stack {
                 ExitCode::SUCCESS
             }
         };
-        match self.fleet_stop() {
+        let stopped = self.fleet_stop();
+        for mut child in children {
+            let _ = child.try_wait();
+        }
+        match stopped {
             Ok(()) => code,
             Err(failure) => {
                 failure.print();
@@ -581,17 +592,28 @@ impl Stack {
 }
 
 /// Turns SIGINT and SIGTERM into [`process::interrupt`]: they are blocked in this thread (and so
-/// in every thread it starts; the children the launcher spawns start with an empty mask) and
-/// taken by a thread of their own, so that `up` notices them between two steps and stops the fleet
-/// it started instead of dying with it half up.
+/// in every thread it starts; the children the launcher spawns clear their mask) and taken by a
+/// thread of their own, so that `up` notices them between two steps and stops the fleet it
+/// started instead of dying with it half up.
+///
+/// A signal ignored when we started stays ignored, as a shell's trap cannot catch one either: a
+/// non-interactive shell starts its background jobs with SIGINT ignored, so that Ctrl-C meant for
+/// the foreground does not reach them (and Linux would queue a blocked one all the same).
 fn catch_stop_signals() {
-    // SAFETY: the sigset is initialized by sigemptyset before use; pthread_sigmask and sigwait
-    // only read it. No other thread exists yet whose mask this could surprise.
+    // SAFETY: sigaction only reads the current disposition into a zeroed struct we own; the
+    // sigset is initialized by sigemptyset before use; pthread_sigmask and sigwait only read it.
+    // No other thread exists yet whose mask this could surprise.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            let ignored = libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_IGN;
+            if !ignored {
+                libc::sigaddset(&mut set, signal);
+            }
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         thread::spawn(move || loop {
             let mut signal = 0;
