@@ -22,6 +22,7 @@ pub const STOP: [StopStep; 2] = [
 
 /// Redis's TLS port and the PEM files it serves it with (clients may show a certificate, and it
 /// is checked if they do).
+#[derive(Clone, Debug)]
 pub struct Tls {
     pub port: u16,
     pub cert: PathBuf,
