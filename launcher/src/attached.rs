@@ -89,35 +89,32 @@ impl Drop for Attached {
     }
 }
 
-/// Starts `server` and waits until it is ready; on failure whatever did start is stopped.
-pub fn start(server: &dyn Server) -> Result<Attached, Error> {
-    let child = spawn(
-        &server.name(),
-        server.command(),
-        server.log(),
-        server.death_signal(),
-    )?;
+/// Starts `server`, its output appended to `log`, and waits until it is ready; on failure
+/// whatever did start is stopped.
+pub fn start(server: &dyn Server, log: &Path) -> Result<Attached, Error> {
+    let child = spawn(&server.name(), server.command(), log, server.death_signal())?;
     let mut attached = Attached {
         child,
         name: server.name(),
         stop_signal: server.death_signal(),
     };
-    process::wait_ready(server, &mut attached.child)?;
+    process::wait_ready(server, &mut attached.child, log)?;
     Ok(attached)
 }
 
-/// Starts the server `make` describes for a free port (`free_port` hands them out), retrying
-/// once with a new port if the process exits during start-up: another process can take the port
-/// between the moment it was found free and the server's bind.
+/// Starts the server `make` describes for a free port (`free_port` hands them out), its output
+/// appended to `log`, retrying once with a new port if the process exits during start-up: another
+/// process can take the port between the moment it was found free and the server's bind.
 pub fn start_on_free_port<S: Server>(
     mut free_port: impl FnMut() -> Result<u16, String>,
+    log: &Path,
     mut make: impl FnMut(u16) -> Result<S, Error>,
 ) -> Result<(S, Attached), Error> {
     let mut attempts = 0;
     loop {
         attempts += 1;
         let server = make(free_port().map_err(Error::Unavailable)?)?;
-        match start(&server) {
+        match start(&server, log) {
             Ok(attached) => return Ok((server, attached)),
             Err(Error::Exited { .. }) if attempts < 2 => {}
             Err(e) => return Err(e),

@@ -13,16 +13,17 @@
 
 use std::io;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Stdio};
 
 use crate::process::{self, Error, Server};
 
 /// Spawns `server` as a daemon in a session of its own, with no stdin and its output appended to
-/// its log. The [`Child`] lets a caller that stays (`stack.sh up`) reap it when it exits; dropping
+/// `log`. The [`Child`] lets a caller that stays (`stack.sh up`) reap it when it exits; dropping
 /// it leaves the daemon running.
-pub fn spawn(server: &dyn Server) -> Result<Child, Error> {
+pub fn spawn(server: &dyn Server, log: &Path) -> Result<Child, Error> {
     let mut command = server.command();
-    let (stdout, stderr) = process::log_output(server.log())?;
+    let (stdout, stderr) = process::log_output(log)?;
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     // SAFETY: setsid(2) is async-signal-safe and touches no memory of ours, and so is
     // `clear_signal_mask` (see its docs); the closure captures nothing. setsid cannot fail here:

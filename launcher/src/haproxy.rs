@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::probe;
 use crate::process::{self, Error, Server, Signal, StopStep, SIGTERM, SIGUSR1};
 
 /// The steps of a stop: SIGUSR1 (graceful) and up to 15 s, then SIGTERM and up to 5 s.
@@ -90,7 +89,6 @@ pub struct Haproxy {
     /// The file [`config`] was written to.
     pub config: PathBuf,
     pub port: u16,
-    pub log: PathBuf,
 }
 
 impl Server for Haproxy {
@@ -104,13 +102,9 @@ impl Server for Haproxy {
         command
     }
 
-    fn log(&self) -> &Path {
-        &self.log
-    }
-
     /// Ready once a request through it reaches a ready replica.
     fn probe(&self) -> Result<(), String> {
-        probe::http_ok(self.port, "/readyz").map(drop)
+        crate::replica::ready(self.port)
     }
 
     fn ready_within(&self) -> Duration {

@@ -150,7 +150,6 @@ pub struct Postgres {
     pub port: u16,
     /// `Some(postgres)` when we are root.
     pub user: Option<User>,
-    pub log: PathBuf,
     /// More `name=value` settings: [`THROWAWAY`], TLS's.
     pub settings: Vec<String>,
 }
@@ -174,10 +173,6 @@ impl Server for Postgres {
             .current_dir(&self.cwd);
         run_as(&mut command, self.user);
         command
-    }
-
-    fn log(&self) -> &Path {
-        &self.log
     }
 
     /// The port accepting connections is not enough: the postmaster listens before start-up
@@ -209,10 +204,6 @@ impl Server for Postgres {
         } else {
             Err(format!("pg_isready -p {}: {status}", self.port))
         }
-    }
-
-    fn ready_within(&self) -> Duration {
-        Duration::from_secs(30)
     }
 
     /// Fast shutdown.

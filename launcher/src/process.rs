@@ -26,8 +26,9 @@ pub use libc::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 pub const POLL: Duration = Duration::from_millis(25);
 
 /// One server as its module describes it: everything a lifetime needs to run it, wait for it and
-/// stop it. The module builds the command; the lifetime adds stdin, the log and its own ties
-/// (a death signal, or a session of its own) before spawning it.
+/// stop it. The module builds the command; the lifetime adds stdin, its own ties (a death signal,
+/// or a session of its own) and the log its caller chose (the stack's layout, a test's directory)
+/// before spawning it.
 pub trait Server {
     /// What messages call it: `postgres`, `redis-server`, `replica 2`, ...
     fn name(&self) -> String;
@@ -35,12 +36,12 @@ pub trait Server {
     /// one that puts itself in the background: the lifetime decides what outlives what, and the
     /// pid it spawns must be the server's.
     fn command(&self) -> Command;
-    /// Where its stdout and stderr go (appended to).
-    fn log(&self) -> &Path;
     /// `Ok` once it serves; otherwise what the check saw, for the message if it never does.
     fn probe(&self) -> Result<(), String>;
-    /// How long it may take to become ready.
-    fn ready_within(&self) -> Duration;
+    /// How long it may take to become ready: 30 s unless the server needs another bound.
+    fn ready_within(&self) -> Duration {
+        Duration::from_secs(30)
+    }
     /// The signal that stops it gracefully.
     fn stop_signal(&self) -> Signal {
         SIGTERM
@@ -186,8 +187,8 @@ impl Watch for Pid {
 }
 
 /// Polls `server`'s probe until it says ready, the process exits, [`Server::ready_within`]
-/// passes, or the launcher is interrupted.
-pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch) -> Result<(), Error> {
+/// passes, or the launcher is interrupted; `log` is where its output goes, for the error.
+pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch, log: &Path) -> Result<(), Error> {
     let started = Instant::now();
     loop {
         // Before the probe: a stop asked for while the server was starting wins over its being
@@ -199,7 +200,7 @@ pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch) -> Result<(), Er
             return Err(Error::Exited {
                 server: server.name(),
                 status,
-                log: server.log().to_owned(),
+                log: log.to_owned(),
             });
         }
         let last_check = match server.probe() {
@@ -211,7 +212,7 @@ pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch) -> Result<(), Er
                 server: server.name(),
                 within: server.ready_within(),
                 last_check,
-                log: server.log().to_owned(),
+                log: log.to_owned(),
             });
         }
         thread::sleep(POLL);

@@ -112,7 +112,6 @@ pub struct Prometheus {
     /// Its TSDB (kept 7 days).
     pub data: PathBuf,
     pub port: u16,
-    pub log: PathBuf,
 }
 
 impl Server for Prometheus {
@@ -130,16 +129,8 @@ impl Server for Prometheus {
         command
     }
 
-    fn log(&self) -> &Path {
-        &self.log
-    }
-
     fn probe(&self) -> Result<(), String> {
         probe::http_ok(self.port, "/-/ready").map(drop)
-    }
-
-    fn ready_within(&self) -> Duration {
-        Duration::from_secs(30)
     }
 }
 

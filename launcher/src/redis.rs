@@ -6,7 +6,7 @@
 //! a measurement. It stays in the foreground (`--daemonize no`): the lifetime decides what
 //! outlives what.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -37,7 +37,6 @@ pub struct Redis {
     pub port: u16,
     /// Its working directory, where any file it writes goes.
     pub dir: PathBuf,
-    pub log: PathBuf,
     /// How many logical databases (`--databases`): the tests give each test one of its own.
     pub databases: Option<u32>,
     pub tls: Option<Tls>,
@@ -79,10 +78,6 @@ impl Server for Redis {
                 .args(["--tls-auth-clients", "optional"]);
         }
         command
-    }
-
-    fn log(&self) -> &Path {
-        &self.log
     }
 
     fn probe(&self) -> Result<(), String> {

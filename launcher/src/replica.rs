@@ -5,7 +5,7 @@
 //! It is ready once `GET /readyz` answers 200 (it has applied pending migrations and reaches
 //! PostgreSQL), and SIGTERM is its graceful shutdown (it gives in-flight requests up to 10 s).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,13 +18,18 @@ pub const STOP: [StopStep; 1] = [(Some(SIGTERM), Duration::from_secs(15))];
 /// The program name a replica's process shows (`/proc/<pid>/comm`).
 pub const PROGRAM: &str = "singleflight";
 
+/// Whether the service on `127.0.0.1:port` (a replica, or HAProxy in front of ready ones)
+/// answers `GET /readyz` with a success.
+pub fn ready(port: u16) -> Result<(), String> {
+    probe::http_ok(port, "/readyz").map(drop)
+}
+
 /// Replica `index` (from 1) of the service.
 pub struct Replica {
     pub index: u16,
     /// The service binary.
     pub binary: PathBuf,
     pub port: u16,
-    pub log: PathBuf,
     /// `DATABASE_URL`, `REDIS_URL`, `RUST_LOG`, ...: set on top of the inherited environment.
     pub env: Vec<(String, String)>,
 }
@@ -42,12 +47,8 @@ impl Server for Replica {
         command
     }
 
-    fn log(&self) -> &Path {
-        &self.log
-    }
-
     fn probe(&self) -> Result<(), String> {
-        probe::http_ok(self.port, "/readyz").map(drop)
+        ready(self.port)
     }
 
     /// It applies migrations and waits for PostgreSQL first.

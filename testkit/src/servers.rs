@@ -268,12 +268,12 @@ fn start_pair(
     };
     let tls_port = tls.as_ref().map(|tls| tls.port);
     // If Redis fails, `pg` is dropped on the `?` and stops postgres.
-    let (server, redis) = attached::start_on_free_port(free_port, |port| {
+    let log = dir.join("redis.log");
+    let (server, redis) = attached::start_on_free_port(free_port, &log, |port| {
         Ok(Redis {
             binary: redis_binary.clone(),
             port,
             dir: redis_dir.clone(),
-            log: dir.join("redis.log"),
             databases: Some(REDIS_DATABASES),
             tls: tls.clone(),
         })
@@ -360,7 +360,8 @@ fn start_postgres(
         let key = write_private(&pg_dir, "server.key", &certs.server_key, user)?;
         settings.extend(postgres::tls_settings(&cert, &key));
     }
-    let (server, running) = attached::start_on_free_port(free_port, |port| {
+    let log = dir.join("postgres.log");
+    let (server, running) = attached::start_on_free_port(free_port, &log, |port| {
         Ok(Postgres {
             bins: bins.clone(),
             data: data.clone(),
@@ -369,7 +370,6 @@ fn start_postgres(
             cwd: data.clone(),
             port,
             user,
-            log: dir.join("postgres.log"),
             settings: settings.clone(),
         })
     })

@@ -41,16 +41,31 @@ impl Stack {
         self.prom_start()
     }
 
+    /// `up`'s first lines: where PostgreSQL, Redis and Prometheus (scraping `targets`) are.
+    pub(super) fn say_where_servers_are(&self, targets: &str) {
+        let env = self.service_env();
+        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
+        say(&format!(
+            "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
+            env[0].1
+        ));
+        say(&format!(
+            "redis     127.0.0.1:{redis}   REDIS_URL={}",
+            env[1].1
+        ));
+        say(&format!("prometheus http://127.0.0.1:{prom}   scrapes {targets} every 5 s (targets: http://127.0.0.1:{prom}/targets)"));
+    }
+
     /// Fails before anything starts if a port is held by something that is not ours.
     fn preflight_ports(&self) -> Result<(), Failure> {
         let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
         if self.pg_running().is_none() && process::port_open(pg) {
             return Err(self.port_taken("postgres", pg, "PG_PORT"));
         }
-        if self.redis_pid().is_none() && process::port_open(redis) {
+        if self.redis().pid().is_none() && process::port_open(redis) {
             return Err(self.port_taken("redis", redis, "REDIS_PORT"));
         }
-        if self.prom_pid().is_none() && process::port_open(prom) {
+        if self.prom().pid().is_none() && process::port_open(prom) {
             return Err(self.port_taken("prometheus", prom, "PROM_PORT"));
         }
         Ok(())
@@ -143,19 +158,21 @@ impl Stack {
         let bins = self.pg_bins.as_ref();
         let bins = bins.map_or("not installed".to_owned(), |b| b.dir.display().to_string());
         println!("          binaries: {bins}");
-        match self.redis_pid() {
+        let redis = self.redis();
+        match redis.pid() {
             Some(pid) => println!(
                 "redis:    running, pid {pid}, port {} (127.0.0.1)",
-                self.redis_running_port()
+                redis.port().unwrap_or(self.s.redis.number)
             ),
             None => not_running("redis:   ", self.s.redis.number),
         }
         println!("          data dir: {}", l.redis_dir);
         println!("          log file: {}", l.redis_log);
         println!("          pid file: {}", l.redis_pid);
-        match self.prom_pid() {
+        let prom = self.prom();
+        match prom.pid() {
             Some(pid) => {
-                let port = self.prom_running_port();
+                let port = prom.port().unwrap_or(self.s.prom.number);
                 println!("prometheus: running, pid {pid}, port {port} (127.0.0.1), http://127.0.0.1:{port}/targets");
                 let target = std::fs::read_to_string(&l.prom_target)
                     .map(|t| t.trim_end_matches('\n').to_owned())
@@ -198,8 +215,9 @@ impl Stack {
         } else {
             down.push("postgres");
         }
-        if self.redis_pid().is_some() {
-            self.s.redis.number = self.redis_running_port();
+        let redis = self.redis();
+        if redis.pid().is_some() {
+            self.s.redis.number = redis.port().unwrap_or(self.s.redis.number);
         } else {
             down.push("redis");
         }
@@ -253,21 +271,8 @@ impl Stack {
             "0.0.0.0" | "[::]" | "" | "127.0.0.1" | "localhost" => ("127.0.0.1", "localhost"),
             other => (other, other),
         };
-        let env = self.service_env();
-        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
         let me = &self.s.me;
-        say(&format!(
-            "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
-            env[0].1
-        ));
-        say(&format!(
-            "redis     127.0.0.1:{redis}   REDIS_URL={}",
-            env[1].1
-        ));
-        say(&format!(
-            "prometheus http://127.0.0.1:{prom}   scrapes {} every 5 s (targets: http://127.0.0.1:{prom}/targets)",
-            self.service_target()?
-        ));
+        self.say_where_servers_are(&self.service_target()?);
         say(&format!(
             "service   http://{shown_host}:{http_port}   (HTTP_ADDR={}, RUST_LOG={})",
             self.s
@@ -283,7 +288,7 @@ impl Stack {
         let error = Command::new("cargo")
             .args(["run", "--release", "--bin", "singleflight"])
             .current_dir(&self.s.root)
-            .envs(env)
+            .envs(self.service_env())
             .exec();
         Err(Failure::new(format!("cannot run cargo: {error}"), []))
     }

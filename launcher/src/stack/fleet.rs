@@ -15,10 +15,10 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use super::servers::{make_dir, remove_files, rename, write_number, write_text};
+use super::servers::{make_dir, rename, write_number, write_text};
 use super::{after_log, say, warn, Failure, Stack};
 use crate::haproxy::{self, Haproxy};
-use crate::process::{self, Pid, SIGTERM};
+use crate::process::{self, Pid};
 use crate::replica::{self, Replica};
 use crate::{detached, Error};
 
@@ -30,14 +30,14 @@ impl Stack {
 
     /// Replica `i`, from its pid file.
     pub(super) fn replica_pid(&self, i: u16) -> Option<u32> {
-        let file = self.s.layout.replica(i, "pid");
-        process::running_from_pid_file(file.as_ref(), |c| c == replica::PROGRAM)
+        self.replica_daemon(i).pid()
     }
 
     /// The port replica `i` was started on (its port file), else the one it would get now.
     pub(super) fn replica_running_port(&self, i: u16) -> u16 {
-        let file = self.s.layout.replica(i, "port");
-        process::read_number(file.as_ref()).unwrap_or_else(|| self.s.replica_port(i))
+        self.replica_daemon(i)
+            .port()
+            .unwrap_or_else(|| self.s.replica_port(i))
     }
 
     /// The numbers of the replicas that have a pid file (running or not), in order.
@@ -144,7 +144,6 @@ impl Stack {
             index: i,
             binary: binary.to_owned(),
             port: self.replica_running_port(i),
-            log: self.s.layout.replica(i, "log").into(),
             env: self.service_env(),
         }
     }
@@ -179,7 +178,7 @@ impl Stack {
         ));
         let mut server = self.replica(i, binary);
         server.port = port;
-        let child = detached::spawn(&server)
+        let child = detached::spawn(&server, log.as_ref())
             .map_err(|e| Failure::new(format!("replica {i} could not be started: {e}"), []))?;
         write_number(&self.s.layout.replica(i, "pid"), child.id())?;
         write_number(&self.s.layout.replica(i, "port"), u32::from(port))?;
@@ -193,7 +192,7 @@ impl Stack {
         let server = self.replica(i, binary);
         let log = self.s.layout.replica(i, "log");
         let pid: u32 = process::read_number(self.s.layout.replica(i, "pid").as_ref()).unwrap_or(0);
-        match process::wait_ready(&server, &mut Pid(pid)) {
+        match process::wait_ready(&server, &mut Pid(pid), log.as_ref()) {
             Ok(()) => {
                 say(&format!("replica {i}: ready (pid {pid})"));
                 Ok(())
@@ -217,46 +216,25 @@ impl Stack {
     }
 
     fn replica_stop(&self, i: u16) -> Result<(), Failure> {
-        let (pid_file, port_file) = (
-            self.s.layout.replica(i, "pid"),
-            self.s.layout.replica(i, "port"),
-        );
-        let Some(pid) = self.replica_pid(i) else {
-            say(&format!("replica {i}: not running"));
-            remove_files(&[&pid_file, &port_file]);
-            return Ok(());
-        };
-        say(&format!("replica {i}: stopping (pid {pid}, graceful)"));
-        if !process::stop(pid, &replica::STOP) {
-            return Err(Failure::new(
-                format!("replica {i} (pid {pid}) did not stop within 15 s."),
-                [format!(
-                    "see {}; as a last resort: kill -KILL {pid}",
-                    self.s.layout.replica(i, "log")
-                )],
-            ));
-        }
-        remove_files(&[&pid_file, &port_file]);
-        say(&format!("replica {i}: stopped"));
-        Ok(())
+        self.replica_daemon(i).stop(drop)
     }
 
     // ---------------------------------------------------------- haproxy --
 
     /// Our haproxy, from its pid file.
     pub(super) fn lb_pid(&self) -> Option<u32> {
-        process::running_from_pid_file(self.s.layout.lb_pid.as_ref(), |c| c == "haproxy")
+        self.lb().pid()
     }
 
     /// The port our haproxy was started on (its port file), else LB_PORT.
     pub(super) fn lb_running_port(&self) -> u16 {
-        process::read_number(self.s.layout.lb_port.as_ref()).unwrap_or(self.s.lb_port)
+        self.lb().port().unwrap_or(self.s.lb_port)
     }
 
     /// Starts HAProxy in front of the replicas, or reuses it if it runs with the same
     /// configuration (else restarts it); the child, if it was started here.
     fn lb_start(&self) -> Result<Option<Child>, Failure> {
-        let (me, again) = (&self.s.me, self.s.again());
+        let me = &self.s.me;
         let l = &self.s.layout;
         self.make_stack_dir()?;
         make_dir(&l.lb_dir)?;
@@ -308,59 +286,17 @@ impl Stack {
             binary,
             config: l.lb_config.clone().into(),
             port,
-            log: l.lb_log.clone().into(),
         };
-        let not_serving = |error: &Error| {
-            after_log(
-                &l.lb_log,
-                error,
-                format!("haproxy did not serve GET /readyz on :{port} within 10 s (log above, full log: {}).", l.lb_log),
-                [format!("fix the cause in the log, then run '{again}' again.")],
-            )
-        };
-        let mut child = detached::spawn(&server).map_err(|e| not_serving(&e))?;
-        let pid = child.id();
-        write_number(&l.lb_pid, pid)?;
-        write_number(&l.lb_port, u32::from(port))?;
-        if let Err(error) = process::wait_ready(&server, &mut child) {
-            let failure = not_serving(&error);
-            process::send(pid, SIGTERM);
-            remove_files(&[&l.lb_pid, &l.lb_port]);
-            return Err(failure);
-        }
-        if self.lb_pid() != Some(pid) {
-            return Err(Failure::new(
-                format!(
-                    "haproxy answers, but pid {pid} from {} is not it.",
-                    l.lb_pid
-                ),
-                [format!("run '{me} stop', then '{again}' again.")],
-            ));
-        }
-        say(&format!("haproxy: started (pid {pid})"));
+        let not_serving = format!(
+            "haproxy did not serve GET /readyz on :{port} within 10 s (log above, full log: {}).",
+            l.lb_log
+        );
+        let child = self.lb().launch(&server, port, &self.s, not_serving)?;
         Ok(Some(child))
     }
 
     fn lb_stop(&self) -> Result<(), Failure> {
-        let l = &self.s.layout;
-        let Some(pid) = self.lb_pid() else {
-            say("haproxy: not running");
-            remove_files(&[&l.lb_pid, &l.lb_port]);
-            return Ok(());
-        };
-        say(&format!("haproxy: stopping (pid {pid}, graceful)"));
-        if !process::stop(pid, &haproxy::STOP) {
-            return Err(Failure::new(
-                format!("haproxy (pid {pid}) did not stop within 20 s."),
-                [format!(
-                    "see {}; as a last resort: kill -KILL {pid}",
-                    l.lb_log
-                )],
-            ));
-        }
-        remove_files(&[&l.lb_pid, &l.lb_port]);
-        say("haproxy: stopped");
-        Ok(())
+        self.lb().stop(drop)
     }
 
     // ------------------------------------------------------------ fleet --
@@ -439,7 +375,7 @@ impl Stack {
         for i in indices {
             let port = self.replica_running_port(i);
             match self.replica_pid(i) {
-                Some(pid) if crate::probe::http_ok(port, "/readyz").is_ok() => {
+                Some(pid) if replica::ready(port).is_ok() => {
                     println!("replica-{i}: running, pid {pid}, port {port} (127.0.0.1), ready");
                 }
                 Some(pid) => println!(
@@ -491,24 +427,9 @@ impl Stack {
 
     /// What `up` prints once the fleet serves.
     fn up_fleet_banner(&self, binary: &Path) -> Result<(), Failure> {
-        let (me, l) = (&self.s.me, &self.s.layout);
+        let (me, l, lb) = (&self.s.me, &self.s.layout, self.s.lb_port);
         let targets = self.service_targets()?.join(" ");
-        let env = self.service_env();
-        let (pg, redis, prom, lb) = (
-            self.s.pg.number,
-            self.s.redis.number,
-            self.s.prom.number,
-            self.s.lb_port,
-        );
-        say(&format!(
-            "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
-            env[0].1
-        ));
-        say(&format!(
-            "redis     127.0.0.1:{redis}   REDIS_URL={}",
-            env[1].1
-        ));
-        say(&format!("prometheus http://127.0.0.1:{prom}   scrapes {targets} every 5 s (targets: http://127.0.0.1:{prom}/targets)"));
+        self.say_where_servers_are(&targets);
         say(&format!(
             "replicas  {targets}   ({}, RUST_LOG={}, logs in {})",
             binary.display(),

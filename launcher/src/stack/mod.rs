@@ -19,6 +19,7 @@
 //! always printed them (`stack: error: ...`), with exit code 1.
 
 mod commands;
+mod daemons;
 mod fleet;
 mod packages;
 mod servers;

@@ -120,13 +120,12 @@ impl Stack {
             cwd: l.pg_dir.clone().into(),
             port,
             user,
-            log: l.pg_log.clone().into(),
             settings: Vec::new(),
         };
         let started = self
             .pg_log_file(user)
-            .and_then(|()| detached::spawn(&server))
-            .and_then(|mut child| process::wait_ready(&server, &mut child));
+            .and_then(|()| detached::spawn(&server, l.pg_log.as_ref()))
+            .and_then(|mut child| process::wait_ready(&server, &mut child, l.pg_log.as_ref()));
         if let Err(error) = started {
             return Err(after_log(
                 &l.pg_log,
@@ -389,28 +388,17 @@ impl Stack {
 
     // ------------------------------------------------------------ redis --
 
-    /// Our redis-server, from its pid file.
-    pub(super) fn redis_pid(&self) -> Option<u32> {
-        process::running_from_pid_file(self.s.layout.redis_pid.as_ref(), |c| {
-            c.starts_with("redis-server")
-        })
-    }
-
-    /// The port our redis-server was started on (its port file), else REDIS_PORT.
-    pub(super) fn redis_running_port(&self) -> u16 {
-        process::read_number(self.s.layout.redis_port.as_ref()).unwrap_or(self.s.redis.number)
-    }
-
     pub(super) fn redis_start(&mut self) -> Result<(), Failure> {
         let (me, again) = (self.s.me.clone(), self.s.again());
-        if let Some(pid) = self.redis_pid() {
-            let running = self.redis_running_port();
+        let daemon = self.redis();
+        if let Some(pid) = daemon.pid() {
+            let running = daemon.port().unwrap_or(self.s.redis.number);
             self.s.redis = self.adopt("redis", "REDIS_PORT", self.s.redis, running)?;
             let port = self.s.redis.number;
             if redis::process_id(port) != Some(pid) {
                 return Err(Failure::new(
                     format!("this project's redis-server (pid {pid}) runs but does not answer on 127.0.0.1:{port}."),
-                    [format!("see {}; restart it: {me} stop && {again}", self.s.layout.redis_log)],
+                    [format!("see {}; restart it: {me} stop && {again}", daemon.log)],
                 ));
             }
             say(&format!(
@@ -425,41 +413,30 @@ impl Stack {
         self.make_stack_dir()?;
         let l = &self.s.layout;
         make_dir(&l.redis_dir)?;
-        let _ = fs::remove_file(&l.redis_pid);
+        let _ = fs::remove_file(&daemon.pid_file);
         say(&format!(
             "redis: starting on 127.0.0.1:{port} (log: {})",
-            l.redis_log
+            daemon.log
         ));
         let server = Redis {
             binary: redis::binary().unwrap_or_else(|| "redis-server".into()),
             port,
             dir: l.redis_dir.clone().into(),
-            log: l.redis_log.clone().into(),
             databases: None,
             tls: None,
         };
-        let refused = |error: &Error| {
-            after_log(
-                &l.redis_log,
-                error,
-                format!(
-                    "redis-server refused to start (see above and {}).",
-                    l.redis_log
-                ),
-                [format!("fix the cause, then run '{again}' again.")],
-            )
-        };
-        let mut child = detached::spawn(&server).map_err(|e| refused(&e))?;
-        write_number(&l.redis_pid, child.id())?;
-        write_number(&l.redis_port, u32::from(port))?;
-        match process::wait_ready(&server, &mut child) {
+        let log = daemon.log.as_ref();
+        let mut child = detached::spawn(&server, log).map_err(|e| self.redis_refused(&e))?;
+        write_number(&daemon.pid_file, child.id())?;
+        write_number(&daemon.port_file, u32::from(port))?;
+        match process::wait_ready(&server, &mut child, log) {
             Ok(()) => {}
-            Err(error @ Error::Exited { .. }) => return Err(refused(&error)),
+            Err(error @ Error::Exited { .. }) => return Err(self.redis_refused(&error)),
             Err(error) => {
                 return Err(after_log(
-                    &l.redis_log,
+                    &daemon.log,
                     &error,
-                    format!("redis did not answer PING on 127.0.0.1:{port} within 10 s (log above, full log: {}).", l.redis_log),
+                    format!("redis did not answer PING on 127.0.0.1:{port} within 10 s (log above, full log: {}).", daemon.log),
                     [format!("fix the cause in the log, then run '{me} stop' and '{again}' again.")],
                 ))
             }
@@ -468,44 +445,32 @@ impl Stack {
         Ok(())
     }
 
+    /// Redis exited, or could not even be started.
+    fn redis_refused(&self, error: &Error) -> Failure {
+        let log = &self.s.layout.redis_log;
+        after_log(
+            log,
+            error,
+            format!("redis-server refused to start (see above and {log})."),
+            [format!(
+                "fix the cause, then run '{}' again.",
+                self.s.again()
+            )],
+        )
+    }
+
     pub(super) fn redis_stop(&mut self) -> Result<(), Failure> {
-        let l = &self.s.layout;
-        let Some(pid) = self.redis_pid() else {
-            say("redis: not running");
-            remove_files(&[&l.redis_pid, &l.redis_port]);
-            return Ok(());
-        };
-        let port = self.redis_running_port();
-        say(&format!("redis: stopping (pid {pid})"));
-        // SHUTDOWN only to the server on that port if it really is ours; else SIGTERM.
-        if !(redis::process_id(port) == Some(pid) && redis::shutdown(port).is_ok()) {
-            process::send(pid, SIGTERM);
-        }
-        if !process::stop(pid, &redis::STOP) {
-            return Err(Failure::new(
-                format!("redis (pid {pid}) did not stop within 15 s."),
-                [format!(
-                    "see {}; as a last resort: kill -KILL {pid}",
-                    l.redis_log
-                )],
-            ));
-        }
-        remove_files(&[&l.redis_pid, &l.redis_port]);
-        say("redis: stopped");
-        Ok(())
+        let daemon = self.redis();
+        let port = daemon.port().unwrap_or(self.s.redis.number);
+        daemon.stop(|pid| {
+            // SHUTDOWN only to the server on that port if it really is ours; else SIGTERM.
+            if !(redis::process_id(port) == Some(pid) && redis::shutdown(port).is_ok()) {
+                process::send(pid, SIGTERM);
+            }
+        })
     }
 
     // ------------------------------------------------------- prometheus --
-
-    /// Our prometheus, from its pid file.
-    pub(super) fn prom_pid(&self) -> Option<u32> {
-        process::running_from_pid_file(self.s.layout.prom_pid.as_ref(), |c| c == "prometheus")
-    }
-
-    /// The port our prometheus was started on (its port file), else PROM_PORT.
-    pub(super) fn prom_running_port(&self) -> u16 {
-        process::read_number(self.s.layout.prom_port.as_ref()).unwrap_or(self.s.prom.number)
-    }
 
     /// Starts Prometheus scraping the service (or each replica), or reuses it: reloaded with
     /// SIGHUP if what it should scrape changed.
@@ -519,13 +484,14 @@ impl Stack {
         let new = format!("{}.new", l.prom_config);
         self.prom_render_config(&new, &targets)?;
         let (me, again) = (self.s.me.clone(), self.s.again());
-        if let Some(pid) = self.prom_pid() {
-            let running = self.prom_running_port();
+        let daemon = self.prom();
+        if let Some(pid) = daemon.pid() {
+            let running = daemon.port().unwrap_or(self.s.prom.number);
             self.s.prom = self.adopt("prometheus", "PROM_PORT", self.s.prom, running)?;
             let port = self.s.prom;
             let l = &self.s.layout;
             let server = self.prometheus_server();
-            let answers = process::wait_ready(&server, &mut Pid(pid)).is_ok()
+            let answers = process::wait_ready(&server, &mut Pid(pid), l.prom_log.as_ref()).is_ok()
                 && prometheus::keeps_data_in(port.number, &l.prom_data);
             if !answers {
                 return Err(Failure::new(
@@ -562,34 +528,11 @@ impl Stack {
             l.prom_log
         ));
         let server = self.prometheus_server();
-        let not_ready = |error: &Error| {
-            after_log(
-                &l.prom_log,
-                error,
-                format!("prometheus did not become ready on 127.0.0.1:{port} within 30 s (log above, full log: {}).", l.prom_log),
-                [format!("fix the cause in the log, then run '{again}' again.")],
-            )
-        };
-        let mut child = detached::spawn(&server).map_err(|e| not_ready(&e))?;
-        let pid = child.id();
-        write_number(&l.prom_pid, pid)?;
-        write_number(&l.prom_port, u32::from(port))?;
-        if let Err(error) = process::wait_ready(&server, &mut child) {
-            let failure = not_ready(&error);
-            process::send(pid, SIGTERM);
-            remove_files(&[&l.prom_pid, &l.prom_port]);
-            return Err(failure);
-        }
-        if self.prom_pid() != Some(pid) {
-            return Err(Failure::new(
-                format!(
-                    "prometheus answers, but pid {pid} from {} is not it.",
-                    l.prom_pid
-                ),
-                [format!("run '{me} stop', then '{again}' again.")],
-            ));
-        }
-        say(&format!("prometheus: started (pid {pid})"));
+        let not_ready = format!(
+            "prometheus did not become ready on 127.0.0.1:{port} within 30 s (log above, full log: {}).",
+            l.prom_log
+        );
+        daemon.launch(&server, port, &self.s, not_ready)?;
         Ok(())
     }
 
@@ -600,7 +543,6 @@ impl Stack {
             config: l.prom_config.clone().into(),
             data: l.prom_data.clone().into(),
             port: self.s.prom.number,
-            log: l.prom_log.clone().into(),
         }
     }
 
@@ -644,25 +586,7 @@ impl Stack {
     }
 
     pub(super) fn prom_stop(&mut self) -> Result<(), Failure> {
-        let l = &self.s.layout;
-        let Some(pid) = self.prom_pid() else {
-            say("prometheus: not running");
-            remove_files(&[&l.prom_pid, &l.prom_port]);
-            return Ok(());
-        };
-        say(&format!("prometheus: stopping (pid {pid})"));
-        if !process::stop(pid, &prometheus::STOP) {
-            return Err(Failure::new(
-                format!("prometheus (pid {pid}) did not stop within 20 s."),
-                [format!(
-                    "see {}; as a last resort: kill -KILL {pid}",
-                    l.prom_log
-                )],
-            ));
-        }
-        remove_files(&[&l.prom_pid, &l.prom_port]);
-        say("prometheus: stopped");
-        Ok(())
+        self.prom().stop(drop)
     }
 
     /// `host:port` where Prometheus finds the service: HTTP_ADDR (the service's own default
