@@ -247,21 +247,34 @@ pub fn finish(
 }
 
 /// Runs a checker (`promtool check config FILE`, `haproxy -c -f FILE`) and returns its output
-/// as an [`Error::Rejected`] if it fails.
+/// as an [`Error::Rejected`] if it fails. Its stdout and stderr share one pipe, so that its lines
+/// come in the order it wrote them.
 pub fn check(checker: &str, command: &mut Command) -> Result<(), Error> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(Error::io(format!("run {checker}")))?;
-    if output.status.success() {
+    let (status, text) = run_merged(command).map_err(Error::io(format!("run {checker}")))?;
+    if status.success() {
         return Ok(());
     }
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
     Err(Error::Rejected {
         checker: checker.to_owned(),
-        output: text.trim_end_matches('\n').to_owned(),
+        output: String::from_utf8_lossy(&text)
+            .trim_end_matches('\n')
+            .to_owned(),
     })
+}
+
+/// Runs `command` to its end with its stdout and stderr in one pipe: its status and output.
+fn run_merged(command: &mut Command) -> io::Result<(std::process::ExitStatus, Vec<u8>)> {
+    let (mut output, writer) = io::pipe()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer);
+    let mut child = command.spawn()?;
+    // The command keeps the pipe's write ends: let them go, or the read never ends.
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut text = Vec::new();
+    io::Read::read_to_end(&mut output, &mut text)?;
+    Ok((child.wait()?, text))
 }
 
 /// Clears the signal mask in a child between `fork` and `exec`: a mask is inherited through both,
