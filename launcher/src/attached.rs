@@ -50,7 +50,7 @@ use crate::process::{self, Error, Server, Signal};
 pub struct Attached {
     child: Child,
     name: String,
-    stop_signal: Signal,
+    death_signal: Signal,
 }
 
 impl Attached {
@@ -72,7 +72,7 @@ impl Drop for Attached {
         }
         // Polite first (postgres cleans up its shared memory and backends on SIGQUIT; SIGKILL
         // would orphan the backends for a moment). The pid is our unreaped child: not recycled.
-        process::send(self.child.id(), self.stop_signal);
+        process::send(self.child.id(), self.death_signal);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.exited().is_some() {
@@ -96,7 +96,7 @@ pub fn start(server: &dyn Server, log: &Path) -> Result<Attached, Error> {
     let mut attached = Attached {
         child,
         name: server.name(),
-        stop_signal: server.death_signal(),
+        death_signal: server.death_signal(),
     };
     process::wait_ready(server, &mut attached.child, log)?;
     Ok(attached)

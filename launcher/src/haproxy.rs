@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{self, Error, Server, Signal, StopStep, SIGTERM, SIGUSR1};
+use crate::process::{self, Error, Server, StopStep, SIGTERM, SIGUSR1};
 
 /// The steps of a stop: SIGUSR1 (graceful) and up to 15 s, then SIGTERM and up to 5 s.
 pub const STOP: [StopStep; 2] = [
@@ -109,9 +109,5 @@ impl Server for Haproxy {
 
     fn ready_within(&self) -> Duration {
         Duration::from_secs(10)
-    }
-
-    fn stop_signal(&self) -> Signal {
-        SIGUSR1
     }
 }

@@ -12,7 +12,9 @@
 //!   scrape config rendered from the project's `prometheus.yaml`, `promtool`, `/-/ready`, the
 //!   targets' health), [`haproxy`] (its configuration in front of the replicas, `haproxy -c`) and
 //!   [`replica`] (the service binary on a port of its own). Each describes a running server as a
-//!   [`Server`]: its command, its log, its readiness probe, how long it may take, how it stops.
+//!   [`Server`] (its command, its readiness probe, how long it may take, the signal it dies with)
+//!   and says how a daemon of it is stopped (its `STOP` steps). Where its output goes is the
+//!   caller's choice: the stack's `.stack/` layout, a test's directory.
 //! - [`process`]: what both lifetimes share: waiting for a server to be ready (or to exit), one-shot
 //!   programs, signals, `/proc` (is a pid alive, which program is it), log tails, users, ports.
 //! - Two lifetimes, kept thin: [`attached`] is the test kit's (the server dies with the test process,

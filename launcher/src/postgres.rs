@@ -206,11 +206,6 @@ impl Server for Postgres {
         }
     }
 
-    /// Fast shutdown.
-    fn stop_signal(&self) -> Signal {
-        SIGINT
-    }
-
     /// Immediate shutdown: the postmaster tells its backends to quit and exits without a
     /// checkpoint, which throwaway data does not need.
     fn death_signal(&self) -> Signal {

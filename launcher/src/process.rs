@@ -42,14 +42,11 @@ pub trait Server {
     fn ready_within(&self) -> Duration {
         Duration::from_secs(30)
     }
-    /// The signal that stops it gracefully.
-    fn stop_signal(&self) -> Signal {
-        SIGTERM
-    }
     /// The signal it gets when its owner is gone (an attached server's test process died or
-    /// dropped it): by default the graceful one.
+    /// dropped it): SIGTERM unless the server needs another. A detached server is stopped by its
+    /// module's stop steps (`STOP`) instead, which may be gentler.
     fn death_signal(&self) -> Signal {
-        self.stop_signal()
+        SIGTERM
     }
 }
 

@@ -7,9 +7,14 @@
 //! - [`settings`]: the environment it reads (ports, REPLICAS, STACK_DIR, ...), checked before
 //!   anything starts, and the `.stack/` layout.
 //! - `packages`: what it installs with apt-get when something is missing (as root).
-//! - `servers`: starting, reusing, stopping and describing PostgreSQL, Redis and Prometheus.
+//! - `daemons`: the one way to find (pid file, port file), start and stop the servers that keep
+//!   no pid file of their own: Redis, Prometheus, HAProxy, the replicas.
+//! - `servers`: starting, reusing and stopping PostgreSQL, Redis and Prometheus.
 //! - `fleet`: the replicas and HAProxy, and `up`'s foreground with a fleet.
 //! - `commands`: `up`, `start`, `stop`, `status`, `env`.
+//!
+//! Run it through the script: the repository root (where `prometheus.yaml` is, where cargo builds
+//! the service) is found from the script's path in `argv[0]`, as the script itself found it.
 //!
 //! Every server is a daemon of the [`crate::detached`] lifetime: it outlives the command, which
 //! finds it again through its pid file and reuses it. What each server is (its command line, its
