@@ -135,16 +135,20 @@ pub fn run(program: &str, command: Command, log: &Path, limit: Duration) -> Resu
 /// `$TMPDIR/singleflight-tests/<pid>/`, searchable by other users (a server run as `postgres`
 /// must reach what is inside).
 pub fn dir(name: &str) -> Result<PathBuf, Error> {
-    static MADE: AtomicU32 = AtomicU32::new(0);
+    static MADE: AtomicU32 = AtomicU32::new(1);
     let base = base_dir().map_err(Error::Unavailable)?;
     let mut path = base.join(name);
-    while path.exists() {
-        path = base.join(format!(
-            "{name}-{}",
-            MADE.fetch_add(1, Ordering::Relaxed) + 2
-        ));
+    // Tests in parallel may ask for the same name: whoever creates it first has it.
+    loop {
+        match fs::create_dir(&path) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let n = MADE.fetch_add(1, Ordering::Relaxed) + 1;
+                path = base.join(format!("{name}-{n}"));
+            }
+            Err(e) => return Err(Error::io(format!("create {}", path.display()))(e)),
+        }
     }
-    fs::create_dir(&path).map_err(Error::io(format!("create {}", path.display())))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
         .map_err(Error::io(format!("chmod {}", path.display())))?;
     Ok(path)
@@ -212,12 +216,14 @@ fn owner() -> &'static Mutex<mpsc::Sender<Spawn>> {
 ///
 /// Also closes the race where the process exits between `fork` and the `prctl`: the child would
 /// then already be orphaned and never get the signal, so it checks that its parent is still us and
-/// otherwise fails the spawn instead of running a server nobody will stop.
+/// otherwise fails the spawn instead of running a server nobody will stop. And it clears the
+/// signal mask it inherited from the spawning thread (see [`process::clear_signal_mask`]).
 fn die_with_parent(command: &mut Command, signal: Signal) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child, where only async-signal-safe operations are
-    // allowed. It only calls prctl(2) and getppid(2), raw system calls, and builds `io::Error`s
-    // from OS error codes, which does not allocate. It captures plain integers and takes no locks.
+    // allowed. It only calls prctl(2) and getppid(2), raw system calls, `clear_signal_mask` (see
+    // its docs), and builds `io::Error`s from OS error codes, which does not allocate. It captures
+    // plain integers and takes no locks.
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) == -1 {
@@ -226,7 +232,7 @@ fn die_with_parent(command: &mut Command, signal: Signal) {
             if libc::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
-            Ok(())
+            process::clear_signal_mask()
         });
     }
 }

@@ -275,8 +275,9 @@ fn run_merged(command: &mut Command) -> io::Result<(std::process::ExitStatus, Ve
 }
 
 /// Clears the signal mask in a child between `fork` and `exec`: a mask is inherited through both,
-/// std does not reset it, and `stack.sh up` blocks SIGINT and SIGTERM (to take them in a thread of
-/// its own) while it starts the fleet, whose replicas must still stop on SIGTERM.
+/// std does not reset it, and a server that inherits blocked signals does not stop on them.
+/// `stack.sh up` blocks SIGINT and SIGTERM (to take them in a thread of its own) while it starts
+/// the fleet, whose replicas must still stop on SIGTERM; a test thread may block signals too.
 ///
 /// # Safety
 ///
