@@ -26,7 +26,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x ${HOME:-/nonexistent}/.cargo/bin/
   PATH=$HOME/.cargo/bin:$PATH
 fi
 command -v cargo >/dev/null 2>&1 ||
-  die "cargo (Rust) is not installed (the service needs Rust 1.85 or newer)." \
+  die "cargo (Rust) is not installed (the service needs Rust 1.89 or newer)." \
     "install it with rustup, then run '$ME $CMD' again:" \
     "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\""
 
