@@ -74,6 +74,7 @@ async fn loads_go_to_the_replica_and_a_change_is_read_from_the_primary_until_rep
     let app = app_with_replica(primary, replica.clone()).await;
     replica_healthy(&app).await;
 
+    let app = &app;
     let statuses = join_all((1..=50).map(|id| async move { app.template(id).await.status() })).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(loads(&app, "replica").await, 50.0, "every cold load read the replica");
@@ -139,6 +140,7 @@ async fn a_replica_that_goes_away_sends_its_loads_to_the_primary_and_nothing_fai
     replica_healthy(&app).await;
     proxy.set_mode(Mode::Refuse);
     proxy.cut();
+    let app = &app;
     let statuses =
         join_all((100..=199).map(|id| async move { app.template(id).await.status() })).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");

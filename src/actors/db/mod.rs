@@ -397,7 +397,7 @@ impl DbActor {
                 if !in_doubt && reach.quiet_for() < QUIET_CHECK {
                     continue;
                 }
-                match query::open(&settings).await {
+                match query::open(&settings, query::Opening::Probe).await {
                     // A quiet service's check: evidence, which the next probe settles.
                     Err((evidence, detail)) if !in_doubt => reach.saw(evidence, &detail),
                     Err((evidence, detail)) if evidence.against_the_server() => {

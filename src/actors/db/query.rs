@@ -63,18 +63,32 @@ macro_rules! in_session {
     }};
 }
 
-/// Opens one connection as the pool's set-up and the probes do: in transaction mode (see
-/// [`super::sessions`]) with diesel-async's set-up inside one transaction and nothing prepared
-/// ahead; otherwise with the template query prepared (diesel-async caches prepared statements
-/// per connection, so the first load on it costs one round trip, not two). In `auto` mode a
-/// set-up that fails on its own and then works in transaction mode switches to it. The whole
-/// set-up is bounded by `DB_CONNECT_TIMEOUT_MS`: a server that accepts and then stops answering
-/// must not hold a pool slot for good. A failure comes with what it says about the server.
-pub(super) async fn open(settings: &DbSettings) -> Result<AsyncPgConnection, (Evidence, String)> {
+/// What a connection is opened for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opening {
+    /// The pool: ready for loads, the template query prepared ahead where that lasts (not in
+    /// transaction mode).
+    Pool,
+    /// A probe: whether the server takes connections, nothing more (a lock on the table, or a
+    /// slow query, must not look like a server that is down).
+    Probe,
+}
+
+/// Opens one connection: in transaction mode (see [`super::sessions`]) with diesel-async's
+/// set-up inside one transaction and nothing prepared ahead; otherwise, for the pool, with the
+/// template query prepared (diesel-async caches prepared statements per connection, so the first
+/// load on it costs one round trip, not two). In `auto` mode a set-up that fails on its own and
+/// then works in transaction mode switches to it. The whole set-up is bounded by
+/// `DB_CONNECT_TIMEOUT_MS`: a server that accepts and then stops answering must not hold a pool
+/// slot for good. A failure comes with what it says about the server.
+pub(super) async fn open(
+    settings: &DbSettings,
+    opening: Opening,
+) -> Result<AsyncPgConnection, (Evidence, String)> {
     let sessions = &settings.sessions;
-    match open_as(settings, sessions.in_transactions()).await {
+    match open_as(settings, sessions.in_transactions(), opening).await {
         Err((Evidence::QueryFailed, detail)) if sessions.may_switch() => {
-            let conn = open_as(settings, true).await?;
+            let conn = open_as(settings, true, opening).await?;
             sessions.switch(&detail);
             Ok(conn)
         }
@@ -85,6 +99,7 @@ pub(super) async fn open(settings: &DbSettings) -> Result<AsyncPgConnection, (Ev
 async fn open_as(
     settings: &DbSettings,
     in_transaction: bool,
+    opening: Opening,
 ) -> Result<AsyncPgConnection, (Evidence, String)> {
     let timeout = settings.connect_timeout;
     let setup = async {
@@ -95,7 +110,7 @@ async fn open_as(
         let mut conn = connected.map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
         if in_transaction {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-        } else {
+        } else if opening == Opening::Pool {
             load_templates(&mut conn, &[0])
                 .await
                 .map_err(|e| (Evidence::of_query(&e), e.to_string()))?;
@@ -118,7 +133,7 @@ pub(super) fn pooled_setup(
     reach: Reachability,
 ) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
     async move {
-        match open(&settings).await {
+        match open(&settings, Opening::Pool).await {
             Ok(conn) => {
                 reach.up();
                 Ok(conn)
@@ -247,9 +262,8 @@ pub(super) async fn run_batch(
 }
 
 /// One query for `ids`: the rows found, by id. The query is bounded by `DB_QUERY_TIMEOUT_MS`
-/// (or the deadline, if sooner); when that runs out the server is asked to cancel it, and the
-/// cancel request's fate is the evidence: a server that takes it is there and slow, one that
-/// cannot be reached may be down.
+/// (or the deadline, if sooner); when that runs out the server is asked to cancel it, and a
+/// probe settles whether the server is slow (it connects) or gone (it does not).
 async fn fetch(
     pool: &PgPool,
     settings: &DbSettings,
@@ -288,9 +302,17 @@ async fn fetch(
             Err(DbError::Query(detail))
         }
         Err(_) => {
+            // A query unanswered for its whole bound is evidence to check (not a verdict): the
+            // probe it starts connects at once to a server that is only slow, and finds out
+            // within its connect timeout about one that is gone. (A load that ran out of its
+            // flight's time first says nothing about the server.)
+            if bound == settings.query_timeout {
+                let detail = format!("a query got no answer within {bound:?}");
+                reach.saw(Evidence::Unreachable, &detail);
+            }
+            // The server's work is cancelled in the background: the waiters are answered now.
             let (postgres, reach) = (settings.postgres.clone(), reach.clone());
             let patience = settings.connect_timeout;
-            // In the background: the waiters are answered now.
             actix_rt::spawn(async move {
                 match tokio::time::timeout(patience, postgres.cancel(&cancel)).await {
                     Ok(Ok(())) => {}
