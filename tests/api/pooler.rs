@@ -126,3 +126,51 @@ async fn through_a_pooler_without_a_listen_url_the_listener_is_deaf_and_says_wha
     .await;
     assert!(polled.done, "not served within 5 s: {}", polled.last);
 }
+
+/// What a cold burst and a stampede cost through PgBouncer (transaction mode; and with the
+/// service told `DATABASE_POOLER=none`, as before this mode existed) next to a direct
+/// connection. `cargo test --release --test api -- --ignored --nocapture pooler_figures`.
+#[actix_rt::test]
+#[ignore = "a benchmark: prints figures for BENCHMARKS.md"]
+async fn pooler_figures() {
+    println!("| run | path | cold burst: answered 200 | burst took | stampede of 200: queries | p99 of the stampede |");
+    println!("|---|---|---|---|---|---|");
+    for run in 1..=3 {
+        for (path, pooler) in [
+            ("direct", None),
+            ("PgBouncer, transaction mode", Some(Pooler::Transaction)),
+            ("PgBouncer, auto", Some(Pooler::Auto)),
+            ("PgBouncer, told none", Some(Pooler::None)),
+        ] {
+            let app = spawn_app_with(|s| {
+                if let Some(pooler) = pooler {
+                    through_pgbouncer(s, pooler, true);
+                }
+                s.request_timeout = Duration::from_secs(10);
+            })
+            .await;
+            crate::support::wait_for_warm_pool(&app.client, &app.address, 10.0).await;
+            app.warm_connections(300).await;
+            let started = std::time::Instant::now();
+            let statuses = cold_burst(&app, 1..=300).await;
+            let took = started.elapsed();
+            let served = statuses.iter().filter(|s| **s == 200).count();
+            let queries = app.metric("db_hits_total").await;
+            let stampede = join_all((0..200).map(|_| async {
+                let asked = std::time::Instant::now();
+                let status = app.template(1100).await.status().as_u16();
+                (status, asked.elapsed())
+            }))
+            .await;
+            let mut latencies: Vec<Duration> = stampede.iter().map(|(_, l)| *l).collect();
+            latencies.sort();
+            let p99 = latencies[latencies.len() * 99 / 100 - 1];
+            let cost = app.metric("db_hits_total").await - queries;
+            println!(
+                "| {run} | {path} | {served}/300 | {:.3} s | {cost} | {:.1} ms |",
+                took.as_secs_f64(),
+                p99.as_secs_f64() * 1000.0
+            );
+        }
+    }
+}

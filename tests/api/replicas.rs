@@ -152,3 +152,70 @@ async fn a_replica_that_goes_away_sends_its_loads_to_the_primary_and_nothing_fai
     .await;
     assert!(polled.done, "the replica is still taken as healthy");
 }
+
+/// The share of loads a replica serves under a spread load with changes, and how soon each
+/// change is served while the replica applies WAL 2 s late.
+/// `cargo test --release --test api -- --ignored --nocapture replica_figures`.
+#[actix_rt::test]
+#[ignore = "a benchmark: prints figures for BENCHMARKS.md"]
+async fn replica_figures() {
+    let (primary, replica) = replicated_database().await;
+    let app = spawn_app_with(|s| {
+        s.database_url = primary;
+        s.database_read_urls = vec![replica];
+        // Short: the spread load below keeps loading, so loads keep being routed.
+        s.cache_ttl = Duration::from_secs(1);
+        s.cache_grace = Duration::ZERO;
+        s.near_cache_ttl = Duration::from_millis(200);
+    })
+    .await;
+    replica_healthy(&app).await;
+    let app = &app;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let load = async {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let ids = (0..20).map(|k| 1 + ((n * 20 + k) * 7919) % 1000);
+            join_all(ids.map(|id| async move { app.template(id as i64).await.status() })).await;
+            n += 1;
+        }
+        n
+    };
+    let changes = async {
+        let mut visible = Vec::new();
+        for k in 0..20 {
+            let name = format!("Change {k}");
+            let target = 1 + (k * 37) % 1000;
+            app.execute_sql(&format!(
+                "UPDATE templates SET name = '{name}' WHERE id = {target}"
+            ))
+            .await;
+            let changed = Instant::now();
+            let answer = || async { app.template(target as i64).await.text().await.unwrap_or_default() };
+            let polled =
+                poll::until(Duration::from_secs(10), Duration::from_millis(5), answer, |body| {
+                    body.contains(&name)
+                })
+                .await;
+            assert!(polled.done, "change {k} never served");
+            visible.push(changed.elapsed());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        visible
+    };
+    let (_, mut visible) = futures_util::future::join(load, changes).await;
+    visible.sort();
+    let (replica_loads, primary_loads) = (loads(app, "replica").await, loads(app, "primary").await);
+    println!(
+        "loads: {replica_loads} by the replica, {primary_loads} by the primary ({:.1} % by the replica)",
+        100.0 * replica_loads / (replica_loads + primary_loads)
+    );
+    println!(
+        "changes served: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (replica apply delay {:?})",
+        visible[visible.len() / 2].as_secs_f64() * 1000.0,
+        visible[visible.len() * 99 / 100].as_secs_f64() * 1000.0,
+        visible[visible.len() - 1].as_secs_f64() * 1000.0,
+        servers::replicated().apply_delay
+    );
+}
