@@ -7,7 +7,7 @@
 # dependency layer is rebuilt only when dependencies change, not on every edit under src/; then it
 # builds the service from the full sources (migrations/ is embedded into the binary at compile
 # time). The repository is a workspace: `--package singleflight` builds the service alone, with
-# the features its own dependencies ask for; the other members (loadtest/, testkit/, promtext/)
+# the features its own dependencies ask for; the other members (launcher/, loadtest/, testkit/, promtext/)
 # are in the context only because cargo reads every member's manifest. `runtime` is a slim Debian with the binary, curl for the HEALTHCHECK, and a non-root user.
 
 FROM rust:1-bookworm AS chef

@@ -305,24 +305,10 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     try_http_get(port, path).unwrap_or_else(|e| panic!("GET :{port}{path}: {e}"))
 }
 
-/// [`http_get`], with a failure (nothing listening, a broken answer) as an error.
+/// [`http_get`], with a failure (nothing listening, a broken answer) as an error: the launcher's
+/// own probe, which the script uses to tell a server is ready.
 fn try_http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut stream = connect(port).map_err(|e| format!("connect: {e}"))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .map_err(|e| format!("send the request: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read the response: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status code in {head:?}"))?;
-    Ok((code, body.to_owned()))
+    testkit::launcher::probe::http_get(port, path)
 }
 
 /// Checks that each server really serves on its port, and that Prometheus scrapes the

@@ -2,6 +2,8 @@
 //!
 //! - [`servers`]: one real PostgreSQL and one Redis per test process, on free loopback ports,
 //!   that die with the process (PostgreSQL run as the `postgres` user when we are root).
+//! - [`launcher`]: how those servers (and the dashboard test's Prometheus) are run and tied to the
+//!   test process: the launcher crate, which `scripts/stack.sh` runs its servers with too.
 //! - [`certs`]: a throwaway CA and certificates, for the TLS variant of the servers.
 //! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
 //! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
@@ -15,6 +17,7 @@
 //! service's `tests/api/support/`, which re-exports these modules. This crate is a
 //! dev-dependency only: `cargo tree -e normal -p singleflight` must never show it.
 
+pub use launcher;
 pub use promtext as prom;
 
 pub mod certs;

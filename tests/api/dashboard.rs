@@ -9,21 +9,20 @@
 //! Also here: the provisioning wiring (datasource uid, time range, refresh) and `promtool check
 //! metrics` on a live `/metrics` scrape.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::launcher::attached::{self, Attached};
+use testkit::launcher::{process, prometheus};
 
 use crate::support::{ports, spawn_app, sum_metric, TestApp};
 
 /// How often the test's Prometheus scrapes (the project's file says 5 s; a test cannot wait that).
 const SCRAPE_INTERVAL: &str = "1s";
-/// The line of the project's `prometheus.yaml` that finds every compose replica through Docker's
-/// DNS; the test (like scripts/stack.sh) replaces it with a static target.
-const COMPOSE_DISCOVERY: &str = r#"dns_sd_configs: [{names: ["app"], type: A, port: 8080}]"#;
 /// Grafana's interval variables, replaced by what Grafana would send for "Last 5 minutes".
 const GRAFANA_VARIABLES: [(&str, &str); 8] = [
     ("${__rate_interval}", "1m"),
@@ -177,13 +176,13 @@ fn dashboard_is_provisioned_as_the_seed_users_expect() {
     }
 }
 
-/// Debian's Prometheus on a free loopback port, with its storage in a temporary directory.
-/// Dropping it kills the process, so a failing test leaves nothing running.
+/// Debian's Prometheus on a free loopback port, with its storage in the test process's directory,
+/// run by the launcher (as `scripts/stack.sh` runs its own). Dropping it stops the process, and it
+/// dies with the test process, so a failing test leaves nothing running.
 struct Prometheus {
-    child: Child,
+    server: Attached,
     url: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -192,59 +191,55 @@ impl Prometheus {
     fn start(target: &str) -> Prometheus {
         let source = repo_file("prometheus.yaml");
         let project_config = fs::read_to_string(&source).expect("prometheus.yaml");
+        // The launcher replaces the compose discovery line with the target (as it does for
+        // scripts/stack.sh) and the project's interval with SCRAPE_INTERVAL.
+        let discovery = prometheus::COMPOSE_DISCOVERY;
         assert!(
-            project_config.contains(COMPOSE_DISCOVERY)
-                && project_config.contains("scrape_interval: 5s"),
-            "prometheus.yaml must find the compose replicas with the line {COMPOSE_DISCOVERY} and \
+            project_config.contains(discovery)
+                && project_config.contains(prometheus::SCRAPE_INTERVAL),
+            "prometheus.yaml must find the compose replicas with the line {discovery} and \
              scrape every 5s (the seed's interval):\n{project_config}"
         );
-        let config = project_config
-            .replace(
-                COMPOSE_DISCOVERY,
-                &format!(r#"static_configs: [{{targets: ["{target}"]}}]"#),
+        assert!(
+            process::find_in_path("prometheus").is_some(),
+            "the `prometheus` binary is not installed; this test runs the real one: \
+             apt-get install prometheus"
+        );
+        let dir = attached::dir("prometheus").expect("a directory for prometheus");
+        let config = dir.join("prometheus.yaml");
+        let scrape = prometheus::Scrape {
+            source: &source,
+            targets: &[target.to_owned()],
+            interval: Some(SCRAPE_INTERVAL),
+            written_by: "tests/api/dashboard.rs",
+        };
+        let text = prometheus::render(&scrape).unwrap_or_else(|e| panic!("prometheus.yaml: {e}"));
+        fs::write(&config, text).expect("write the test's prometheus.yaml");
+        prometheus::check(&config).unwrap_or_else(|e| panic!("the test's prometheus.yaml: {e}"));
+        let log = dir.join("prometheus.log");
+        let (server, running) = attached::start_on_free_port(ports::free_port, &log, |port| {
+            Ok(prometheus::Prometheus {
+                config: config.clone(),
+                data: dir.join("data"),
+                port,
+            })
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start prometheus: {e}\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
             )
-            .replace(
-                "scrape_interval: 5s",
-                &format!("scrape_interval: {SCRAPE_INTERVAL}"),
-            );
-
-        let dir = tempfile::Builder::new()
-            .prefix("singleflight-prometheus-")
-            .tempdir()
-            .expect("a temporary directory");
-        let config_path = dir.path().join("prometheus.yaml");
-        fs::write(&config_path, config).expect("write the test's prometheus.yaml");
-        let log = dir.path().join("prometheus.log");
-        let port = ports::free_port().expect("a free port");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("prometheus log file"))
-            .spawn()
-            .unwrap_or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => panic!(
-                    "the `prometheus` binary is not installed; this test runs the real one: \
-                     apt-get install prometheus"
-                ),
-                _ => panic!("cannot start prometheus: {e}"),
-            });
+        });
         Prometheus {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
+            server: running,
+            url: format!("http://127.0.0.1:{}", server.port),
             log,
-            _dir: dir,
         }
     }
 
     /// Fails the test, with Prometheus's log, if the process has exited.
     fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.server.exited() {
             panic!(
                 "prometheus exited ({status}):\n{}",
                 fs::read_to_string(&self.log).unwrap_or_default()
@@ -308,13 +303,6 @@ impl Prometheus {
     async fn scalar(&self, client: &reqwest::Client, expr: &str) -> Option<f64> {
         let series = self.query(client, expr).await.ok()?;
         series.first()?["value"][1].as_str()?.parse().ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,6 +1,10 @@
 //! `/metrics`: the seed's names, our own, and that scrapes do not count themselves.
 
-use crate::support::{spawn_app, sum_metric};
+use std::time::Duration;
+
+use crate::faults::{postgres_proxy, via};
+use crate::support::fault_proxy::Mode;
+use crate::support::{spawn_app, spawn_app_with, sum_metric};
 
 const SEED_METRICS: [&str; 7] = [
     "http_request_total",
@@ -14,10 +18,15 @@ const SEED_METRICS: [&str; 7] = [
 
 #[actix_rt::test]
 async fn metrics_show_the_seed_names_and_do_not_count_themselves() {
-    let app = spawn_app().await;
-    // Traffic that moves every seed metric: a miss, a hit, a shared load.
+    let proxy = postgres_proxy();
+    let app = spawn_app_with(|s| s.database_url = via(&proxy, &s.database_url)).await;
+    // Traffic that moves every seed metric: a miss, a hit, a shared load. PostgreSQL 50 ms away
+    // per hop: the burst's requests surely arrive while its one load is in the air, however
+    // slowly a loaded machine sends them.
     app.warm_connections(20).await;
+    proxy.set_mode(Mode::Latency(Duration::from_millis(50)));
     let _ = app.burst(10, 20).await;
+    proxy.set_mode(Mode::Pass);
     let _ = app.template(10).await;
 
     let text = app.metrics_text().await;

@@ -1,0 +1,5 @@
+//! The `stack` binary that `scripts/stack.sh` builds and runs (see `launcher::stack`).
+
+fn main() -> std::process::ExitCode {
+    launcher::stack::main()
+}

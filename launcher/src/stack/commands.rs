@@ -1,0 +1,295 @@
+//! The commands: `up`, `start`, `stop`, `status`, `env` (`help` is [`super::USAGE`]).
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use super::settings::DB_NAME;
+use super::{port_holder, say, warn, Failure, Stack};
+use crate::process;
+use crate::prometheus;
+
+impl Stack {
+    /// PostgreSQL, Redis and Prometheus started (or reused), after the checks that need no server:
+    /// Prometheus's port clear of the service's, the packages there, no port held by another
+    /// program.
+    pub(super) fn start_stack(&mut self) -> Result<(), Failure> {
+        if !self.s.fleet() {
+            let target = self.service_target()?;
+            let http_port = target.rsplit(':').next().unwrap_or_default();
+            if http_port == self.s.prom.number.to_string() {
+                return Err(Failure::new(
+                    format!(
+                        "PROM_PORT and the service's HTTP port (HTTP_ADDR={}) are both {}.",
+                        self.s.http_addr.as_deref().unwrap_or("0.0.0.0:8080"),
+                        self.s.prom.number
+                    ),
+                    [format!(
+                        "give Prometheus another port, e.g. PROM_PORT=9090 {}",
+                        self.s.again()
+                    )],
+                ));
+            }
+        }
+        self.ensure_packages()?;
+        self.preflight_ports()?;
+        if self.s.fleet() {
+            self.fleet_preflight_ports()?;
+        }
+        self.pg_start()?;
+        self.redis_start()?;
+        self.prom_start()
+    }
+
+    /// `up`'s first lines: where PostgreSQL, Redis and Prometheus (scraping `targets`) are.
+    pub(super) fn say_where_servers_are(&self, targets: &str) {
+        let env = self.service_env();
+        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
+        say(&format!(
+            "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
+            env[0].1
+        ));
+        say(&format!(
+            "redis     127.0.0.1:{redis}   REDIS_URL={}",
+            env[1].1
+        ));
+        say(&format!("prometheus http://127.0.0.1:{prom}   scrapes {targets} every 5 s (targets: http://127.0.0.1:{prom}/targets)"));
+    }
+
+    /// Fails before anything starts if a port is held by something that is not ours.
+    fn preflight_ports(&self) -> Result<(), Failure> {
+        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
+        if self.pg_running().is_none() && process::port_open(pg) {
+            return Err(self.port_taken("postgres", pg, "PG_PORT"));
+        }
+        if self.redis().pid().is_none() && process::port_open(redis) {
+            return Err(self.port_taken("redis", redis, "REDIS_PORT"));
+        }
+        if self.prom().pid().is_none() && process::port_open(prom) {
+            return Err(self.port_taken("prometheus", prom, "PROM_PORT"));
+        }
+        Ok(())
+    }
+
+    /// `start`: the servers in the background (with a fleet, the replicas and HAProxy too), and
+    /// where they are.
+    pub(super) fn start(&mut self) -> Result<ExitCode, Failure> {
+        self.start_stack()?;
+        if self.s.fleet() {
+            let binary = self.service_binary()?;
+            // Dropped: the daemons outlive this command.
+            self.fleet_start(&binary, &mut Vec::new())?;
+        }
+        let targets = self.service_targets()?.join(" ");
+        let (l, me) = (&self.s.layout, &self.s.me);
+        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
+        say("ready:");
+        say(&format!(
+            "  postgres  127.0.0.1:{pg}  db '{DB_NAME}', user postgres (trust)  data {}",
+            l.pg_data
+        ));
+        say(&format!(
+            "  redis     127.0.0.1:{redis}  dir {}",
+            l.redis_dir
+        ));
+        say(&format!("  prometheus http://127.0.0.1:{prom}  scrapes the service at {targets} every 5 s  data {}", l.prom_data));
+        if self.s.fleet() {
+            let lb = self.s.lb_port;
+            say(&format!(
+                "  haproxy   http://127.0.0.1:{lb}  round robin over {} replicas (127.0.0.1:{}-{}), logs in {}",
+                self.s.replicas,
+                self.s.replica_base_port,
+                self.s.replica_port(self.s.replicas),
+                l.app_dir
+            ));
+            say(&format!(
+                "try:       curl 'http://localhost:{lb}/template-details?id=1'"
+            ));
+        } else {
+            say(&format!(
+                "to point the service (or tests) at it:  eval \"$({me} env)\""
+            ));
+        }
+        say(&format!("stop it with: {me} stop"));
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `stop`: the fleet (if one runs), PostgreSQL (fast shutdown), Redis and Prometheus; fine if
+    /// they are stopped already.
+    pub(super) fn stop(&mut self) -> Result<ExitCode, Failure> {
+        if self.s.fleet() || self.fleet_started() {
+            self.fleet_stop()?;
+        }
+        self.pg_stop()?;
+        self.redis_stop()?;
+        self.prom_stop()?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `status`: running or not, pid, port, data directory and log of each server.
+    pub(super) fn status(&mut self) -> Result<ExitCode, Failure> {
+        self.find_pg_bins();
+        let l = &self.s.layout;
+        let not_running = |name: &str, port: u16| {
+            println!("{name} not running (port {port} when started)");
+            if process::port_open(port) {
+                let holder = port_holder(port).into_iter().next().unwrap_or_default();
+                println!("          note: port {port} is in use by something else: {holder}");
+            }
+        };
+        match self.pg_running() {
+            Some((pid, port)) => {
+                let port = port.map(|p| p.to_string()).unwrap_or_default();
+                println!("postgres: running, pid {pid}, port {port} (127.0.0.1)");
+            }
+            None => not_running("postgres:", self.s.pg.number),
+        }
+        if Path::new(&l.pg_data).exists() {
+            println!("          data dir: {}", l.pg_data);
+        } else if self.pg_unreadable() {
+            println!(
+                "          data dir: {} (not readable by you; try: sudo {} status)",
+                l.pg_data, self.s.me
+            );
+        } else {
+            println!("          data dir: {} (not created yet)", l.pg_data);
+        }
+        println!("          log file: {}", l.pg_log);
+        let bins = self.pg_bins.as_ref();
+        let bins = bins.map_or("not installed".to_owned(), |b| b.dir.display().to_string());
+        println!("          binaries: {bins}");
+        let redis = self.redis();
+        match redis.pid() {
+            Some(pid) => println!(
+                "redis:    running, pid {pid}, port {} (127.0.0.1)",
+                redis.port().unwrap_or(self.s.redis.number)
+            ),
+            None => not_running("redis:   ", self.s.redis.number),
+        }
+        println!("          data dir: {}", l.redis_dir);
+        println!("          log file: {}", l.redis_log);
+        println!("          pid file: {}", l.redis_pid);
+        let prom = self.prom();
+        match prom.pid() {
+            Some(pid) => {
+                let port = prom.port().unwrap_or(self.s.prom.number);
+                println!("prometheus: running, pid {pid}, port {port} (127.0.0.1), http://127.0.0.1:{port}/targets");
+                let target = std::fs::read_to_string(&l.prom_target)
+                    .map(|t| t.trim_end_matches('\n').to_owned())
+                    .unwrap_or_else(|_| "unknown".to_owned());
+                println!(
+                    "          scrapes: {target} every 5 s, {}",
+                    prometheus::target_health(port)
+                );
+            }
+            None => not_running("prometheus:", self.s.prom.number),
+        }
+        println!("          data dir: {}", l.prom_data);
+        println!("          log file: {}", l.prom_log);
+        println!(
+            "          config:   {} (from {})",
+            l.prom_config, l.prom_source
+        );
+        if self.s.fleet() || self.fleet_started() {
+            self.fleet_status();
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `env`: export lines for the running stack (its running ports), with a warning for what
+    /// does not run.
+    pub(super) fn env(&mut self) -> Result<ExitCode, Failure> {
+        let mut down = Vec::new();
+        if let Some((_, port)) = self.pg_running() {
+            if let Some(port) = port {
+                self.s.pg.number = port;
+            }
+        } else if self.pg_unreadable() {
+            warn(&format!(
+                "warning: cannot inspect {} as {}; assuming PG_PORT={} (sudo {} env shows the real one)",
+                self.s.layout.pg_dir,
+                super::own_name(),
+                self.s.pg.number,
+                self.s.me
+            ));
+        } else {
+            down.push("postgres");
+        }
+        let redis = self.redis();
+        if redis.pid().is_some() {
+            self.s.redis.number = redis.port().unwrap_or(self.s.redis.number);
+        } else {
+            down.push("redis");
+        }
+        if !down.is_empty() {
+            warn(&format!(
+                "warning: not running: {} (start with: {} start)",
+                down.join(" "),
+                self.s.me
+            ));
+        }
+        for (name, value) in &self.service_env()[..2] {
+            println!("export {name}={value}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `up`: the servers, then the service in the foreground (`cargo run --release`), which
+    /// replaces this process; with a fleet, [`Stack::up_fleet`].
+    pub(super) fn up(&mut self) -> Result<ExitCode, Failure> {
+        if self.s.fleet() {
+            return self.up_fleet();
+        }
+        // The service's own default is 0.0.0.0:8080.
+        let addr = self
+            .s
+            .http_addr
+            .clone()
+            .unwrap_or_else(|| "0.0.0.0:8080".to_owned());
+        let (http_host, http_port) = match addr.rsplit_once(':') {
+            Some((host, port)) => (host.to_owned(), port.to_owned()),
+            None => (addr.clone(), addr.clone()),
+        };
+        let numeric = !http_port.is_empty() && http_port.bytes().all(|b| b.is_ascii_digit());
+        if let Some(port) = http_port.parse::<u16>().ok().filter(|p| numeric && *p != 0) {
+            if process::port_open(port) {
+                return Err(Failure::new(
+                    format!("port {port} (for the service's HTTP server) is already in use."),
+                    [
+                        port_holder(port).into_iter().next().unwrap_or_default(),
+                        format!(
+                            "stop whatever holds it (an earlier 'stack.sh up'?), or choose another address, e.g.: HTTP_ADDR=0.0.0.0:{} {} up",
+                            u32::from(port) + 1,
+                            self.s.me
+                        ),
+                    ],
+                ));
+            }
+        }
+        self.start_stack()?;
+        let (shown_host, curl_host) = match http_host.as_str() {
+            "0.0.0.0" | "[::]" | "" | "127.0.0.1" | "localhost" => ("127.0.0.1", "localhost"),
+            other => (other, other),
+        };
+        let me = &self.s.me;
+        self.say_where_servers_are(&self.service_target()?);
+        say(&format!(
+            "service   http://{shown_host}:{http_port}   (HTTP_ADDR={}, RUST_LOG={})",
+            self.s
+                .http_addr
+                .as_deref()
+                .unwrap_or("<service default 0.0.0.0:8080>"),
+            self.rust_log()
+        ));
+        say(&format!(
+            "try:      curl 'http://{curl_host}:{http_port}/template-details?id=1'"
+        ));
+        say(&format!("building and running the service (cargo run --release); Ctrl-C stops it; PostgreSQL, Redis and Prometheus keep running ('{me} stop' stops them)"));
+        let error = Command::new("cargo")
+            .args(["run", "--release", "--bin", "singleflight"])
+            .current_dir(&self.s.root)
+            .envs(self.service_env())
+            .exec();
+        Err(Failure::new(format!("cannot run cargo: {error}"), []))
+    }
+}
