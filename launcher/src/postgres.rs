@@ -17,12 +17,11 @@
 //! may not exist or not be writable for us), and are ready when `pg_isready` says so.
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{self, Error, Server, Signal, StopStep, User, SIGINT, SIGQUIT};
+use crate::process::{self, run_as, Error, Server, Signal, StopStep, User, SIGINT, SIGQUIT};
 
 /// Where Debian installs each major version: `/usr/lib/postgresql/<version>/bin`. Debian does not
 /// put `initdb` or `postgres` on `PATH`, hence no `PATH` search.
@@ -221,13 +220,6 @@ pub fn tls_settings(cert: &Path, key: &Path) -> Vec<String> {
         format!("ssl_cert_file={}", cert.display()),
         format!("ssl_key_file={}", key.display()),
     ]
-}
-
-/// Runs `command` as `user` (gid first, as std does; uid alone would leave us in root's group).
-fn run_as(command: &mut Command, user: Option<User>) {
-    if let Some(user) = user {
-        command.gid(user.gid).uid(user.uid);
-    }
 }
 
 /// The postmaster of `data` if it runs: its pid and the port it listens on, from
