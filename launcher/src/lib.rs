@@ -1,14 +1,14 @@
 //! The one launcher of singleflight's native servers: `scripts/stack.sh` (through the `stack`
-//! binary) and the tests (through the test kit) start PostgreSQL, Redis, Prometheus,
-//! HAProxy, PgBouncer and replicas of the service with this crate, so that what it takes to run
-//! each server is written once.
+//! binary) and the tests (through the test kit) start PostgreSQL (and streaming replicas of it),
+//! Redis, Prometheus, HAProxy, PgBouncer and replicas of the service with this crate, so that
+//! what it takes to run each server is written once.
 //!
 //! # What is where
 //!
 //! - One module a server, holding everything about it that does not depend on who runs it:
 //!   [`postgres`] (its binaries, `initdb`'s flags, the settings, running as the `postgres` user
-//!   when we are root, `pg_isready`, the stale lock files of a crash, creating a database, TLS),
-//!   [`redis`] (its command line,
+//!   when we are root, `pg_isready`, the stale lock files of a crash, creating a database, TLS,
+//!   streaming replicas that apply the WAL late), [`redis`] (its command line,
 //!   `PING`/`INFO`/`SHUTDOWN` over RESP, TLS), [`prometheus`] (the scrape config rendered from the
 //!   project's `prometheus.yaml`, `promtool`, `/-/ready`, the targets' health), [`haproxy`] (its
 //!   configuration in front of the replicas, `haproxy -c`), [`pgbouncer`] (transaction mode in
