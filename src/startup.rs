@@ -165,7 +165,10 @@ fn replica_settings(
             let postgres = PgConnector::new(url, ca).map_err(|e| {
                 StartupError::DatabaseUrl(e.replace("DATABASE_URL", "DATABASE_READ_URL"))
             })?;
-            Ok(DbSettings::new(settings, postgres, metrics))
+            Ok(DbSettings {
+                replica: true,
+                ..DbSettings::new(settings, postgres, metrics)
+            })
         })
         .collect()
 }

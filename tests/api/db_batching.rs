@@ -30,6 +30,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
             query_timeout: Duration::from_secs(1),
             batch_max: 100,
             sessions: Sessions::new(Pooler::None, &metrics),
+            replica: false,
         },
         Vec::new(),
         metrics.clone(),

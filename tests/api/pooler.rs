@@ -50,8 +50,10 @@ async fn in_transaction_mode_a_cold_burst_a_stampede_and_changes_all_work_throug
 
     for n in 0..5 {
         let name = format!("Changed through the pooler {n}");
-        app.execute_sql(&format!("UPDATE templates SET name = '{name}' WHERE id = 901"))
-            .await;
+        app.execute_sql(&format!(
+            "UPDATE templates SET name = '{name}' WHERE id = 901"
+        ))
+        .await;
         let answer = || async { app.template(901).await.text().await.unwrap_or_default() };
         let polled = poll::until(
             Duration::from_secs(1),
@@ -60,9 +62,17 @@ async fn in_transaction_mode_a_cold_burst_a_stampede_and_changes_all_work_throug
             |body| body.contains(&name),
         )
         .await;
-        assert!(polled.done, "update {n} not served within 1 s: {}", polled.last);
+        assert!(
+            polled.done,
+            "update {n} not served within 1 s: {}",
+            polled.last
+        );
     }
-    assert_eq!(app.metric("listener_hearing").await, 1.0, "the listener hears");
+    assert_eq!(
+        app.metric("listener_hearing").await,
+        1.0,
+        "the listener hears"
+    );
 }
 
 /// `DATABASE_POOLER=auto` (the default) finds the pooler by itself, from a load that fails as
@@ -101,7 +111,10 @@ async fn through_a_pooler_without_a_listen_url_the_listener_is_deaf_and_says_wha
     .await;
     let listener = || async {
         let body: serde_json::Value = app.get("/readyz").await.json().await.expect("JSON");
-        body["checks"]["listener"].as_str().unwrap_or_default().to_owned()
+        body["checks"]["listener"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     };
     let polled = poll::until(
         Duration::from_secs(15),
@@ -111,7 +124,11 @@ async fn through_a_pooler_without_a_listen_url_the_listener_is_deaf_and_says_wha
     )
     .await;
     assert!(polled.done, "never found deaf: {}", polled.last);
-    assert!(polled.last.contains("DATABASE_LISTEN_URL"), "{}", polled.last);
+    assert!(
+        polled.last.contains("DATABASE_LISTEN_URL"),
+        "{}",
+        polled.last
+    );
 
     assert_eq!(app.template(902).await.status(), 200);
     app.execute_sql("UPDATE templates SET name = 'Seen though deaf' WHERE id = 902")

@@ -34,7 +34,8 @@ async fn replicated_database() -> (String, String) {
         .expect("create the database");
     let primary = pair.primary_url(&name);
     seed_demo(&primary).await;
-    pair.wait_replayed(Duration::from_secs(30));
+    pair.wait_replayed(Duration::from_secs(30))
+        .expect("the replica replays");
     (primary, pair.replica_url(&name))
 }
 
@@ -61,9 +62,12 @@ async fn loads(app: &TestApp, target: &str) -> f64 {
 /// Waits until the service has read the replica's replayed position once (it is healthy).
 async fn replica_healthy(app: &TestApp) {
     let healthy = || async { app.metric("db_replica_healthy").await };
-    let polled = poll::until(Duration::from_secs(10), Duration::from_millis(50), healthy, |h| {
-        *h == 1.0
-    })
+    let polled = poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        healthy,
+        |h| *h == 1.0,
+    )
     .await;
     assert!(polled.done, "the replica never answered its health check");
 }
@@ -75,9 +79,14 @@ async fn loads_go_to_the_replica_and_a_change_is_read_from_the_primary_until_rep
     replica_healthy(&app).await;
 
     let app = &app;
-    let statuses = join_all((1..=50).map(|id| async move { app.template(id).await.status() })).await;
+    let statuses =
+        join_all((1..=50).map(|id| async move { app.template(id).await.status() })).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert_eq!(loads(&app, "replica").await, 50.0, "every cold load read the replica");
+    assert_eq!(
+        loads(&app, "replica").await,
+        50.0,
+        "every cold load read the replica"
+    );
 
     // A change: the replica applies it 2 s late, yet it is served within a second, read from
     // the primary, while the replica itself still has the old row.
@@ -85,23 +94,37 @@ async fn loads_go_to_the_replica_and_a_change_is_read_from_the_primary_until_rep
     app.execute_sql("UPDATE templates SET name = 'Changed on the primary' WHERE id = 7")
         .await;
     let answer = || async { app.template(7).await.text().await.unwrap_or_default() };
-    let polled = poll::until(Duration::from_secs(1), Duration::from_millis(20), answer, |body| {
-        body.contains("Changed on the primary")
-    })
+    let polled = poll::until(
+        Duration::from_secs(1),
+        Duration::from_millis(20),
+        answer,
+        |body| body.contains("Changed on the primary"),
+    )
     .await;
     assert!(polled.done, "not served within 1 s: {}", polled.last);
     let on_replica = replica_name(&replica, 7).await;
     if changed.elapsed() < servers::replicated().apply_delay {
-        assert_ne!(on_replica, "Changed on the primary", "the replica is behind");
+        assert_ne!(
+            on_replica, "Changed on the primary",
+            "the replica is behind"
+        );
     }
-    assert!(loads(&app, "primary").await >= 1.0, "the changed key read the primary");
+    assert!(
+        loads(&app, "primary").await >= 1.0,
+        "the changed key read the primary"
+    );
 
     // Once the replica has replayed the change, its key goes back to the replica.
-    servers::replicated().wait_replayed(Duration::from_secs(30));
+    servers::replicated()
+        .wait_replayed(Duration::from_secs(30))
+        .expect("the replica replays");
     let unpinned = || async { app.metric("db_pinned_keys").await };
-    let polled = poll::until(Duration::from_secs(5), Duration::from_millis(50), unpinned, |n| {
-        *n == 0.0
-    })
+    let polled = poll::until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        unpinned,
+        |n| *n == 0.0,
+    )
     .await;
     assert!(polled.done, "{} keys still pinned", polled.last);
 }
@@ -146,9 +169,12 @@ async fn a_replica_that_goes_away_sends_its_loads_to_the_primary_and_nothing_fai
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert!(loads(&app, "primary").await > 0.0);
     let unhealthy = || async { app.metric("db_replica_healthy").await };
-    let polled = poll::until(Duration::from_secs(5), Duration::from_millis(50), unhealthy, |h| {
-        *h == 0.0
-    })
+    let polled = poll::until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        unhealthy,
+        |h| *h == 0.0,
+    )
     .await;
     assert!(polled.done, "the replica is still taken as healthy");
 }
@@ -174,7 +200,7 @@ async fn replica_figures() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let load = async {
         let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
+        while !std::sync::atomic::AtomicBool::load(&stop, Ordering::Relaxed) {
             let ids = (0..20).map(|k| 1 + ((n * 20 + k) * 7919) % 1000);
             join_all(ids.map(|id| async move { app.template(id as i64).await.status() })).await;
             n += 1;
@@ -191,12 +217,20 @@ async fn replica_figures() {
             ))
             .await;
             let changed = Instant::now();
-            let answer = || async { app.template(target as i64).await.text().await.unwrap_or_default() };
-            let polled =
-                poll::until(Duration::from_secs(10), Duration::from_millis(5), answer, |body| {
-                    body.contains(&name)
-                })
-                .await;
+            let answer = || async {
+                app.template(target as i64)
+                    .await
+                    .text()
+                    .await
+                    .unwrap_or_default()
+            };
+            let polled = poll::until(
+                Duration::from_secs(10),
+                Duration::from_millis(5),
+                answer,
+                |body| body.contains(&name),
+            )
+            .await;
             assert!(polled.done, "change {k} never served");
             visible.push(changed.elapsed());
             tokio::time::sleep(Duration::from_millis(300)).await;

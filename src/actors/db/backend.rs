@@ -48,6 +48,9 @@ impl Backend {
             // Broken connections are found without a round trip (see `query::checkout`); a test
             // query per checkout would double the round trips of every load.
             .test_on_check_out(false)
+            // A replica whose connections fail is skipped at once (its loads go to the
+            // primary); bb8 would retry the connect until its timeout.
+            .retry_connection(!settings.replica)
             .build_unchecked(manager);
         Backend {
             name,

@@ -177,12 +177,16 @@ pub struct DbSettings {
     pub batch_max: usize,
     /// Whether loads run in transactions of their own (a transaction-mode pooler).
     pub sessions: Sessions,
+    /// A read replica's: a load that finds no connection, or whose query fails, goes to the
+    /// primary at once instead of waiting or failing (see [`replicas`]).
+    pub replica: bool,
 }
 
 impl DbSettings {
     pub fn new(s: &Settings, postgres: PgConnector, metrics: &Metrics) -> Self {
         DbSettings {
             sessions: Sessions::new(s.database_pooler, metrics),
+            replica: false,
             postgres,
             pool_size: s.db_pool_size,
             min_idle: s.db_pool_min_idle,
@@ -277,10 +281,8 @@ impl DbActor {
             let backend = self.backend(target);
             let (pool, settings) = (backend.pool.clone(), backend.settings.clone());
             let reach = backend.reach.clone();
-            let give_back = target != Target::Primary;
-            let query = async move {
-                query::run_batch(&pool, &settings, &metrics, &reach, batch, give_back).await
-            };
+            let query =
+                async move { query::run_batch(&pool, &settings, &metrics, &reach, batch).await };
             ctx.spawn(query.into_actor(self).map(move |given_back, actor, ctx| {
                 actor.backend(target).in_flight -= 1;
                 if let (Some(batch), Target::Replica(i)) = (given_back, target) {

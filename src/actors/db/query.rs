@@ -27,6 +27,9 @@ use crate::template::Template;
 
 pub(super) type PgPool = Pool<AsyncPgConnection>;
 
+/// How long a load waits for a connection of a read replica before the primary takes it.
+const REPLICA_PATIENCE: Duration = Duration::from_millis(250);
+
 /// How long a checkout pauses after a connection attempt failed before it asks the pool again
 /// (the pool then tries again to connect).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -176,10 +179,18 @@ async fn load(
 /// database is known to be down, and the moment it goes down.
 async fn checkout<'a>(
     pool: &'a PgPool,
+    settings: &DbSettings,
     reach: &Reachability,
     deadline: Instant,
 ) -> Result<PooledConnection<'a, AsyncPgConnection>, DbError> {
     let asked = Instant::now();
+    // A replica's loads do not wait long for a connection: a healthy replica has one free for
+    // every batch it is given, so a wait means its connections are being replaced, and the
+    // primary takes the loads.
+    let deadline = match settings.replica {
+        true => deadline.min(asked + REPLICA_PATIENCE),
+        false => deadline,
+    };
     loop {
         if let Some(why) = reach.down() {
             return Err(DbError::Unavailable(why));
@@ -195,6 +206,10 @@ async fn checkout<'a>(
             Ok(Err(bb8::RunError::TimedOut)) => continue,
             // A connection attempt failed (its evidence is recorded): a full server is waited
             // for like a busy pool; a down one releases this wait as soon as a probe confirms it.
+            // A replica's loads do not wait for it: the primary takes them.
+            Ok(Err(bb8::RunError::User(_))) if settings.replica => {
+                return Err(DbError::Unavailable(Evidence::Unreachable));
+            }
             Ok(Err(bb8::RunError::User(_))) => {
                 let pause = tokio::time::sleep_until((Instant::now() + RETRY_PAUSE).into());
                 tokio::select! {
@@ -215,15 +230,14 @@ async fn checkout<'a>(
 }
 
 /// Sends one query for every load of `batch` still within its deadline, and answers each with
-/// its own row — or, if the query failed, with its error, unless `give_back` (a replica's
-/// batch): then the loads still within their deadline come back, to be sent elsewhere.
+/// its own row — or, if the query failed, with its error, unless this is a replica's batch:
+/// then the loads still within their deadline come back, to be sent to the primary.
 pub(super) async fn run_batch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
     reach: &Reachability,
     batch: Vec<Waiting>,
-    give_back: bool,
 ) -> Option<Vec<Waiting>> {
     let now = Instant::now();
     let (live, late): (Vec<Waiting>, Vec<Waiting>) =
@@ -247,7 +261,7 @@ pub(super) async fn run_batch(
                 let _ = waiting.reply.send(Ok(row));
             }
         }
-        Err(e) if give_back => {
+        Err(e) if settings.replica => {
             log::warn!("a read replica failed a load ({e}); the primary takes it");
             let now = Instant::now();
             return Some(live.into_iter().filter(|w| w.deadline > now).collect());
@@ -272,7 +286,7 @@ async fn fetch(
     ids: &[i64],
     deadline: Instant,
 ) -> Result<HashMap<i64, Template>, DbError> {
-    let mut conn = checkout(pool, reach, deadline).await?;
+    let mut conn = checkout(pool, settings, reach, deadline).await?;
     metrics.db_hits_total.inc();
     metrics.db_keys_per_query.observe(ids.len() as f64);
     let left = deadline.saturating_duration_since(Instant::now());
@@ -335,7 +349,7 @@ pub(super) async fn notify(
     payload: &str,
 ) -> Result<(), DbError> {
     let deadline = Instant::now() + settings.query_timeout;
-    let mut conn = checkout(pool, reach, deadline).await?;
+    let mut conn = checkout(pool, settings, reach, deadline).await?;
     let (channel, payload) = (channel.to_owned(), payload.to_owned());
     let notify = move || {
         diesel::sql_query("SELECT pg_notify($1, $2)")
@@ -376,7 +390,7 @@ pub(super) async fn position(
     sql: &'static str,
 ) -> Result<Lsn, DbError> {
     let deadline = Instant::now() + settings.query_timeout;
-    let mut conn = checkout(pool, reach, deadline).await?;
+    let mut conn = checkout(pool, settings, reach, deadline).await?;
     let in_transaction = settings.sessions.in_transactions();
     let read = async {
         in_session!(&mut conn, in_transaction, Writes::No, |c| {
