@@ -83,7 +83,7 @@ async fn loads_go_to_the_replica_and_a_change_is_read_from_the_primary_until_rep
         join_all((1..=50).map(|id| async move { app.template(id).await.status() })).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(
-        loads(&app, "replica").await,
+        loads(app, "replica").await,
         50.0,
         "every cold load read the replica"
     );
@@ -110,7 +110,7 @@ async fn loads_go_to_the_replica_and_a_change_is_read_from_the_primary_until_rep
         );
     }
     assert!(
-        loads(&app, "primary").await >= 1.0,
+        loads(app, "primary").await >= 1.0,
         "the changed key read the primary"
     );
 
@@ -167,7 +167,7 @@ async fn a_replica_that_goes_away_sends_its_loads_to_the_primary_and_nothing_fai
     let statuses =
         join_all((100..=199).map(|id| async move { app.template(id).await.status() })).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert!(loads(&app, "primary").await > 0.0);
+    assert!(loads(app, "primary").await > 0.0);
     let unhealthy = || async { app.metric("db_replica_healthy").await };
     let polled = poll::until(
         Duration::from_secs(5),
