@@ -6,6 +6,9 @@
 //! With `REPLICAS=3`, `up` runs a fleet in the foreground: three replicas of the service behind
 //! HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy and the replicas.
 //!
+//! With `POOLER=pgbouncer`, PgBouncer runs in front of PostgreSQL: `status` reports it, `env`
+//! points `DATABASE_URL` through it and `DATABASE_LISTEN_URL` past it, and `stop` stops it.
+//!
 //! Every script run is bounded in time, and a guard runs `stop` when the test ends, however it
 //! ends, so no server outlives the test.
 
@@ -39,6 +42,8 @@ struct Stack {
     http_port: u16,
     /// `REPLICAS=3` and the ports that go with it; `None` for the service alone (`HTTP_ADDR`).
     fleet: Option<Fleet>,
+    /// `POOLER=pgbouncer` on this port; `None`: no pooler.
+    pgbouncer_port: Option<u16>,
 }
 
 /// A fleet: `replicas` replicas on `base_port..base_port + replicas`, HAProxy on `lb_port`.
@@ -92,7 +97,21 @@ impl Stack {
             prom_port,
             http_port,
             fleet: None,
+            pgbouncer_port: None,
         }
+    }
+
+    /// A stack whose `start` runs PgBouncer in front of PostgreSQL too.
+    fn with_pgbouncer() -> Self {
+        let mut stack = Stack::new();
+        let taken = [
+            stack.pg_port,
+            stack.redis_port,
+            stack.prom_port,
+            stack.http_port,
+        ];
+        stack.pgbouncer_port = Some(free_port_run(1, &taken));
+        stack
     }
 
     /// A stack whose `up` and `start` run `replicas` replicas behind HAProxy (on the port that
@@ -131,15 +150,21 @@ impl Stack {
             .env("PG_PORT", self.pg_port.to_string())
             .env("REDIS_PORT", self.redis_port.to_string())
             .env("PROM_PORT", self.prom_port.to_string())
+            // The binary this test run built, for the fleet: no release build inside a test.
+            .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
             .stdin(Stdio::null());
+        match self.pgbouncer_port {
+            Some(port) => cmd
+                .env("POOLER", "pgbouncer")
+                .env("PGBOUNCER_PORT", port.to_string()),
+            None => cmd.env_remove("POOLER"),
+        };
         match self.fleet {
             Some(fleet) => {
                 cmd.env_remove("HTTP_ADDR")
                     .env("REPLICAS", fleet.replicas.to_string())
                     .env("LB_PORT", fleet.lb_port.to_string())
                     .env("REPLICA_BASE_PORT", fleet.base_port.to_string())
-                    // The binary this test run built: no release build inside a test.
-                    .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
                     .env("RUST_LOG", "warn");
             }
             None => {
@@ -196,9 +221,13 @@ impl Stack {
         run
     }
 
-    /// The servers `status` reports on: with a fleet, also `haproxy` and `replica-<i>`.
+    /// The servers `status` reports on: with a fleet, also `haproxy` and `replica-<i>`; with a
+    /// pooler, also `pgbouncer`.
     fn servers(&self) -> Vec<String> {
         let mut servers: Vec<String> = SERVERS.iter().map(|s| s.to_string()).collect();
+        if self.pgbouncer_port.is_some() {
+            servers.push("pgbouncer".into());
+        }
         if let Some(fleet) = self.fleet {
             servers.push("haproxy".into());
             servers.extend((1..=fleet.replicas).map(|i| format!("replica-{i}")));
@@ -242,6 +271,9 @@ impl Stack {
     fn port_of(&self, server: &str) -> u16 {
         match (server, self.fleet) {
             ("postgres", _) => self.pg_port,
+            ("pgbouncer", _) => self
+                .pgbouncer_port
+                .unwrap_or_else(|| panic!("no pgbouncer without POOLER")),
             ("redis", _) => self.redis_port,
             ("prometheus", _) => self.prom_port,
             ("haproxy", Some(fleet)) => fleet.lb_port,
@@ -594,4 +626,62 @@ fn replicas_run_behind_haproxy_and_stop_on_sigterm() {
 
     stack.run("stop", OTHER_LIMIT).expect_success("stop");
     assert!(stack.running().is_empty(), "stop stops every server");
+}
+
+#[test]
+fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
+    let stack = Stack::with_pgbouncer();
+    let pgbouncer = stack.pgbouncer_port.expect("a PgBouncer port");
+    let started = stack.run("start", START_LIMIT).expect_success("start");
+    assert!(
+        started.stdout.contains("pgbouncer: started (pid "),
+        "start says it started PgBouncer:\n{}",
+        started.stdout
+    );
+    let pids = stack.running();
+    assert_eq!(
+        pids.len(),
+        4,
+        "PgBouncer runs beside the three servers: {pids:?}"
+    );
+
+    // `env` sends the service through PgBouncer, and LISTEN straight to PostgreSQL.
+    let env = stack.run("env", OTHER_LIMIT).expect_success("env");
+    for line in [
+        format!("export DATABASE_URL=postgres://postgres@127.0.0.1:{pgbouncer}/singleflight"),
+        format!(
+            "export DATABASE_LISTEN_URL=postgres://postgres@127.0.0.1:{}/singleflight",
+            stack.pg_port
+        ),
+        "export DATABASE_POOLER=transaction".to_owned(),
+    ] {
+        assert!(
+            env.stdout.lines().any(|l| l == line),
+            "`env` prints {line:?}:\n{}",
+            env.stdout
+        );
+    }
+    connect(pgbouncer).expect("PgBouncer accepts TCP connections");
+
+    // A second start reuses it; stop stops it.
+    let again = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (again)");
+    assert_eq!(
+        count(&again.stdout, "already running"),
+        4,
+        "every server is reused:\n{}",
+        again.stdout
+    );
+    assert_eq!(
+        stack.running(),
+        pids,
+        "a second start keeps the same processes"
+    );
+    stack.run("stop", OTHER_LIMIT).expect_success("stop");
+    assert!(stack.running().is_empty(), "stop stops every server");
+    assert!(
+        connect(pgbouncer).is_err(),
+        "PgBouncer's port is closed after stop"
+    );
 }
