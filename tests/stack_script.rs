@@ -3,8 +3,11 @@
 //! then `status`, a second `start` that must reuse the same processes, `stop`, `start` again and
 //! `stop`. A port held by something else must stop `start` before it starts anything.
 //!
-//! With `REPLICAS=3`, `up` runs a fleet in the foreground: three replicas of the service behind
-//! HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy and the replicas.
+//! `seed` loads the demo templates into the running stack, once however often it runs.
+//!
+//! With `REPLICAS=3`, `up` loads the demo templates, then runs a fleet in the foreground: three
+//! replicas of the service behind HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy
+//! and the replicas.
 //!
 //! With `POOLER=pgbouncer`, PgBouncer runs in front of PostgreSQL: `status` reports it, `env`
 //! points `DATABASE_URL` through it and `DATABASE_LISTEN_URL` past it, and `stop` stops it.
@@ -22,6 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use testkit::launcher::probe::PgConnection;
 
 /// A first `start` may run `initdb`; on a machine without the packages it installs them first.
 const START_LIMIT: Duration = Duration::from_secs(300);
@@ -150,7 +155,8 @@ impl Stack {
             .env("PG_PORT", self.pg_port.to_string())
             .env("REDIS_PORT", self.redis_port.to_string())
             .env("PROM_PORT", self.prom_port.to_string())
-            // The binary this test run built, for the fleet: no release build inside a test.
+            // The binary this test run built, for the fleet and `seed`: no release build inside
+            // a test.
             .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
             .stdin(Stdio::null());
         match self.pgbouncer_port {
@@ -393,6 +399,33 @@ fn assert_servers_answer(stack: &Stack) {
     }
 }
 
+/// How many templates the stack's database holds, asked on `port` (PostgreSQL or PgBouncer).
+fn templates(port: u16) -> String {
+    let mut db = PgConnection::connect(port, "postgres", "singleflight")
+        .unwrap_or_else(|e| panic!("connect to the stack's database on :{port}: {e}"));
+    db.value("SELECT count(*) FROM templates")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_default()
+}
+
+/// Runs `seed` and checks that it said so and that the demo templates are there, once.
+fn assert_seeds(stack: &Stack, port: u16) {
+    for run in ["seed", "seed (again)"] {
+        let seeded = stack.run("seed", START_LIMIT).expect_success(run);
+        assert_eq!(
+            count(&seeded.stdout, "stack: demo data: "),
+            1,
+            "`{run}` says what it does:\n{}",
+            seeded.stdout
+        );
+        assert_eq!(
+            templates(port),
+            "1200",
+            "the demo templates, once, after `{run}`"
+        );
+    }
+}
+
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -447,6 +480,12 @@ fn stack_starts_reuses_stops_and_starts_again() {
         );
     }
     assert_servers_answer(&stack);
+    assert!(
+        !first.stdout.contains("demo data"),
+        "`start` leaves the demo data to `seed`:\n{}",
+        first.stdout
+    );
+    assert_seeds(&stack, stack.pg_port);
 
     // Second start: the same processes, reused.
     let again = stack
@@ -574,6 +613,17 @@ fn replicas_run_behind_haproxy_and_stop_on_sigterm() {
         let (code, body) = http_get(port, "/readyz");
         assert_eq!(code, 200, "replica :{port} is ready: {body}");
     }
+    let started = fs::read_to_string(&out_path).unwrap_or_default();
+    let demo = started
+        .find("stack: demo data: ")
+        .unwrap_or_else(|| panic!("`up` says it loads the demo data\n{}", output()));
+    assert!(
+        started
+            .find("replica 1: starting")
+            .is_some_and(|replica| demo < replica),
+        "the demo data is loaded before replica 1 starts\n{}",
+        output()
+    );
 
     // Round robin: a few more requests reach every replica.
     for _ in 0..(2 * fleet.replicas) {
@@ -661,7 +711,8 @@ fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
             env.stdout
         );
     }
-    connect(pgbouncer).expect("PgBouncer accepts TCP connections");
+    // The demo templates go in with the stack's settings; PgBouncer serves them.
+    assert_seeds(&stack, pgbouncer);
 
     // A second start reuses it; stop stops it.
     let again = stack

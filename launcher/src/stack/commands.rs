@@ -1,8 +1,8 @@
-//! The commands: `up`, `start`, `stop`, `status`, `env` (`help` is [`super::USAGE`]).
+//! The commands: `up`, `start`, `stop`, `status`, `env`, `seed` (`help` is [`super::USAGE`]).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 use super::settings::DB_NAME;
 use super::{port_holder, say, warn, Failure, Stack};
@@ -290,6 +290,47 @@ impl Stack {
         down
     }
 
+    /// `seed`: the demo templates into the running stack's database, with the service binary
+    /// (SERVICE_BIN, or a fresh release build), for those who run the service themselves.
+    pub(super) fn seed(&mut self) -> Result<ExitCode, Failure> {
+        let down = self.find_running();
+        if down.contains(&"postgres") || down.contains(&"pgbouncer") {
+            return Err(Failure::new(
+                format!("not running: {}.", down.join(" ")),
+                [format!("start the stack first: {} start", self.s.me)],
+            ));
+        }
+        let binary = self.service_binary()?;
+        self.seed_demo(Command::new(binary))?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Runs `service seed-demo` (`service`: the binary, or `cargo run ... --`) against the stack:
+    /// the schema prepared as the service's start-up does, then the demo templates into an empty
+    /// `templates` table only (so running it again changes nothing). The service no longer
+    /// finds them in its migrations.
+    pub(super) fn seed_demo(&self, mut service: Command) -> Result<(), Failure> {
+        say("demo data: singleflight seed-demo (the schema as at start-up, then the demo templates if the templates table is empty)");
+        let seeded = service
+            .arg("seed-demo")
+            .current_dir(&self.s.root)
+            .envs(self.service_env())
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !seeded {
+            return Err(Failure::new(
+                "singleflight seed-demo failed (output above).",
+                [format!(
+                    "fix the cause, then run '{}' again (or '{} seed' alone).",
+                    self.s.again(),
+                    self.s.me
+                )],
+            ));
+        }
+        Ok(())
+    }
+
     /// `up`: the servers, then the service in the foreground (`cargo run --release`), which
     /// replaces this process; with a fleet, [`Stack::up_fleet`].
     pub(super) fn up(&mut self) -> Result<ExitCode, Failure> {
@@ -340,9 +381,16 @@ impl Stack {
         say(&format!(
             "try:      curl 'http://{curl_host}:{http_port}/template-details?id=1'"
         ));
+        let cargo_run = || {
+            let mut command = Command::new("cargo");
+            command.args(["run", "--release", "--bin", "singleflight"]);
+            command
+        };
+        let mut seed = cargo_run();
+        seed.arg("--");
+        self.seed_demo(seed)?;
         say(&format!("building and running the service (cargo run --release); Ctrl-C stops it; PostgreSQL, Redis and Prometheus keep running ('{me} stop' stops them)"));
-        let error = Command::new("cargo")
-            .args(["run", "--release", "--bin", "singleflight"])
+        let error = cargo_run()
             .current_dir(&self.s.root)
             .envs(self.service_env())
             .exec();

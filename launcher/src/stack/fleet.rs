@@ -321,6 +321,8 @@ impl Stack {
         binary: &Path,
         children: &mut Vec<Child>,
     ) -> Result<(), Failure> {
+        // The demo templates before any replica: no migration inserts them any more.
+        self.seed_demo(Command::new(binary))?;
         // Replica 1 first, alone: every replica applies pending migrations at start-up, and two
         // migrating an empty database at the same moment could collide.
         children.extend(self.replica_start(1, binary)?);

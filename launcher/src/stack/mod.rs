@@ -1,7 +1,9 @@
 //! `scripts/stack.sh`: PostgreSQL, Redis and Prometheus run natively (no Docker), with all their
 //! state under `STACK_DIR` (`.stack/` at the repository root by default); with `REPLICAS=N`, a
 //! fleet of N replicas of the service behind HAProxy too; with `POOLER=pgbouncer`, PgBouncer in
-//! transaction mode between the service and PostgreSQL. The script builds the `stack` binary and
+//! transaction mode between the service and PostgreSQL. The service's demo templates are data, not
+//! schema: `up` loads them with `singleflight seed-demo` before the service starts, and `seed`
+//! loads them into a stack someone else runs the service against. The script builds the `stack` binary and
 //! runs it with its own name as `argv[0]`, so every message here names the script as the user
 //! called it.
 //!
@@ -14,7 +16,7 @@
 //! - `pooler`: PgBouncer in front of PostgreSQL, with `POOLER=pgbouncer`.
 //! - `fleet`: the replicas and HAProxy, and `up`'s foreground with a fleet; the service's
 //!   environment and binary.
-//! - `commands`: `up`, `start`, `stop`, `status`, `env`.
+//! - `commands`: `up`, `start`, `stop`, `status`, `env`, `seed` (and the demo data step).
 //!
 //! Run it through the script: the repository root (where `prometheus.yaml` is, where cargo builds
 //! the service) is found from the script's path in `argv[0]`, as the script itself found it.
@@ -45,7 +47,7 @@ use settings::Settings;
 pub const USAGE: &str = include_str!("usage.txt");
 
 /// The commands, for the message about an unknown one.
-const COMMANDS: &str = "up (default), start, stop, status, env";
+const COMMANDS: &str = "up (default), start, stop, status, env, seed";
 
 /// Runs the command in this process's arguments; the exit code to end with.
 pub fn main() -> ExitCode {
@@ -60,7 +62,7 @@ pub fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        "up" | "start" | "stop" | "status" | "env" => {}
+        "up" | "start" | "stop" | "status" | "env" | "seed" => {}
         _ => {
             eprint!("{USAGE}");
             Failure::new(
@@ -81,6 +83,7 @@ pub fn main() -> ExitCode {
             "start" => stack.start(),
             "stop" => stack.stop(),
             "status" => stack.status(),
+            "seed" => stack.seed(),
             _ => stack.env(),
         }
     });
