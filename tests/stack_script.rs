@@ -426,6 +426,24 @@ fn assert_seeds(stack: &Stack, port: u16) {
     }
 }
 
+/// Runs `start` again and checks that it reused every server, the `running` ones of `status`.
+fn assert_start_reuses(stack: &Stack, running: &HashMap<String, u32>) {
+    let again = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (again)");
+    assert_eq!(
+        count(&again.stdout, "already running"),
+        stack.servers().len(),
+        "every server is reused:\n{}",
+        again.stdout
+    );
+    assert_eq!(
+        &stack.running(),
+        running,
+        "a second start keeps the same processes"
+    );
+}
+
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -488,20 +506,7 @@ fn stack_starts_reuses_stops_and_starts_again() {
     assert_seeds(&stack, stack.pg_port);
 
     // Second start: the same processes, reused.
-    let again = stack
-        .run("start", START_LIMIT)
-        .expect_success("start (again)");
-    assert_eq!(
-        count(&again.stdout, "already running"),
-        3,
-        "every server is reused:\n{}",
-        again.stdout
-    );
-    assert_eq!(
-        stack.running(),
-        pids,
-        "a second start keeps the same processes"
-    );
+    assert_start_reuses(&stack, &pids);
 
     // Stop: nothing runs, nothing listens.
     stack.run("stop", OTHER_LIMIT).expect_success("stop");
@@ -715,20 +720,7 @@ fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
     assert_seeds(&stack, pgbouncer);
 
     // A second start reuses it; stop stops it.
-    let again = stack
-        .run("start", START_LIMIT)
-        .expect_success("start (again)");
-    assert_eq!(
-        count(&again.stdout, "already running"),
-        4,
-        "every server is reused:\n{}",
-        again.stdout
-    );
-    assert_eq!(
-        stack.running(),
-        pids,
-        "a second start keeps the same processes"
-    );
+    assert_start_reuses(&stack, &pids);
     stack.run("stop", OTHER_LIMIT).expect_success("stop");
     assert!(stack.running().is_empty(), "stop stops every server");
     assert!(
