@@ -322,34 +322,29 @@ impl Stack {
     fn pg_ensure_db(&self) -> Result<(), Failure> {
         let l = &self.s.layout;
         let (port, name) = (self.s.pg.number, super::settings::DB_NAME);
-        let next = || {
-            [format!(
-                "see {}; try '{} stop' then '{}'.",
-                l.pg_log,
-                self.s.me,
-                self.s.again()
-            )]
+        let failed = |headline: String, error: Error| {
+            Failure::new(
+                headline,
+                [
+                    error.to_string(),
+                    format!(
+                        "see {}; try '{} stop' then '{}'.",
+                        l.pg_log,
+                        self.s.me,
+                        self.s.again()
+                    ),
+                ],
+            )
         };
-        let Some(bins) = &self.pg_bins else {
-            return Err(Failure::new(
-                format!("cannot query postgres on 127.0.0.1:{port}."),
-                next(),
-            ));
-        };
-        match postgres::database_exists(bins, port, name) {
-            Ok(true) => say(&format!("postgres: database '{name}' exists")),
-            Ok(false) => {
-                postgres::create_database(bins, port, name)
-                    .map_err(|_| Failure::new(format!("createdb {name} failed."), next()))?;
-                say(&format!("postgres: created database '{name}'"));
-            }
-            Err(_) => {
-                return Err(Failure::new(
-                    format!("cannot query postgres on 127.0.0.1:{port}."),
-                    next(),
-                ))
-            }
+        let exists = postgres::database_exists(port, name)
+            .map_err(|e| failed(format!("cannot query postgres on 127.0.0.1:{port}."), e))?;
+        if exists {
+            say(&format!("postgres: database '{name}' exists"));
+            return Ok(());
         }
+        postgres::create_database(port, name)
+            .map_err(|e| failed(format!("could not create database '{name}'."), e))?;
+        say(&format!("postgres: created database '{name}'"));
         Ok(())
     }
 
