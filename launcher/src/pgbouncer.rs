@@ -22,7 +22,7 @@
 //! users the auth file lists (the superuser `postgres`, whom the server trusts on loopback too),
 //! and that user as the admin console's (`psql -d pgbouncer -c 'SHOW POOLS'`). A server connection
 //! that fails is retried after 1 s rather than PgBouncer's 15 s, so that a PostgreSQL restarted
-//! under it is used again at once.
+//! under it is used again within a second.
 //!
 //! # Running as root
 //!

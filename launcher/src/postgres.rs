@@ -392,49 +392,23 @@ pub fn leftovers(data: &Path, socket_dir: &Path) -> Leftovers {
     Leftovers::StaleLocks { files, old_pid }
 }
 
-/// Whether database `name` exists on the server at `127.0.0.1:port`, asked with `psql` as the
-/// superuser; `psql`'s own complaint goes to our stderr.
-pub fn database_exists(bins: &Bins, port: u16, name: &str) -> Result<bool, Error> {
-    let output = Command::new(bins.program("psql"))
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-U", "postgres", "-d", "postgres", "-tAc"])
-        .arg(format!("SELECT 1 FROM pg_database WHERE datname='{name}'"))
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(Error::io("run psql"))?;
-    if !output.status.success() {
-        return Err(Error::Unavailable(format!(
-            "psql could not query the server on 127.0.0.1:{port} ({})",
-            output.status
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim_end_matches('\n') == "1")
+/// Whether database `name` exists on the server at `127.0.0.1:port`, asked as the superuser.
+pub fn database_exists(port: u16, name: &str) -> Result<bool, Error> {
+    let sql = format!(
+        "SELECT 1 FROM pg_database WHERE datname = '{}'",
+        name.replace('\'', "''")
+    );
+    PgConnection::connect(port, "postgres", "postgres")
+        .and_then(|mut server| server.value(&sql))
+        .map(|found| found.is_some())
+        .map_err(Error::Unavailable)
 }
 
-/// Creates database `name` on the server at `127.0.0.1:port` with `createdb`; its complaint goes
-/// to our stderr.
-pub fn create_database(bins: &Bins, port: u16, name: &str) -> Result<(), Error> {
-    let status = Command::new(bins.program("createdb"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            name,
-        ])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null())
-        .status()
-        .map_err(Error::io("run createdb"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Unavailable(format!(
-            "createdb {name} failed ({status})"
-        )))
-    }
+/// Creates database `name` on the server at `127.0.0.1:port`, as the superuser.
+pub fn create_database(port: u16, name: &str) -> Result<(), Error> {
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    PgConnection::connect(port, "postgres", "postgres")
+        .and_then(|mut server| server.query(&sql))
+        .map(drop)
+        .map_err(Error::Unavailable)
 }

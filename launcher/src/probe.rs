@@ -1,7 +1,7 @@
 //! Asking a server on loopback whether it serves, with the standard library alone: a TCP connect,
 //! an HTTP/1.0 GET (Prometheus, HAProxy, the service), a Redis command over RESP, and PostgreSQL's
 //! simple queries over its wire protocol ([`PgConnection`]: PgBouncer's readiness, a replica's
-//! replay position, the test kit's checks of both). No client library: these are the few bytes a
+//! replay position, the stack's database, the test kit's checks of them). No client library: these are the few bytes a
 //! readiness check needs, and the launcher must build quickly.
 
 use std::io::{BufRead, BufReader, Read, Write};
