@@ -166,7 +166,11 @@ async fn pooler_figures() {
                 s.request_timeout = Duration::from_secs(10);
             })
             .await;
-            crate::support::wait_for_warm_pool(&app.client, &app.address, 10.0).await;
+            // Told `none`, set-ups may keep failing on statements other clients left on the
+            // pooler's servers: its pool is measured as it comes.
+            if pooler != Some(Pooler::None) {
+                crate::support::wait_for_warm_pool(&app.client, &app.address, 10.0).await;
+            }
             app.warm_connections(300).await;
             let started = std::time::Instant::now();
             let statuses = cold_burst(&app, 1..=300).await;

@@ -89,8 +89,9 @@ pub(super) async fn open(
     opening: Opening,
 ) -> Result<AsyncPgConnection, (Evidence, String)> {
     let sessions = &settings.sessions;
-    match open_as(settings, sessions.in_transactions(), opening).await {
-        Err((Evidence::QueryFailed, detail)) if sessions.may_switch() => {
+    let in_transaction = sessions.in_transactions();
+    match open_as(settings, in_transaction, opening).await {
+        Err((Evidence::QueryFailed, detail)) if sessions.retry_in_transaction(in_transaction) => {
             let conn = open_as(settings, true, opening).await?;
             sessions.switch(&detail);
             Ok(conn)
@@ -293,11 +294,15 @@ async fn fetch(
     let bound = settings.query_timeout.min(left);
     let cancel = conn.cancel_token();
     let sessions = &settings.sessions;
+    let in_transaction = sessions.in_transactions();
     let load = async {
-        match load(&mut conn, ids, sessions.in_transactions()).await {
+        match load(&mut conn, ids, in_transaction).await {
             // A load that fails on its own on what may be a transaction-mode pooler: once more
             // in transaction mode, which stays if that works.
-            Err(e) if sessions.may_switch() && Evidence::of_query(&e) == Evidence::QueryFailed => {
+            Err(e)
+                if sessions.retry_in_transaction(in_transaction)
+                    && Evidence::of_query(&e) == Evidence::QueryFailed =>
+            {
                 let rows = load(&mut conn, ids, true).await?;
                 sessions.switch(&e.to_string());
                 Ok(rows)

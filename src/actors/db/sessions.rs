@@ -61,9 +61,12 @@ impl Sessions {
         self.in_transactions.load(Ordering::Relaxed)
     }
 
-    /// A failure that transaction mode might cure is worth a second try in it.
-    pub fn may_switch(&self) -> bool {
-        self.auto && !self.in_transactions()
+    /// A failure of work run outside a transaction (`in_transaction` false) that transaction
+    /// mode might cure is worth a second try in it. (Asked of the mode the work ran in, not of
+    /// the current one: loads that failed together each get their second try, including those
+    /// that fail after another one has already switched.)
+    pub fn retry_in_transaction(&self, in_transaction: bool) -> bool {
+        self.auto && !in_transaction
     }
 
     /// What failed on a direct connection (`detail`) worked in transaction mode: stay there.
@@ -83,5 +86,47 @@ impl Sessions {
     fn publish(&self) {
         let mode = i64::from(self.in_transactions());
         self.metrics.db_transaction_mode.set(mode);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions(pooler: Pooler) -> Sessions {
+        Sessions::new(pooler, &Metrics::new().expect("metrics"))
+    }
+
+    #[test]
+    fn only_auto_retries_and_only_what_ran_outside_a_transaction() {
+        assert!(sessions(Pooler::Auto).retry_in_transaction(false));
+        assert!(!sessions(Pooler::Auto).retry_in_transaction(true));
+        assert!(!sessions(Pooler::None).retry_in_transaction(false));
+        assert!(!sessions(Pooler::Transaction).retry_in_transaction(false));
+    }
+
+    #[test]
+    fn a_load_that_failed_before_another_switched_still_gets_its_second_try() {
+        let auto = sessions(Pooler::Auto);
+        let ran_in_transaction = auto.in_transactions();
+        auto.switch("prepared statement \"s1\" does not exist");
+        assert!(auto.in_transactions());
+        assert!(auto.retry_in_transaction(ran_in_transaction));
+    }
+
+    #[test]
+    fn the_mode_is_published_and_stays_after_a_switch() {
+        let auto = sessions(Pooler::Auto);
+        assert_eq!(auto.metrics.db_transaction_mode.get(), 0);
+        auto.clone().switch("a failure");
+        auto.switch("another failure");
+        assert_eq!(auto.metrics.db_transaction_mode.get(), 1);
+        assert_eq!(
+            sessions(Pooler::Transaction)
+                .metrics
+                .db_transaction_mode
+                .get(),
+            1
+        );
     }
 }
