@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use singleflight::actors::fakes::{self, DbMode, FakeCache, FakeDb};
 use singleflight::actors::key_owner::{
-    shard_for, Answer, Generations, GetTemplate, KeyOwner, KeyOwnerDeps, OwnerSettings,
+    shard_for, Answer, Generations, GetTemplate, KeyOwner, OwnerSettings,
 };
 use singleflight::metrics::Metrics;
 
@@ -66,17 +66,8 @@ impl Owners {
             // No delays: the cache answers within its handler.
             let store = FakeCache::entries((1..=KEYS).map(|id| (id, FRESH_FOR)), CONTENT);
             let cache = FakeCache::start_in_arbiter(&arbiter.handle(), |_| FakeCache::new(store));
-            let deps = KeyOwnerDeps {
-                cache_get: cache.clone().recipient(),
-                cache_get_many: cache.clone().recipient(),
-                cache_set: cache.clone().recipient(),
-                cache_del: cache.recipient(),
-                db: db.clone().recipient(),
-                lease: None,
-                settings: settings.clone(),
-                metrics: metrics.clone(),
-                generations: generations.clone(),
-            };
+            let (settings, metrics) = (settings.clone(), metrics.clone());
+            let deps = fakes::owner_deps(&cache, &db, None, settings, metrics, generations.clone());
             owners.push(KeyOwner::start_in_arbiter(&arbiter.handle(), move |_| {
                 KeyOwner::new(shard, deps)
             }));

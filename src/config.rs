@@ -22,6 +22,19 @@ pub struct Settings {
     /// `DATABASE_URL`: PostgreSQL connection URL; its `sslmode` (libpq's values, default
     /// `prefer`) says whether to encrypt and what to check (see [`crate::tls`]).
     pub database_url: String,
+    /// `DATABASE_LISTEN_URL`: a direct connection to the primary for the work that needs a
+    /// session of its own — `LISTEN` for change notifications and the migration lock — when
+    /// `DATABASE_URL` goes through a transaction-mode pooler (unset: `DATABASE_URL`).
+    pub database_listen_url: Option<String>,
+    /// `DATABASE_READ_URL`: read replicas (comma-separated), which loads go to unless a replica
+    /// may not have replayed a change the service knows of.
+    pub database_read_urls: Vec<String>,
+    /// `DATABASE_POOLER`: whether `DATABASE_URL` goes through a transaction-mode pooler, which
+    /// keeps no session state from one transaction to the next (see [`Pooler`]).
+    pub database_pooler: Pooler,
+    /// `MIGRATE`: `on` applies pending migrations at start-up; `off` only checks that the
+    /// schema and trigger the service needs are there (a database the service does not own).
+    pub migrate: bool,
     /// `DATABASE_CA_FILE`: PEM CA certificates for `sslmode=verify-ca|verify-full` (unset: the
     /// system's trust store).
     pub database_ca: Option<PemFile>,
@@ -51,7 +64,7 @@ pub struct Settings {
     /// `DB_BATCH_MAX`: most template ids sent in one query when loads queue for a connection
     /// (1 sends every load alone).
     pub db_batch_max: usize,
-    /// `DB_QUERY_TIMEOUT_MS`: longest a query may run; also sent as `statement_timeout`.
+    /// `DB_QUERY_TIMEOUT_MS`: longest a query may run; the server is then asked to cancel it.
     pub db_query_timeout: Duration,
     /// `REDIS_TIMEOUT_MS`: longest wait for one Redis command (and for connecting).
     pub redis_timeout: Duration,
@@ -96,6 +109,10 @@ impl Default for Settings {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             http_workers: default_parallelism(),
             database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
+            database_listen_url: None,
+            database_read_urls: Vec::new(),
+            database_pooler: Pooler::Auto,
+            migrate: true,
             database_ca: None,
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_ca: None,
@@ -137,6 +154,43 @@ fn default_shards() -> usize {
     (default_parallelism() / 2).max(1)
 }
 
+/// What sits between the service and PostgreSQL on `DATABASE_URL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooler {
+    /// Found out at run time: loads start as over a direct connection, and the first sign that
+    /// session state does not persist (a load that fails, then succeeds in a transaction)
+    /// switches to `transaction` for good.
+    Auto,
+    /// A direct connection, or a session-mode pooler: prepared statements are kept per
+    /// connection (one round trip per load).
+    None,
+    /// A transaction-mode pooler (PgBouncer, RDS Proxy, Supavisor...): every load runs in a
+    /// transaction of its own, its statement prepared and closed within it.
+    Transaction,
+}
+
+impl std::str::FromStr for Pooler {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Pooler::Auto),
+            "none" => Ok(Pooler::None),
+            "transaction" => Ok(Pooler::Transaction),
+            _ => Err(()),
+        }
+    }
+}
+
+impl Settings {
+    /// The URL for session work (`LISTEN`, the migration lock).
+    pub fn listen_url(&self) -> &str {
+        self.database_listen_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+}
+
 /// A configuration value that cannot be used. The message names the variable, the value and what
 /// would be accepted, so the operator can fix it without reading code.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +227,14 @@ impl Settings {
             http_addr: env.parse("HTTP_ADDR", "an address like 0.0.0.0:8080", d.http_addr)?,
             http_workers: env.positive("HTTP_WORKERS", d.http_workers)?,
             database_url: env.url("DATABASE_URL", POSTGRES_URL, d.database_url)?,
+            database_listen_url: env.optional_url("DATABASE_LISTEN_URL", POSTGRES_URL)?,
+            database_read_urls: env.url_list("DATABASE_READ_URL", POSTGRES_URL)?,
+            database_pooler: env.parse(
+                "DATABASE_POOLER",
+                "auto, none or transaction",
+                d.database_pooler,
+            )?,
+            migrate: env.on_off("MIGRATE", d.migrate)?,
             database_ca: env.pem_file("DATABASE_CA_FILE", PemKind::Certificates)?,
             redis_url: env.url("REDIS_URL", REDIS_URL, d.redis_url)?,
             redis_ca: env.pem_file("REDIS_CA_FILE", PemKind::Certificates)?,
@@ -347,6 +409,46 @@ impl Vars<'_> {
                 _ => None,
             }
         })
+    }
+
+    /// A URL, or `None` when the variable is unset.
+    fn optional_url(
+        &self,
+        var: &'static str,
+        kind: UrlKind,
+    ) -> Result<Option<String>, ConfigError> {
+        match self.get(var) {
+            None => Ok(None),
+            Some(_) => self.url(var, kind, String::new()).map(Some),
+        }
+    }
+
+    /// Comma-separated URLs, each checked as [`Vars::url`] checks one; none when unset.
+    fn url_list(&self, var: &'static str, kind: UrlKind) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = self.get(var) else {
+            return Ok(Vec::new());
+        };
+        list.split(',')
+            .map(str::trim)
+            .map(|url| {
+                let one = HashMap::from([(var.to_owned(), url.to_owned())]);
+                Vars(&one)
+                    .url(var, UrlKind { ..kind }, String::new())
+                    .and_then(|read| {
+                        if read.is_empty() {
+                            Err(ConfigError {
+                                var,
+                                value: list.to_owned(),
+                                expected: "comma-separated URLs with nothing empty between \
+                                           the commas"
+                                    .into(),
+                            })
+                        } else {
+                            Ok(read)
+                        }
+                    })
+            })
+            .collect()
     }
 
     fn url(

@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod migrate;

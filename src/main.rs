@@ -5,6 +5,20 @@ use tokio::signal::unix::{signal, SignalKind};
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let seed_demo = match args.as_slice() {
+        [] => false,
+        [command] if command == "seed-demo" => true,
+        _ => {
+            eprintln!(
+                "singleflight: unknown arguments {args:?}\n\
+                 usage: singleflight             serve (settings come from the environment)\n\
+                 \x20      singleflight seed-demo   prepare the schema (MIGRATE), load the demo \
+                 templates into an empty table, and exit"
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(e) => {
@@ -12,6 +26,18 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if seed_demo {
+        return match singleflight::demo::seed(&settings).await {
+            Ok(()) => {
+                log::info!("demo templates loaded (into an empty table only)");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("singleflight: seed-demo: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(e) => {

@@ -57,7 +57,11 @@ pub struct Metrics {
     pub listener_connects_total: IntCounter,
     /// 1 while the LISTEN connection is up.
     pub listener_connected: IntGauge,
-    /// Requests answered 503 at once because an owner was at a bound, by `reason`.
+    /// 0 while the listener is deaf: its own heartbeat NOTIFY did not come back (see
+    /// `actors::listener`); 1 otherwise.
+    pub listener_hearing: IntGauge,
+    /// Requests answered 503 at once because an owner was at a bound, by `reason`:
+    /// `pending_keys`, `waiters`, or `mailbox` (its mailbox was full).
     pub shed_requests_total: IntCounterVec,
     /// Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open (probing).
     pub redis_breaker_state: IntGaugeVec,
@@ -74,8 +78,25 @@ pub struct Metrics {
     pub db_errors_total: IntCounterVec,
     /// 1 while PostgreSQL is reachable, 0 while it is known to be down (loads fail fast).
     pub db_available: IntGauge,
-    /// Pooled PostgreSQL connections by `state`: `idle` or `in_use`.
+    /// 1 while every shard's Redis circuit breaker is closed, 0 while one is open or probing
+    /// (requests of that shard are served from PostgreSQL).
+    pub redis_available: IntGauge,
+    /// 1 while loads run in transactions of their own because `DATABASE_URL` goes through a
+    /// transaction-mode pooler (`DATABASE_POOLER`).
+    pub db_transaction_mode: IntGauge,
+    /// Pooled PostgreSQL connections by `server` (`primary`, `replica-<i>`) and `state`
+    /// (`idle`, `in_use`).
     pub db_pool_connections: IntGaugeVec,
+    /// Template loads sent to PostgreSQL by `target`: `primary` or `replica` (a read replica,
+    /// `DATABASE_READ_URL`).
+    pub db_loads_total: IntCounterVec,
+    /// How far each read replica's replayed WAL is behind the primary's, in bytes, by `server`.
+    pub db_replica_lag_bytes: IntGaugeVec,
+    /// 1 while a read replica answers its health check (its replayed position), by `server`.
+    pub db_replica_healthy: IntGaugeVec,
+    /// Keys whose loads read the primary until a replica has replayed their last change (1 for
+    /// "every key", after a reconnect).
+    pub db_pinned_keys: IntGauge,
     /// Actors restarted after stopping unexpectedly, by `actor` (`key_owner`, `cache`, `db`).
     pub actor_restarts_total: IntCounterVec,
     /// Requests whose client had gone before their owner got to them: no work was started.
@@ -140,6 +161,23 @@ impl Metrics {
             "1 while the LISTEN connection for change notifications is up",
         )?;
         registry.register(Box::new(listener_connected.clone()))?;
+        let listener_hearing = IntGauge::new(
+            "listener_hearing",
+            "0 while the listener does not hear its own heartbeat NOTIFY, 1 otherwise",
+        )?;
+        listener_hearing.set(1);
+        registry.register(Box::new(listener_hearing.clone()))?;
+        let redis_available = IntGauge::new(
+            "redis_available",
+            "1 while every shard's Redis circuit breaker is closed, 0 while one is not",
+        )?;
+        redis_available.set(1);
+        registry.register(Box::new(redis_available.clone()))?;
+        let db_transaction_mode = IntGauge::new(
+            "db_transaction_mode",
+            "1 while loads run in transactions of their own (a transaction-mode pooler)",
+        )?;
+        registry.register(Box::new(db_transaction_mode.clone()))?;
         let db_available = IntGauge::new(
             "db_available",
             "1 while PostgreSQL is reachable, 0 while it is known to be down",
@@ -148,11 +186,29 @@ impl Metrics {
         let db_pool_connections = IntGaugeVec::new(
             Opts::new(
                 "db_pool_connections",
-                "Pooled PostgreSQL connections by state (idle, in_use)",
+                "Pooled PostgreSQL connections by server (primary, replica-<i>) and state",
             ),
-            &["state"],
+            &["server", "state"],
         )?;
         registry.register(Box::new(db_pool_connections.clone()))?;
+        let server_gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["server"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let db_replica_lag_bytes = server_gauge(
+            "db_replica_lag_bytes",
+            "How far a read replica's replayed WAL is behind the primary's, in bytes",
+        )?;
+        let db_replica_healthy = server_gauge(
+            "db_replica_healthy",
+            "1 while a read replica answers its health check",
+        )?;
+        let db_pinned_keys = IntGauge::new(
+            "db_pinned_keys",
+            "Keys whose loads read the primary until a replica has replayed their last change",
+        )?;
+        registry.register(Box::new(db_pinned_keys.clone()))?;
         let db_query_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "db_query_duration_seconds",
@@ -229,6 +285,7 @@ impl Metrics {
                 "Times the LISTEN connection for change notifications was established",
             )?,
             listener_connected,
+            listener_hearing,
             shed_requests_total: counter_vec(
                 "shed_requests_total",
                 "Requests answered 503 at once because a KeyOwner was at a bound",
@@ -262,7 +319,17 @@ impl Metrics {
                 "kind",
             )?,
             db_available,
+            redis_available,
+            db_transaction_mode,
             db_pool_connections,
+            db_loads_total: counter_vec(
+                "db_loads_total",
+                "Template loads sent to PostgreSQL by target (primary, replica)",
+                "target",
+            )?,
+            db_replica_lag_bytes,
+            db_replica_healthy,
+            db_pinned_keys,
             actor_restarts_total: counter_vec(
                 "actor_restarts_total",
                 "Actors restarted after stopping unexpectedly",
@@ -318,14 +385,8 @@ impl Metrics {
         // rather than "no data" before the first error.
         // The error kinds of `redis_errors_total` and `db_errors_total` are made to exist by the
         // actors whose errors they count, where those kinds are defined.
-        for state in ["idle", "in_use"] {
-            metrics.db_pool_connections.with_label_values(&[state]);
-        }
         for actor in ["key_owner", "cache", "db"] {
             metrics.actor_restarts_total.with_label_values(&[actor]);
-        }
-        for reason in ["pending_keys", "waiters"] {
-            metrics.shed_requests_total.with_label_values(&[reason]);
         }
         for to in ["open", "half_open", "closed"] {
             metrics

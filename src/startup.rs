@@ -43,6 +43,8 @@ pub enum StartupError {
     DatabaseUrl(String),
     #[error("database migrations: {0}")]
     Migrations(String),
+    #[error("{0}")]
+    Schema(String),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -78,21 +80,22 @@ impl Application {
     /// change listener is listening (or has had its chance), and the port is bound last.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         CacheActor::check_url(&settings).map_err(StartupError::RedisUrl)?;
-        let postgres = PgConnector::new(&settings.database_url, settings.database_ca.as_ref())
-            .map_err(StartupError::DatabaseUrl)?;
-        migrate(&postgres).await?;
+        let (postgres, session) = connectors(&settings)?;
+        prepare_schema(&settings, &session).await?;
         let metrics = Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
-        let (db_arbiter, db) = start_db(&settings, &postgres, &metrics);
+        let replicas = replica_settings(&settings, &metrics)?;
+        let (db_arbiter, db) = start_db(&settings, &postgres, &replicas, &metrics);
         let shards = start_shards(&settings, &db, &metrics);
-        start_listener(&postgres, &db_arbiter, &shards, &metrics).await;
+        let listener = start_listener(&session, &db_arbiter, &shards, &db, &metrics).await;
         start_fill_subscriber(&settings, &db_arbiter, &shards, &metrics);
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
         let generations = shards.generations;
         let state = AppState {
             owners: shards.owners,
-            db,
-            cache_probe: shards.caches[0].clone(),
+            db_probe: db.clone().recipient(),
+            cache_probe: shards.caches[0].clone().recipient(),
+            listener_probe: listener.recipient(),
             request_timeout: settings.request_timeout,
             renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),
@@ -137,12 +140,56 @@ fn listener_addr(addr: std::net::SocketAddr, port: u16) -> std::net::SocketAddr 
     std::net::SocketAddr::new(addr.ip(), port)
 }
 
-/// Applies pending migrations, waiting a while for PostgreSQL to accept connections.
-async fn migrate(postgres: &PgConnector) -> Result<(), StartupError> {
-    let applied = crate::migrate::run_pending(postgres, MIGRATION_PATIENCE)
-        .await
-        .map_err(StartupError::Migrations)?;
-    log::info!("database schema is current ({applied} migrations applied now)");
+/// How to connect for loads (`DATABASE_URL`) and for session work (`DATABASE_LISTEN_URL`: LISTEN
+/// and the migration lock, on a connection of its own, which may be a direct one where
+/// `DATABASE_URL` goes through a transaction-mode pooler).
+pub fn connectors(settings: &Settings) -> Result<(PgConnector, PgConnector), StartupError> {
+    let ca = settings.database_ca.as_ref();
+    let postgres =
+        PgConnector::new(&settings.database_url, ca).map_err(StartupError::DatabaseUrl)?;
+    let session = PgConnector::new(settings.listen_url(), ca)
+        .map_err(|e| StartupError::DatabaseUrl(e.replace("DATABASE_URL", "DATABASE_LISTEN_URL")))?;
+    Ok((postgres, session))
+}
+
+/// Each read replica's settings (`DATABASE_READ_URL`): the primary's, with the replica's URL.
+fn replica_settings(
+    settings: &Settings,
+    metrics: &Metrics,
+) -> Result<Vec<DbSettings>, StartupError> {
+    let ca = settings.database_ca.as_ref();
+    settings
+        .database_read_urls
+        .iter()
+        .map(|url| {
+            let postgres = PgConnector::new(url, ca).map_err(|e| {
+                StartupError::DatabaseUrl(e.replace("DATABASE_URL", "DATABASE_READ_URL"))
+            })?;
+            Ok(DbSettings {
+                replica: true,
+                ..DbSettings::new(settings, postgres, metrics)
+            })
+        })
+        .collect()
+}
+
+/// `MIGRATE=on`: applies pending migrations; `off`: checks that what the service needs is there.
+/// Either way waits a while for PostgreSQL to accept connections.
+pub async fn prepare_schema(
+    settings: &Settings,
+    session: &PgConnector,
+) -> Result<(), StartupError> {
+    if settings.migrate {
+        let applied = crate::migrate::run_pending(session, MIGRATION_PATIENCE)
+            .await
+            .map_err(StartupError::Migrations)?;
+        log::info!("database schema is current ({applied} migrations applied now)");
+    } else {
+        crate::migrate::check_schema(session, MIGRATION_PATIENCE)
+            .await
+            .map_err(StartupError::Schema)?;
+        log::info!("database schema has what the service needs (MIGRATE=off: nothing applied)");
+    }
     Ok(())
 }
 
@@ -150,13 +197,15 @@ async fn migrate(postgres: &PgConnector) -> Result<(), StartupError> {
 fn start_db(
     settings: &Settings,
     postgres: &PgConnector,
+    replicas: &[DbSettings],
     metrics: &Metrics,
 ) -> (Arbiter, Addr<DbActor>) {
     let arbiter = Arbiter::new();
-    let db_settings = DbSettings::new(settings, postgres.clone());
+    let db_settings = DbSettings::new(settings, postgres.clone(), metrics);
+    let replicas = replicas.to_vec();
     let db_metrics = metrics.clone();
     let db = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-        DbActor::new(db_settings, db_metrics)
+        DbActor::new(db_settings, replicas, db_metrics)
     });
     (arbiter, db)
 }
@@ -221,8 +270,10 @@ async fn start_listener(
     postgres: &PgConnector,
     db_arbiter: &Arbiter,
     shards: &Shards,
+    db: &Addr<DbActor>,
     metrics: &Metrics,
-) {
+) -> Addr<ChangeListener> {
+    let db = db.clone();
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     let (url, lo, lc, lm) = (
         postgres.clone(),
@@ -230,8 +281,8 @@ async fn start_listener(
         shards.caches.clone(),
         metrics.clone(),
     );
-    Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
-        ChangeListener::new(url, lo, lc, lm, listening_tx)
+    let listener = Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
+        ChangeListener::new(url, lo, lc, db, lm, listening_tx)
     });
     if tokio::time::timeout(LISTEN_PATIENCE, listening)
         .await
@@ -239,6 +290,7 @@ async fn start_listener(
     {
         log::warn!("not yet listening for template changes; starting anyway");
     }
+    listener
 }
 
 /// The replica's subscription to lease notices, on the database arbiter; only with the lease on.

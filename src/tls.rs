@@ -242,28 +242,100 @@ impl PgConnector {
 
     /// Connects (with TLS as `sslmode` asks) and hands the connection to diesel-async, whose task
     /// drives it on the current tokio runtime.
-    pub async fn connect(&self) -> diesel::ConnectionResult<AsyncPgConnection> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| {
-            let text = describe(&e);
-            ConnectionError::BadConnection(if certificate_rejected(&e) {
-                format!("{CERTIFICATE_REJECTED}{text}")
-            } else {
-                text
-            })
-        })?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    pub async fn connect(&self) -> Result<AsyncPgConnection, PgConnectError> {
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(PgConnectError::Connect)?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(PgConnectError::Setup)
+    }
+
+    /// Connects as [`PgConnector::connect`] does, for a transaction-mode pooler: diesel-async's
+    /// set-up of the connection (two `SET`s, each a statement prepared and run in separate round
+    /// trips) runs inside one transaction, so that it stays on one server connection.
+    pub async fn connect_in_transaction(&self) -> Result<AsyncPgConnection, PgConnectError> {
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(PgConnectError::Connect)?;
+        // Driven here: diesel-async is given only the client. The task ends when the client is
+        // dropped, or the connection fails.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("a PostgreSQL connection ended: {e}");
+            }
+        });
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(PgConnectError::Connect)?;
+        let mut conn = AsyncPgConnection::try_from(client)
+            .await
+            .map_err(PgConnectError::Setup)?;
+        diesel_async::SimpleAsyncConnection::batch_execute(&mut conn, "COMMIT")
+            .await
+            .map_err(|e| PgConnectError::Setup(ConnectionError::CouldntSetupConfiguration(e)))?;
+        Ok(conn)
+    }
+
+    /// Asks the server, over a connection of its own, to cancel what the connection of `token`
+    /// is running (as a query's own timeout does on the server): the query ends with an error
+    /// and its connection stays usable. Transaction-mode poolers pass cancel requests on.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), String> {
+        token
+            .cancel_query(self.tls.clone())
+            .await
+            .map_err(|e| describe(&e))
     }
 }
 
-/// How [`PgConnector::connect`]'s error starts when the server's certificate failed the check
-/// `sslmode` asks for: retrying cannot help, so start-up gives up at once ([`is_rejection`]).
-const CERTIFICATE_REJECTED: &str = "the server's TLS certificate was rejected: ";
+/// Why [`PgConnector::connect`] made no connection. The driver's error is kept whole: what it
+/// says about the server (refused, full, shutting down, our credentials rejected) is read from
+/// its SQLSTATE, not from its text (see `crate::actors::db::failure`).
+#[derive(Debug)]
+pub enum PgConnectError {
+    /// tokio-postgres could not connect: the network, TLS, or the server's answer.
+    Connect(tokio_postgres::Error),
+    /// Connected, but diesel-async's set-up of the connection failed.
+    Setup(ConnectionError),
+}
 
-/// Whether a connection failed because the server's certificate did not pass the check (a
-/// wrong `DATABASE_CA_FILE`, a host name the certificate does not name): a mistake in the
-/// settings, not a server that is not up yet.
-pub fn is_rejection(e: &ConnectionError) -> bool {
-    matches!(e, ConnectionError::BadConnection(text) if text.starts_with(CERTIFICATE_REJECTED))
+impl PgConnectError {
+    /// The server's certificate failed the check `sslmode` asks for: retrying cannot help.
+    pub fn certificate_rejected(&self) -> bool {
+        matches!(self, PgConnectError::Connect(e) if certificate_rejected(e))
+    }
+}
+
+impl fmt::Display for PgConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PgConnectError::Connect(e) if certificate_rejected(e) => {
+                write!(
+                    f,
+                    "the server's TLS certificate was rejected: {}",
+                    describe(e)
+                )
+            }
+            PgConnectError::Connect(e) => f.write_str(&describe(e)),
+            PgConnectError::Setup(e) => write!(f, "setting up the connection failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PgConnectError {}
+
+impl From<PgConnectError> for ConnectionError {
+    fn from(e: PgConnectError) -> Self {
+        match e {
+            PgConnectError::Setup(e) => e,
+            other => ConnectionError::BadConnection(other.to_string()),
+        }
+    }
 }
 
 /// Finds rustls's certificate error behind tokio-postgres's (it comes wrapped in an io::Error).

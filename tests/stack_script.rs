@@ -3,8 +3,14 @@
 //! then `status`, a second `start` that must reuse the same processes, `stop`, `start` again and
 //! `stop`. A port held by something else must stop `start` before it starts anything.
 //!
-//! With `REPLICAS=3`, `up` runs a fleet in the foreground: three replicas of the service behind
-//! HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy and the replicas.
+//! `seed` loads the demo templates into the running stack, once however often it runs.
+//!
+//! With `REPLICAS=3`, `up` loads the demo templates, then runs a fleet in the foreground: three
+//! replicas of the service behind HAProxy, each scraped by Prometheus, until SIGTERM stops HAProxy
+//! and the replicas.
+//!
+//! With `POOLER=pgbouncer`, PgBouncer runs in front of PostgreSQL: `status` reports it, `env`
+//! points `DATABASE_URL` through it and `DATABASE_LISTEN_URL` past it, and `stop` stops it.
 //!
 //! Every script run is bounded in time, and a guard runs `stop` when the test ends, however it
 //! ends, so no server outlives the test.
@@ -19,6 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use testkit::launcher::probe::PgConnection;
 
 /// A first `start` may run `initdb`; on a machine without the packages it installs them first.
 const START_LIMIT: Duration = Duration::from_secs(300);
@@ -39,6 +47,8 @@ struct Stack {
     http_port: u16,
     /// `REPLICAS=3` and the ports that go with it; `None` for the service alone (`HTTP_ADDR`).
     fleet: Option<Fleet>,
+    /// `POOLER=pgbouncer` on this port; `None`: no pooler.
+    pgbouncer_port: Option<u16>,
 }
 
 /// A fleet: `replicas` replicas on `base_port..base_port + replicas`, HAProxy on `lb_port`.
@@ -92,7 +102,21 @@ impl Stack {
             prom_port,
             http_port,
             fleet: None,
+            pgbouncer_port: None,
         }
+    }
+
+    /// A stack whose `start` runs PgBouncer in front of PostgreSQL too.
+    fn with_pgbouncer() -> Self {
+        let mut stack = Stack::new();
+        let taken = [
+            stack.pg_port,
+            stack.redis_port,
+            stack.prom_port,
+            stack.http_port,
+        ];
+        stack.pgbouncer_port = Some(free_port_run(1, &taken));
+        stack
     }
 
     /// A stack whose `up` and `start` run `replicas` replicas behind HAProxy (on the port that
@@ -131,15 +155,22 @@ impl Stack {
             .env("PG_PORT", self.pg_port.to_string())
             .env("REDIS_PORT", self.redis_port.to_string())
             .env("PROM_PORT", self.prom_port.to_string())
+            // The binary this test run built, for the fleet and `seed`: no release build inside
+            // a test.
+            .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
             .stdin(Stdio::null());
+        match self.pgbouncer_port {
+            Some(port) => cmd
+                .env("POOLER", "pgbouncer")
+                .env("PGBOUNCER_PORT", port.to_string()),
+            None => cmd.env_remove("POOLER"),
+        };
         match self.fleet {
             Some(fleet) => {
                 cmd.env_remove("HTTP_ADDR")
                     .env("REPLICAS", fleet.replicas.to_string())
                     .env("LB_PORT", fleet.lb_port.to_string())
                     .env("REPLICA_BASE_PORT", fleet.base_port.to_string())
-                    // The binary this test run built: no release build inside a test.
-                    .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
                     .env("RUST_LOG", "warn");
             }
             None => {
@@ -196,9 +227,13 @@ impl Stack {
         run
     }
 
-    /// The servers `status` reports on: with a fleet, also `haproxy` and `replica-<i>`.
+    /// The servers `status` reports on: with a fleet, also `haproxy` and `replica-<i>`; with a
+    /// pooler, also `pgbouncer`.
     fn servers(&self) -> Vec<String> {
         let mut servers: Vec<String> = SERVERS.iter().map(|s| s.to_string()).collect();
+        if self.pgbouncer_port.is_some() {
+            servers.push("pgbouncer".into());
+        }
         if let Some(fleet) = self.fleet {
             servers.push("haproxy".into());
             servers.extend((1..=fleet.replicas).map(|i| format!("replica-{i}")));
@@ -242,6 +277,9 @@ impl Stack {
     fn port_of(&self, server: &str) -> u16 {
         match (server, self.fleet) {
             ("postgres", _) => self.pg_port,
+            ("pgbouncer", _) => self
+                .pgbouncer_port
+                .unwrap_or_else(|| panic!("no pgbouncer without POOLER")),
             ("redis", _) => self.redis_port,
             ("prometheus", _) => self.prom_port,
             ("haproxy", Some(fleet)) => fleet.lb_port,
@@ -361,6 +399,51 @@ fn assert_servers_answer(stack: &Stack) {
     }
 }
 
+/// How many templates the stack's database holds, asked on `port` (PostgreSQL or PgBouncer).
+fn templates(port: u16) -> String {
+    let mut db = PgConnection::connect(port, "postgres", "singleflight")
+        .unwrap_or_else(|e| panic!("connect to the stack's database on :{port}: {e}"));
+    db.value("SELECT count(*) FROM templates")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_default()
+}
+
+/// Runs `seed` and checks that it said so and that the demo templates are there, once.
+fn assert_seeds(stack: &Stack, port: u16) {
+    for run in ["seed", "seed (again)"] {
+        let seeded = stack.run("seed", START_LIMIT).expect_success(run);
+        assert_eq!(
+            count(&seeded.stdout, "stack: demo data: "),
+            1,
+            "`{run}` says what it does:\n{}",
+            seeded.stdout
+        );
+        assert_eq!(
+            templates(port),
+            "1200",
+            "the demo templates, once, after `{run}`"
+        );
+    }
+}
+
+/// Runs `start` again and checks that it reused every server, the `running` ones of `status`.
+fn assert_start_reuses(stack: &Stack, running: &HashMap<String, u32>) {
+    let again = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (again)");
+    assert_eq!(
+        count(&again.stdout, "already running"),
+        stack.servers().len(),
+        "every server is reused:\n{}",
+        again.stdout
+    );
+    assert_eq!(
+        &stack.running(),
+        running,
+        "a second start keeps the same processes"
+    );
+}
+
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -415,22 +498,15 @@ fn stack_starts_reuses_stops_and_starts_again() {
         );
     }
     assert_servers_answer(&stack);
+    assert!(
+        !first.stdout.contains("demo data"),
+        "`start` leaves the demo data to `seed`:\n{}",
+        first.stdout
+    );
+    assert_seeds(&stack, stack.pg_port);
 
     // Second start: the same processes, reused.
-    let again = stack
-        .run("start", START_LIMIT)
-        .expect_success("start (again)");
-    assert_eq!(
-        count(&again.stdout, "already running"),
-        3,
-        "every server is reused:\n{}",
-        again.stdout
-    );
-    assert_eq!(
-        stack.running(),
-        pids,
-        "a second start keeps the same processes"
-    );
+    assert_start_reuses(&stack, &pids);
 
     // Stop: nothing runs, nothing listens.
     stack.run("stop", OTHER_LIMIT).expect_success("stop");
@@ -542,6 +618,17 @@ fn replicas_run_behind_haproxy_and_stop_on_sigterm() {
         let (code, body) = http_get(port, "/readyz");
         assert_eq!(code, 200, "replica :{port} is ready: {body}");
     }
+    let started = fs::read_to_string(&out_path).unwrap_or_default();
+    let demo = started
+        .find("stack: demo data: ")
+        .unwrap_or_else(|| panic!("`up` says it loads the demo data\n{}", output()));
+    assert!(
+        started
+            .find("replica 1: starting")
+            .is_some_and(|replica| demo < replica),
+        "the demo data is loaded before replica 1 starts\n{}",
+        output()
+    );
 
     // Round robin: a few more requests reach every replica.
     for _ in 0..(2 * fleet.replicas) {
@@ -594,4 +681,50 @@ fn replicas_run_behind_haproxy_and_stop_on_sigterm() {
 
     stack.run("stop", OTHER_LIMIT).expect_success("stop");
     assert!(stack.running().is_empty(), "stop stops every server");
+}
+
+#[test]
+fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
+    let stack = Stack::with_pgbouncer();
+    let pgbouncer = stack.pgbouncer_port.expect("a PgBouncer port");
+    let started = stack.run("start", START_LIMIT).expect_success("start");
+    assert!(
+        started.stdout.contains("pgbouncer: started (pid "),
+        "start says it started PgBouncer:\n{}",
+        started.stdout
+    );
+    let pids = stack.running();
+    assert_eq!(
+        pids.len(),
+        4,
+        "PgBouncer runs beside the three servers: {pids:?}"
+    );
+
+    // `env` sends the service through PgBouncer, and LISTEN straight to PostgreSQL.
+    let env = stack.run("env", OTHER_LIMIT).expect_success("env");
+    for line in [
+        format!("export DATABASE_URL=postgres://postgres@127.0.0.1:{pgbouncer}/singleflight"),
+        format!(
+            "export DATABASE_LISTEN_URL=postgres://postgres@127.0.0.1:{}/singleflight",
+            stack.pg_port
+        ),
+        "export DATABASE_POOLER=transaction".to_owned(),
+    ] {
+        assert!(
+            env.stdout.lines().any(|l| l == line),
+            "`env` prints {line:?}:\n{}",
+            env.stdout
+        );
+    }
+    // The demo templates go in with the stack's settings; PgBouncer serves them.
+    assert_seeds(&stack, pgbouncer);
+
+    // A second start reuses it; stop stops it.
+    assert_start_reuses(&stack, &pids);
+    stack.run("stop", OTHER_LIMIT).expect_success("stop");
+    assert!(stack.running().is_empty(), "stop stops every server");
+    assert!(
+        connect(pgbouncer).is_err(),
+        "PgBouncer's port is closed after stop"
+    );
 }

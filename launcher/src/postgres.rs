@@ -1,5 +1,5 @@
 //! PostgreSQL: its binaries, `initdb`, the server's settings, its readiness, the lock files a crash
-//! leaves, and creating a database.
+//! leaves, creating a database, and streaming replicas that apply the primary's WAL late.
 //!
 //! # Running as root
 //!
@@ -15,14 +15,24 @@
 //! tests throw theirs away, so they add [`THROWAWAY`] and skip `initdb`'s fsync. Both listen on
 //! `127.0.0.1` only, put the Unix socket where they choose (`-k`: Debian's `/var/run/postgresql`
 //! may not exist or not be writable for us), and are ready when `pg_isready` says so.
+//!
+//! # Streaming replicas
+//!
+//! A replica is a copy of a running primary's data directory made by `pg_basebackup -R`
+//! ([`Basebackup`], run as the same user as the primary), started as a [`Postgres`] with
+//! [`standby_settings`]: a hot standby that applies each transaction a fixed delay after the
+//! primary committed it, so that a test can see what a lagging replica serves. Like any server
+//! here it is ready when `pg_isready` says so (a hot standby accepts connections once its copy is
+//! consistent). [`current_wal_lsn`] and [`replayed`] tell when it has caught up with the primary,
+//! over [`PgConnection`].
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{self, Error, Server, Signal, StopStep, User, SIGINT, SIGQUIT};
+use crate::probe::PgConnection;
+use crate::process::{self, run_as, Error, Server, Signal, StopStep, User, SIGINT, SIGQUIT};
 
 /// Where Debian installs each major version: `/usr/lib/postgresql/<version>/bin`. Debian does not
 /// put `initdb` or `postgres` on `PATH`, hence no `PATH` search.
@@ -138,6 +148,87 @@ impl Initdb<'_> {
     }
 }
 
+/// `pg_basebackup` for a streaming replica of the server on `127.0.0.1:primary_port`: a copy of
+/// its data directory in `data` (which must not exist yet; its parent must belong to `user`),
+/// with `-R`, which writes `standby.signal` and the `primary_conninfo` that points back at the
+/// primary, so that a server started on `data` streams the primary's WAL and replays it. The
+/// primary's default `pg_hba.conf` (from [`Initdb`]) trusts replication connections on loopback.
+/// `--checkpoint=fast`: the backup starts at once instead of after a spread checkpoint.
+pub struct Basebackup<'a> {
+    pub bins: &'a Bins,
+    pub primary_port: u16,
+    pub data: &'a Path,
+    /// The directory to run in (see [`Initdb::cwd`]).
+    pub cwd: &'a Path,
+    pub user: Option<User>,
+    /// Skips the fsync of the copy, as [`Initdb::throwaway`] does.
+    pub throwaway: bool,
+}
+
+impl Basebackup<'_> {
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(self.bins.program("pg_basebackup"));
+        command
+            .arg("-D")
+            .arg(self.data)
+            .args([
+                "-R",
+                "--checkpoint=fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(self.primary_port.to_string())
+            .current_dir(self.cwd);
+        if self.throwaway {
+            command.arg("--no-sync");
+        }
+        run_as(&mut command, self.user);
+        command
+    }
+}
+
+/// The settings of a replica made by [`Basebackup`] that answers read-only queries
+/// (`hot_standby`) and applies each transaction `apply_delay` after the primary committed it
+/// (`recovery_min_apply_delay`): a replica that lags by a known amount, for the code that must
+/// not read a change from a replica before it has it. A hot standby also needs
+/// `max_connections` (and the other limits) at least the primary's: give it the primary's
+/// settings too.
+pub fn standby_settings(apply_delay: Duration) -> Vec<String> {
+    vec![
+        "hot_standby=on".to_owned(),
+        format!("recovery_min_apply_delay={}ms", apply_delay.as_millis()),
+    ]
+}
+
+/// The primary's WAL position now (`pg_current_wal_lsn()`, as text: `0/3000148`).
+pub fn current_wal_lsn(port: u16) -> Result<String, String> {
+    PgConnection::connect(port, "postgres", "postgres")?
+        .value("SELECT pg_current_wal_lsn()")?
+        .ok_or_else(|| format!("pg_current_wal_lsn() on port {port} is NULL"))
+}
+
+/// Whether the replica on `port` has replayed the WAL up to `lsn` (its
+/// `pg_last_wal_replay_lsn()` is at or past it).
+pub fn replayed(port: u16, lsn: &str) -> Result<bool, String> {
+    if !lsn.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/') {
+        return Err(format!("{lsn:?} is not a WAL position"));
+    }
+    let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+    match PgConnection::connect(port, "postgres", "postgres")?
+        .value(&sql)?
+        .as_deref()
+    {
+        Some("t") => Ok(true),
+        Some("f") => Ok(false),
+        _ => Err(format!(
+            "the server on port {port} is not a replica (it replays no WAL)"
+        )),
+    }
+}
+
 /// A PostgreSQL server on `127.0.0.1:port`, run directly (never through `pg_ctl`, which would fork
 /// it away from the lifetime that spawns it).
 pub struct Postgres {
@@ -223,13 +314,6 @@ pub fn tls_settings(cert: &Path, key: &Path) -> Vec<String> {
     ]
 }
 
-/// Runs `command` as `user` (gid first, as std does; uid alone would leave us in root's group).
-fn run_as(command: &mut Command, user: Option<User>) {
-    if let Some(user) = user {
-        command.gid(user.gid).uid(user.uid);
-    }
-}
-
 /// The postmaster of `data` if it runs: its pid and the port it listens on, from
 /// `postmaster.pid` (line 1 and line 4), checked against `/proc`.
 pub fn postmaster(data: &Path) -> Option<(u32, Option<u16>)> {
@@ -308,49 +392,23 @@ pub fn leftovers(data: &Path, socket_dir: &Path) -> Leftovers {
     Leftovers::StaleLocks { files, old_pid }
 }
 
-/// Whether database `name` exists on the server at `127.0.0.1:port`, asked with `psql` as the
-/// superuser; `psql`'s own complaint goes to our stderr.
-pub fn database_exists(bins: &Bins, port: u16, name: &str) -> Result<bool, Error> {
-    let output = Command::new(bins.program("psql"))
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-U", "postgres", "-d", "postgres", "-tAc"])
-        .arg(format!("SELECT 1 FROM pg_database WHERE datname='{name}'"))
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(Error::io("run psql"))?;
-    if !output.status.success() {
-        return Err(Error::Unavailable(format!(
-            "psql could not query the server on 127.0.0.1:{port} ({})",
-            output.status
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim_end_matches('\n') == "1")
+/// Whether database `name` exists on the server at `127.0.0.1:port`, asked as the superuser.
+pub fn database_exists(port: u16, name: &str) -> Result<bool, Error> {
+    let sql = format!(
+        "SELECT 1 FROM pg_database WHERE datname = '{}'",
+        name.replace('\'', "''")
+    );
+    PgConnection::connect(port, "postgres", "postgres")
+        .and_then(|mut server| server.value(&sql))
+        .map(|found| found.is_some())
+        .map_err(Error::Unavailable)
 }
 
-/// Creates database `name` on the server at `127.0.0.1:port` with `createdb`; its complaint goes
-/// to our stderr.
-pub fn create_database(bins: &Bins, port: u16, name: &str) -> Result<(), Error> {
-    let status = Command::new(bins.program("createdb"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            name,
-        ])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null())
-        .status()
-        .map_err(Error::io("run createdb"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Unavailable(format!(
-            "createdb {name} failed ({status})"
-        )))
-    }
+/// Creates database `name` on the server at `127.0.0.1:port`, as the superuser.
+pub fn create_database(port: u16, name: &str) -> Result<(), Error> {
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    PgConnection::connect(port, "postgres", "postgres")
+        .and_then(|mut server| server.query(&sql))
+        .map(drop)
+        .map_err(Error::Unavailable)
 }

@@ -11,6 +11,7 @@ use std::fs::{self, File};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -437,6 +438,17 @@ fn passwd() -> impl Iterator<Item = Vec<&'static str>> {
         .get_or_init(|| fs::read_to_string("/etc/passwd").unwrap_or_default())
         .lines()
         .map(|line| line.split(':').collect())
+}
+
+/// Runs `command` as `user` (`None`: as ourselves): gid first, as std applies them, since a uid
+/// alone would leave the child in root's group. A server that refuses to run as root (PostgreSQL,
+/// PgBouncer) gets `Some(postgres)` when we are root; see [`crate::attached`] for why this and not
+/// `runuser`, nor the server's own user switch (PgBouncer's `-u`), which would clear the death
+/// signal.
+pub fn run_as(command: &mut Command, user: Option<User>) {
+    if let Some(user) = user {
+        command.gid(user.gid).uid(user.uid);
+    }
 }
 
 /// This process's effective uid.

@@ -21,9 +21,11 @@ use chrono::Utc;
 
 use crate::actors::cache::{
     CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseExtend,
-    LeaseFill, LeaseRelease, LeaseState,
+    LeaseFill, LeaseRelease, LeaseState, PingCache,
 };
-use crate::actors::db::{guard_panics, DbError, FetchTemplate};
+use crate::actors::db::{guard_panics, DbError, FetchTemplate, PingDb, Standing};
+use crate::actors::key_owner::{Generations, KeyOwnerDeps, LeaseDeps, OwnerSettings};
+use crate::metrics::Metrics;
 use crate::template::{Lookup, Template};
 
 /// The fake database has the templates `1..=ROWS`.
@@ -397,5 +399,51 @@ impl Handler<FetchTemplate> for FakeDb {
                 _ => Ok(Some(template(id, &format!("query {n}")))),
             }
         }))
+    }
+}
+
+/// A fake Redis always answers.
+impl Handler<PingCache> for FakeCache {
+    type Result = Result<(), CacheError>;
+    fn handle(&mut self, _: PingCache, _: &mut Self::Context) -> Self::Result {
+        Ok(())
+    }
+}
+
+/// A fake database is always up.
+impl Handler<PingDb> for FakeDb {
+    type Result = MessageResult<PingDb>;
+    fn handle(&mut self, _: PingDb, _: &mut Self::Context) -> Self::Result {
+        MessageResult(Standing::Up)
+    }
+}
+
+/// The collaborators of an owner whose Redis is `cache` and whose database is `db`, with the
+/// fleet lease (through `cache`, leases lasting `lease_ttl`) when it is set: as the service
+/// wires an owner, with fakes behind every recipient.
+pub fn owner_deps(
+    cache: &Addr<FakeCache>,
+    db: &Addr<FakeDb>,
+    lease_ttl: Option<Duration>,
+    settings: OwnerSettings,
+    metrics: Metrics,
+    generations: Generations,
+) -> KeyOwnerDeps {
+    KeyOwnerDeps {
+        cache_get: cache.clone().recipient(),
+        cache_get_many: cache.clone().recipient(),
+        cache_set: cache.clone().recipient(),
+        cache_del: cache.clone().recipient(),
+        db: db.clone().recipient(),
+        lease: lease_ttl.map(|ttl| LeaseDeps {
+            claim: cache.clone().recipient(),
+            extend: cache.clone().recipient(),
+            fill: cache.clone().recipient(),
+            release: cache.clone().recipient(),
+            ttl,
+        }),
+        settings,
+        metrics,
+        generations,
     }
 }

@@ -15,13 +15,27 @@ pub mod db;
 #[cfg(any(test, feature = "test-fakes"))]
 pub mod fakes;
 pub mod fills;
+mod heartbeat;
 pub mod key_owner;
 pub mod listener;
 mod relay;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use actix::{Actor, ActorContext, Context};
+use actix::{Actor, ActorContext, Context, Message};
+
+/// The change listener is deaf (`Some(max_age)`: no cached value older than that may be served
+/// without a reload) or hears again (`None`). Sent to every cache actor and key owner (see
+/// [`listener`]'s "Proving that it hears").
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deafness(pub Option<std::time::Duration>);
+
+/// Readiness: answered at once by a running actor (a key owner, the change listener), so that a
+/// stopped or stuck one is found.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Alive;
 
 /// Runs `f` on `actor`. A panic inside it is logged and stops the actor (its supervisor then
 /// restarts it), and `None` is returned; otherwise `f`'s result.

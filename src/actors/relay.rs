@@ -6,7 +6,9 @@
 //! must act on that); hand on every message that arrives; check a connection that has been
 //! quiet for a while with a round trip of its own, since a connection stalled behind a
 //! partition neither closes nor delivers; and on any failure, say why and connect again after
-//! a pause. The loop runs on a [`Relay`] actor of its own, under a supervisor.
+//! a pause. While connected, a subscription may also act on a clock of its own
+//! ([`Subscription::tick`]: the change listener proves that it hears). The loop runs on a
+//! [`Relay`] actor of its own, under a supervisor.
 
 use std::time::Duration;
 
@@ -33,6 +35,14 @@ pub(crate) trait Subscription {
 
     /// Hands one message on.
     fn relay(&mut self, message: Self::Message);
+
+    /// How often [`Subscription::tick`] runs while connected; `None`: never.
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Something to do now and then while connected.
+    async fn tick(&mut self) {}
 
     /// The connection failed (`connected`: after it was up) or could not be made, because of
     /// `why`; it is made again after the pause.
@@ -72,6 +82,12 @@ impl<S: Subscription + Clone + Unpin + 'static> Actor for Relay<S> {
 
 impl<S: Subscription + Clone + Unpin + 'static> Supervised for Relay<S> {}
 
+impl<S: Subscription + Clone + Unpin + 'static> Handler<super::Alive> for Relay<S> {
+    type Result = ();
+
+    fn handle(&mut self, _: super::Alive, _: &mut Self::Context) {}
+}
+
 /// Keeps `subscription` up forever: messages relayed as they arrive, a connection quiet for
 /// `quiet_check` checked, a failed one made again after `retry_delay`.
 pub(crate) async fn relay_forever<S: Subscription>(
@@ -92,22 +108,51 @@ pub(crate) async fn relay_forever<S: Subscription>(
     }
 }
 
+/// What the relay loop waited for.
+enum Event<M> {
+    Next(Option<Result<M, String>>),
+    Quiet,
+    Tick,
+}
+
 /// Relays messages until the connection fails; returns why it stopped.
 async fn relay<S: Subscription>(
     subscription: &mut S,
     conn: &mut S::Connection,
     quiet_check: Duration,
 ) -> String {
+    let mut ticks = subscription.tick_every().map(|every| {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
+    let mut quiet_until = tokio::time::Instant::now() + quiet_check;
     loop {
-        match tokio::time::timeout(quiet_check, subscription.next(conn)).await {
-            Ok(Some(Ok(message))) => subscription.relay(message),
-            Ok(Some(Err(why))) => return why,
-            Ok(None) => return "the connection closed".to_owned(),
-            Err(_quiet) => {
+        let tick = async {
+            match ticks.as_mut() {
+                Some(ticks) => drop(ticks.tick().await),
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            next = subscription.next(conn) => Event::Next(next),
+            () = tokio::time::sleep_until(quiet_until) => Event::Quiet,
+            () = tick => Event::Tick,
+        };
+        match event {
+            Event::Next(Some(Ok(message))) => {
+                quiet_until = tokio::time::Instant::now() + quiet_check;
+                subscription.relay(message);
+            }
+            Event::Next(Some(Err(why))) => return why,
+            Event::Next(None) => return "the connection closed".to_owned(),
+            Event::Quiet => {
                 if let Err(why) = subscription.check(conn).await {
                     return why;
                 }
+                quiet_until = tokio::time::Instant::now() + quiet_check;
             }
+            Event::Tick => subscription.tick().await,
         }
     }
 }

@@ -8,12 +8,13 @@ pub mod worker_cache;
 use std::cell::RefCell;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::actors::cache::CacheActor;
-use crate::actors::db::DbActor;
+use crate::actors::cache::PingCache;
+use crate::actors::db::PingDb;
 use crate::actors::key_owner::KeyOwner;
+use crate::actors::Alive;
 use crate::http::error::ApiError;
 use crate::http::worker_cache::WorkerCache;
 use crate::metrics::{Metrics, WorkerCounts};
@@ -22,9 +23,12 @@ use crate::metrics::{Metrics, WorkerCounts};
 pub struct AppState {
     /// The key owners; `shard_for(id, owners.len())` picks one.
     pub owners: Vec<Addr<KeyOwner>>,
-    pub db: Addr<DbActor>,
+    /// The database actor, asked by `/readyz` whether PostgreSQL answers.
+    pub db_probe: Recipient<PingDb>,
     /// One cache actor, asked by `/readyz` whether Redis answers.
-    pub cache_probe: Addr<CacheActor>,
+    pub cache_probe: Recipient<PingCache>,
+    /// The change listener, asked by `/readyz` whether it runs.
+    pub listener_probe: Recipient<Alive>,
     pub request_timeout: Duration,
     /// How long a worker gathers due renewals before it sends them ([`renewal_batch`]).
     pub renewal_batch: Duration,

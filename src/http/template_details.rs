@@ -8,7 +8,9 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
 
-use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Renew, XCache};
+use actix::prelude::SendError;
+
+use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Renew, ShedReason, XCache};
 use crate::http::error::{mime_json, ApiError};
 use crate::http::{AppState, WorkerState};
 use crate::template::Lookup;
@@ -41,9 +43,26 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
 
     let (reply, answer) = oneshot::channel();
     let owner = &state.owners[shard_for(id, state.owners.len())];
-    // `do_send` never waits on the owner's mailbox; if the owner is gone the message is dropped
-    // with `reply`, and the receiver below sees that at once.
-    owner.do_send(GetTemplate { id, reply });
+    // `try_send` never waits on the owner's mailbox, and never queues beyond its bound: a full
+    // mailbox (the owner is behind) sheds the request at once, as the owner's own bounds do.
+    match owner.try_send(GetTemplate { id, reply }) {
+        Ok(()) => {}
+        Err(SendError::Full(_)) => {
+            let reason = ShedReason::Mailbox;
+            let label = reason.label();
+            state
+                .metrics
+                .shed_requests_total
+                .with_label_values(&[label])
+                .inc();
+            return Err(ApiError::Unavailable(FlightError::Shed(reason).to_string()));
+        }
+        Err(SendError::Closed(_)) => {
+            return Err(ApiError::Unavailable(format!(
+                "template {id} cannot be loaded right now: its key owner is not running"
+            )))
+        }
+    }
 
     let answer = match tokio::time::timeout(state.request_timeout, answer).await {
         Ok(Ok(answer)) => answer,
@@ -110,7 +129,9 @@ fn renew(state: &AppState, worker: &Rc<WorkerState>, id: i64) {
                 }
             })
             .collect();
-        owner.do_send(Renew { renewals });
+        // A renewal that finds the mailbox full is dropped: the copies run out as they would
+        // have, and the next request for them asks the owner.
+        let _ = owner.try_send(Renew { renewals });
         let _ = tokio::time::timeout(deadline, futures_util::future::join_all(answers)).await;
     });
 }
@@ -301,5 +322,97 @@ mod tests {
     fn long_values_are_shortened_in_messages() {
         let m = message(&format!("id={}", "x".repeat(10_000)));
         assert!(m.len() < 200, "{m}");
+    }
+
+    /// An owner too busy to read its mailbox (a stalled thread): requests beyond the mailbox's
+    /// bound are shed at once, with a 503 that says why, and counted; those it holds are
+    /// answered once the owner goes on. No request is queued without bound or left hanging.
+    #[actix_rt::test]
+    async fn a_full_owner_mailbox_sheds_requests_at_once() {
+        use std::time::Duration;
+
+        use actix::prelude::*;
+        use actix_web::{test, App};
+
+        use crate::actors::fakes::{owner_deps, DbMode, FakeCache, FakeDb};
+        use crate::actors::key_owner::{Generations, KeyOwner, OwnerSettings};
+        use crate::actors::Alive;
+        use crate::metrics::Metrics;
+
+        let fakes = Arbiter::new();
+        let store = FakeCache::entries((1..=100).map(|id| (id, Duration::from_secs(60))), "x");
+        let cache = FakeCache::start_in_arbiter(&fakes.handle(), |_| FakeCache::new(store));
+        let db = FakeDb::start_in_arbiter(&fakes.handle(), |_| {
+            FakeDb::new(DbMode::Rows, Duration::ZERO)
+        });
+        let metrics = Metrics::new().expect("metrics");
+        let (settings, generations) = (OwnerSettings::default(), Generations::default());
+        let deps = owner_deps(&cache, &db, None, settings, metrics.clone(), generations);
+        let owner_thread = Arbiter::new();
+        let owner =
+            KeyOwner::start_in_arbiter(&owner_thread.handle(), move |_| KeyOwner::new(0, deps));
+        owner.send(Alive).await.expect("the owner started");
+        // From now on the owner's thread is busy until told to go on.
+        let (go_on, busy) = std::sync::mpsc::channel::<()>();
+        owner_thread.spawn(async move {
+            let _ = busy.recv_timeout(Duration::from_secs(30));
+        });
+        let state = AppState {
+            owners: vec![owner.clone()],
+            db_probe: db.recipient(),
+            cache_probe: cache.recipient(),
+            listener_probe: owner.clone().recipient(),
+            request_timeout: Duration::from_secs(30),
+            renewal_batch: Duration::from_millis(20),
+            metrics: metrics.clone(),
+        };
+        let app = test::init_service(
+            App::new()
+                .app_data(web::Data::new(state))
+                .configure(crate::http::routes),
+        )
+        .await;
+        let counter = metrics.shed_requests_total.clone();
+        let shed = move || {
+            counter
+                .with_label_values(&[ShedReason::Mailbox.label()])
+                .get()
+        };
+        // Once requests are being shed, the owner goes on.
+        let watched = shed.clone();
+        let watcher = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while watched() == 0 && started.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = go_on.send(());
+        });
+        let sent = 4096 + 200;
+        let requests = (0..sent).map(|n| {
+            let uri = format!("/template-details?id={}", 1 + n % 100);
+            test::call_service(&app, test::TestRequest::get().uri(&uri).to_request())
+        });
+        let responses = futures_util::future::join_all(requests).await;
+        watcher.join().expect("the watcher ends");
+        let mut answered = 0;
+        let mut refused = 0;
+        for response in responses {
+            match response.status().as_u16() {
+                200 => answered += 1,
+                503 => {
+                    let body = test::read_body(response).await;
+                    let body = String::from_utf8_lossy(&body);
+                    assert!(body.contains("queue is full"), "{body}");
+                    refused += 1;
+                }
+                other => panic!("status {other}"),
+            }
+        }
+        assert!(refused > 0, "some requests were shed");
+        assert!(
+            answered >= 4096,
+            "the mailbox's bound was queued: {answered}"
+        );
+        assert_eq!((answered + refused, shed()), (sent, refused as u64));
     }
 }

@@ -1,7 +1,9 @@
 //! What singleflight's tests and benches share, and nothing that needs the service crate.
 //!
 //! - [`servers`]: one real PostgreSQL and one Redis per test process, on free loopback ports,
-//!   that die with the process (PostgreSQL run as the `postgres` user when we are root).
+//!   that die with the process (PostgreSQL run as the `postgres` user when we are root); on
+//!   demand, PgBouncer in transaction mode in front of that PostgreSQL, and a primary of its own
+//!   with a replica that applies its WAL late.
 //! - [`launcher`]: how those servers (and the dashboard test's Prometheus) are run and tied to the
 //!   test process: the launcher crate, which `scripts/stack.sh` runs its servers with too.
 //! - [`certs`]: a throwaway CA and certificates, for the TLS variant of the servers.

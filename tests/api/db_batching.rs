@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use futures_util::future::join_all;
-use singleflight::actors::db::{DbActor, DbSettings, FetchTemplate};
+use singleflight::actors::db::{DbActor, DbSettings, FetchTemplate, Sessions};
+use singleflight::config::Pooler;
 use singleflight::metrics::Metrics;
 use singleflight::tls::PgConnector;
 
@@ -28,7 +29,10 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
             connect_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(1),
             batch_max: 100,
+            sessions: Sessions::new(Pooler::None, &metrics),
+            replica: false,
         },
+        Vec::new(),
         metrics.clone(),
     )
     .start();
@@ -36,7 +40,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
     let idle = || {
         metrics
             .db_pool_connections
-            .with_label_values(&["idle"])
+            .with_label_values(&["primary", "idle"])
             .get()
     };
     while idle() < 1 {

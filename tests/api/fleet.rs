@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{postgres_proxy, redis_proxy, via};
 use crate::support::fault_proxy::Mode;
-use crate::support::{empty_database_url, ports, servers, sum_metric, wait_for_warm_pool};
+use crate::support::{demo_database_url, ports, servers, sum_metric, wait_for_warm_pool};
 
 /// One service process, killed when dropped (a failed assertion must not leave it running).
 struct Replica {
@@ -196,7 +196,7 @@ fn all_refs(fleet: &[Replica]) -> Vec<&Replica> {
 #[actix_rt::test]
 async fn a_cold_stampede_spread_over_three_replicas_costs_one_query_fleet_wide() {
     let servers = servers::servers();
-    let database_url = empty_database_url().await;
+    let database_url = demo_database_url().await;
     let redis_url = servers.redis_url(servers::next_redis_db());
     // A waiter that is not told looks again after a quarter of the lease period: 1 s here, so
     // a wait the fill notice ended is told apart from one that ran its course, on a machine
@@ -255,7 +255,7 @@ async fn a_cold_stampede_spread_over_three_replicas_costs_one_query_fleet_wide()
 #[actix_rt::test]
 async fn the_lease_notice_subscription_survives_a_quiet_period() {
     let servers = servers::servers();
-    let database_url = empty_database_url().await;
+    let database_url = demo_database_url().await;
     let redis_url = servers.redis_url(servers::next_redis_db());
     let fleet = start_fleet(1, &database_url, &redis_url, &[]).await;
     let client = reqwest::Client::new();
@@ -272,7 +272,7 @@ async fn the_lease_notice_subscription_survives_a_quiet_period() {
 #[actix_rt::test]
 async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answer_every_request() {
     let servers = servers::servers();
-    let direct_url = empty_database_url().await;
+    let direct_url = demo_database_url().await;
     // The holder reaches PostgreSQL through a proxy of its own, which swallows its load; the
     // others through one that makes every load take 0.4 s.
     let (holder_proxy, others_proxy) = (postgres_proxy(), postgres_proxy());
@@ -416,7 +416,7 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
     }
 
     let servers = servers::servers();
-    let direct_url = empty_database_url().await;
+    let direct_url = demo_database_url().await;
     // Replica a is 1 s from PostgreSQL each way: its load's answer, and the change
     // notification, reach it late. Replica b is next to it and learns of the change at once.
     // The return hop is the time this test has to see a's query run, change the row and have b
@@ -546,7 +546,7 @@ struct Stamp {
 async fn with_redis_black_holed_each_replica_coalesces_its_own_requests_and_nothing_fails() {
     let servers = servers::servers();
     let proxy = redis_proxy();
-    let database_url = empty_database_url().await;
+    let database_url = demo_database_url().await;
     let redis_url = via(&proxy, &servers.redis_url(servers::next_redis_db()));
     let env = [("REQUEST_TIMEOUT_MS", "5000")];
     let fleet = start_fleet(3, &database_url, &redis_url, &env).await;
@@ -583,7 +583,7 @@ async fn fleet_figures() {
     println!("|---|---|---|---|---|");
     for n in [1, 3, 5] {
         for lease in ["1000", "0"] {
-            let database_url = empty_database_url().await;
+            let database_url = demo_database_url().await;
             let redis_url = servers.redis_url(servers::next_redis_db());
             let env = [("LEASE_TTL_MS", lease)];
             let fleet = start_fleet(n, &database_url, &redis_url, &env).await;
@@ -616,7 +616,7 @@ async fn fleet_figures() {
     println!("|---|---|---|---|---|");
     for run in 1..=3 {
         for lease in ["1000", "0"] {
-            let database_url = empty_database_url().await;
+            let database_url = demo_database_url().await;
             let redis_url = servers.redis_url(servers::next_redis_db());
             let fleet = start_fleet(1, &database_url, &redis_url, &[("LEASE_TTL_MS", lease)]).await;
             let mut took = Vec::new();
@@ -652,7 +652,7 @@ async fn fleet_figures() {
     );
     println!("|---|---|---|---|---|---|");
     for lease in ["1000", "0"] {
-        let database_url = empty_database_url().await;
+        let database_url = demo_database_url().await;
         let redis_url = servers.redis_url(servers::next_redis_db());
         let env = [
             ("LEASE_TTL_MS", lease),

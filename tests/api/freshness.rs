@@ -207,3 +207,85 @@ async fn a_restart_reloads_what_it_finds_cached_instead_of_trusting_it() {
     assert_eq!(second.metric("db_hits_total").await, 1.0);
     assert_eq!(header(&second.template(50).await, "x-cache"), "HIT");
 }
+
+#[actix_rt::test]
+async fn an_update_that_changes_an_id_invalidates_the_old_and_the_new_id() {
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(300);
+        s.negative_ttl = Duration::from_secs(300);
+    })
+    .await;
+    assert_eq!(app.template(40).await.status(), 200);
+    assert_eq!(app.template(6000).await.status(), 404);
+    assert_eq!(header(&app.template(6000).await, "x-cache"), "HIT");
+
+    app.execute_sql("UPDATE templates SET id = 6000 WHERE id = 40")
+        .await;
+    time_until(&app, 40, |status, _| status == 404).await;
+    time_until(&app, 6000, |status, _| status == 200).await;
+}
+
+#[actix_rt::test]
+async fn a_truncate_invalidates_every_id() {
+    let app = spawn_app_with(|s| s.cache_ttl = Duration::from_secs(300)).await;
+    for id in [41, 42, 43] {
+        assert_eq!(app.template(id).await.status(), 200);
+        assert_eq!(header(&app.template(id).await, "x-cache"), "HIT");
+    }
+    app.execute_sql("TRUNCATE templates").await;
+    for id in [41, 42, 43] {
+        time_until(&app, id, |status, _| status == 404).await;
+    }
+}
+
+/// A listener that hears nothing — here it listens on another database than the one changes and
+/// its heartbeats are sent to, as it would through a transaction-mode pooler — is found out by
+/// its heartbeat: `/readyz` says deaf (still ready), `listener_hearing` is 0, and while it is
+/// deaf a change is still served within a few seconds: nothing cached is older than 2 s.
+#[actix_rt::test]
+async fn a_deaf_listener_is_found_out_and_changes_are_still_served_within_seconds() {
+    let elsewhere = crate::support::empty_database_url().await;
+    let app = spawn_app_with(|s| {
+        s.cache_ttl = Duration::from_secs(300);
+        s.database_listen_url = Some(elsewhere);
+    })
+    .await;
+    let readiness = || async {
+        let ready = app.get("/readyz").await;
+        let status = ready.status().as_u16();
+        (
+            status,
+            ready
+                .json::<serde_json::Value>()
+                .await
+                .expect("readyz JSON"),
+        )
+    };
+    let polled = poll::until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        readiness,
+        |(_, body)| {
+            body["checks"]["listener"]
+                .as_str()
+                .is_some_and(|check| check.starts_with("degraded: deaf"))
+        },
+    )
+    .await;
+    let (status, body) = polled.last;
+    assert!(polled.done, "never found deaf: {body}");
+    assert_eq!(
+        status, 200,
+        "a deaf listener is degraded, not unready: {body}"
+    );
+    assert_eq!(app.metric("listener_hearing").await, 0.0);
+
+    assert_eq!(app.template(50).await.status(), 200);
+    app.execute_sql("UPDATE templates SET name = 'Renamed while deaf' WHERE id = 50")
+        .await;
+    let took = time_until(&app, 50, |status, body| {
+        status == 200 && body.contains("Renamed while deaf")
+    })
+    .await;
+    assert!(took < Duration::from_secs(5), "visible after {took:?}");
+}

@@ -31,11 +31,13 @@ fn free_port() -> u16 {
 #[actix_rt::test]
 async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and_sigint() {
     let servers = servers::servers();
+    // The shared `postgres` database, with the schema and the demo templates (loading them
+    // again inserts nothing).
+    crate::support::seed_demo(&servers.pg_url("postgres")).await;
     for (round, signal) in ["TERM", "INT"].into_iter().enumerate() {
         let port = free_port();
         let proxy = postgres_proxy();
-        // Reuses the shared `postgres` database (migrations are idempotent), with a Redis
-        // keyspace of its own: every id below is cold.
+        // A Redis keyspace of its own: every id below is cold.
         let mut child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_singleflight"))
                 .env("HTTP_ADDR", format!("127.0.0.1:{port}"))

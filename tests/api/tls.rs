@@ -33,11 +33,15 @@ async fn admin(tls: &TlsServers, statements: &[String]) {
     }
 }
 
-/// A database of its own on the TLS PostgreSQL.
+/// A database of its own on the TLS PostgreSQL, with the demo templates loaded unless it has
+/// another `owner` (who loads them).
 async fn tls_database(tls: &TlsServers, suffix: &str, owner: Option<&str>) -> String {
     let name = format!("tls_{}_{suffix}", std::process::id());
     let owner = owner.map(|o| format!(" OWNER {o}")).unwrap_or_default();
     admin(tls, &[format!("CREATE DATABASE {name}{owner}")]).await;
+    if owner.is_empty() {
+        crate::support::seed_demo(&tls.pg_url(&name, "require")).await;
+    }
     name
 }
 
@@ -144,6 +148,8 @@ async fn sslmode_require_needs_no_ca_and_a_password_role_and_a_client_certificat
         "postgres://tls_app:p%40ss%2Fw%3Ard@127.0.0.1:{}/{database}?sslmode=require",
         tls.plain.pg_port
     );
+    // The owner loads the schema and the demo templates.
+    crate::support::seed_demo(&url).await;
     let (cert, key) = (
         PemFile::read(&tls.client_cert_file, PemKind::Certificates).expect("client cert"),
         PemFile::read(&tls.client_key_file, PemKind::PrivateKey).expect("client key"),

@@ -1,8 +1,8 @@
-//! The commands: `up`, `start`, `stop`, `status`, `env` (`help` is [`super::USAGE`]).
+//! The commands: `up`, `start`, `stop`, `status`, `env`, `seed` (`help` is [`super::USAGE`]).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 use super::settings::DB_NAME;
 use super::{port_holder, say, warn, Failure, Stack};
@@ -10,7 +10,8 @@ use crate::process;
 use crate::prometheus;
 
 impl Stack {
-    /// PostgreSQL, Redis and Prometheus started (or reused), after the checks that need no server:
+    /// PostgreSQL (and PgBouncer with `POOLER=pgbouncer`), Redis and Prometheus started (or
+    /// reused), after the checks that need no server:
     /// Prometheus's port clear of the service's, the packages there, no port held by another
     /// program.
     pub(super) fn start_stack(&mut self) -> Result<(), Failure> {
@@ -37,21 +38,42 @@ impl Stack {
             self.fleet_preflight_ports()?;
         }
         self.pg_start()?;
+        if self.s.pgbouncer {
+            self.pgbouncer_start()?;
+        }
         self.redis_start()?;
         self.prom_start()
     }
 
-    /// `up`'s first lines: where PostgreSQL, Redis and Prometheus (scraping `targets`) are.
+    /// `up`'s first lines: where PostgreSQL (and PgBouncer), Redis and Prometheus (scraping
+    /// `targets`) are.
     pub(super) fn say_where_servers_are(&self, targets: &str) {
         let env = self.service_env();
+        let value = |name: &str| {
+            env.iter()
+                .find(|(n, _)| n == name)
+                .map_or(String::new(), |(_, v)| v.clone())
+        };
         let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
-        say(&format!(
-            "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
-            env[0].1
-        ));
+        if self.s.pgbouncer {
+            let pgbouncer = self.s.pgbouncer_port.number;
+            say(&format!(
+                "postgres  127.0.0.1:{pg}   DATABASE_LISTEN_URL={}",
+                value("DATABASE_LISTEN_URL")
+            ));
+            say(&format!(
+                "pgbouncer 127.0.0.1:{pgbouncer}   DATABASE_URL={}   (transaction mode, DATABASE_POOLER=transaction)",
+                value("DATABASE_URL")
+            ));
+        } else {
+            say(&format!(
+                "postgres  127.0.0.1:{pg}   DATABASE_URL={}",
+                value("DATABASE_URL")
+            ));
+        }
         say(&format!(
             "redis     127.0.0.1:{redis}   REDIS_URL={}",
-            env[1].1
+            value("REDIS_URL")
         ));
         say(&format!("prometheus http://127.0.0.1:{prom}   scrapes {targets} every 5 s (targets: http://127.0.0.1:{prom}/targets)"));
     }
@@ -67,6 +89,10 @@ impl Stack {
         }
         if self.prom().pid().is_none() && process::port_open(prom) {
             return Err(self.port_taken("prometheus", prom, "PROM_PORT"));
+        }
+        let pgbouncer = self.s.pgbouncer_port.number;
+        if self.s.pgbouncer && self.pgbouncer().pid().is_none() && process::port_open(pgbouncer) {
+            return Err(self.port_taken("pgbouncer", pgbouncer, "PGBOUNCER_PORT"));
         }
         Ok(())
     }
@@ -88,6 +114,12 @@ impl Stack {
             "  postgres  127.0.0.1:{pg}  db '{DB_NAME}', user postgres (trust)  data {}",
             l.pg_data
         ));
+        if self.s.pgbouncer {
+            say(&format!(
+                "  pgbouncer 127.0.0.1:{}  transaction mode in front of postgres, any database name  log {}",
+                self.s.pgbouncer_port.number, l.pgbouncer_log
+            ));
+        }
         say(&format!(
             "  redis     127.0.0.1:{redis}  dir {}",
             l.redis_dir
@@ -114,11 +146,14 @@ impl Stack {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// `stop`: the fleet (if one runs), PostgreSQL (fast shutdown), Redis and Prometheus; fine if
-    /// they are stopped already.
+    /// `stop`: the fleet (if one runs), PgBouncer (if one runs), PostgreSQL (fast shutdown),
+    /// Redis and Prometheus; fine if they are stopped already.
     pub(super) fn stop(&mut self) -> Result<ExitCode, Failure> {
         if self.s.fleet() || self.fleet_started() {
             self.fleet_stop()?;
+        }
+        if self.s.pgbouncer || self.pgbouncer_started() {
+            self.pgbouncer_stop()?;
         }
         self.pg_stop()?;
         self.redis_stop()?;
@@ -158,6 +193,9 @@ impl Stack {
         let bins = self.pg_bins.as_ref();
         let bins = bins.map_or("not installed".to_owned(), |b| b.dir.display().to_string());
         println!("          binaries: {bins}");
+        if self.s.pgbouncer || self.pgbouncer_started() {
+            self.pgbouncer_status();
+        }
         let redis = self.redis();
         match redis.pid() {
             Some(pid) => println!(
@@ -199,6 +237,25 @@ impl Stack {
     /// `env`: export lines for the running stack (its running ports), with a warning for what
     /// does not run.
     pub(super) fn env(&mut self) -> Result<ExitCode, Failure> {
+        let down = self.find_running();
+        if !down.is_empty() {
+            warn(&format!(
+                "warning: not running: {} (start with: {} start)",
+                down.join(" "),
+                self.s.me
+            ));
+        }
+        for (name, value) in self.service_env() {
+            if name != "RUST_LOG" {
+                println!("export {name}={value}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Takes the ports of the servers of this stack that run (PgBouncer's with
+    /// `POOLER=pgbouncer`); the names of those that do not.
+    fn find_running(&mut self) -> Vec<&'static str> {
         let mut down = Vec::new();
         if let Some((_, port)) = self.pg_running() {
             if let Some(port) = port {
@@ -215,23 +272,63 @@ impl Stack {
         } else {
             down.push("postgres");
         }
+        if self.s.pgbouncer {
+            let pgbouncer = self.pgbouncer();
+            if pgbouncer.pid().is_some() {
+                self.s.pgbouncer_port.number =
+                    pgbouncer.port().unwrap_or(self.s.pgbouncer_port.number);
+            } else {
+                down.push("pgbouncer");
+            }
+        }
         let redis = self.redis();
         if redis.pid().is_some() {
             self.s.redis.number = redis.port().unwrap_or(self.s.redis.number);
         } else {
             down.push("redis");
         }
-        if !down.is_empty() {
-            warn(&format!(
-                "warning: not running: {} (start with: {} start)",
-                down.join(" "),
-                self.s.me
+        down
+    }
+
+    /// `seed`: the demo templates into the running stack's database, with the service binary
+    /// (SERVICE_BIN, or a fresh release build), for those who run the service themselves.
+    pub(super) fn seed(&mut self) -> Result<ExitCode, Failure> {
+        let down = self.find_running();
+        if down.contains(&"postgres") || down.contains(&"pgbouncer") {
+            return Err(Failure::new(
+                format!("not running: {}.", down.join(" ")),
+                [format!("start the stack first: {} start", self.s.me)],
             ));
         }
-        for (name, value) in &self.service_env()[..2] {
-            println!("export {name}={value}");
-        }
+        let binary = self.service_binary()?;
+        self.seed_demo(Command::new(binary))?;
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// Runs `service seed-demo` (`service`: the binary, or `cargo run ... --`) against the stack:
+    /// the schema prepared as the service's start-up does, then the demo templates into an empty
+    /// `templates` table only (so running it again changes nothing). The service no longer
+    /// finds them in its migrations.
+    pub(super) fn seed_demo(&self, mut service: Command) -> Result<(), Failure> {
+        say("demo data: singleflight seed-demo (the schema as at start-up, then the demo templates if the templates table is empty)");
+        let seeded = service
+            .arg("seed-demo")
+            .current_dir(&self.s.root)
+            .envs(self.service_env())
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !seeded {
+            return Err(Failure::new(
+                "singleflight seed-demo failed (output above).",
+                [format!(
+                    "fix the cause, then run '{}' again (or '{} seed' alone).",
+                    self.s.again(),
+                    self.s.me
+                )],
+            ));
+        }
+        Ok(())
     }
 
     /// `up`: the servers, then the service in the foreground (`cargo run --release`), which
@@ -284,9 +381,16 @@ impl Stack {
         say(&format!(
             "try:      curl 'http://{curl_host}:{http_port}/template-details?id=1'"
         ));
+        let cargo_run = || {
+            let mut command = Command::new("cargo");
+            command.args(["run", "--release", "--bin", "singleflight"]);
+            command
+        };
+        let mut seed = cargo_run();
+        seed.arg("--");
+        self.seed_demo(seed)?;
         say(&format!("building and running the service (cargo run --release); Ctrl-C stops it; PostgreSQL, Redis and Prometheus keep running ('{me} stop' stops them)"));
-        let error = Command::new("cargo")
-            .args(["run", "--release", "--bin", "singleflight"])
+        let error = cargo_run()
             .current_dir(&self.s.root)
             .envs(self.service_env())
             .exec();

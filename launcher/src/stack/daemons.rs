@@ -1,5 +1,5 @@
 //! The servers the stack finds again through a pid file and a port file of its own: Redis,
-//! Prometheus, HAProxy and the replicas (PostgreSQL keeps its own `postmaster.pid`). One way to
+//! Prometheus, PgBouncer, HAProxy and the replicas (PostgreSQL keeps its own `postmaster.pid`). One way to
 //! find one, to start one and to stop one, whatever the server.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use super::servers::{remove_files, write_number};
 use super::settings::Settings;
 use super::{after_log, say, Failure, Stack};
 use crate::process::{self, StopStep, SIGTERM};
-use crate::{detached, haproxy, prometheus, redis, replica, Error, Server};
+use crate::{detached, haproxy, pgbouncer, prometheus, redis, replica, Error, Server};
 
 /// A daemon of the stack, as its files and messages know it.
 pub(super) struct Daemon {
@@ -157,6 +157,13 @@ impl Stack {
             &prometheus::STOP,
             false,
         )
+    }
+
+    pub(super) fn pgbouncer(&self) -> Daemon {
+        let l = &self.s.layout;
+        let files = [&l.pgbouncer_pid, &l.pgbouncer_port, &l.pgbouncer_log];
+        let is_it = |comm: &str| comm == pgbouncer::PROGRAM;
+        Daemon::new("pgbouncer", files, is_it, &pgbouncer::STOP, true)
     }
 
     pub(super) fn lb(&self) -> Daemon {

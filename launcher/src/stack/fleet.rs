@@ -64,23 +64,35 @@ impl Stack {
     }
 
     /// The service's settings for the stack started here; the other variables of the README's
-    /// configuration table pass through from the caller's environment.
+    /// configuration table pass through from the caller's environment. With `POOLER=pgbouncer`,
+    /// `DATABASE_URL` goes through PgBouncer and `DATABASE_LISTEN_URL` straight to PostgreSQL
+    /// (`LISTEN` and the migration lock need a session of their own).
     pub(super) fn service_env(&self) -> Vec<(String, String)> {
-        vec![
-            (
-                "DATABASE_URL".into(),
-                format!(
-                    "postgres://postgres@127.0.0.1:{}/{}",
-                    self.s.pg.number,
-                    super::settings::DB_NAME
+        let database = |port: u16| {
+            format!(
+                "postgres://postgres@127.0.0.1:{port}/{}",
+                super::settings::DB_NAME
+            )
+        };
+        let direct = database(self.s.pg.number);
+        let mut env = if self.s.pgbouncer {
+            vec![
+                (
+                    "DATABASE_URL".into(),
+                    database(self.s.pgbouncer_port.number),
                 ),
-            ),
-            (
-                "REDIS_URL".into(),
-                format!("redis://127.0.0.1:{}/", self.s.redis.number),
-            ),
-            ("RUST_LOG".into(), self.rust_log()),
-        ]
+                ("DATABASE_LISTEN_URL".into(), direct),
+                ("DATABASE_POOLER".into(), "transaction".into()),
+            ]
+        } else {
+            vec![("DATABASE_URL".into(), direct)]
+        };
+        env.push((
+            "REDIS_URL".into(),
+            format!("redis://127.0.0.1:{}/", self.s.redis.number),
+        ));
+        env.push(("RUST_LOG".into(), self.rust_log()));
+        env
     }
 
     /// RUST_LOG for the service: the caller's, else `info`.
@@ -309,6 +321,8 @@ impl Stack {
         binary: &Path,
         children: &mut Vec<Child>,
     ) -> Result<(), Failure> {
+        // The demo templates before any replica: no migration inserts them any more.
+        self.seed_demo(Command::new(binary))?;
         // Replica 1 first, alone: every replica applies pending migrations at start-up, and two
         // migrating an empty database at the same moment could collide.
         children.extend(self.replica_start(1, binary)?);

@@ -1,6 +1,9 @@
 //! `scripts/stack.sh`: PostgreSQL, Redis and Prometheus run natively (no Docker), with all their
 //! state under `STACK_DIR` (`.stack/` at the repository root by default); with `REPLICAS=N`, a
-//! fleet of N replicas of the service behind HAProxy too. The script builds the `stack` binary and
+//! fleet of N replicas of the service behind HAProxy too; with `POOLER=pgbouncer`, PgBouncer in
+//! transaction mode between the service and PostgreSQL. The service's demo templates are data, not
+//! schema: `up` loads them with `singleflight seed-demo` before the service starts, and `seed`
+//! loads them into a stack someone else runs the service against. The script builds the `stack` binary and
 //! runs it with its own name as `argv[0]`, so every message here names the script as the user
 //! called it.
 //!
@@ -8,10 +11,12 @@
 //!   anything starts, and the `.stack/` layout.
 //! - `packages`: what it installs with apt-get when something is missing (as root).
 //! - `daemons`: the one way to find (pid file, port file), start and stop the servers that keep
-//!   no pid file of their own: Redis, Prometheus, HAProxy, the replicas.
+//!   no pid file of their own: Redis, Prometheus, PgBouncer, HAProxy, the replicas.
 //! - `servers`: starting, reusing and stopping PostgreSQL, Redis and Prometheus.
-//! - `fleet`: the replicas and HAProxy, and `up`'s foreground with a fleet.
-//! - `commands`: `up`, `start`, `stop`, `status`, `env`.
+//! - `pooler`: PgBouncer in front of PostgreSQL, with `POOLER=pgbouncer`.
+//! - `fleet`: the replicas and HAProxy, and `up`'s foreground with a fleet; the service's
+//!   environment and binary.
+//! - `commands`: `up`, `start`, `stop`, `status`, `env`, `seed` (and the demo data step).
 //!
 //! Run it through the script: the repository root (where `prometheus.yaml` is, where cargo builds
 //! the service) is found from the script's path in `argv[0]`, as the script itself found it.
@@ -27,6 +32,7 @@ mod commands;
 mod daemons;
 mod fleet;
 mod packages;
+mod pooler;
 mod servers;
 pub mod settings;
 
@@ -41,7 +47,7 @@ use settings::Settings;
 pub const USAGE: &str = include_str!("usage.txt");
 
 /// The commands, for the message about an unknown one.
-const COMMANDS: &str = "up (default), start, stop, status, env";
+const COMMANDS: &str = "up (default), start, stop, status, env, seed";
 
 /// Runs the command in this process's arguments; the exit code to end with.
 pub fn main() -> ExitCode {
@@ -56,7 +62,7 @@ pub fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        "up" | "start" | "stop" | "status" | "env" => {}
+        "up" | "start" | "stop" | "status" | "env" | "seed" => {}
         _ => {
             eprint!("{USAGE}");
             Failure::new(
@@ -77,6 +83,7 @@ pub fn main() -> ExitCode {
             "start" => stack.start(),
             "stop" => stack.stop(),
             "status" => stack.status(),
+            "seed" => stack.seed(),
             _ => stack.env(),
         }
     });
@@ -165,6 +172,9 @@ impl Stack {
         } else if holder.contains("singleflight") || holder.contains("cargo") {
             hint([&format!("this looks like the service itself: an earlier '{me} up' or a 'cargo run' of your own?"),
                   "stop it (Ctrl-C where it runs), or use another port."])
+        } else if holder.contains("pgbouncer") {
+            hint(["if this is the system pgbouncer service (Debian's package starts one on :6432 where systemd runs),",
+                  "stop it yourself if you do not need it (systemctl disable --now pgbouncer), or use another port."])
         } else if holder.contains("haproxy") {
             hint(["if this is the system haproxy service (service haproxy status), this script leaves it alone;",
                   "stop it yourself if you do not need it (service haproxy stop), or use another port."])

@@ -1,13 +1,14 @@
 //! The Debian packages the stack needs, installed with apt-get when something is missing (as root;
 //! anyone else is told the command). They are what the stack runs and what a developer uses beside
-//! it: `psql` and `createdb`, `redis-cli`, `curl` for the URLs the messages suggest.
+//! it: `psql` and `createdb`, `redis-cli`, `curl` for the URLs the messages suggest; PgBouncer
+//! with `POOLER=pgbouncer`, HAProxy with a fleet.
 
 use std::process::{Command, Stdio};
 
 use super::{say, warn, Failure, Stack};
 use crate::postgres::Bins;
 use crate::process::{find_in_path, is_root};
-use crate::{haproxy, postgres};
+use crate::{haproxy, pgbouncer, postgres};
 
 impl Stack {
     /// Looks for the PostgreSQL binaries: those of the version that made the data directory if it
@@ -47,6 +48,9 @@ impl Stack {
         }
         if self.s.fleet() && haproxy::binary().is_none() {
             packages.push("haproxy");
+        }
+        if self.s.pgbouncer && pgbouncer::binary().is_none() {
+            packages.push("pgbouncer");
         }
         packages
     }
@@ -89,13 +93,16 @@ impl Stack {
             ));
         }
         if packages.contains(&"prometheus") {
-            stop_system_prometheus();
+            stop_system_service("prometheus", 9090, "PROM_PORT=9091");
+        }
+        if packages.contains(&"pgbouncer") {
+            stop_system_service("pgbouncer", 6432, "PGBOUNCER_PORT=6433");
         }
         let still = self.missing_packages();
         if !still.is_empty() {
             return Err(Failure::new(
                 format!("still missing after apt-get install: {}", still.join(" ")),
-                ["check that /usr/lib/postgresql/*/bin, redis-server, redis-cli, curl, prometheus, promtool, setsid (and haproxy for REPLICAS > 1) exist.".to_owned()],
+                ["check that /usr/lib/postgresql/*/bin, redis-server, redis-cli, curl, prometheus, promtool, setsid (haproxy for REPLICAS > 1, pgbouncer for POOLER=pgbouncer) exist.".to_owned()],
             ));
         }
         Ok(())
@@ -111,10 +118,11 @@ fn apt_get(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Where systemd runs, installing Debian's prometheus package starts a system-wide Prometheus on
-/// :9090, which would hold the port of the project's own. The stack just installed it, so it takes
-/// it back out of the way (and says how to undo that).
-fn stop_system_prometheus() {
+/// Where systemd runs, installing Debian's prometheus or pgbouncer package starts a system-wide
+/// service (`name`) on `port`, which would hold the port of the project's own. The stack just
+/// installed it, so it takes it back out of the way (and says how to undo that, and which
+/// variable, `instead`, avoids the port if that fails).
+fn stop_system_service(name: &str, port: u16, instead: &str) {
     if find_in_path("systemctl").is_none() {
         return;
     }
@@ -127,13 +135,20 @@ fn stop_system_prometheus() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !systemctl(&["is-active", "--quiet", "prometheus"]) {
+    if !systemctl(&["is-active", "--quiet", name]) {
         return;
     }
-    say("prometheus: Debian's package started a system-wide prometheus service on :9090;");
-    say("            stopping and disabling it so the project's own can listen there");
-    say("            (to get it back: systemctl enable --now prometheus)");
-    if !systemctl(&["disable", "--now", "prometheus"]) {
-        warn("warning: could not stop the system prometheus service; if :9090 stays taken, use PROM_PORT=9091");
+    let indent = " ".repeat(name.len() + 2);
+    say(&format!(
+        "{name}: Debian's package started a system-wide {name} service on :{port};"
+    ));
+    say(&format!(
+        "{indent}stopping and disabling it so the project's own can listen there"
+    ));
+    say(&format!(
+        "{indent}(to get it back: systemctl enable --now {name})"
+    ));
+    if !systemctl(&["disable", "--now", name]) {
+        warn(&format!("warning: could not stop the system {name} service; if :{port} stays taken, use {instead}"));
     }
 }

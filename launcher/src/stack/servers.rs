@@ -42,7 +42,13 @@ impl Stack {
 
     /// The port to use for a server of ours found running on `running`: that one if the user did
     /// not choose one, a failure if they chose another.
-    fn adopt(&self, name: &str, var: &str, port: Port, running: u16) -> Result<Port, Failure> {
+    pub(super) fn adopt(
+        &self,
+        name: &str,
+        var: &str,
+        port: Port,
+        running: u16,
+    ) -> Result<Port, Failure> {
         if running != port.number && port.chosen {
             let (me, again) = (&self.s.me, self.s.again());
             return Err(Failure::new(
@@ -187,14 +193,8 @@ impl Stack {
             make_dir(dir)?;
             set_mode(dir, 0o700)?;
         }
-        if !is_root() {
+        let Some(user) = server_user()? else {
             return Ok(None);
-        }
-        let Some(user) = User::named("postgres") else {
-            return Err(Failure::new(
-                "there is no 'postgres' system user (PostgreSQL refuses to run as root).",
-                ["reinstall the package that creates it: apt-get install --reinstall postgresql-common".to_owned()],
-            ));
         };
         for path in [&l.pg_dir, &l.pg_sock, &l.pg_log] {
             if Path::new(path).exists() {
@@ -322,34 +322,29 @@ impl Stack {
     fn pg_ensure_db(&self) -> Result<(), Failure> {
         let l = &self.s.layout;
         let (port, name) = (self.s.pg.number, super::settings::DB_NAME);
-        let next = || {
-            [format!(
-                "see {}; try '{} stop' then '{}'.",
-                l.pg_log,
-                self.s.me,
-                self.s.again()
-            )]
+        let failed = |headline: String, error: Error| {
+            Failure::new(
+                headline,
+                [
+                    error.to_string(),
+                    format!(
+                        "see {}; try '{} stop' then '{}'.",
+                        l.pg_log,
+                        self.s.me,
+                        self.s.again()
+                    ),
+                ],
+            )
         };
-        let Some(bins) = &self.pg_bins else {
-            return Err(Failure::new(
-                format!("cannot query postgres on 127.0.0.1:{port}."),
-                next(),
-            ));
-        };
-        match postgres::database_exists(bins, port, name) {
-            Ok(true) => say(&format!("postgres: database '{name}' exists")),
-            Ok(false) => {
-                postgres::create_database(bins, port, name)
-                    .map_err(|_| Failure::new(format!("createdb {name} failed."), next()))?;
-                say(&format!("postgres: created database '{name}'"));
-            }
-            Err(_) => {
-                return Err(Failure::new(
-                    format!("cannot query postgres on 127.0.0.1:{port}."),
-                    next(),
-                ))
-            }
+        let exists = postgres::database_exists(port, name)
+            .map_err(|e| failed(format!("cannot query postgres on 127.0.0.1:{port}."), e))?;
+        if exists {
+            say(&format!("postgres: database '{name}' exists"));
+            return Ok(());
         }
+        postgres::create_database(port, name)
+            .map_err(|e| failed(format!("could not create database '{name}'."), e))?;
+        say(&format!("postgres: created database '{name}'"));
         Ok(())
     }
 
@@ -627,6 +622,21 @@ impl Stack {
     }
 }
 
+/// Who runs PostgreSQL and PgBouncer, which refuse to run as root: `Some(postgres)` when we are
+/// root, else ourselves (`None`).
+pub(super) fn server_user() -> Result<Option<User>, Failure> {
+    if !is_root() {
+        return Ok(None);
+    }
+    match User::named("postgres") {
+        Some(user) => Ok(Some(user)),
+        None => Err(Failure::new(
+            "there is no 'postgres' system user (PostgreSQL and PgBouncer refuse to run as root).",
+            ["reinstall the package that creates it: apt-get install --reinstall postgresql-common".to_owned()],
+        )),
+    }
+}
+
 // ------------------------------------------------------------- files --
 
 /// `mkdir -p dir`.
@@ -635,7 +645,7 @@ pub(super) fn make_dir(dir: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("cannot create directory {dir}: {e}"), []))
 }
 
-fn set_mode(path: &str, mode: u32) -> Result<(), Failure> {
+pub(super) fn set_mode(path: &str, mode: u32) -> Result<(), Failure> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(|e| Failure::new(format!("cannot chmod {path}: {e}"), []))
 }

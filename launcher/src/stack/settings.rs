@@ -38,6 +38,11 @@ pub struct Settings {
     pub pg: Port,
     pub redis: Port,
     pub prom: Port,
+    /// `POOLER=pgbouncer`: PgBouncer in transaction mode in front of PostgreSQL, and the service's
+    /// `DATABASE_URL` through it.
+    pub pgbouncer: bool,
+    /// `PGBOUNCER_PORT`, used with [`Settings::pgbouncer`].
+    pub pgbouncer_port: Port,
     /// 1: the service alone; more: a fleet behind HAProxy.
     pub replicas: u16,
     pub lb_port: u16,
@@ -71,6 +76,8 @@ impl Settings {
             pg: Port::default_for("PG_PORT"),
             redis: Port::default_for("REDIS_PORT"),
             prom: Port::default_for("PROM_PORT"),
+            pgbouncer: false,
+            pgbouncer_port: Port::default_for("PGBOUNCER_PORT"),
             replicas: 1,
             lb_port: 8080,
             replica_base_port: 8081,
@@ -95,6 +102,7 @@ impl Settings {
                 [format!("e.g. PG_PORT=5433 REDIS_PORT=6380 PROM_PORT=9091 {} {}", settings.me, settings.command)],
             ));
         }
+        settings.check_pooler()?;
         settings.check_fleet()?;
         Ok(settings)
     }
@@ -137,6 +145,7 @@ impl Settings {
             _ => {
                 let example = match name {
                     "PG_PORT" => 5433,
+                    "PGBOUNCER_PORT" => 6433,
                     "PROM_PORT" => 9091,
                     "LB_PORT" => 8090,
                     "REPLICA_BASE_PORT" => 8091,
@@ -151,6 +160,48 @@ impl Settings {
                 ))
             }
         }
+    }
+
+    /// POOLER, and with `POOLER=pgbouncer` PGBOUNCER_PORT: valid, and clear of the other servers'.
+    fn check_pooler(&mut self) -> Result<(), Failure> {
+        self.pgbouncer = match var("POOLER").as_deref() {
+            None | Some("none") => false,
+            Some("pgbouncer") => true,
+            Some(other) => {
+                return Err(Failure::new(
+                    format!("POOLER={other} is not a pooler this script runs."),
+                    [format!(
+                        "use POOLER=pgbouncer (PgBouncer in transaction mode), or leave it unset: POOLER=pgbouncer {}",
+                        self.again()
+                    )],
+                ))
+            }
+        };
+        if !self.pgbouncer {
+            // Not used to start anything; `stop` and `status` still name it for a PgBouncer an
+            // earlier run left.
+            self.pgbouncer_port.number = var("PGBOUNCER_PORT")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(self.pgbouncer_port.number);
+            return Ok(());
+        }
+        self.pgbouncer_port.number = self.port_value("PGBOUNCER_PORT")?;
+        let port = self.pgbouncer_port.number;
+        let others = [
+            ("PG_PORT", self.pg.number),
+            ("REDIS_PORT", self.redis.number),
+            ("PROM_PORT", self.prom.number),
+        ];
+        if let Some((name, _)) = others.iter().find(|(_, other)| *other == port) {
+            return Err(Failure::new(
+                format!("PGBOUNCER_PORT and {name} are both {port}."),
+                [format!(
+                    "give PgBouncer another port, e.g. PGBOUNCER_PORT=6432 {}",
+                    self.again()
+                )],
+            ));
+        }
+        Ok(())
     }
 
     /// REPLICAS, and with REPLICAS > 1 the fleet's ports: valid, and clear of the other servers'.
@@ -191,12 +242,15 @@ impl Settings {
                 [format!("use a lower one, e.g. REPLICA_BASE_PORT=8081 {}", self.again())],
             ));
         }
-        let others = [
+        let mut others = vec![
             ("LB_PORT", self.lb_port),
             ("PG_PORT", self.pg.number),
             ("REDIS_PORT", self.redis.number),
             ("PROM_PORT", self.prom.number),
         ];
+        if self.pgbouncer {
+            others.push(("PGBOUNCER_PORT", self.pgbouncer_port.number));
+        }
         for (name, port) in others {
             if (base..=last).contains(&u32::from(port)) {
                 return Err(Failure::new(
@@ -243,6 +297,7 @@ fn default_port(name: &str) -> u16 {
         "REDIS_PORT" => 6379,
         "PROM_PORT" => 9090,
         "LB_PORT" => 8080,
+        "PGBOUNCER_PORT" => 6432,
         _ => 8081,
     }
 }
@@ -311,6 +366,13 @@ pub struct Layout {
     pub lb_log: String,
     pub lb_pid: String,
     pub lb_port: String,
+    pub pgbouncer_dir: String,
+    pub pgbouncer_config: String,
+    /// The users PgBouncer lets in (`postgres`, trusted).
+    pub pgbouncer_auth: String,
+    pub pgbouncer_log: String,
+    pub pgbouncer_pid: String,
+    pub pgbouncer_port: String,
 }
 
 impl Layout {
@@ -339,6 +401,12 @@ impl Layout {
             lb_log: at("haproxy/haproxy.log"),
             lb_pid: at("haproxy/haproxy.pid"),
             lb_port: at("haproxy/haproxy.port"),
+            pgbouncer_dir: at("pgbouncer"),
+            pgbouncer_config: at("pgbouncer/pgbouncer.ini"),
+            pgbouncer_auth: at("pgbouncer/userlist.txt"),
+            pgbouncer_log: at("pgbouncer/pgbouncer.log"),
+            pgbouncer_pid: at("pgbouncer/pgbouncer.pid"),
+            pgbouncer_port: at("pgbouncer/pgbouncer.port"),
             stack,
         }
     }

@@ -26,6 +26,21 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// What failed, in words for `/readyz`: never the client's own text, which may name hosts
+    /// and server internals.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            CacheError::Timeout(_) => "Redis did not answer in time",
+            CacheError::Refused(_) => "Redis refused the connection",
+            CacheError::Io(_) => "the connection to Redis failed",
+            CacheError::Protocol(_) => "Redis answered with an error",
+            CacheError::Decode(_) => "a cached value is not a template",
+            CacheError::BreakerOpen => {
+                "Redis calls are skipped after repeated failures (circuit breaker open)"
+            }
+        }
+    }
+
     /// The `kind` label of `redis_errors_total`.
     pub(super) fn kind(&self) -> &'static str {
         match self {

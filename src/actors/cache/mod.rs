@@ -45,6 +45,7 @@ use futures_util::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+use crate::actors::Deafness;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
@@ -182,6 +183,16 @@ impl CacheActor {
             .with_label_values(&[&self.shard])
             .set(state.gauge_value());
         self.published = state;
+        // Redis is available while no shard's breaker is open or probing: read from every
+        // shard's gauge (a change of state is rare, so reading them all costs nothing).
+        let gauges = prometheus::core::Collector::collect(&self.metrics.redis_breaker_state);
+        let all_closed = gauges.iter().all(|family| {
+            family
+                .get_metric()
+                .iter()
+                .all(|gauge| gauge.get_gauge().get_value() == 0.0)
+        });
+        self.metrics.redis_available.set(i64::from(all_closed));
     }
 
     /// The breaker has just opened: drop the connection (it may be stalled behind a partition)
@@ -513,6 +524,14 @@ impl Handler<CacheDel> for CacheActor {
                 actor.suspects.all_before(unix_ms_now());
             }
         }));
+    }
+}
+
+impl Handler<Deafness> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
+        self.suspects.deafness(max_age);
     }
 }
 

@@ -10,6 +10,9 @@
 //!   another replica that loaded the old row before the change may write it after this
 //!   replica's delete, and that entry must not be served here.
 //!
+//! While the change listener is deaf, an entry loaded longer ago than a short bound is a suspect
+//! too ([`Suspects::deafness`]): a change may have gone unheard.
+//!
 //! The per-key records are bounded: a record older than an entry's whole life can go, since
 //! every entry loaded before it has expired; past [`MAX_CHANGE_RECORDS`] every entry loaded
 //! before now becomes suspect instead, which costs reloads, never freshness.
@@ -29,6 +32,8 @@ pub(super) struct Suspects {
     changed_at_ms: HashMap<i64, u64>,
     /// Longer than any entry lives in Redis (soft TTL, the largest jitter, grace).
     entry_lifetime: Duration,
+    /// While the change listener is deaf: entries loaded longer ago than this are misses.
+    max_age: Option<Duration>,
 }
 
 impl Suspects {
@@ -38,13 +43,23 @@ impl Suspects {
             all_before_ms: 0,
             changed_at_ms: HashMap::new(),
             entry_lifetime,
+            max_age: None,
         }
     }
 
     /// Entries of `id` loaded before this wall-clock time (unix ms) are misses.
     pub(super) fn before(&self, id: i64) -> u64 {
         let changed = self.changed_at_ms.get(&id).copied().unwrap_or(0);
-        self.all_before_ms.max(changed)
+        let too_old = self.max_age.map_or(0, |age| {
+            unix_ms_now().saturating_sub(age.as_millis() as u64)
+        });
+        self.all_before_ms.max(changed).max(too_old)
+    }
+
+    /// The change listener went deaf (`Some`: entries loaded longer than `max_age` ago are
+    /// misses) or hears again (`None`).
+    pub(super) fn deafness(&mut self, max_age: Option<Duration>) {
+        self.max_age = max_age;
     }
 
     /// Every entry loaded before `unix_ms` is a miss from now on.

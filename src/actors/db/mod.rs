@@ -3,8 +3,8 @@
 //! # A slow database is not a failed one
 //! Connections are opened *off* the request path: the pool keeps `DB_POOL_MIN_IDLE` of them open
 //! (bb8 `min_idle`), opens them when the actor starts, and replaces broken or expired ones in the
-//! background (its reaper runs every second). Opening one — connect, authenticate, set
-//! `statement_timeout`, prepare the template query — has a bound of its own
+//! background (its reaper runs every second). Opening one — connect, authenticate, prepare the
+//! template query — has a bound of its own
 //! (`DB_CONNECT_TIMEOUT_MS`), long enough for a server far away. So a burst after an idle period
 //! finds the connections ready, and pays one round trip per query.
 //!
@@ -12,19 +12,20 @@
 //! carries the deadline), not for a fixed time: a busy pool on a slow network is waited for; only
 //! the flight's own deadline (and each request's, in the handler) bounds it. A checked-out
 //! connection that closed meanwhile (a server restart) is dropped without a round trip and
-//! another one taken. Each query is bounded twice: by the server's `statement_timeout`
-//! (`DB_QUERY_TIMEOUT_MS`), which cancels the work and leaves the connection usable, and by a
-//! client-side timeout a little longer, which frees the caller even if the server never answers.
+//! another one taken. Each query is bounded by `DB_QUERY_TIMEOUT_MS`: when it runs out the
+//! caller is answered, and the server is asked to cancel the query, which leaves the connection
+//! usable (what a session's `statement_timeout` would do, without session state: see [`query`]).
 //!
 //! # Failing fast where the database is known to be down
-//! [`reachability`] records what the last attempts said: a connection attempt that fails (refused,
-//! reset, or no answer within the connect timeout), or a query the server never answered, marks
-//! PostgreSQL *down*; the next connection opened or query answered marks it up again. While it is
-//! down, loads fail at once ([`DbError::Unavailable`]) — the owners then answer with a value they
-//! remember (`STALE`) or `503` — and a load already waiting for a connection is released the moment
-//! it goes down. Every half second the actor tries a fresh connection (and bb8 its
-//! replenishment), so recovery is noticed without any request paying for the probe. A server
-//! that is merely full ("too many clients") is not down: it is waited for like a busy pool.
+//! "Down" is decided on evidence ([`failure`], by SQLSTATE and error kind) and confirmed by a
+//! probe ([`reachability`]): a connection attempt refused or unanswered, a connection lost under
+//! a query, or a cancel request that cannot reach the server make PostgreSQL *suspect*, and the
+//! actor at once opens a connection of its own; if that fails too, PostgreSQL is *down*. A slow
+//! query, a failed one, or a full server ("too many clients", waited for like a busy pool) are
+//! never evidence. While it is down, loads fail at once ([`DbError::Unavailable`]) — the owners
+//! then answer with a value they remember (`STALE`) or `503` — and a load already waiting for a
+//! connection is released the moment it goes down. Every half second the actor probes again, so
+//! recovery is noticed as soon as a probe connects, without any request paying for it.
 //!
 //! # Batching
 //! Loads do not queue on the pool one by one. The actor keeps at most `DB_POOL_SIZE` queries in
@@ -38,36 +39,50 @@
 //! # Panics
 //! A panic inside a database call (a bug in a driver) is caught and reported as
 //! [`DbError::Panicked`] to that load's flight; the actor and its pool live on.
+//!
+//! # Read replicas
+//! With `DATABASE_READ_URL`, each replica has a pool of its own, and a load goes to a replica
+//! unless one may not have replayed a change the service knows of for its key ([`replicas`]);
+//! a batch that fails on a replica is sent to the primary. Probes, readiness and
+//! `db_available` are about the primary: a replica that fails only sends its loads elsewhere.
+//!
+//! # What is where
+//! This file holds the actor, its messages and the dispatch of batches; [`backend`] one server's
+//! pool and queue; [`query`] opening connections, the checkout and the queries; [`failure`] what
+//! an error says about the server; [`reachability`] whether it is down; [`sessions`] what a
+//! transaction-mode pooler changes; [`replicas`] where a load may go.
 
-use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use diesel::prelude::*;
-use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
-use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, PoolableConnection,
-};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::future::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::schema::templates;
 use crate::template::Template;
 use crate::tls::PgConnector;
+use backend::Backend;
+pub use failure::Evidence;
 use reachability::Reachability;
+pub use reachability::Standing;
+use replicas::{Lsn, Routing, Target};
+pub use sessions::Sessions;
 
+mod backend;
+pub mod failure;
+mod query;
 mod reachability;
+mod replicas;
+mod sessions;
 
-/// Slack over `statement_timeout` for the client-side bound, so that the server's own
-/// cancellation (which leaves the connection usable) normally wins.
-const CLIENT_SLACK: Duration = Duration::from_millis(100);
-
-/// How often the actor looks at the pool: gauges, and a connection attempt while down.
+/// How often the actor updates the pool's gauges, and probes PostgreSQL while it is down.
 const TICK: Duration = Duration::from_millis(500);
+
+/// A service that asked nothing of PostgreSQL (or got no answer) for this long probes it, so
+/// that what it says of it (`/readyz`, `db_available`) holds when nothing is being loaded too.
+const QUIET_CHECK: Duration = Duration::from_secs(5);
 
 /// How often bb8 reaps expired connections and tops the pool up to `min_idle`.
 const REAPER_RATE: Duration = Duration::from_secs(1);
@@ -75,9 +90,9 @@ const REAPER_RATE: Duration = Duration::from_secs(1);
 /// Why a load from PostgreSQL failed. Cloned to every waiter of the flight.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DbError {
-    /// PostgreSQL is known to be unreachable: failed at once, without waiting.
-    #[error("the database is unreachable ({0})")]
-    Unavailable(String),
+    /// PostgreSQL is known to be down: failed at once, without waiting.
+    #[error("{}", .0.describe())]
+    Unavailable(Evidence),
     /// The flight's deadline passed while every connection was busy.
     #[error("no database connection became free within the {0:?} the load had left")]
     PoolTimeout(Duration),
@@ -119,11 +134,33 @@ pub struct FetchTemplate {
     pub deadline: Instant,
 }
 
-/// Readiness probe: one `SELECT 1` through the pool, bounded by the given timeout; fails at once
-/// while the database is known to be down.
+/// Sends a notification on `channel` through the pool (`DATABASE_URL`), as a change would be
+/// sent: the change listener's heartbeat. `Ok` once it is committed.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), DbError>")]
-pub struct PingDb(pub Duration);
+pub struct Notify {
+    pub channel: &'static str,
+    pub payload: String,
+}
+
+/// The change listener relayed a change of template `id`: until a replica has replayed it, its
+/// loads read the primary (see [`replicas`]). Sent before the key's owner is told, so that every
+/// load the owner starts after it is routed by it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Changed(pub i64);
+
+/// Anything may have changed (the listener reconnected, heard again after a deaf spell, or saw a
+/// `TRUNCATE`): every key's loads read the primary until a replica has replayed past now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ChangedAll;
+
+/// Readiness: where PostgreSQL stands, as the actor's evidence and probes decided (no query of
+/// its own: readiness checks must not load the database).
+#[derive(Debug, Message)]
+#[rtype(result = "Standing")]
+pub struct PingDb;
 
 /// Settings the DbActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
@@ -138,11 +175,18 @@ pub struct DbSettings {
     pub query_timeout: Duration,
     /// Most ids sent in one query; 1 sends every load alone.
     pub batch_max: usize,
+    /// Whether loads run in transactions of their own (a transaction-mode pooler).
+    pub sessions: Sessions,
+    /// A read replica's: a load that finds no connection, or whose query fails, goes to the
+    /// primary at once instead of waiting or failing (see [`replicas`]).
+    pub replica: bool,
 }
 
 impl DbSettings {
-    pub fn new(s: &Settings, postgres: PgConnector) -> Self {
+    pub fn new(s: &Settings, postgres: PgConnector, metrics: &Metrics) -> Self {
         DbSettings {
+            sessions: Sessions::new(s.database_pooler, metrics),
+            replica: false,
             postgres,
             pool_size: s.db_pool_size,
             min_idle: s.db_pool_min_idle,
@@ -154,8 +198,6 @@ impl DbSettings {
     }
 }
 
-type PgPool = Pool<AsyncPgConnection>;
-
 /// A load waiting to be sent, and where its row goes.
 struct Waiting {
     id: i64,
@@ -164,167 +206,215 @@ struct Waiting {
 }
 
 pub struct DbActor {
-    pool: PgPool,
-    settings: DbSettings,
+    primary: Backend,
+    /// `DATABASE_READ_URL`'s replicas, in order (`replica-1` first).
+    replicas: Vec<Backend>,
+    /// Which of them a load may read (see [`replicas`]).
+    routing: Routing,
     metrics: Metrics,
-    reachability: Reachability,
-    /// A connection attempt made by [`DbActor::tick`] while down is still in the air.
-    probing: bool,
-    /// Loads that arrived while `DB_POOL_SIZE` queries were in the air, oldest first.
-    queue: VecDeque<Waiting>,
-    /// Queries in the air (each on a connection of its own), at most `pool_size`.
-    queries_in_flight: u32,
+    /// The primary is being asked for its WAL position (for pins; see [`replicas`]).
+    asking_position: bool,
+    /// Pins were made while it was being asked: ask again when it answers.
+    ask_again: bool,
+    /// The primary's WAL position when last read (for the replicas' lag).
+    primary_position: Option<Lsn>,
+    /// Replicas whose replayed position is being read, by index.
+    polling: Vec<bool>,
 }
 
 impl DbActor {
-    /// Builds the pool and starts opening its `min_idle` connections in the background (start-up
-    /// does not wait for them, so the service starts while PostgreSQL is still down). Must run on
-    /// the thread (arbiter) the actor will live on, so that connections and their background
-    /// tasks live there too.
-    pub fn new(settings: DbSettings, metrics: Metrics) -> Self {
+    /// Builds the primary's pool and each replica's (`replicas`: their settings, in order), and
+    /// starts opening their `min_idle` connections in the background (start-up does not wait for
+    /// them, so the service starts while PostgreSQL is still down). Must run on the thread
+    /// (arbiter) the actor will live on, so that connections and their tasks live there too.
+    pub fn new(settings: DbSettings, replicas: Vec<DbSettings>, metrics: Metrics) -> Self {
         // Every kind shows from the first scrape: dashboards and rate() see 0, not "no data".
         for kind in DbError::KINDS {
             metrics.db_errors_total.with_label_values(&[kind]);
         }
-        let reachability = Reachability::new(metrics.clone());
-        let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        let (connect_timeout, statement_timeout_ms) =
-            (settings.connect_timeout, settings.query_timeout.as_millis());
-        let reach = reachability.clone();
-        let postgres = settings.postgres.clone();
-        // bb8's URL is unused: every connection is opened by `postgres`, with its TLS set-up.
-        config.custom_setup = Box::new(move |_url| {
-            connect(
-                postgres.clone(),
-                connect_timeout,
-                statement_timeout_ms,
-                reach.clone(),
-            )
-            .boxed()
-        });
-        let manager =
-            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
-        let pool = Pool::builder()
-            .max_size(settings.pool_size)
-            .min_idle(Some(settings.min_idle.min(settings.pool_size)))
-            // bb8's bound on one `get` and on retrying a failed connect. Loads bound their own
-            // wait by their deadline (and ask again if this fires first); this only has to be
-            // long enough for a slow server to be connected to.
-            .connection_timeout(connect_timeout)
-            .reaper_rate(REAPER_RATE)
-            // Broken connections are found without a round trip (see `checkout`); a test query
-            // per checkout would double the round trips of every load.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
+        for target in ["primary", "replica"] {
+            metrics.db_loads_total.with_label_values(&[target]);
+        }
+        let reach = Reachability::new(Some(metrics.db_available.clone()));
+        let primary = Backend::new("primary".to_owned(), settings, reach);
+        let replicas: Vec<Backend> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(i, settings)| {
+                let name = format!("replica-{}", i + 1);
+                Backend::new(name, settings, Reachability::new(None))
+            })
+            .collect();
         DbActor {
-            pool,
-            settings,
+            routing: Routing::new(replicas.len()),
+            polling: vec![false; replicas.len()],
+            primary,
+            replicas,
             metrics,
-            reachability,
-            probing: false,
-            queue: VecDeque::new(),
-            queries_in_flight: 0,
+            asking_position: false,
+            ask_again: false,
+            primary_position: None,
         }
     }
 
-    /// Sends what is queued while fewer than `pool_size` queries are in the air: each query
-    /// takes the oldest loads, up to `batch_max` of them.
-    fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        while self.queries_in_flight < self.settings.pool_size && !self.queue.is_empty() {
-            let take = self.queue.len().min(self.settings.batch_max.max(1));
-            let batch: Vec<Waiting> = self.queue.drain(..take).collect();
-            self.queries_in_flight += 1;
-            let (pool, settings) = (self.pool.clone(), self.settings.clone());
-            let (metrics, reach) = (self.metrics.clone(), self.reachability.clone());
-            let query = async move { run_batch(&pool, &settings, &metrics, &reach, batch).await };
-            ctx.spawn(query.into_actor(self).map(|(), actor, ctx| {
-                actor.queries_in_flight -= 1;
-                actor.dispatch(ctx);
+    fn backend(&mut self, target: Target) -> &mut Backend {
+        match target {
+            Target::Primary => &mut self.primary,
+            Target::Replica(i) => &mut self.replicas[i],
+        }
+    }
+
+    /// Sends what is queued for `target` while fewer than its `pool_size` queries are in the air.
+    /// A batch that fails on a replica is given back and sent to the primary (and the replica
+    /// is taken as unhealthy until its next poll answers).
+    fn dispatch(&mut self, target: Target, ctx: &mut Context<Self>) {
+        let label = match target {
+            Target::Primary => "primary",
+            Target::Replica(_) => "replica",
+        };
+        while let Some(batch) = self.backend(target).next_batch() {
+            self.metrics
+                .db_loads_total
+                .with_label_values(&[label])
+                .inc_by(batch.len() as u64);
+            let metrics = self.metrics.clone();
+            let backend = self.backend(target);
+            let (pool, settings) = (backend.pool.clone(), backend.settings.clone());
+            let reach = backend.reach.clone();
+            let query =
+                async move { query::run_batch(&pool, &settings, &metrics, &reach, batch).await };
+            ctx.spawn(query.into_actor(self).map(move |given_back, actor, ctx| {
+                actor.backend(target).in_flight -= 1;
+                if let (Some(batch), Target::Replica(i)) = (given_back, target) {
+                    actor.routing.replica_at(i, None);
+                    actor.primary.queue.extend(batch);
+                    actor.dispatch(Target::Primary, ctx);
+                }
+                actor.dispatch(target, ctx);
             }));
         }
     }
 
-    /// Every [`TICK`]: pool gauges; while down, one connection attempt in the background (its
-    /// outcome is recorded by the connection set-up).
+    /// Every [`TICK`]: the pools' gauges; each replica's replayed position (its health check),
+    /// and with replicas, the primary's position (their lag) and any position pins still wait
+    /// for.
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        let state = self.pool.state();
-        let idle = i64::from(state.idle_connections);
-        let open = i64::from(state.connections);
-        let gauge = &self.metrics.db_pool_connections;
-        gauge.with_label_values(&["idle"]).set(idle);
-        gauge.with_label_values(&["in_use"]).set(open - idle);
-        if self.probing || self.reachability.why_down().is_none() {
+        self.primary.publish(&self.metrics);
+        for replica in &self.replicas {
+            replica.publish(&self.metrics);
+        }
+        if self.replicas.is_empty() {
             return;
         }
-        self.probing = true;
-        let pool = self.pool.clone();
-        ctx.spawn(
-            async move {
-                // A dedicated connection: a pooled one may be stuck behind a partition that a
-                // fresh connection would find healed (or still there).
-                drop(pool.dedicated_connection().await);
-            }
-            .into_actor(self)
-            .map(|(), actor, _| actor.probing = false),
-        );
-    }
-}
-
-/// Opens one connection: connect, set its server-side `statement_timeout`, and prepare the
-/// template query (diesel-async caches prepared statements per connection, so the first load on
-/// it costs one round trip, not two). Records the outcome in `reach`.
-fn connect(
-    postgres: PgConnector,
-    timeout: Duration,
-    statement_timeout_ms: u128,
-    reach: Reachability,
-) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
-    // The whole set-up is bounded, not only the connect: a server that accepts and then stops
-    // answering must not hold a pool slot for good.
-    let setup = async move {
-        let mut conn = postgres.connect().await?;
-        diesel::sql_query(format!("SET statement_timeout = {statement_timeout_ms}"))
-            .execute(&mut conn)
-            .await
-            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        load_templates(&mut conn, &[0])
-            .await
-            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        Ok(conn)
-    };
-    async move {
-        let result = match tokio::time::timeout(timeout, setup).await {
-            Ok(result) => result,
-            Err(_) => Err(diesel::ConnectionError::BadConnection(format!(
-                "connecting took longer than {timeout:?}"
-            ))),
-        };
-        match &result {
-            Ok(_) => reach.up(),
-            Err(e) if is_server_full(&e.to_string()) => {
-                log::warn!("PostgreSQL refused a connection because it is full: {e}")
-            }
-            Err(e) => reach.down(e.to_string()),
+        self.metrics
+            .db_pinned_keys
+            .set(self.routing.pinned() as i64);
+        if self.ask_again && !self.asking_position {
+            self.ask_position(ctx);
         }
-        result
+        for i in 0..self.replicas.len() {
+            if std::mem::replace(&mut self.polling[i], true) {
+                continue;
+            }
+            let replica = &self.replicas[i];
+            let (pool, settings, reach) = (
+                replica.pool.clone(),
+                replica.settings.clone(),
+                replica.reach.clone(),
+            );
+            let poll =
+                async move { query::position(&pool, &settings, &reach, query::REPLAYED).await };
+            ctx.spawn(poll.into_actor(self).map(move |replayed, actor, _| {
+                actor.polling[i] = false;
+                actor.replica_at(i, replayed.ok());
+            }));
+        }
     }
-    .boxed()
-}
 
-/// "Too many clients" is a busy server, not an unreachable one.
-fn is_server_full(message: &str) -> bool {
-    message.contains("too many") || message.contains("connection slots")
-}
+    /// Replica `i` has replayed up to `replayed` (`None`: its poll failed).
+    fn replica_at(&mut self, i: usize, replayed: Option<Lsn>) {
+        let name = &self.replicas[i].name;
+        self.metrics
+            .db_replica_healthy
+            .with_label_values(&[name])
+            .set(i64::from(replayed.is_some()));
+        if let (Some(replayed), Some(primary)) = (replayed, self.primary_position) {
+            let lag = primary.saturating_sub(replayed) as i64;
+            self.metrics
+                .db_replica_lag_bytes
+                .with_label_values(&[name])
+                .set(lag);
+        }
+        self.routing.replica_at(i, replayed);
+    }
 
-/// The one query this service runs (`WHERE id = ANY($1)`: one statement for any number of ids),
-/// used by loads and by the connection set-up alike, so that the set-up prepares exactly the
-/// statement loads will use.
-async fn load_templates(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<Template>> {
-    templates::table
-        .filter(templates::id.eq_any(ids))
-        .select(Template::as_select())
-        .load(conn)
-        .await
+    /// Asks the primary for its WAL position: the pins made so far get it (see [`replicas`]).
+    /// It is the replicas' lag reference too.
+    fn ask_position(&mut self, ctx: &mut Context<Self>) {
+        if self.asking_position {
+            self.ask_again = true;
+            return;
+        }
+        self.asking_position = true;
+        self.ask_again = false;
+        let asked = self.routing.asking();
+        let primary = &self.primary;
+        let (pool, settings, reach) = (
+            primary.pool.clone(),
+            primary.settings.clone(),
+            primary.reach.clone(),
+        );
+        let ask = async move { query::position(&pool, &settings, &reach, query::CURRENT).await };
+        ctx.spawn(ask.into_actor(self).map(move |position, actor, ctx| {
+            actor.asking_position = false;
+            match position {
+                Ok(lsn) => {
+                    actor.primary_position = Some(lsn);
+                    actor.routing.primary_at(asked, lsn);
+                }
+                // The pins stay with the primary; asked again at the next tick.
+                Err(_) => actor.ask_again = true,
+            }
+            if actor.ask_again && actor.routing.replicas() > 0 {
+                actor.ask_position(ctx);
+            }
+        }));
+    }
+
+    /// Settles every doubt about PostgreSQL with a probe: a connection of its own, opened as the
+    /// pool opens one (a pooled one may be stuck behind a partition that a fresh connection
+    /// would find healed, or still there). Suspect: one probe at once decides down or up. Down:
+    /// a probe every [`TICK`] until one connects. Up but quiet for [`QUIET_CHECK`]: a probe
+    /// whose failure is evidence, which the next probe confirms or not.
+    fn probe_when_in_doubt(&self, ctx: &mut Context<Self>) {
+        let reach = self.primary.reach.clone();
+        let settings = self.primary.settings.clone();
+        let probing = async move {
+            loop {
+                let quiet = tokio::time::sleep(QUIET_CHECK.saturating_sub(reach.quiet_for()));
+                let in_doubt = tokio::select! {
+                    () = reach.until_in_doubt() => true,
+                    () = quiet => false,
+                };
+                if !in_doubt && reach.quiet_for() < QUIET_CHECK {
+                    continue;
+                }
+                match query::open(&settings, query::Opening::Probe).await {
+                    // A quiet service's check: evidence, which the next probe settles.
+                    Err((evidence, detail)) if !in_doubt => reach.saw(evidence, &detail),
+                    Err((evidence, detail)) if evidence.against_the_server() => {
+                        reach.confirm_down(evidence, &detail)
+                    }
+                    // Connected, or answered (a full server is there).
+                    _ => reach.up(),
+                }
+                if reach.down().is_some() {
+                    tokio::time::sleep(TICK).await;
+                }
+            }
+        };
+        ctx.spawn(probing.into_actor(self));
+    }
 }
 
 impl Actor for DbActor {
@@ -335,13 +425,17 @@ impl Actor for DbActor {
         // wait on the mailbox rather than on the pool, whose own bound is the one that matters.
         ctx.set_mailbox_capacity(4096);
         ctx.run_interval(TICK, Self::tick);
+        self.probe_when_in_doubt(ctx);
         // After a restart: what was queued before it is sent now.
-        self.dispatch(ctx);
+        self.dispatch(Target::Primary, ctx);
+        for i in 0..self.replicas.len() {
+            self.dispatch(Target::Replica(i), ctx);
+        }
     }
 }
 
-/// The DbActor holds nothing a restart must rebuild (the pool is shared with its futures), so a
-/// stop — which only a bug can cause, panics being caught — just starts it again.
+/// The DbActor holds nothing a restart must rebuild (the pools are shared with their futures),
+/// so a stop — which only a bug can cause, panics being caught — just starts it again.
 impl Supervised for DbActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         log::error!("the database actor stopped unexpectedly; restarting it");
@@ -349,10 +443,16 @@ impl Supervised for DbActor {
             .actor_restarts_total
             .with_label_values(&["db"])
             .inc();
-        self.probing = false;
         // Their futures were dropped with the old context: whatever they had taken is answered
         // by the closed channels; what is still queued is sent afresh.
-        self.queries_in_flight = 0;
+        self.primary.in_flight = 0;
+        for replica in &mut self.replicas {
+            replica.in_flight = 0;
+        }
+        self.polling.iter_mut().for_each(|polling| *polling = false);
+        self.asking_position = false;
+        // Pins whose position was being asked wait for the next question.
+        self.ask_again = true;
     }
 }
 
@@ -362,17 +462,17 @@ impl Handler<FetchTemplate> for DbActor {
     fn handle(&mut self, msg: FetchTemplate, ctx: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
         let (reply, row) = oneshot::channel();
-        let known_down = self.reachability.why_down();
-        match known_down {
-            // Known down: failed at once, without queueing.
-            Some(why) => drop(reply.send(Err(DbError::Unavailable(why)))),
-            None => {
-                self.queue.push_back(Waiting {
+        let target = self.routing.route(msg.id);
+        match (target, self.primary.reach.down()) {
+            // The primary known down: failed at once, without queueing.
+            (Target::Primary, Some(why)) => drop(reply.send(Err(DbError::Unavailable(why)))),
+            _ => {
+                self.backend(target).queue.push_back(Waiting {
                     id: msg.id,
                     deadline: msg.deadline,
                     reply,
                 });
-                self.dispatch(ctx);
+                self.dispatch(target, ctx);
             }
         }
         let metrics = self.metrics.clone();
@@ -406,133 +506,44 @@ pub async fn guard_panics<T>(
     }
 }
 
-/// A pooled connection that is open, waited for until `deadline` — or an error at once while the
-/// database is known to be down.
-async fn checkout<'a>(
-    pool: &'a PgPool,
-    reach: &Reachability,
-    deadline: Instant,
-) -> Result<PooledConnection<'a, AsyncPgConnection>, DbError> {
-    let asked = Instant::now();
-    loop {
-        if let Some(why) = reach.why_down() {
-            return Err(DbError::Unavailable(why));
-        }
-        let wait = tokio::time::timeout_at(deadline.into(), pool.get());
-        let got = tokio::select! {
-            why = reach.until_down() => return Err(DbError::Unavailable(why)),
-            got = wait => got,
-        };
-        match got {
-            Err(_deadline) => return Err(DbError::PoolTimeout(asked.elapsed())),
-            // bb8's own bound fired first: ask again while the deadline allows.
-            Ok(Err(bb8::RunError::TimedOut)) => continue,
-            Ok(Err(bb8::RunError::User(e))) => return Err(DbError::Unavailable(e.to_string())),
-            Ok(Ok(mut conn)) => {
-                if PoolableConnection::is_broken(&mut *conn) {
-                    // Closed under us (a server restart): dropping it makes bb8 discard and
-                    // replace it; take another.
-                    continue;
-                }
-                return Ok(conn);
-            }
+impl Handler<Notify> for DbActor {
+    type Result = ResponseFuture<Result<(), DbError>>;
+
+    fn handle(&mut self, msg: Notify, _: &mut Self::Context) -> Self::Result {
+        let primary = &self.primary;
+        let (pool, settings) = (primary.pool.clone(), primary.settings.clone());
+        let reach = primary.reach.clone();
+        Box::pin(guard_panics(async move {
+            query::notify(&pool, &settings, &reach, msg.channel, &msg.payload).await
+        }))
+    }
+}
+
+impl Handler<Changed> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, Changed(id): Changed, ctx: &mut Self::Context) {
+        if self.routing.changed(id) {
+            self.ask_position(ctx);
         }
     }
 }
 
-/// Sends one query for every load of `batch` still within its deadline, and answers each with
-/// its own row (or the query's error).
-async fn run_batch(
-    pool: &PgPool,
-    settings: &DbSettings,
-    metrics: &Metrics,
-    reach: &Reachability,
-    batch: Vec<Waiting>,
-) {
-    let now = Instant::now();
-    let (live, late): (Vec<Waiting>, Vec<Waiting>) =
-        batch.into_iter().partition(|w| w.deadline > now);
-    for waiting in late {
-        let _ = waiting
-            .reply
-            .send(Err(DbError::PoolTimeout(Duration::ZERO)));
-    }
-    // Waited for as long as the most patient load allows; the others leave at their own
-    // deadline on the owner's side, and a row that arrives for them still fills the cache.
-    let Some(deadline) = live.iter().map(|w| w.deadline).max() else {
-        return;
-    };
-    let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
-    let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
-    match result {
-        Ok(rows) => {
-            for waiting in live {
-                // Cloned, not taken: one id may be in a batch twice (a superseded flight and the
-                // one that replaced it), and both get the row.
-                let row = rows.get(&waiting.id).cloned();
-                let _ = waiting.reply.send(Ok(row));
-            }
-        }
-        Err(e) => {
-            for waiting in live {
-                let _ = waiting.reply.send(Err(e.clone()));
-            }
-        }
-    }
-}
+impl Handler<ChangedAll> for DbActor {
+    type Result = ();
 
-/// One query for `ids`: the rows found, by id.
-async fn fetch(
-    pool: &PgPool,
-    settings: &DbSettings,
-    metrics: &Metrics,
-    reach: &Reachability,
-    ids: &[i64],
-    deadline: Instant,
-) -> Result<HashMap<i64, Template>, DbError> {
-    let mut conn = checkout(pool, reach, deadline).await?;
-    metrics.db_hits_total.inc();
-    metrics.db_keys_per_query.observe(ids.len() as f64);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let silent_server = settings.query_timeout + CLIENT_SLACK;
-    match tokio::time::timeout(silent_server.min(left), load_templates(&mut conn, ids)).await {
-        Err(_) if left < silent_server => Err(DbError::QueryTimeout(left)),
-        Err(_) => {
-            // Not even statement_timeout answered: the server is not reachable.
-            reach.down(format!("no answer to a query within {silent_server:?}"));
-            Err(DbError::QueryTimeout(settings.query_timeout))
+    fn handle(&mut self, _: ChangedAll, ctx: &mut Self::Context) {
+        if self.routing.changed_all() {
+            self.ask_position(ctx);
         }
-        Ok(Ok(rows)) => {
-            reach.up();
-            Ok(rows.into_iter().map(|t| (t.id, t)).collect())
-        }
-        Ok(Err(e)) if is_statement_timeout(&e) => {
-            Err(DbError::QueryTimeout(settings.query_timeout))
-        }
-        Ok(Err(e)) => Err(DbError::Query(e.to_string())),
     }
-}
-
-fn is_statement_timeout(e: &diesel::result::Error) -> bool {
-    e.to_string().contains("statement timeout")
 }
 
 impl Handler<PingDb> for DbActor {
-    type Result = ResponseFuture<Result<(), DbError>>;
+    type Result = MessageResult<PingDb>;
 
-    fn handle(&mut self, PingDb(timeout): PingDb, _: &mut Self::Context) -> Self::Result {
-        let (pool, reach) = (self.pool.clone(), self.reachability.clone());
-        Box::pin(guard_panics(async move {
-            let deadline = Instant::now() + timeout;
-            let mut conn = checkout(&pool, &reach, deadline).await?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, diesel::sql_query("SELECT 1").execute(&mut conn)).await
-            {
-                Err(_) => Err(DbError::QueryTimeout(timeout)),
-                Ok(Err(e)) => Err(DbError::Query(e.to_string())),
-                Ok(Ok(_)) => Ok(()),
-            }
-        }))
+    fn handle(&mut self, _: PingDb, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.primary.reach.standing())
     }
 }
 
@@ -551,16 +562,5 @@ mod tests {
         .await;
         assert_eq!(result, Err(DbError::Panicked));
         assert_eq!(guard_panics(async { Ok(7) }).await, Ok(7));
-    }
-
-    #[test]
-    fn a_full_server_is_not_a_down_one() {
-        assert!(is_server_full("FATAL: sorry, too many clients already"));
-        assert!(is_server_full(
-            "FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute"
-        ));
-        assert!(!is_server_full(
-            "error connecting to server: Connection refused (os error 111)"
-        ));
     }
 }

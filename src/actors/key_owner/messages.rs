@@ -42,16 +42,27 @@ pub enum ShedReason {
     PendingKeys,
     #[error("too many requests waiting for this key")]
     Waiters,
+    /// The owner's mailbox is full: it is behind on the requests it was sent.
+    #[error("a key owner's queue is full")]
+    Mailbox,
 }
 
 impl ShedReason {
     /// The `reason` label of `shed_requests_total`.
-    pub(super) fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             ShedReason::PendingKeys => "pending_keys",
             ShedReason::Waiters => "waiters",
+            ShedReason::Mailbox => "mailbox",
         }
     }
+
+    /// Every reason, for a metric that shows zero before the first shed request.
+    pub const ALL: [ShedReason; 3] = [
+        ShedReason::PendingKeys,
+        ShedReason::Waiters,
+        ShedReason::Mailbox,
+    ];
 }
 
 /// How the `X-Cache` header describes an answer.
@@ -137,8 +148,3 @@ pub struct ForgetAll;
 pub struct Renew {
     pub renewals: Vec<(i64, oneshot::Sender<Answer>)>,
 }
-
-/// Readiness: answered at once by a running owner.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Alive;

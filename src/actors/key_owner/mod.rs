@@ -137,7 +137,7 @@ use std::collections::HashMap;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::actors::contain;
+use crate::actors::{contain, Alive, Deafness};
 
 mod answers;
 mod deps;
@@ -154,8 +154,8 @@ mod tests;
 pub use deps::{KeyOwnerDeps, LeaseDeps, OwnerSettings};
 pub use generations::{CopyTerms, Generations};
 pub use messages::{
-    Alive, Answer, FlightError, ForgetAll, GetTemplate, Invalidate, Origin, PeerFilled, Renew,
-    ShedReason, XCache,
+    Answer, FlightError, ForgetAll, GetTemplate, Invalidate, Origin, PeerFilled, Renew, ShedReason,
+    XCache,
 };
 
 use answers::{answer, Settled};
@@ -192,6 +192,11 @@ pub struct KeyOwner {
 
 impl KeyOwner {
     pub fn new(shard: usize, deps: KeyOwnerDeps) -> Self {
+        // Every reason shows from the first scrape: dashboards and rate() see 0, not "no data".
+        for reason in ShedReason::ALL {
+            let shed = &deps.metrics.shed_requests_total;
+            shed.with_label_values(&[reason.label()]);
+        }
         KeyOwner {
             shard: shard.to_string(),
             near_cache: NearCache::new(&deps.settings),
@@ -271,8 +276,17 @@ impl KeyOwner {
     }
 }
 
+/// Requests an owner holds in its mailbox at the most: beyond it, HTTP workers shed requests
+/// for its keys at once (`try_send`) rather than queue them without bound. A few milliseconds
+/// of its work: an owner handles a request in microseconds.
+const MAILBOX_CAPACITY: usize = 4096;
+
 impl Actor for KeyOwner {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
 }
 
 /// After a panic (see [`contain`]) the owner's state may be half-updated: every waiter is
@@ -354,6 +368,19 @@ impl Handler<PeerFilled> for KeyOwner {
                     owner.wake(id, flight_id, Wake::Notice, ctx)
                 }
             });
+        }
+    }
+}
+
+/// While the listener is deaf nothing stays fresh longer than it allows: what the near cache
+/// and the workers' copies hold goes now (the generations move), and new entries are capped.
+impl Handler<Deafness> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
+        self.near_cache.deafness(max_age);
+        if max_age.is_some() {
+            self.deps.generations.bump_all();
         }
     }
 }

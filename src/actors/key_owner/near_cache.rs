@@ -37,6 +37,8 @@ pub(super) struct NearCache {
     ttl: Duration,
     negative_ttl: Duration,
     max_stale: Duration,
+    /// While the change listener is deaf: how long an entry may be fresh at the most.
+    deaf_cap: Option<Duration>,
 }
 
 impl NearCache {
@@ -50,6 +52,7 @@ impl NearCache {
             ttl: s.near_cache_ttl,
             negative_ttl: s.negative_ttl,
             max_stale: s.max_stale,
+            deaf_cap: None,
         }
     }
 
@@ -89,7 +92,9 @@ impl NearCache {
             Lookup::Found(_) => self.ttl,
             Lookup::NotFound => self.negative_ttl.min(self.ttl),
         };
-        let fresh_for = ttl.min(fresh_for);
+        let fresh_for = ttl
+            .min(fresh_for)
+            .min(self.deaf_cap.unwrap_or(Duration::MAX));
         if let Some(entries) = self.entries.as_mut() {
             entries.put(
                 id,
@@ -128,6 +133,15 @@ impl NearCache {
     pub(super) fn forget(&mut self, id: i64) {
         if let Some(entries) = self.entries.as_mut() {
             entries.pop(&id);
+        }
+    }
+
+    /// The change listener went deaf (`Some(cap)`: every entry goes, and none is fresh longer
+    /// than `cap` from now on) or hears again (`None`).
+    pub(super) fn deafness(&mut self, cap: Option<Duration>) {
+        self.deaf_cap = cap;
+        if cap.is_some() {
+            self.clear();
         }
     }
 

@@ -43,6 +43,9 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
         redis_timeout: Duration::from_millis(500),
         ..Settings::default()
     };
+    // The schema and the demo templates, as `singleflight seed-demo` loads them, straight into
+    // this test's database (not through whatever `customize` puts in between).
+    seed_demo(&settings.database_url).await;
     customize(&mut settings);
     let (database_url, redis_url) = (settings.database_url.clone(), settings.redis_url.clone());
     let app = Application::build(settings)
@@ -64,6 +67,18 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
     }
 }
 
+/// Migrates the database at `database_url` and loads the demo templates into it, as its owner
+/// does with `singleflight seed-demo`.
+pub async fn seed_demo(database_url: &str) {
+    let settings = Settings {
+        database_url: database_url.to_owned(),
+        ..Settings::default()
+    };
+    singleflight::demo::seed(&settings)
+        .await
+        .expect("the demo templates load");
+}
+
 /// A loopback port nothing listens on, so connecting to it is refused. No other test in this
 /// process is handed the same port, and no outgoing connection takes it as its source.
 pub fn closed_port() -> u16 {
@@ -74,6 +89,14 @@ pub fn closed_port() -> u16 {
 pub async fn empty_database_url() -> String {
     let servers = servers::servers();
     servers.pg_url(&create_database(servers).await)
+}
+
+/// The URL of a new database with the schema and the demo templates (as `seed-demo` loads
+/// them), for services started by a test itself (their binaries, replicas of a fleet).
+pub async fn demo_database_url() -> String {
+    let url = empty_database_url().await;
+    seed_demo(&url).await;
+    url
 }
 
 /// A database of its own for one test.
@@ -213,7 +236,7 @@ pub async fn wait_for_warm_pool(client: &reqwest::Client, base_url: &str, n: f64
         let text = response.text().await.unwrap_or_default();
         testkit::prom::series(&text, "db_pool_connections")
             .into_iter()
-            .find(|(labels, _)| labels == r#"{state="idle"}"#)
+            .find(|(labels, _)| labels == r#"{server="primary",state="idle"}"#)
             .map_or(0.0, |(_, idle)| idle)
     };
     let (limit, every) = (Duration::from_secs(15), Duration::from_millis(50));

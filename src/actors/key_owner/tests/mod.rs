@@ -14,7 +14,9 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::actors::fakes::{Counter, DbMode, FakeCache, FakeDb, FillAsPeer, HoldAsPeer};
+use crate::actors::fakes::{
+    owner_deps, Counter, DbMode, FakeCache, FakeDb, FillAsPeer, HoldAsPeer,
+};
 use crate::http::worker_cache::WorkerCache;
 use crate::metrics::Metrics;
 use crate::template::{Lookup, Template};
@@ -153,23 +155,14 @@ impl Setup {
         let db = FakeDb::start_in_arbiter(&fakes.handle(), move |_| db);
         let metrics = Metrics::new().expect("metrics");
         let generations = Generations::default();
-        let deps = KeyOwnerDeps {
-            cache_get: cache.clone().recipient(),
-            cache_get_many: cache.clone().recipient(),
-            cache_set: cache.clone().recipient(),
-            cache_del: cache.clone().recipient(),
-            db: db.recipient(),
-            lease: self.lease_ttl.map(|ttl| LeaseDeps {
-                claim: cache.clone().recipient(),
-                extend: cache.clone().recipient(),
-                fill: cache.clone().recipient(),
-                release: cache.clone().recipient(),
-                ttl,
-            }),
-            settings: self.owner,
-            metrics: metrics.clone(),
-            generations: generations.clone(),
-        };
+        let deps = owner_deps(
+            &cache,
+            &db,
+            self.lease_ttl,
+            self.owner,
+            metrics.clone(),
+            generations.clone(),
+        );
         let owner =
             Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| KeyOwner::new(0, deps));
         Harness {

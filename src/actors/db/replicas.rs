@@ -1,0 +1,264 @@
+//! Where a load goes: a read replica (`DATABASE_READ_URL`) when one has replayed every change
+//! the service knows of for that key, the primary otherwise.
+//!
+//! # The freshness invariant, with replicas
+//! A replica applies the primary's WAL some time after the primary wrote it. Once the service
+//! has learned of a change to a key, a load of that key must not read a replica that has not yet
+//! replayed it. Positions in the WAL (LSNs) decide:
+//!
+//! - When the change listener relays a change of key `id` ([`super::Changed`]), the key is
+//!   *pinned* to the primary, with no position yet, and the actor asks the primary for its
+//!   current WAL position. The change committed before its notification was sent, so that
+//!   position is at or past the change's commit: every pin made before the question went out
+//!   gets it.
+//! - After a reconnect of the listener, a deaf spell or a `TRUNCATE` ([`super::ChangedAll`]),
+//!   every key is pinned the same way.
+//! - Every replica's replayed position (`pg_last_wal_replay_lsn()`) is read every
+//!   [`super::TICK`]: that poll is its health check too. A load of `id` may go to a healthy replica
+//!   whose replayed position is at or past `id`'s pin (and the all-keys pin); among those, round
+//!   robin. None: the primary. A pin that every replica has passed is dropped.
+//!
+//! No clock is compared: positions come from the servers, and a pin only ever sends a load to
+//! the primary, never to an older copy.
+
+use std::collections::HashMap;
+
+/// A position in the primary's WAL, in bytes from its start.
+pub type Lsn = u64;
+
+/// Where the loads of a key may read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    /// A change is known, its position not yet: the primary only. Made while the service's
+    /// pin count was `seq`.
+    Pending(u64),
+    /// A replica that has replayed this position may serve the key.
+    At(Lsn),
+}
+
+/// Where one load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    Replica(usize),
+}
+
+/// Pins kept per key at the most; beyond, every key is pinned at once instead (a load may go to
+/// the primary more often, never to an older copy).
+const MAX_PINS: usize = 100_000;
+
+/// The routing state of one DbActor: its replicas' replayed positions and the pins.
+pub struct Routing {
+    /// Each replica's last replayed position; `None` while it is unhealthy (its last poll or
+    /// load failed).
+    replayed: Vec<Option<Lsn>>,
+    /// Every key's loads need at least this (a reconnect, a deaf spell, a `TRUNCATE`); `None`:
+    /// no such pin.
+    all: Option<Pin>,
+    pins: HashMap<i64, Pin>,
+    /// Counts pins made, so that a position answers only the pins made before it was asked.
+    seq: u64,
+    /// Where round robin goes next.
+    next: usize,
+}
+
+impl Routing {
+    pub fn new(replicas: usize) -> Self {
+        Routing {
+            replayed: vec![None; replicas],
+            all: None,
+            pins: HashMap::new(),
+            seq: 0,
+            next: 0,
+        }
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.replayed.len()
+    }
+
+    /// `id` changed: its loads go to the primary until a replica has replayed past the primary's
+    /// position of now. Returns whether a position is worth asking for (there are replicas).
+    pub fn changed(&mut self, id: i64) -> bool {
+        if self.replayed.is_empty() {
+            return false;
+        }
+        self.seq += 1;
+        if self.pins.len() >= MAX_PINS {
+            self.pins.clear();
+            self.all = Some(Pin::Pending(self.seq));
+        } else {
+            self.pins.insert(id, Pin::Pending(self.seq));
+        }
+        true
+    }
+
+    /// Anything may have changed: every key's loads go to the primary until a replica has
+    /// replayed past the primary's position of now.
+    pub fn changed_all(&mut self) -> bool {
+        if self.replayed.is_empty() {
+            return false;
+        }
+        self.seq += 1;
+        self.pins.clear();
+        self.all = Some(Pin::Pending(self.seq));
+        true
+    }
+
+    /// The primary is being asked for its position: the pins made so far get its answer.
+    pub fn asking(&self) -> u64 {
+        self.seq
+    }
+
+    /// The primary answered `lsn` to the question [`Routing::asking`] numbered `asked`.
+    pub fn primary_at(&mut self, asked: u64, lsn: Lsn) {
+        let settle = |pin: &mut Pin| {
+            if let Pin::Pending(made) = *pin {
+                if made <= asked {
+                    *pin = Pin::At(lsn);
+                }
+            }
+        };
+        self.pins.values_mut().for_each(settle);
+        if let Some(all) = self.all.as_mut() {
+            settle(all);
+        }
+        self.drop_passed();
+    }
+
+    /// Replica `i` has replayed up to `lsn` (`None`: it is unhealthy).
+    pub fn replica_at(&mut self, i: usize, lsn: Option<Lsn>) {
+        if let Some(replayed) = self.replayed.get_mut(i) {
+            *replayed = lsn;
+        }
+        self.drop_passed();
+    }
+
+    /// Where a load of `id` goes now.
+    pub fn route(&mut self, id: i64) -> Target {
+        let needed = [self.all, self.pins.get(&id).copied()];
+        let mut needs = 0;
+        for pin in needed.into_iter().flatten() {
+            match pin {
+                Pin::Pending(_) => return Target::Primary,
+                Pin::At(lsn) => needs = needs.max(lsn),
+            }
+        }
+        let n = self.replayed.len();
+        for step in 0..n {
+            let i = (self.next + step) % n;
+            if self.replayed[i].is_some_and(|at| at >= needs) {
+                self.next = (i + 1) % n;
+                return Target::Replica(i);
+            }
+        }
+        Target::Primary
+    }
+
+    /// Pins every replica has passed can go: any replica may serve those keys again. (An
+    /// unhealthy replica has passed nothing: it is re-checked when it is healthy again.)
+    fn drop_passed(&mut self) {
+        let Some(slowest) = self.replayed.iter().copied().collect::<Option<Vec<_>>>() else {
+            return;
+        };
+        let Some(slowest) = slowest.into_iter().min() else {
+            return;
+        };
+        let passed = |pin: &Pin| matches!(pin, Pin::At(lsn) if *lsn <= slowest);
+        self.pins.retain(|_, pin| !passed(pin));
+        if self.all.as_ref().is_some_and(passed) {
+            self.all = None;
+        }
+    }
+
+    /// Keys pinned now (for tests and the gauge).
+    pub fn pinned(&self) -> usize {
+        self.pins.len() + usize::from(self.all.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_replicas_everything_goes_to_the_primary_and_nothing_is_pinned() {
+        let mut routing = Routing::new(0);
+        assert!(!routing.changed(1));
+        assert!(!routing.changed_all());
+        assert_eq!(routing.route(1), Target::Primary);
+        assert_eq!(routing.pinned(), 0);
+    }
+
+    #[test]
+    fn loads_go_round_robin_to_healthy_replicas() {
+        let mut routing = Routing::new(3);
+        routing.replica_at(0, Some(10));
+        routing.replica_at(2, Some(10));
+        let targets: Vec<_> = (0..4).map(|id| routing.route(id)).collect();
+        assert_eq!(
+            targets,
+            [
+                Target::Replica(0),
+                Target::Replica(2),
+                Target::Replica(0),
+                Target::Replica(2)
+            ]
+        );
+        routing.replica_at(0, None);
+        routing.replica_at(2, None);
+        assert_eq!(routing.route(1), Target::Primary, "none healthy");
+    }
+
+    #[test]
+    fn a_changed_key_reads_the_primary_until_a_replica_has_replayed_the_change() {
+        let mut routing = Routing::new(2);
+        routing.replica_at(0, Some(100));
+        routing.replica_at(1, Some(100));
+        assert!(routing.changed(7));
+        assert_eq!(routing.route(7), Target::Primary, "position not known yet");
+        assert!(matches!(routing.route(8), Target::Replica(_)), "other keys");
+        let asked = routing.asking();
+        routing.primary_at(asked, 150);
+        assert_eq!(routing.route(7), Target::Primary, "no replica is at 150");
+        routing.replica_at(1, Some(150));
+        assert_eq!(routing.route(7), Target::Replica(1));
+        assert_eq!(routing.route(7), Target::Replica(1), "replica 0 is behind");
+        routing.replica_at(0, Some(160));
+        assert_eq!(routing.pinned(), 0, "every replica passed it");
+    }
+
+    #[test]
+    fn a_position_asked_before_a_change_does_not_settle_it() {
+        let mut routing = Routing::new(1);
+        routing.replica_at(0, Some(100));
+        routing.changed(1);
+        let asked = routing.asking();
+        routing.changed(2);
+        routing.primary_at(asked, 120);
+        routing.replica_at(0, Some(130));
+        assert_eq!(routing.route(1), Target::Replica(0));
+        assert_eq!(
+            routing.route(2),
+            Target::Primary,
+            "pinned after the question"
+        );
+    }
+
+    #[test]
+    fn a_reconnect_pins_every_key_and_an_unhealthy_replica_passes_nothing() {
+        let mut routing = Routing::new(2);
+        routing.replica_at(0, Some(100));
+        routing.replica_at(1, None);
+        routing.changed_all();
+        assert_eq!(routing.route(42), Target::Primary);
+        let asked = routing.asking();
+        routing.primary_at(asked, 200);
+        assert_eq!(routing.route(42), Target::Primary);
+        routing.replica_at(0, Some(200));
+        assert_eq!(routing.route(42), Target::Replica(0));
+        assert_eq!(routing.pinned(), 1, "kept while replica 1 may be behind");
+        routing.replica_at(1, Some(250));
+        assert_eq!(routing.pinned(), 0);
+    }
+}
