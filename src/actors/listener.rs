@@ -134,6 +134,8 @@ impl Changes {
     /// Tells every cache actor and owner how old a cached value may be while the listener is
     /// deaf (`None`: as old as its TTL allows).
     async fn deafness(&self, max_age: Option<Duration>) {
+        // Deaf, loads read the primary: a replica may lack a change nobody heard of.
+        self.db.do_send(Deafness(max_age));
         join_all(
             self.caches
                 .iter()
@@ -165,8 +167,10 @@ impl Changes {
 
     /// A heartbeat came back after a deaf spell: what was loaded meanwhile is suspect once.
     async fn hears_again(&mut self) {
-        self.deafness(None).await;
+        // Suspect first, then lift the cap: in between, an entry from before a change that was
+        // never heard must not count as fresh.
         self.forget_everything().await;
+        self.deafness(None).await;
         self.metrics.listener_hearing.set(1);
         log::info!("change notifications arrive again (the listener hears its heartbeat)");
     }

@@ -371,12 +371,15 @@ impl DbActor {
                 Ok(lsn) => {
                     actor.primary_position = Some(lsn);
                     actor.routing.primary_at(asked, lsn);
+                    // Changes learned of while this was asked need a position of their own.
+                    if actor.ask_again && actor.routing.replicas() > 0 {
+                        actor.ask_position(ctx);
+                    }
                 }
-                // The pins stay with the primary; asked again at the next tick.
+                // The pins stay with the primary; asked again at the next tick, not now: with
+                // the primary down a failure comes at once, and asking again from here would
+                // spin this thread.
                 Err(_) => actor.ask_again = true,
-            }
-            if actor.ask_again && actor.routing.replicas() > 0 {
-                actor.ask_position(ctx);
             }
         }));
     }
@@ -536,6 +539,15 @@ impl Handler<ChangedAll> for DbActor {
         if self.routing.changed_all() {
             self.ask_position(ctx);
         }
+    }
+}
+
+/// The listener went deaf (`Some`) or hears again (`None`): see [`Routing::set_deaf`].
+impl Handler<crate::actors::Deafness> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, deafness: crate::actors::Deafness, _: &mut Self::Context) {
+        self.routing.set_deaf(deafness.0.is_some());
     }
 }
 

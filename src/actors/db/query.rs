@@ -373,8 +373,10 @@ pub(super) async fn notify(
     }
 }
 
-/// The primary's current WAL position.
-pub(super) const CURRENT: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
+/// The primary's current WAL position: where it inserts (ahead of where it has written, which
+/// with `synchronous_commit=off` may still be short of a commit whose notice has arrived).
+pub(super) const CURRENT: &str =
+    "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
 
 /// A replica's replayed WAL position (a server that is not in recovery: its current one).
 pub(super) const REPLAYED: &str = "SELECT (COALESCE(pg_last_wal_replay_lsn(), \

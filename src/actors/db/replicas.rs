@@ -60,6 +60,8 @@ pub struct Routing {
     seq: u64,
     /// Where round robin goes next.
     next: usize,
+    /// The listener is deaf: a change may be unknown, so no replica can be shown to hold it.
+    deaf: bool,
 }
 
 impl Routing {
@@ -70,7 +72,15 @@ impl Routing {
             pins: HashMap::new(),
             seq: 0,
             next: 0,
+            deaf: false,
         }
+    }
+
+    /// While the listener is deaf every load reads the primary (changes go unheard, so no pin
+    /// can say which replica holds them); when it hears again, [`Self::changed_all`] pins every
+    /// key until a replica has replayed past that moment.
+    pub fn set_deaf(&mut self, deaf: bool) {
+        self.deaf = deaf;
     }
 
     pub fn replicas(&self) -> usize {
@@ -136,6 +146,9 @@ impl Routing {
 
     /// Where a load of `id` goes now.
     pub fn route(&mut self, id: i64) -> Target {
+        if self.deaf {
+            return Target::Primary;
+        }
         let needed = [self.all, self.pins.get(&id).copied()];
         let mut needs = 0;
         for pin in needed.into_iter().flatten() {
@@ -260,5 +273,16 @@ mod tests {
         assert_eq!(routing.pinned(), 1, "kept while replica 1 may be behind");
         routing.replica_at(1, Some(250));
         assert_eq!(routing.pinned(), 0);
+    }
+
+    #[test]
+    fn while_deaf_every_load_reads_the_primary() {
+        let mut routing = Routing::new(1);
+        routing.replica_at(0, Some(100));
+        assert_eq!(routing.route(1), Target::Replica(0));
+        routing.set_deaf(true);
+        assert_eq!(routing.route(1), Target::Primary);
+        routing.set_deaf(false);
+        assert_eq!(routing.route(1), Target::Replica(0));
     }
 }
