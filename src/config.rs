@@ -101,6 +101,10 @@ pub struct Settings {
     pub breaker_failures: u32,
     /// `BREAKER_OPEN_MS`: how long an open breaker skips Redis before probing it.
     pub breaker_open: Duration,
+    /// `SHUTDOWN_DRAIN_MS`: after SIGTERM, how long the service keeps serving with `/readyz`
+    /// answering 503 (and every response closing its connection) before it stops accepting,
+    /// so that its load balancer takes it out first (0: stop accepting at once).
+    pub shutdown_drain: Duration,
 }
 
 impl Default for Settings {
@@ -140,6 +144,7 @@ impl Default for Settings {
             lease_ttl: Duration::from_millis(1000),
             breaker_failures: 5,
             breaker_open: Duration::from_millis(1000),
+            shutdown_drain: Duration::from_millis(3000),
         }
     }
 }
@@ -277,6 +282,7 @@ impl Settings {
             lease_ttl: env.lease_ttl("LEASE_TTL_MS", d.lease_ttl)?,
             breaker_failures: env.positive("BREAKER_FAILURES", d.breaker_failures as usize)? as u32,
             breaker_open: env.millis("BREAKER_OPEN_MS", 1, d.breaker_open)?,
+            shutdown_drain: env.millis("SHUTDOWN_DRAIN_MS", 0, d.shutdown_drain)?,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod migrate;
 pub mod schema;
+pub mod shutdown;
 pub mod startup;
 pub mod template;
 pub mod tls;

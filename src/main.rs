@@ -1,4 +1,5 @@
 use singleflight::config::Settings;
+use singleflight::shutdown::Shutdown;
 use singleflight::startup::Application;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -45,7 +46,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    actix_web::rt::spawn(stop_on_signals(app.handle()));
+    actix_web::rt::spawn(stop_on_signals(app.shutdown()));
     match app.run_until_stopped().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -55,9 +56,10 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C) stops the server gracefully: it stops accepting and finishes the
-/// requests in flight (up to its shutdown timeout). A second signal stops it at once.
-async fn stop_on_signals(server: actix_web::dev::ServerHandle) {
+/// SIGTERM or SIGINT (Ctrl-C) stops the service without losing a request: it drains for
+/// `SHUTDOWN_DRAIN_MS`, stops accepting, finishes the requests in flight and hands its leases
+/// back (see `singleflight::shutdown`). A second signal stops it at once.
+async fn stop_on_signals(shutdown: Shutdown) {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -65,19 +67,18 @@ async fn stop_on_signals(server: actix_web::dev::ServerHandle) {
         log::error!("cannot listen for SIGTERM/SIGINT; stop the service with SIGKILL");
         return;
     };
-    let mut graceful = true;
     loop {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        if graceful {
-            log::info!("{name}: finishing the requests in flight, then stopping");
-        } else {
+        if shutdown.begun() {
             log::warn!("{name} again: stopping now");
+            shutdown.now().await;
+        } else {
+            log::info!("{name}: stopping without losing a request");
+            let stopping = shutdown.clone();
+            actix_web::rt::spawn(async move { stopping.begin().await });
         }
-        // Not awaited: the server's own future reports when it has stopped.
-        drop(server.stop(graceful));
-        graceful = false;
     }
 }

@@ -15,17 +15,21 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
+use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
 use crate::actors::fills::FillSubscriber;
-use crate::actors::key_owner::{Generations, KeyOwner, KeyOwnerDeps, LeaseDeps, OwnerSettings};
+use crate::actors::key_owner::{
+    Generations, HandBack, KeyOwner, KeyOwnerDeps, LeaseDeps, OwnerSettings,
+};
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
 use crate::http::worker_cache::WorkerCache;
 use crate::http::{self, renewal_batch, AppState, WorkerState};
 use crate::metrics::Metrics;
+use crate::shutdown::{self, Draining, Shutdown};
 use crate::tls::PgConnector;
 
 /// How long start-up waits for the change listener's first `LISTEN`.
@@ -60,6 +64,13 @@ pub struct Application {
     /// Held for its `Drop`, which stops the actor threads.
     _arbiters: Arbiters,
     metrics: Metrics,
+    /// Asked to hand their leases back once the server has stopped.
+    owners: Vec<Addr<KeyOwner>>,
+    draining: Draining,
+    /// `SHUTDOWN_DRAIN_MS`.
+    drain: Duration,
+    /// `REDIS_TIMEOUT_MS`: how long a Redis call still in the air may take to end.
+    redis_timeout: Duration,
 }
 
 /// The actor threads. Dropping them stops them — when the server has finished, and also when
@@ -91,8 +102,11 @@ impl Application {
         // Owned from here, so that a failure to bind stops the actor threads too.
         let arbiters = Arbiters(std::iter::once(db_arbiter).chain(shards.arbiters).collect());
         let generations = shards.generations;
+        let owners = shards.owners;
+        let draining = Draining::default();
         let state = AppState {
-            owners: shards.owners,
+            owners: owners.clone(),
+            draining: draining.clone(),
             db_probe: db.clone().recipient(),
             cache_probe: shards.caches[0].clone().recipient(),
             listener_probe: listener.recipient(),
@@ -100,7 +114,7 @@ impl Application {
             renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),
         };
-        let (server, port) = serve(&settings, state, &generations, &metrics)?;
+        let (server, port) = serve(&settings, state, &generations, &metrics, &draining)?;
         log::info!(
             "listening on {} ({} key owner shards, coalescing {})",
             listener_addr(settings.http_addr, port),
@@ -112,6 +126,10 @@ impl Application {
             server,
             _arbiters: arbiters,
             metrics,
+            owners,
+            draining,
+            drain: settings.shutdown_drain,
+            redis_timeout: settings.redis_timeout,
         })
     }
 
@@ -119,9 +137,18 @@ impl Application {
         self.port
     }
 
-    /// Stops the server (gracefully) from elsewhere, e.g. a test.
+    /// Stops the server (gracefully, without draining) from elsewhere, e.g. a test.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
+    }
+
+    /// Stops the service as SIGTERM does: drain, then stop (see [`crate::shutdown`]).
+    pub fn shutdown(&self) -> Shutdown {
+        Shutdown {
+            server: self.server.handle(),
+            draining: self.draining.clone(),
+            drain: self.drain,
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -131,9 +158,25 @@ impl Application {
     /// Serves until the server is stopped (SIGTERM/SIGINT or [`ServerHandle::stop`]), then
     /// stops the actor threads.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        hand_back(&self.owners, self.redis_timeout).await;
+        served
         // `self._arbiters` is dropped here, stopping the actor threads.
     }
+}
+
+/// Asks every owner to give back the leases its flights hold (see [`HandBack`]), and waits for
+/// the releases, and for fills already in the air, for at most about a Redis call's timeout.
+async fn hand_back(owners: &[Addr<KeyOwner>], redis_timeout: Duration) {
+    let patience = redis_timeout + Duration::from_millis(100);
+    let asked = owners.iter().map(|owner| owner.send(HandBack));
+    let handed = tokio::time::timeout(patience, futures_util::future::join_all(asked)).await;
+    let released: usize = handed.iter().flatten().flatten().sum();
+    if released > 0 {
+        log::info!("handed {released} fleet leases back for other replicas to load");
+    }
+    // A fill sent before the stop ends within its own Redis timeout.
+    tokio::time::sleep(redis_timeout).await;
 }
 
 fn listener_addr(addr: std::net::SocketAddr, port: u16) -> std::net::SocketAddr {
@@ -319,7 +362,9 @@ fn serve(
     state: AppState,
     generations: &Generations,
     metrics: &Metrics,
+    draining: &Draining,
 ) -> Result<(Server, u16), StartupError> {
+    let draining = draining.clone();
     let state = web::Data::new(state);
     let per_worker = metrics.per_worker.clone();
     let generations = generations.clone();
@@ -343,6 +388,7 @@ fn serve(
             renewals: Default::default(),
         });
         let counting = worker.clone();
+        let draining = draining.clone();
         App::new()
             .wrap_fn(move |req, srv| {
                 // A scrape is not traffic: counting it would show one request in flight on
@@ -352,10 +398,19 @@ fn serve(
                     let in_flight = counting.counts.enter();
                     (in_flight, Instant::now(), req.method().clone())
                 });
+                // Draining: this answer ends its keep-alive connection, so that the client's
+                // next request opens one the load balancer sends elsewhere.
+                let closing = draining.is_on();
                 let response = srv.call(req);
                 let worker = counting.clone();
                 async move {
-                    let response = response.await;
+                    let mut response = response.await;
+                    if closing {
+                        if let Ok(response) = &mut response {
+                            let head = response.response_mut().head_mut();
+                            head.set_connection_type(ConnectionType::Close);
+                        }
+                    }
                     if let Some((in_flight, arrived, method)) = counted {
                         let status = match &response {
                             Ok(response) => response.status(),
@@ -376,7 +431,7 @@ fn serve(
     // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
     // graceful stop the server stops accepting and gives in-flight requests this long.
     .disable_signals()
-    .shutdown_timeout(10)
+    .shutdown_timeout(shutdown::finish_within(settings.request_timeout).as_secs())
     .listen(listener)
     .map_err(bind_err)?
     .run();

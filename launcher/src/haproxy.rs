@@ -48,9 +48,12 @@ defaults
     timeout client 30s
     timeout server 30s
     timeout http-keep-alive 10s
-    # A request whose replica refused the connection is sent to another one.
-    retries 2
-    option redispatch
+    # A GET whose replica refused the connection, closed it before answering or did not
+    # answer in time is sent again, to another replica (a stopping replica closes its idle
+    # keep-alive connections; see SHUTDOWN_DRAIN_MS in the README).
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
 
 frontend singleflight
     bind :{port}
@@ -58,10 +61,12 @@ frontend singleflight
 
 backend replicas
     balance roundrobin
-    # A replica gets requests while GET /readyz answers 200 (it reaches PostgreSQL).
+    # A replica gets requests while GET /readyz answers 200: it answers 503 once it is
+    # stopping, and two failed checks 1 s apart take it out within the service's default
+    # SHUTDOWN_DRAIN_MS (3 s).
     option httpchk GET /readyz
     http-check expect status 200
-    default-server check inter 2s fall 2 rise 1
+    default-server check inter 1s fall 2 rise 1
 ",
         count = replica_ports.len()
     );

@@ -13,6 +13,10 @@
 //! replica keeps answering from what it has (Redis, its near cache, `STALE` values), and taking
 //! every replica out of its load balancer at once would turn a database blip into a full outage.
 //! The body names what failed in words of its own, never a driver's error text.
+//!
+//! Once a stop has begun (SIGTERM, see [`crate::shutdown`]) `/readyz` answers `503` with
+//! `"status": "draining"` while the replica still serves, so that its load balancer moves the
+//! traffic before it stops accepting.
 
 use std::time::Duration;
 
@@ -54,6 +58,15 @@ fn bounded<F: std::future::Future>(ask: F) -> tokio::time::Timeout<F> {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.draining.is_on() {
+        // Stopping (see `crate::shutdown`): out of the load balancer first, whatever else holds.
+        return HttpResponse::ServiceUnavailable().json(json!({
+            "status": "draining",
+            "degraded": [],
+            "checks": {"shutdown": "draining: this replica is stopping; it answers what it is \
+                        sent until its load balancer stops sending"},
+        }));
+    }
     let db = bounded(state.db_probe.send(PingDb));
     let redis = bounded(state.cache_probe.send(PingCache));
     let listener = bounded(state.listener_probe.send(Alive));

@@ -18,6 +18,7 @@ use crate::actors::Alive;
 use crate::http::error::ApiError;
 use crate::http::worker_cache::WorkerCache;
 use crate::metrics::{Metrics, WorkerCounts};
+use crate::shutdown::Draining;
 
 /// What every handler can reach. Cloned into each HTTP worker (all fields are handles).
 pub struct AppState {
@@ -29,6 +30,8 @@ pub struct AppState {
     pub cache_probe: Recipient<PingCache>,
     /// The change listener, asked by `/readyz` whether it runs.
     pub listener_probe: Recipient<Alive>,
+    /// On once a stop has begun: `/readyz` answers 503 (see [`crate::shutdown`]).
+    pub draining: Draining,
     pub request_timeout: Duration,
     /// How long a worker gathers due renewals before it sends them ([`renewal_batch`]).
     pub renewal_batch: Duration,

@@ -362,6 +362,7 @@ mod tests {
             db_probe: db.recipient(),
             cache_probe: cache.recipient(),
             listener_probe: owner.clone().recipient(),
+            draining: Default::default(),
             request_timeout: Duration::from_secs(30),
             renewal_batch: Duration::from_millis(20),
             metrics: metrics.clone(),

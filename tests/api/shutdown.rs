@@ -140,3 +140,132 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
         );
     }
 }
+
+/// The service started as a process on `port`, ready, with `extra` settings.
+async fn start_ready(port: u16, extra: &[(&str, &str)]) -> (KillOnDrop, reqwest::Client, String) {
+    let servers = servers::servers();
+    crate::support::seed_demo(&servers.pg_url("postgres")).await;
+    let child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_singleflight"))
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", servers.pg_url("postgres"))
+            .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
+            .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the service binary"),
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while !matches!(client.get(format!("{url}/readyz")).send().await, Ok(r) if r.status() == 200) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the service did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, client, url)
+}
+
+fn signal(child: &KillOnDrop, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Waits up to `within` for the process to exit: its status, and how long it took.
+async fn exit_within(
+    child: &mut KillOnDrop,
+    within: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = child.0.try_wait().expect("wait for the service") {
+            return (exit, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "the service did not stop within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM first drains: `/readyz` answers 503 `draining` while requests are still answered,
+/// each with `Connection: close`, for `SHUTDOWN_DRAIN_MS`; then the service stops and exits 0.
+#[actix_rt::test]
+async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_exits_cleanly() {
+    let port = free_port();
+    let (mut child, client, url) = start_ready(port, &[("SHUTDOWN_DRAIN_MS", "2000")]).await;
+    let answer = client
+        .get(format!("{url}/template-details?id=3"))
+        .send()
+        .await
+        .expect("served");
+    assert_eq!(answer.status(), 200);
+    assert_ne!(
+        answer
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("close"),
+        "not draining yet: the connection is kept"
+    );
+
+    signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = client
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("still serving");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!(body["status"], "draining", "{body}");
+    let answer = client
+        .get(format!("{url}/template-details?id=3"))
+        .send()
+        .await
+        .expect("still served while draining");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("close"),
+        "a draining answer ends its keep-alive connection"
+    );
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "still running while draining"
+    );
+
+    let (exit, took) = exit_within(&mut child, Duration::from_secs(15)).await;
+    assert!(exit.success(), "exit status {exit}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "drained first: stopped after {took:?}"
+    );
+    assert!(
+        client.get(format!("{url}/healthz")).send().await.is_err(),
+        "no longer listening"
+    );
+}
+
+/// A second signal during the drain stops the service at once.
+#[actix_rt::test]
+async fn a_second_signal_stops_at_once() {
+    let port = free_port();
+    let (mut child, _, _) = start_ready(port, &[("SHUTDOWN_DRAIN_MS", "30000")]).await;
+    signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "INT");
+    let (_, took) = exit_within(&mut child, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(10), "stopped after {took:?}");
+}

@@ -376,9 +376,16 @@ impl Handler<LeaseFill> for CacheActor {
 }
 
 impl Handler<LeaseRelease> for CacheActor {
-    type Result = ();
+    /// Ends when Redis has answered (or the call failed): [`HandBack`] waits for it.
+    ///
+    /// [`HandBack`]: crate::actors::key_owner::HandBack
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, LeaseRelease { id, token }: LeaseRelease, ctx: &mut Self::Context) {
+    fn handle(
+        &mut self,
+        LeaseRelease { id, token }: LeaseRelease,
+        _: &mut Self::Context,
+    ) -> Self::Result {
         let conn = self.connection();
         let timeout = self.settings.timeout;
         let channel = self.fills_channel.clone();
@@ -395,6 +402,6 @@ impl Handler<LeaseRelease> for CacheActor {
                 .map_err(|e| CacheError::from_redis(e, timeout))
         });
         // A release that fails costs the waiters at most the rest of the lease period.
-        ctx.spawn(release.map(|_, _, _| ()));
+        Box::pin(release.map(|_, _, _| ()))
     }
 }

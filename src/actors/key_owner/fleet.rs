@@ -300,6 +300,33 @@ impl KeyOwner {
         }
     }
 
+    /// [`HandBack`](super::HandBack): gives up the lease of every flight that holds one and is
+    /// not filling it (a fill in the air ends the lease itself); those flights go on alone.
+    /// The future ends when Redis has taken every release, with their count.
+    pub(super) fn hand_back(&mut self) -> impl std::future::Future<Output = usize> + 'static {
+        let mut releases = Vec::new();
+        for (&id, flight) in &mut self.flights {
+            if matches!(flight.phase, Phase::Filling(_)) {
+                continue;
+            }
+            if let Role::Holding { extending, .. } = &flight.role {
+                extending.set(false);
+                if let Role::Holding { token, .. } =
+                    std::mem::replace(&mut flight.role, Role::Local)
+                {
+                    releases.push(LeaseRelease { id, token });
+                }
+            }
+        }
+        let release = self.deps.lease.as_ref().map(|lease| lease.release.clone());
+        async move {
+            let Some(release) = release else { return 0 };
+            let sent = releases.into_iter().map(|r| release.send(r));
+            let answered = futures_util::future::join_all(sent).await;
+            answered.into_iter().filter(Result::is_ok).count()
+        }
+    }
+
     /// Gives `id`'s lease up: the waiting replicas look again at once.
     pub(super) fn release(&self, id: i64, token: LeaseToken) {
         if let Some(lease) = &self.deps.lease {

@@ -133,6 +133,14 @@ pub struct Invalidate(pub i64);
 #[rtype(result = "()")]
 pub struct ForgetAll;
 
+/// The service is stopping, its requests all answered: give back every fleet lease a flight
+/// still holds (a refresh, or a load whose requests timed out), so that the other replicas load
+/// those keys at once instead of waiting for the lease to run out. Answers how many were given
+/// back, once Redis has taken them (or failed to).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct HandBack;
+
 /// An HTTP worker, still answering its kept copies of these ids, asks for renewed ones (see
 /// [`CopyTerms::renew_at`]), in the background: no request waits on the answers. The worker
 /// sends the ids that came due within a few milliseconds together. For each id the owner answers

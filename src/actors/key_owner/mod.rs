@@ -154,8 +154,8 @@ mod tests;
 pub use deps::{KeyOwnerDeps, LeaseDeps, OwnerSettings};
 pub use generations::{CopyTerms, Generations};
 pub use messages::{
-    Answer, FlightError, ForgetAll, GetTemplate, Invalidate, Origin, PeerFilled, Renew, ShedReason,
-    XCache,
+    Answer, FlightError, ForgetAll, GetTemplate, HandBack, Invalidate, Origin, PeerFilled, Renew,
+    ShedReason, XCache,
 };
 
 use answers::{answer, Settled};
@@ -352,6 +352,14 @@ impl Handler<ForgetAll> for KeyOwner {
 
     fn handle(&mut self, _: ForgetAll, ctx: &mut Self::Context) {
         self.forget_all(ctx);
+    }
+}
+
+impl Handler<HandBack> for KeyOwner {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, _: HandBack, _: &mut Self::Context) -> Self::Result {
+        Box::pin(self.hand_back())
     }
 }
 
