@@ -728,3 +728,99 @@ fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
         "PgBouncer's port is closed after stop"
     );
 }
+
+/// What the clients of [`a_rolling_restart_under_load_loses_no_request`] got.
+#[derive(Default, Debug)]
+struct Tally {
+    ok: u64,
+    other_status: Vec<u16>,
+    errors: Vec<String>,
+}
+
+/// A deploy: three replicas behind HAProxy, restarted one at a time by `stack.sh restart`
+/// while keep-alive clients keep asking for 100 ids through HAProxy. Every request is answered
+/// 200 and none fails on its connection.
+#[test]
+fn a_rolling_restart_under_load_loses_no_request() {
+    let stack = Stack::with_fleet(3);
+    let fleet = stack.fleet.expect("a fleet");
+    stack.run("start", START_LIMIT).expect_success("start");
+    let before = stack.running();
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a client");
+    let clients: Vec<_> = (0..8u64)
+        .map(|c| {
+            let (client, stop) = (client.clone(), stop.clone());
+            let url = format!("http://127.0.0.1:{}/template-details?id=", fleet.lb_port);
+            runtime.spawn(async move {
+                let mut tally = Tally::default();
+                let mut n = c;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 8;
+                    match client.get(format!("{url}{}", 1 + n % 100)).send().await {
+                        Ok(r) if r.status() == 200 => match r.bytes().await {
+                            Ok(_) => tally.ok += 1,
+                            Err(e) => tally.errors.push(e.to_string()),
+                        },
+                        Ok(r) => tally.other_status.push(r.status().as_u16()),
+                        Err(e) => tally.errors.push(format!("{e:?}")),
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let restarted = stack.run("restart", START_LIMIT).expect_success("restart");
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let tallies: Vec<Tally> = runtime.block_on(async {
+        let mut tallies = Vec::new();
+        for client in clients {
+            tallies.push(client.await.expect("a client task"));
+        }
+        tallies
+    });
+
+    let ok: u64 = tallies.iter().map(|t| t.ok).sum();
+    let other: Vec<u16> = tallies
+        .iter()
+        .flat_map(|t| t.other_status.clone())
+        .collect();
+    let errors: Vec<String> = tallies.iter().flat_map(|t| t.errors.clone()).collect();
+    println!(
+        "rolling restart: {ok} answered 200, {} other statuses, {} errors",
+        other.len(),
+        errors.len()
+    );
+    assert!(other.is_empty(), "every answer 200: {other:?}");
+    assert!(errors.is_empty(), "no request failed: {errors:?}");
+    assert!(
+        ok > 100,
+        "the clients kept asking through the restart: {ok}"
+    );
+    for i in 1..=fleet.replicas {
+        assert!(
+            restarted.stdout.contains(&format!("replica {i}: stopping")),
+            "restart stops replica {i}:\n{}",
+            restarted.stdout
+        );
+    }
+    let after = stack.running();
+    for (name, pid) in &before {
+        if name.starts_with("replica") {
+            assert_ne!(
+                after.get(name),
+                Some(pid),
+                "{name} was restarted: {after:?}"
+            );
+        } else {
+            assert_eq!(after.get(name), Some(pid), "{name} kept running: {after:?}");
+        }
+    }
+}

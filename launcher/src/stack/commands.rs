@@ -99,6 +99,14 @@ impl Stack {
 
     /// `start`: the servers in the background (with a fleet, the replicas and HAProxy too), and
     /// where they are.
+    /// `restart`: the fleet's replicas one at a time (see [`Stack::fleet_restart`]), with
+    /// SERVICE_BIN or a fresh release build.
+    pub(super) fn restart(&mut self) -> Result<ExitCode, Failure> {
+        let binary = self.service_binary()?;
+        self.fleet_restart(&binary)?;
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub(super) fn start(&mut self) -> Result<ExitCode, Failure> {
         self.start_stack()?;
         if self.s.fleet() {

@@ -342,6 +342,33 @@ impl Stack {
         Ok(())
     }
 
+    /// `restart` with REPLICAS > 1: each running replica in turn, as a deploy does it: SIGTERM
+    /// (it drains, finishes what it has and exits), started again from `binary`, and ready,
+    /// plus one of HAProxy's health checks, before the next one stops. HAProxy stays up.
+    pub(super) fn fleet_restart(&self, binary: &Path) -> Result<(), Failure> {
+        let me = &self.s.me;
+        if self.lb_pid().is_none() {
+            return Err(Failure::new(
+                "no fleet runs here to restart (HAProxy is not running).",
+                [format!(
+                    "start one: REPLICAS={} {me} start",
+                    self.s.replicas.max(2)
+                )],
+            ));
+        }
+        for i in self.replica_indices() {
+            say(&format!("replica {i}: stopping (SIGTERM: it drains first)"));
+            self.replica_stop(i)?;
+            // Started in the background, like `start`'s: it outlives this command.
+            drop(self.replica_start(i, binary)?);
+            self.replica_wait_ready(i, binary)?;
+            // HAProxy checks every second and takes a replica back after one good check.
+            thread::sleep(Duration::from_millis(1500));
+        }
+        say("every replica restarted");
+        Ok(())
+    }
+
     /// Stops HAProxy, then every replica that has a pid file.
     pub(super) fn fleet_stop(&self) -> Result<(), Failure> {
         self.lb_stop()?;

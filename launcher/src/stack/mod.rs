@@ -47,7 +47,7 @@ use settings::Settings;
 pub const USAGE: &str = include_str!("usage.txt");
 
 /// The commands, for the message about an unknown one.
-const COMMANDS: &str = "up (default), start, stop, status, env, seed";
+const COMMANDS: &str = "up (default), start, stop, status, env, seed, restart";
 
 /// Runs the command in this process's arguments; the exit code to end with.
 pub fn main() -> ExitCode {
@@ -62,7 +62,7 @@ pub fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        "up" | "start" | "stop" | "status" | "env" | "seed" => {}
+        "up" | "start" | "stop" | "status" | "env" | "seed" | "restart" => {}
         _ => {
             eprint!("{USAGE}");
             Failure::new(
@@ -84,6 +84,7 @@ pub fn main() -> ExitCode {
             "stop" => stack.stop(),
             "status" => stack.status(),
             "seed" => stack.seed(),
+            "restart" => stack.restart(),
             _ => stack.env(),
         }
     });
