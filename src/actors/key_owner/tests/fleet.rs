@@ -171,3 +171,27 @@ async fn a_wait_on_another_replica_lasts_no_longer_than_a_flight() {
     assert_eq!(loaded_by(&answer).as_deref(), Some("query 0"));
     h.idle().await;
 }
+
+#[actix_rt::test]
+async fn stopping_hands_back_a_lease_still_held_and_its_load_still_answers() {
+    use crate::actors::key_owner::HandBack;
+    let h = leased().db_delay(Duration::from_millis(300)).start();
+    let asked = h.ask(12);
+    eventually("the lease is claimed", || h.lease_claims.get() == 1).await;
+    let handed = h.owner.send(HandBack).await.unwrap();
+    assert_eq!(handed, 1, "the held lease is given back");
+    assert_eq!(
+        h.lease_releases.get(),
+        1,
+        "released by the time HandBack answers"
+    );
+    assert_eq!(
+        h.owner.send(HandBack).await.unwrap(),
+        0,
+        "nothing is held twice"
+    );
+    // The request waiting on the load is still answered by it, which fills under no lease.
+    assert!(receive(asked).await.result.is_ok());
+    h.idle().await;
+    assert_eq!(h.lease_fills.get(), 0, "no fill under a lease given back");
+}
