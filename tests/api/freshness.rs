@@ -250,17 +250,7 @@ async fn a_deaf_listener_is_found_out_and_changes_are_still_served_within_second
         s.database_listen_url = Some(elsewhere);
     })
     .await;
-    let readiness = || async {
-        let ready = app.get("/readyz").await;
-        let status = ready.status().as_u16();
-        (
-            status,
-            ready
-                .json::<serde_json::Value>()
-                .await
-                .expect("readyz JSON"),
-        )
-    };
+    let readiness = || app.readiness();
     let polled = poll::until(
         Duration::from_secs(15),
         Duration::from_millis(100),

@@ -42,17 +42,7 @@ async fn readyz_stays_200_and_says_degraded_while_postgresql_is_gone() {
     // The service finds out (a lost connection, then a probe) and says so, still ready: every
     // replica would see the same, and taking them all out of the load balancer would make the
     // cached data unreachable too.
-    let ask = || async {
-        let ready = app.get("/readyz").await;
-        let status = ready.status().as_u16();
-        (
-            status,
-            ready
-                .json::<serde_json::Value>()
-                .await
-                .expect("readyz JSON"),
-        )
-    };
+    let ask = || app.readiness();
     let polled = poll::until(
         Duration::from_secs(15),
         Duration::from_millis(100),

@@ -170,6 +170,18 @@ async fn start_ready(port: u16, extra: &[(&str, &str)]) -> (KillOnDrop, reqwest:
     (child, client, url)
 }
 
+/// Template 3: the status and the `Connection` header of its answer.
+async fn template_3(client: &reqwest::Client, url: &str) -> (u16, Option<String>) {
+    let answer = client
+        .get(format!("{url}/template-details?id=3"))
+        .send()
+        .await
+        .expect("answered");
+    let connection = answer.headers().get("connection");
+    let connection = connection.and_then(|v| v.to_str().ok()).map(str::to_owned);
+    (answer.status().as_u16(), connection)
+}
+
 fn signal(child: &KillOnDrop, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &child.0.id().to_string()])
@@ -202,17 +214,10 @@ async fn exit_within(
 async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_exits_cleanly() {
     let port = free_port();
     let (mut child, client, url) = start_ready(port, &[("SHUTDOWN_DRAIN_MS", "2000")]).await;
-    let answer = client
-        .get(format!("{url}/template-details?id=3"))
-        .send()
-        .await
-        .expect("served");
-    assert_eq!(answer.status(), 200);
+    let (status, connection) = template_3(&client, &url).await;
+    assert_eq!(status, 200);
     assert_ne!(
-        answer
-            .headers()
-            .get("connection")
-            .map(|v| v.to_str().unwrap_or("")),
+        connection.as_deref(),
         Some("close"),
         "not draining yet: the connection is kept"
     );
@@ -227,17 +232,10 @@ async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_e
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.expect("JSON");
     assert_eq!(body["status"], "draining", "{body}");
-    let answer = client
-        .get(format!("{url}/template-details?id=3"))
-        .send()
-        .await
-        .expect("still served while draining");
-    assert_eq!(answer.status(), 200);
+    let (status, connection) = template_3(&client, &url).await;
+    assert_eq!(status, 200, "still served while draining");
     assert_eq!(
-        answer
-            .headers()
-            .get("connection")
-            .map(|v| v.to_str().unwrap_or("")),
+        connection.as_deref(),
         Some("close"),
         "a draining answer ends its keep-alive connection"
     );

@@ -157,6 +157,13 @@ impl TestApp {
             .expect("the request is answered")
     }
 
+    /// `GET /readyz`: its status and JSON body.
+    pub async fn readiness(&self) -> (u16, serde_json::Value) {
+        let ready = self.get("/readyz").await;
+        let status = ready.status().as_u16();
+        (status, ready.json().await.expect("readyz JSON"))
+    }
+
     pub async fn template(&self, id: i64) -> reqwest::Response {
         self.get(&format!("/template-details?id={id}")).await
     }
