@@ -31,45 +31,21 @@ fn free_port() -> u16 {
 #[actix_rt::test]
 async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and_sigint() {
     let servers = servers::servers();
-    // The shared `postgres` database, with the schema and the demo templates (loading them
-    // again inserts nothing).
-    crate::support::seed_demo(&servers.pg_url("postgres")).await;
     for (round, signal) in ["TERM", "INT"].into_iter().enumerate() {
         let port = free_port();
         let proxy = postgres_proxy();
-        // A Redis keyspace of its own: every id below is cold.
-        let mut child = KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_singleflight"))
-                .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-                .env("DATABASE_URL", via(&proxy, &servers.pg_url("postgres")))
-                .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
-                .env("RUST_LOG", "warn")
-                // Loads take 1 s (two 0.5 s hops), long enough for all the requests to arrive
-                // while the first is still loading, on a loaded machine too.
-                .env("DB_QUERY_TIMEOUT_MS", "5000")
-                .env("FLIGHT_TIMEOUT_MS", "8000")
-                .env("REQUEST_TIMEOUT_MS", "8000")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the service binary"),
-        );
-
-        let client = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}");
-        let started = Instant::now();
-        loop {
-            if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the service did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // Loads take 1 s (two 0.5 s hops), long enough for all the requests to arrive while the
+        // first is still loading, on a loaded machine too.
+        let (mut child, client, url) = start_ready(
+            port,
+            &via(&proxy, &servers.pg_url("postgres")),
+            &[
+                ("DB_QUERY_TIMEOUT_MS", "5000"),
+                ("FLIGHT_TIMEOUT_MS", "8000"),
+                ("REQUEST_TIMEOUT_MS", "8000"),
+            ],
+        )
+        .await;
         // Every pooled connection open before the network turns slow, as after any idle period.
         wait_for_warm_pool(&client, &url, 10.0).await;
         proxy.set_mode(Mode::Latency(Duration::from_millis(500)));
@@ -141,14 +117,20 @@ async fn the_binary_finishes_requests_in_flight_and_exits_cleanly_on_sigterm_and
     }
 }
 
-/// The service started as a process on `port`, ready, with `extra` settings.
-async fn start_ready(port: u16, extra: &[(&str, &str)]) -> (KillOnDrop, reqwest::Client, String) {
+/// The service started as a process on `port` over `database_url` (its schema and demo
+/// templates loaded), on a Redis keyspace of its own (every id cold), ready, with `extra`
+/// settings.
+async fn start_ready(
+    port: u16,
+    database_url: &str,
+    extra: &[(&str, &str)],
+) -> (KillOnDrop, reqwest::Client, String) {
     let servers = servers::servers();
     crate::support::seed_demo(&servers.pg_url("postgres")).await;
     let child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_singleflight"))
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", servers.pg_url("postgres"))
+            .env("DATABASE_URL", database_url)
             .env("REDIS_URL", servers.redis_url(servers::next_redis_db()))
             .env("RUST_LOG", "warn")
             .envs(extra.iter().copied())
@@ -182,6 +164,23 @@ async fn template_3(client: &reqwest::Client, url: &str) -> (u16, Option<String>
     (answer.status().as_u16(), connection)
 }
 
+/// Polls `/readyz` (up to 10 s) until it answers 503 `draining`: the signal was taken.
+async fn until_draining(client: &reqwest::Client, url: &str) {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+            if r.status() == 503 {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "/readyz never answered 503 after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn signal(child: &KillOnDrop, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &child.0.id().to_string()])
@@ -213,7 +212,12 @@ async fn exit_within(
 #[actix_rt::test]
 async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_exits_cleanly() {
     let port = free_port();
-    let (mut child, client, url) = start_ready(port, &[("SHUTDOWN_DRAIN_MS", "2000")]).await;
+    let (mut child, client, url) = start_ready(
+        port,
+        &servers::servers().pg_url("postgres"),
+        &[("SHUTDOWN_DRAIN_MS", "2000")],
+    )
+    .await;
     let (status, connection) = template_3(&client, &url).await;
     assert_eq!(status, 200);
     assert_ne!(
@@ -223,7 +227,7 @@ async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_e
     );
 
     signal(&child, "TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_draining(&client, &url).await;
     let ready = client
         .get(format!("{url}/readyz"))
         .send()
@@ -260,9 +264,14 @@ async fn sigterm_drains_readiness_first_and_closes_keep_alive_connections_then_e
 #[actix_rt::test]
 async fn a_second_signal_stops_at_once() {
     let port = free_port();
-    let (mut child, _, _) = start_ready(port, &[("SHUTDOWN_DRAIN_MS", "30000")]).await;
+    let (mut child, client, url) = start_ready(
+        port,
+        &servers::servers().pg_url("postgres"),
+        &[("SHUTDOWN_DRAIN_MS", "30000")],
+    )
+    .await;
     signal(&child, "TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_draining(&client, &url).await;
     signal(&child, "INT");
     let (_, took) = exit_within(&mut child, Duration::from_secs(10)).await;
     assert!(took < Duration::from_secs(10), "stopped after {took:?}");
