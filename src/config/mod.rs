@@ -17,6 +17,9 @@ use crate::tls::{PemFile, PemKind, SslMode};
 pub struct Settings {
     /// `HTTP_ADDR`: where the HTTP server listens. Port 0 picks a free port (tests).
     pub http_addr: SocketAddr,
+    /// `ADMIN_ADDR`: when set, `/metrics`, `/healthz` and `/readyz` are served on this address
+    /// and not on `HTTP_ADDR` (unset: everything on `HTTP_ADDR`, as the seed has it).
+    pub admin_addr: Option<SocketAddr>,
     /// `HTTP_WORKERS`: actix-web worker threads (default: number of cores).
     pub http_workers: usize,
     /// `DATABASE_URL`: PostgreSQL connection URL; its `sslmode` (libpq's values, default
@@ -111,6 +114,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_addr: None,
             http_workers: default_parallelism(),
             database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
             database_listen_url: None,
@@ -230,6 +234,12 @@ impl Settings {
         let db_pool_size = env.positive("DB_POOL_SIZE", d.db_pool_size as usize)? as u32;
         Ok(Settings {
             http_addr: env.parse("HTTP_ADDR", "an address like 0.0.0.0:8080", d.http_addr)?,
+            admin_addr: env.read(
+                "ADMIN_ADDR",
+                "an address like 0.0.0.0:9090, or unset",
+                None,
+                |v| v.parse().ok().map(Some),
+            )?,
             http_workers: env.positive("HTTP_WORKERS", d.http_workers)?,
             database_url: env.url("DATABASE_URL", POSTGRES_URL, d.database_url)?,
             database_listen_url: env.optional_url("DATABASE_LISTEN_URL", POSTGRES_URL)?,
