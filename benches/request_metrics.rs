@@ -2,7 +2,8 @@
 //! `http_request_total` and `http_request_duration_seconds` and a cache-hit counter, updated
 //! per request by 1 or 2 threads (standing in for HTTP workers on their own cores), two ways:
 //!
-//! - `shared`: what actix-web-prom's middleware did per request, on metrics every worker
+//! - `shared`: what actix-web-prom's middleware does per request (the service lets it count
+//!   every route but the hot one), on metrics every worker
 //!   shares — `IntCounterVec::with_label_values(..).inc()`, `HistogramVec::with_label_values(..)
 //!   .observe(..)` (a read lock and a reference count each, then the atomics) — plus a shared
 //!   `IntCounter` for the hit;

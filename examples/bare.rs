@@ -11,6 +11,8 @@
 //! `--from URL` fetches `URL/template-details?id=1` once at start (the body, `Content-Type` and
 //! `X-Cache`); `--body FILE` reads the body from a file instead (sent as `application/json`
 //! with `X-Cache: HIT`). Workers default to the number of cores, as the service's do.
+//! `--prom` wraps the handler in actix-web-prom's middleware, configured as the service
+//! configures it for its other routes: what that middleware would cost on the hot route.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use std::process::ExitCode;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::web::{self, Bytes};
 use actix_web::{App, HttpResponse, HttpServer};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -39,6 +42,10 @@ struct Args {
     /// HTTP worker threads [default: number of cores, like the service's HTTP_WORKERS]
     #[arg(long)]
     workers: Option<usize>,
+    /// Count every request with actix-web-prom's middleware (and serve /metrics), as the
+    /// service's routes other than /template-details are counted.
+    #[arg(long)]
+    prom: bool,
 }
 
 /// The response to replay: body and the headers that describe it.
@@ -72,9 +79,49 @@ async fn main() -> ExitCode {
         shown.join(", "),
         args.addr
     );
-    let server = HttpServer::new(move || {
-        let canned = canned.clone();
-        App::new().route(
+    let prom = match args.prom.then(middleware).transpose() {
+        Ok(prom) => prom,
+        Err(e) => {
+            eprintln!("bare: actix-web-prom: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Two servers rather than one with a switchable middleware: the bare handler's figure must
+    // not include even a disabled middleware's branch.
+    let server = match prom {
+        None => HttpServer::new(move || App::new().configure(canned_route(canned.clone())))
+            .workers(workers)
+            .bind(args.addr)
+            .map(HttpServer::run),
+        Some(prom) => HttpServer::new(move || {
+            App::new()
+                .wrap(prom.clone())
+                .configure(canned_route(canned.clone()))
+        })
+        .workers(workers)
+        .bind(args.addr)
+        .map(HttpServer::run),
+    };
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("bare: cannot listen on {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    match server.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bare: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `GET /template-details`, answered with the canned response.
+fn canned_route(canned: Canned) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.route(
             "/template-details",
             web::get().to(move || {
                 let canned = canned.clone();
@@ -86,24 +133,23 @@ async fn main() -> ExitCode {
                     response.body(canned.body)
                 }
             }),
-        )
-    })
-    .workers(workers)
-    .bind(args.addr);
-    let server = match server {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("bare: cannot listen on {}: {e}", args.addr);
-            return ExitCode::FAILURE;
-        }
-    };
-    match server.run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bare: server error: {e}");
-            ExitCode::FAILURE
-        }
+        );
     }
+}
+
+/// actix-web-prom's middleware with the seed's metric names and buckets, as the service has it.
+fn middleware() -> Result<PrometheusMetrics, Box<dyn std::error::Error + Send + Sync>> {
+    PrometheusMetricsBuilder::new("")
+        .endpoint("/metrics")
+        .exclude("/metrics")
+        .mask_unmatched_patterns("UNMATCHED")
+        .buckets(&singleflight::metrics::DURATION_BUCKETS)
+        .metrics_configuration(
+            ActixMetricsConfiguration::default()
+                .http_requests_total_name("http_request_total")
+                .http_requests_duration_seconds_name("http_request_duration_seconds"),
+        )
+        .build()
 }
 
 async fn load(args: &Args) -> Result<Canned, String> {

@@ -12,7 +12,10 @@ use prometheus::{
 };
 
 mod per_worker;
-pub use per_worker::{InFlight, PerWorker, WorkerCounts};
+pub use per_worker::{
+    standard_method, InFlight, PerWorker, WorkerCounts, DURATION_BUCKETS, HTTP_REQUEST_DURATION,
+    HTTP_REQUEST_TOTAL,
+};
 
 /// Handles to every metric. Cloning is cheap (each handle is an `Arc`), so each actor and HTTP
 /// worker keeps its own copy.

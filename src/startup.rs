@@ -2,7 +2,7 @@
 //!
 //! [`Application::build`] applies migrations ([`migrate`]), starts the actors ([`start_db`],
 //! [`start_shards`], [`start_listener`], [`start_fill_subscriber`]), binds the listener
-//! ([`serve`], counting every request per worker) and returns the server ready to run, with the
+//! ([`serve`]: `HTTP_ADDR`, and `ADMIN_ADDR` when set) and returns the server ready to run, with the
 //! port it got (tests bind port 0).
 //!
 //! Threads: `KEY_OWNER_SHARDS` arbiters, each running one [`KeyOwner`] and the [`CacheActor`]
@@ -10,13 +10,10 @@
 //! [`ChangeListener`]; and
 //! `HTTP_WORKERS` actix-web workers.
 
-use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::dev::{Server, ServerHandle, Service};
-use actix_web::http::ConnectionType;
-use actix_web::{web, App, HttpServer};
+use actix_web::dev::{Server, ServerHandle};
 
 use crate::actors::cache::{CacheActor, CacheSettings};
 use crate::actors::db::{DbActor, DbSettings};
@@ -26,10 +23,10 @@ use crate::actors::key_owner::{
 };
 use crate::actors::listener::ChangeListener;
 use crate::config::Settings;
-use crate::http::worker_cache::WorkerCache;
-use crate::http::{self, renewal_batch, AppState, WorkerState};
+use crate::http::serve::{serve, ServeError};
+use crate::http::{renewal_batch, AppState};
 use crate::metrics::Metrics;
-use crate::shutdown::{self, Draining, Shutdown};
+use crate::shutdown::{Draining, Shutdown};
 use crate::tls::PgConnector;
 
 /// How long start-up waits for the change listener's first `LISTEN`.
@@ -49,11 +46,8 @@ pub enum StartupError {
     Migrations(String),
     #[error("{0}")]
     Schema(String),
-    #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("metrics: {0}")]
     Metrics(String),
 }
@@ -61,6 +55,8 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
+    /// `ADMIN_ADDR`'s server and port, when set; it stops when the public server has.
+    admin: Option<(Server, u16)>,
     /// Held for its `Drop`, which stops the actor threads.
     _arbiters: Arbiters,
     metrics: Metrics,
@@ -114,16 +110,24 @@ impl Application {
             renewal_batch: renewal_batch(settings.near_cache_ttl),
             metrics: metrics.clone(),
         };
-        let (server, port) = serve(&settings, state, &generations, &metrics, &draining)?;
+        let servers = serve(&settings, state, &generations, &metrics, &draining)?;
+        let (server, port) = servers.public;
         log::info!(
             "listening on {} ({} key owner shards, coalescing {})",
             listener_addr(settings.http_addr, port),
             settings.key_owner_shards,
             if settings.coalesce { "on" } else { "off" }
         );
+        if let (Some(addr), Some((_, admin_port))) = (settings.admin_addr, &servers.admin) {
+            log::info!(
+                "serving /metrics, /healthz and /readyz on {} only",
+                listener_addr(addr, *admin_port)
+            );
+        }
         Ok(Application {
             port,
             server,
+            admin: servers.admin,
             _arbiters: arbiters,
             metrics,
             owners,
@@ -135,6 +139,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port `ADMIN_ADDR`'s server got, when it is set.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin.as_ref().map(|(_, port)| *port)
     }
 
     /// Stops the server (gracefully, without draining) from elsewhere, e.g. a test.
@@ -158,7 +167,18 @@ impl Application {
     /// Serves until the server is stopped (SIGTERM/SIGINT or [`ServerHandle::stop`]), then
     /// stops the actor threads.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let served = self.server.await;
+        let served = match self.admin {
+            None => self.server.await,
+            Some((admin, _)) => {
+                let admin_handle = admin.handle();
+                let admin = actix_rt::spawn(admin);
+                let served = self.server.await;
+                // Probes and scrapes were answered until the public server had stopped.
+                admin_handle.stop(true).await;
+                let _ = admin.await;
+                served
+            }
+        };
         hand_back(&self.owners, self.redis_timeout).await;
         served
         // `self._arbiters` is dropped here, stopping the actor threads.
@@ -354,86 +374,4 @@ fn start_fill_subscriber(
     Supervisor::start_in_arbiter(&db_arbiter.handle(), move |_| {
         FillSubscriber::new(cs, owners, m)
     });
-}
-
-/// Binds `HTTP_ADDR` and returns the server, not yet running, with the port it got.
-fn serve(
-    settings: &Settings,
-    state: AppState,
-    generations: &Generations,
-    metrics: &Metrics,
-    draining: &Draining,
-) -> Result<(Server, u16), StartupError> {
-    let draining = draining.clone();
-    let state = web::Data::new(state);
-    let per_worker = metrics.per_worker.clone();
-    let generations = generations.clone();
-    // `COALESCE=off` measures the service without any sharing: no worker cache either.
-    let worker_cache_capacity = if settings.coalesce {
-        settings.worker_cache_capacity
-    } else {
-        0
-    };
-    let bind_err = |source| StartupError::Bind {
-        addr: settings.http_addr,
-        source,
-    };
-    let listener = TcpListener::bind(settings.http_addr).map_err(bind_err)?;
-    let port = listener.local_addr().map_err(bind_err)?.port();
-    let server = HttpServer::new(move || {
-        // Runs once on each worker's thread: what it makes here is that worker's alone.
-        let worker = std::rc::Rc::new(WorkerState {
-            cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
-            counts: per_worker.worker(),
-            renewals: Default::default(),
-        });
-        let counting = worker.clone();
-        let draining = draining.clone();
-        App::new()
-            .wrap_fn(move |req, srv| {
-                // A scrape is not traffic: counting it would show one request in flight on
-                // every sample, and in `http_request_total`.
-                let endpoint = http::endpoint(req.path());
-                let counted = (endpoint != "/metrics").then(|| {
-                    let in_flight = counting.counts.enter();
-                    (in_flight, Instant::now(), req.method().clone())
-                });
-                // Draining: this answer ends its keep-alive connection, so that the client's
-                // next request opens one the load balancer sends elsewhere.
-                let closing = draining.is_on();
-                let response = srv.call(req);
-                let worker = counting.clone();
-                async move {
-                    let mut response = response.await;
-                    if closing {
-                        if let Ok(response) = &mut response {
-                            let head = response.response_mut().head_mut();
-                            head.set_connection_type(ConnectionType::Close);
-                        }
-                    }
-                    if let Some((in_flight, arrived, method)) = counted {
-                        let status = match &response {
-                            Ok(response) => response.status(),
-                            Err(e) => e.as_response_error().status_code(),
-                        };
-                        let counts = &worker.counts;
-                        counts.request_served(endpoint, &method, status, arrived.elapsed());
-                        drop(in_flight);
-                    }
-                    response
-                }
-            })
-            .app_data(state.clone())
-            .app_data(worker)
-            .configure(http::routes)
-    })
-    .workers(settings.http_workers)
-    // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
-    // graceful stop the server stops accepting and gives in-flight requests this long.
-    .disable_signals()
-    .shutdown_timeout(shutdown::finish_within(settings.request_timeout).as_secs())
-    .listen(listener)
-    .map_err(bind_err)?
-    .run();
-    Ok((server, port))
 }

@@ -11,7 +11,9 @@
 # COALESCE_MODES (default "on") runs the services once per mode, e.g. "on off". Each run
 # restarts every server with an emptied Redis. UPDATES=N (default 0) adds a last phase: under
 # the spread load, N templates are changed in PostgreSQL and polled through the service until
-# served (`loadtest --updates`), which prints how soon each change was visible.
+# served (`loadtest --updates`), which prints how soon each change was visible. BARE_PROM=1 also
+# runs the bare handler wrapped in actix-web-prom's middleware (`bare --prom`, as the service
+# counts its other routes): what counting the hot route through the middleware would cost.
 #
 # Prints one line per run and server — requests/s, wrk's p99, and the server's CPU time per
 # request (user + system, all its threads, from /proc: unlike requests/s it does not depend on
@@ -30,6 +32,8 @@ BARE_PORT=${BARE_PORT:-18291}
 WORKLOADS=${WORKLOADS:-hot spread}
 COALESCE_MODES=${COALESCE_MODES:-on}
 UPDATES=${UPDATES:-0}
+BARE_PROM=${BARE_PROM:-0}
+BARE_PROM_PORT=$((BARE_PORT + 1))
 U=http://127.0.0.1:$PORT
 IDS=1000
 
@@ -90,10 +94,18 @@ for run in $(seq "$runs"); do
       # The bare handler copies the service's cached response, then serves it alone on core 0.
       taskset -c 0 "$target/release/examples/bare" --from "$U" --addr "127.0.0.1:$BARE_PORT" \
         --workers 1 >/dev/null 2>&1 & bare=$!
+      if [ "$BARE_PROM" = 1 ]; then
+        taskset -c 0 "$target/release/examples/bare" --from "$U" --addr "127.0.0.1:$BARE_PROM_PORT" \
+          --workers 1 --prom >/dev/null 2>&1 & bare_prom=$!
+      fi
       sleep 1
       stop "$pid"
       record "run $run $workload COALESCE=$mode bare    " "$(wrk_line "http://127.0.0.1:$BARE_PORT" "$workload" "$bare")"
       stop "$bare"
+      if [ "$BARE_PROM" = 1 ]; then
+        record "run $run $workload COALESCE=$mode bare+prom" "$(wrk_line "http://127.0.0.1:$BARE_PROM_PORT" "$workload" "$bare_prom")"
+        stop "$bare_prom"
+      fi
     done
   done
 done

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod health;
+pub mod serve;
 pub mod template_details;
 pub mod worker_cache;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use actix::{Addr, Recipient};
 use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_prom::PrometheusMetrics;
 
 use crate::actors::cache::PingCache;
 use crate::actors::db::PingDb;
@@ -74,8 +76,8 @@ pub fn endpoint(path: &str) -> &'static str {
         .unwrap_or(UNMATCHED)
 }
 
-/// Registers every route, one for each of [`ENDPOINTS`].
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The hot route, `/template-details` (GET; any other method is answered `405`).
+pub fn template_route(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource(ENDPOINTS[0])
             .route(web::get().to(template_details::template_details))
@@ -85,26 +87,49 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     allowed: "GET",
                 })
             })),
-    )
-    .route(ENDPOINTS[1], web::get().to(health::healthz))
-    .route(ENDPOINTS[2], web::get().to(health::readyz))
-    .route(ENDPOINTS[3], web::get().to(metrics))
-    .default_service(web::to(|req: HttpRequest| async move {
-        Err::<String, _>(ApiError::NoSuchEndpoint(
-            req.path().chars().take(100).collect(),
-        ))
-    }));
+    );
 }
 
-/// `GET /metrics`: every metric in the Prometheus text format.
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let families = state.metrics.registry.gather();
-    match prometheus::TextEncoder::new().encode_to_string(&families) {
-        Ok(text) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(text),
-        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+/// The operational routes: `/healthz`, `/readyz`, and `/metrics`, whose body actix-web-prom's
+/// middleware writes (it answers a `GET` of its endpoint itself, whatever the route returned):
+/// the middleware must wrap them.
+pub fn operational_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(ENDPOINTS[1], web::get().to(health::healthz))
+        .route(ENDPOINTS[2], web::get().to(health::readyz))
+        .route(ENDPOINTS[3], web::get().to(HttpResponse::Ok));
+}
+
+/// The public address's routes. `http_metrics` (actix-web-prom's middleware) wraps every route
+/// but the hot one, which the workers count on their own (see [`crate::metrics::PerWorker`]).
+/// `operational`: the operational routes are served here too (`ADMIN_ADDR` unset).
+pub fn public_routes(
+    http_metrics: PrometheusMetrics,
+    operational: bool,
+) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.configure(template_route);
+        if !operational {
+            // Kept out of the middleware's reach: it would answer a scrape on any address.
+            cfg.route(ENDPOINTS[3], web::to(no_such_endpoint));
+        }
+        cfg.service(
+            web::scope("")
+                .wrap(http_metrics)
+                .configure(|cfg| {
+                    if operational {
+                        operational_routes(cfg);
+                    }
+                })
+                .default_service(web::to(no_such_endpoint)),
+        );
     }
+}
+
+/// Any path not served: `404` with the path (its first 100 characters) in the body.
+pub async fn no_such_endpoint(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoSuchEndpoint(
+        req.path().chars().take(100).collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -370,7 +370,7 @@ mod tests {
         let app = test::init_service(
             App::new()
                 .app_data(web::Data::new(state))
-                .configure(crate::http::routes),
+                .configure(crate::http::template_route),
         )
         .await;
         let counter = metrics.shed_requests_total.clone();

@@ -1,23 +1,26 @@
-//! What every request moves, kept per HTTP worker and summed when `/metrics` is scraped: the
-//! seed's `http_request_total`, `http_request_duration_seconds` and `http_in_flight_requests`,
-//! and the workers' cache hits (`worker_cache_hits_total`, and their part of
-//! `cache_hits_total`).
+//! What every request moves, kept per HTTP worker and summed when `/metrics` is scraped:
+//! `http_in_flight_requests`, the workers' cache hits (`worker_cache_hits_total`, and their part
+//! of `cache_hits_total`), and the hot route's part of the seed's `http_request_total` and
+//! `http_request_duration_seconds`.
 //!
 //! A counter shared by every worker is one atomic word that every core writes: on many cores its
 //! cache line moves from core to core on every request, and the count becomes the hot path's
 //! bottleneck. Here each worker writes its own [`Slot`], alone on its cache line, and the
 //! [`PerWorker`] collector adds the slots up at scrape time, so `/metrics` stays exact.
 //!
-//! The two HTTP metrics were actix-web-prom's middleware's. Per request it built the route's
-//! label from fresh strings (a map of path parameters, a format), matched it against its
-//! exclusion sets, and updated two label-keyed vectors shared by every worker (a read lock and a
-//! reference count written by every core, then the histogram's atomics). A worker now finds the
-//! series of its request in a short list of its own, behind a lock no other thread takes but a
-//! scrape. Names, labels (`endpoint` the route, `UNMATCHED` for any other path; `method`;
-//! `status`), help texts and buckets are the ones actix-web-prom reported; the duration ends
-//! when the response is ready to be written.
+//! actix-web-prom's middleware serves `/metrics` and counts every other route in the same two
+//! HTTP metrics (see `startup`). Per request it builds the route's label from fresh strings and
+//! updates two label-keyed vectors every worker shares (a read lock and a reference count written
+//! by every core, then the histogram's atomics): what `benches/request_metrics` measures. The
+//! hot route, `/template-details`, and requests with a method outside the standard set (which
+//! would give its vectors a series per invented method) are counted here instead: a worker finds
+//! the series of its request in a short list of its own, behind a lock no other thread takes but
+//! a scrape. This collector does not describe the two HTTP metrics, which the middleware has
+//! registered under their names: the registry then merges the series collected here into the
+//! middleware's families. Names, labels (`endpoint`, `method`, `status`), help texts and buckets
+//! are the ones the middleware uses; the duration ends when the response is ready to be written.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,14 +31,16 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{IntCounter, IntGauge};
 
-const HTTP_REQUEST_TOTAL: (&str, &str) = ("http_request_total", "Total number of HTTP requests");
-const HTTP_REQUEST_DURATION: (&str, &str) = (
+/// The seed's HTTP metrics, by name and help text, as the middleware registers them too.
+pub const HTTP_REQUEST_TOTAL: (&str, &str) =
+    ("http_request_total", "Total number of HTTP requests");
+pub const HTTP_REQUEST_DURATION: (&str, &str) = (
     "http_request_duration_seconds",
     "HTTP request duration in seconds for all requests",
 );
 const HTTP_LABELS: [&str; 3] = ["endpoint", "method", "status"];
 /// Upper bounds of the duration histogram's buckets, in seconds (Prometheus's defaults).
-const DURATION_BUCKETS: [f64; 11] = [
+pub const DURATION_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
@@ -61,6 +66,11 @@ struct Served {
     seconds: f64,
     /// Requests per bucket of [`DURATION_BUCKETS`] (not cumulative); slower ones only in `count`.
     buckets: [u64; DURATION_BUCKETS.len()],
+}
+
+/// Whether `method` is one of HTTP's standard methods (any other is labelled `OTHER`).
+pub fn standard_method(method: &Method) -> bool {
+    method_label(method) != "OTHER"
 }
 
 /// The `method` label: the method's name for the standard ones; any other is `OTHER`, so a
@@ -172,7 +182,6 @@ pub struct PerWorker {
     cache_hits_total: IntCounter,
     worker_cache_hits_total: IntCounter,
     http_in_flight_requests: IntGauge,
-    http_descs: Arc<[Desc; 2]>,
 }
 
 impl PerWorker {
@@ -193,10 +202,6 @@ impl PerWorker {
                 "http_in_flight_requests",
                 "HTTP requests being processed now",
             )?,
-            http_descs: Arc::new([
-                http_desc(HTTP_REQUEST_TOTAL)?,
-                http_desc(HTTP_REQUEST_DURATION)?,
-            ]),
         })
     }
 
@@ -221,11 +226,6 @@ impl PerWorker {
             .map(|s| s.worker_cache_hits.load(Ordering::Relaxed))
             .sum()
     }
-}
-
-fn http_desc((name, help): (&str, &str)) -> Result<Desc, prometheus::Error> {
-    let labels = HTTP_LABELS.map(String::from).to_vec();
-    Desc::new(name.to_owned(), help.to_owned(), labels, HashMap::new())
 }
 
 /// Every worker's requests of one endpoint, method and status, added up.
@@ -326,7 +326,6 @@ impl Collector for PerWorker {
         ]
         .into_iter()
         .flat_map(|c| c.desc())
-        .chain(self.http_descs.iter())
         .collect()
     }
 

@@ -107,3 +107,126 @@ async fn unmatched_paths_are_masked_in_labels() {
     );
     assert!(text.contains(r#"endpoint="UNMATCHED""#));
 }
+
+/// The series of `name` whose labels include every one of `labels` (`key="value"` each), summed.
+fn series(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[actix_rt::test]
+async fn every_route_is_counted_once_and_invented_methods_make_no_series() {
+    let app = spawn_app().await;
+    assert_eq!(app.template(1).await.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    for method in ["BREW", "PROPFIND"] {
+        for path in ["/healthz", "/template-details?id=1", "/nowhere"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let answer = app
+                .client
+                .request(method.clone(), format!("{}{path}", app.address))
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(answer.status(), 405, "{method} {path}");
+            let body: serde_json::Value = answer.json().await.expect("a JSON error body");
+            assert!(body["error"].is_string(), "{body}");
+        }
+    }
+    let text = app.metrics_text().await;
+    let total = |labels: &[&str]| series(&text, "http_request_total", labels);
+    let count = |labels: &[&str]| series(&text, "http_request_duration_seconds_count", labels);
+    // The hot route (counted by the workers) and the others (by the middleware), one family each.
+    let hot = [
+        r#"endpoint="/template-details""#,
+        r#"method="GET""#,
+        r#"status="200""#,
+    ];
+    let health = [
+        r#"endpoint="/healthz""#,
+        r#"method="GET""#,
+        r#"status="200""#,
+    ];
+    let ready = [
+        r#"endpoint="/readyz""#,
+        r#"method="GET""#,
+        r#"status="200""#,
+    ];
+    assert_eq!(total(&hot), 1.0, "{text}");
+    assert_eq!(count(&hot), 1.0, "{text}");
+    assert_eq!(total(&health), 2.0, "{text}");
+    assert_eq!(count(&health), 2.0, "{text}");
+    assert_eq!(total(&ready), 1.0, "{text}");
+    assert_eq!(
+        total(&[r#"method="OTHER""#, r#"status="405""#]),
+        6.0,
+        "every invented method is OTHER: {text}"
+    );
+    assert!(
+        !text.contains("BREW") && !text.contains("PROPFIND"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("# TYPE http_request_total counter").count(),
+        1,
+        "one family: {text}"
+    );
+    // No label set twice: the two counters' series never overlap.
+    let mut lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_request_total{"))
+        .map(|l| l.rsplit_once(' ').map_or(l, |(labels, _)| labels))
+        .collect();
+    let all = lines.len();
+    lines.sort_unstable();
+    lines.dedup();
+    assert_eq!(lines.len(), all, "a label set appears twice: {text}");
+}
+
+#[actix_rt::test]
+async fn admin_addr_serves_the_operational_routes_and_the_public_address_does_not() {
+    let app = spawn_app_with(|s| s.admin_addr = Some("127.0.0.1:0".parse().unwrap())).await;
+    let admin = app.admin_address.clone().expect("ADMIN_ADDR's server runs");
+    assert_ne!(admin, app.address);
+    assert_eq!(app.template(1).await.status(), 200);
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let public = app.get(path).await;
+        assert_eq!(public.status(), 404, "{path} on the public address");
+        let body: serde_json::Value = public.json().await.expect("a JSON error body");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let get = |path: &'static str| {
+        let (client, admin) = (app.client.clone(), admin.clone());
+        async move {
+            client
+                .get(format!("{admin}{path}"))
+                .send()
+                .await
+                .expect("the admin address answers")
+        }
+    };
+    assert_eq!(get("/healthz").await.status(), 200);
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.expect("readyz JSON");
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(get("/template-details?id=1").await.status(), 404);
+    let scrape = get("/metrics").await;
+    assert_eq!(scrape.status(), 200);
+    let text = scrape.text().await.expect("metrics body");
+    // The public traffic and the admin's own are both in the one registry.
+    let hot = [r#"endpoint="/template-details""#, r#"status="200""#];
+    assert_eq!(series(&text, "http_request_total", &hot), 1.0, "{text}");
+    assert_eq!(
+        series(&text, "http_request_total", &[r#"endpoint="/healthz""#]),
+        1.0,
+        "{text}"
+    );
+    assert!(sum_metric(&text, "cache_misses_total") >= 1.0, "{text}");
+    assert!(!text.contains(r#"endpoint="/metrics""#), "{text}");
+}

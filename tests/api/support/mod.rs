@@ -20,6 +20,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub database_url: String,
     pub redis_url: String,
+    /// `http://127.0.0.1:<port>` of `ADMIN_ADDR`'s server, when the test set it.
+    pub admin_address: Option<String>,
     handle: ServerHandle,
 }
 
@@ -52,6 +54,9 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("the service starts");
     let address = format!("http://127.0.0.1:{}", app.port());
+    let admin_address = app
+        .admin_port()
+        .map(|port| format!("http://127.0.0.1:{port}"));
     let handle = app.handle();
     actix_rt::spawn(app.run_until_stopped());
     let client = reqwest::Client::builder()
@@ -63,6 +68,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
         client,
         database_url,
         redis_url,
+        admin_address,
         handle,
     }
 }

@@ -1,0 +1,232 @@
+//! The HTTP servers: the public one (`HTTP_ADDR`) and, with `ADMIN_ADDR`, the operational one.
+//!
+//! The hot route, `/template-details`, is counted by each worker on its own (see
+//! [`crate::metrics::PerWorker`]); actix-web-prom's middleware serves `/metrics` and counts every
+//! other route. Both write the seed's `http_request_total` and `http_request_duration_seconds`,
+//! which one scrape shows together.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Instant;
+
+use actix_web::dev::{Server, Service, ServiceRequest, ServiceResponse};
+use actix_web::http::ConnectionType;
+use actix_web::{web, App, HttpServer, ResponseError};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
+use futures_util::future::{ready, Either};
+
+use crate::actors::key_owner::Generations;
+use crate::config::Settings;
+use crate::http::error::ApiError;
+use crate::http::worker_cache::WorkerCache;
+use crate::http::{self as routes, AppState, WorkerState};
+use crate::metrics::{
+    standard_method, Metrics, DURATION_BUCKETS, HTTP_REQUEST_DURATION, HTTP_REQUEST_TOTAL,
+};
+use crate::shutdown::{self, Draining};
+
+/// Why a server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {var} {addr}: {source}")]
+    Bind {
+        var: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("actix-web-prom: {0}")]
+    Metrics(String),
+}
+
+/// actix-web-prom's middleware: it serves `/metrics` from the service's registry (every metric of
+/// [`Metrics`]) and counts the seed's HTTP metrics, with the seed's names and buckets, for the
+/// routes it wraps. A scrape is not counted; a path served by no route is `UNMATCHED`.
+fn http_metrics(metrics: &Metrics) -> Result<PrometheusMetrics, ServeError> {
+    PrometheusMetricsBuilder::new("")
+        .registry(metrics.registry.clone())
+        .endpoint(routes::ENDPOINTS[3])
+        .exclude(routes::ENDPOINTS[3])
+        .mask_unmatched_patterns(routes::UNMATCHED)
+        .buckets(&DURATION_BUCKETS)
+        .metrics_configuration(
+            ActixMetricsConfiguration::default()
+                .http_requests_total_name(HTTP_REQUEST_TOTAL.0)
+                .http_requests_duration_seconds_name(HTTP_REQUEST_DURATION.0),
+        )
+        .build()
+        .map_err(|e| ServeError::Metrics(e.to_string()))
+}
+
+/// The HTTP servers, not yet running: the public one (`HTTP_ADDR`) and, with `ADMIN_ADDR`, the
+/// one the operational routes move to.
+pub struct Servers {
+    pub public: (Server, u16),
+    pub admin: Option<(Server, u16)>,
+}
+
+/// Binds `HTTP_ADDR` (and `ADMIN_ADDR` when set) and returns the servers, not yet running, with
+/// the ports they got.
+pub fn serve(
+    settings: &Settings,
+    state: AppState,
+    generations: &Generations,
+    metrics: &Metrics,
+    draining: &Draining,
+) -> Result<Servers, ServeError> {
+    let http_metrics = http_metrics(metrics)?;
+    let state = web::Data::new(state);
+    let admin = settings
+        .admin_addr
+        .map(|addr| serve_admin(settings, addr, state.clone(), http_metrics.clone()))
+        .transpose()?;
+    let public = serve_public(
+        settings,
+        state,
+        generations,
+        metrics,
+        http_metrics,
+        draining,
+    )?;
+    Ok(Servers { public, admin })
+}
+
+fn bind(addr: SocketAddr, var: &'static str) -> Result<(TcpListener, u16), ServeError> {
+    let bind_err = |source| ServeError::Bind { var, addr, source };
+    let listener = TcpListener::bind(addr).map_err(bind_err)?;
+    let port = listener.local_addr().map_err(bind_err)?.port();
+    Ok((listener, port))
+}
+
+fn serve_public(
+    settings: &Settings,
+    state: web::Data<AppState>,
+    generations: &Generations,
+    metrics: &Metrics,
+    http_metrics: PrometheusMetrics,
+    draining: &Draining,
+) -> Result<(Server, u16), ServeError> {
+    let draining = draining.clone();
+    let per_worker = metrics.per_worker.clone();
+    let generations = generations.clone();
+    let operational = settings.admin_addr.is_none();
+    // `COALESCE=off` measures the service without any sharing: no worker cache either.
+    let worker_cache_capacity = if settings.coalesce {
+        settings.worker_cache_capacity
+    } else {
+        0
+    };
+    let (listener, port) = bind(settings.http_addr, "HTTP_ADDR")?;
+    let server = HttpServer::new(move || {
+        // Runs once on each worker's thread: what it makes here is that worker's alone.
+        let worker = std::rc::Rc::new(WorkerState {
+            cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
+            counts: per_worker.worker(),
+            renewals: Default::default(),
+        });
+        let counting = worker.clone();
+        let draining = draining.clone();
+        App::new()
+            .wrap_fn(move |req, srv| {
+                let endpoint = routes::endpoint(req.path());
+                // A scrape is not traffic: counting it would show one request in flight on
+                // every sample.
+                let in_flight = (endpoint != routes::ENDPOINTS[3]).then(|| counting.counts.enter());
+                // The worker counts the hot route's requests itself, and those with a method of
+                // no standard (answered here, before the middleware would label a series with
+                // it); the middleware counts the rest.
+                let standard = standard_method(req.method());
+                let counted = (endpoint == routes::ENDPOINTS[0] || !standard)
+                    .then(|| (Instant::now(), req.method().clone()));
+                // Draining: this answer ends its keep-alive connection, so that the client's
+                // next request opens one the load balancer sends elsewhere.
+                let closing = draining.is_on();
+                let response = if standard {
+                    Either::Left(srv.call(req))
+                } else {
+                    Either::Right(ready(Ok(refuse_method(req))))
+                };
+                let worker = counting.clone();
+                async move {
+                    let mut response = response.await;
+                    if closing {
+                        if let Ok(response) = &mut response {
+                            let head = response.response_mut().head_mut();
+                            head.set_connection_type(ConnectionType::Close);
+                        }
+                    }
+                    if let Some((arrived, method)) = counted {
+                        let status = match &response {
+                            Ok(response) => response.status(),
+                            Err(e) => e.as_response_error().status_code(),
+                        };
+                        let counts = &worker.counts;
+                        counts.request_served(endpoint, &method, status, arrived.elapsed());
+                    }
+                    drop(in_flight);
+                    response
+                }
+            })
+            .app_data(state.clone())
+            .app_data(worker)
+            .configure(routes::public_routes(http_metrics.clone(), operational))
+    })
+    .workers(settings.http_workers)
+    // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
+    // graceful stop the server stops accepting and gives in-flight requests this long.
+    .disable_signals()
+    .shutdown_timeout(shutdown::finish_within(settings.request_timeout).as_secs())
+    .listen(listener)
+    .map_err(|source| ServeError::Bind {
+        var: "HTTP_ADDR",
+        addr: settings.http_addr,
+        source,
+    })?
+    .run();
+    Ok((server, port))
+}
+
+/// `ADMIN_ADDR`'s server: `/metrics`, `/healthz` and `/readyz`, on one worker of its own, so
+/// that probes and scrapes are answered while every public worker is busy.
+fn serve_admin(
+    settings: &Settings,
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    http_metrics: PrometheusMetrics,
+) -> Result<(Server, u16), ServeError> {
+    let (listener, port) = bind(addr, "ADMIN_ADDR")?;
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(http_metrics.clone())
+            .wrap_fn(|req, srv| {
+                if standard_method(req.method()) {
+                    let response = srv.call(req);
+                    Either::Left(async move { Ok(response.await?.map_into_boxed_body()) })
+                } else {
+                    Either::Right(ready(Ok(refuse_method(req))))
+                }
+            })
+            .app_data(state.clone())
+            .configure(routes::operational_routes)
+            .default_service(web::to(routes::no_such_endpoint))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(shutdown::finish_within(settings.request_timeout).as_secs())
+    .listen(listener)
+    .map_err(|source| ServeError::Bind {
+        var: "ADMIN_ADDR",
+        addr,
+        source,
+    })?
+    .run();
+    Ok((server, port))
+}
+
+/// `405` for a request whose method is not one of HTTP's standard ones: no route takes it.
+fn refuse_method(req: ServiceRequest) -> ServiceResponse {
+    let method = req.method().to_string();
+    let refused = ApiError::MethodNotAllowed {
+        method,
+        allowed: "GET",
+    };
+    req.into_response(refused.error_response())
+}
