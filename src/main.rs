@@ -1,33 +1,34 @@
-use singleflight::config::Settings;
+use singleflight::config::{Action, Invocation, Rejected};
 use singleflight::shutdown::Shutdown;
 use singleflight::startup::Application;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let seed_demo = match args.as_slice() {
-        [] => false,
-        [command] if command == "seed-demo" => true,
-        _ => {
-            eprintln!(
-                "singleflight: unknown arguments {args:?}\n\
-                 usage: singleflight             serve (settings come from the environment)\n\
-                 \x20      singleflight seed-demo   prepare the schema (MIGRATE), load the demo \
-                 templates into an empty table, and exit"
-            );
-            return std::process::ExitCode::from(2);
+    // Read before anything else is touched: `--help` and `--version` answer at once, and no
+    // backend is reached with settings that are wrong.
+    let Invocation {
+        action,
+        log_filter,
+        settings,
+    } = match Invocation::from_command_line() {
+        Ok(invocation) => invocation,
+        Err(Rejected::Clap(e)) => {
+            // The help, the version, or what is wrong with the command line, with clap's exit
+            // code (0, or 2 for a mistake).
+            let _ = e.print();
+            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
-    };
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(e) => {
+        Err(Rejected::Config(e)) => {
             eprintln!("singleflight: configuration error: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    if seed_demo {
+    env_logger::Builder::new()
+        .parse_filters(&log_filter)
+        .parse_write_style(&std::env::var("RUST_LOG_STYLE").unwrap_or_default())
+        .init();
+    if action == Some(Action::SeedDemo) {
         return match singleflight::demo::seed(&settings).await {
             Ok(()) => {
                 log::info!("demo templates loaded (into an empty table only)");

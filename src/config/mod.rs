@@ -1,18 +1,28 @@
-//! All settings, read once from environment variables (12-factor).
+//! All settings, read once from environment variables (12-factor) or the command line.
 //!
-//! Every variable has a default that gives a working local service. A value that does not parse
-//! stops start-up with a [`ConfigError`] naming the variable and what it accepts: a typo in
-//! `CACHE_TTL_SECS` must not silently become the default.
+//! Every setting is defined once, in [`options`]: its variable, its meaning (`singleflight
+//! --help`), its default and the kind of value it accepts ([`kinds`]). A value that does not
+//! parse stops start-up with a [`ConfigError`] naming the variable and what it accepts: a typo
+//! in `CACHE_TTL_SECS` must not silently become the default.
+
+mod kinds;
+mod options;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use crate::tls::{PemFile, PemKind, SslMode};
+use clap::{CommandFactory, FromArgMatches};
 
-/// The service's settings. Built by [`Settings::from_env`] in `main`, or directly by tests.
+use crate::tls::PemFile;
+use options::{Cli, Options};
+
+pub use options::Action;
+
+/// The service's settings. Built by [`Invocation::from_command_line`] in `main`, by
+/// [`Settings::from_env`] or [`Settings::from_vars`], or directly by tests.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `HTTP_ADDR`: where the HTTP server listens. Port 0 picks a free port (tests).
@@ -110,57 +120,12 @@ pub struct Settings {
     pub shutdown_drain: Duration,
 }
 
+/// The declared defaults ([`Options`]), as if no variable were set.
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_addr: None,
-            http_workers: default_parallelism(),
-            database_url: "postgres://postgres@127.0.0.1:5432/singleflight".to_owned(),
-            database_listen_url: None,
-            database_read_urls: Vec::new(),
-            database_pooler: Pooler::Auto,
-            migrate: true,
-            database_ca: None,
-            redis_url: "redis://127.0.0.1:6379/".to_owned(),
-            redis_ca: None,
-            redis_client_cert: None,
-            cache_ttl: Duration::from_secs(30),
-            cache_grace: Duration::from_secs(30),
-            ttl_jitter_pct: 10,
-            key_owner_shards: default_shards(),
-            db_pool_size: 10,
-            db_pool_min_idle: 10,
-            db_connect_timeout: Duration::from_millis(5000),
-            db_batch_max: 100,
-            db_query_timeout: Duration::from_millis(1000),
-            redis_timeout: Duration::from_millis(50),
-            request_timeout: Duration::from_millis(2000),
-            flight_timeout: Duration::from_millis(5000),
-            coalesce: true,
-            near_cache_ttl: Duration::from_millis(1000),
-            near_cache_capacity: 10_000,
-            worker_cache_capacity: 10_000,
-            max_stale: Duration::from_secs(300),
-            negative_ttl: Duration::from_secs(5),
-            max_pending_keys: 10_000,
-            max_waiters_per_key: 10_000,
-            lease_ttl: Duration::from_millis(1000),
-            breaker_failures: 5,
-            breaker_open: Duration::from_millis(1000),
-            shutdown_drain: Duration::from_millis(3000),
-        }
+        Settings::from_vars(&HashMap::new())
+            .expect("the declared defaults are valid (a unit test checks them)")
     }
-}
-
-fn default_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
-}
-
-/// One owner shard per two cores: each shard is a thread of its own, and on a 2-core machine a
-/// second owner thread competes with the HTTP workers for the same cores (see BENCHMARKS.md).
-fn default_shards() -> usize {
-    (default_parallelism() / 2).max(1)
 }
 
 /// What sits between the service and PostgreSQL on `DATABASE_URL`.
@@ -178,19 +143,6 @@ pub enum Pooler {
     Transaction,
 }
 
-impl std::str::FromStr for Pooler {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Pooler::Auto),
-            "none" => Ok(Pooler::None),
-            "transaction" => Ok(Pooler::Transaction),
-            _ => Err(()),
-        }
-    }
-}
-
 impl Settings {
     /// The URL for session work (`LISTEN`, the migration lock).
     pub fn listen_url(&self) -> &str {
@@ -202,326 +154,240 @@ impl Settings {
 
 /// A configuration value that cannot be used. The message names the variable, the value and what
 /// would be accepted, so the operator can fix it without reading code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("invalid {var}={value:?}: expected {expected}")]
 pub struct ConfigError {
-    pub var: &'static str,
+    pub var: String,
     pub value: String,
     pub expected: Cow<'static, str>,
+}
+
+/// Why the command line gave no settings to run with.
+#[derive(Debug)]
+pub enum Rejected {
+    /// A value that cannot be used.
+    Config(ConfigError),
+    /// Not a run: `--help` or `--version` (exit 0), or a command line that cannot be read, such as
+    /// an unknown option (exit 2). clap's error prints the help, the version or the mistake.
+    Clap(clap::Error),
+}
+
+impl From<clap::Error> for Rejected {
+    /// Takes the [`ConfigError`] a kind of value put inside clap's error back out of it.
+    fn from(e: clap::Error) -> Self {
+        match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ConfigError>()) {
+            Some(config) => Rejected::Config(config.clone()),
+            None => Rejected::Clap(e),
+        }
+    }
+}
+
+impl From<Rejected> for ConfigError {
+    /// For callers that give no command line, where only a value can be wrong.
+    fn from(rejected: Rejected) -> Self {
+        match rejected {
+            Rejected::Config(e) => e,
+            Rejected::Clap(e) => ConfigError {
+                var: "the command line".to_owned(),
+                value: String::new(),
+                expected: e.render().to_string().into(),
+            },
+        }
+    }
+}
+
+/// What `singleflight` was asked to do, and the settings to do it with.
+#[derive(Debug)]
+pub struct Invocation {
+    /// `None`: serve.
+    pub action: Option<Action>,
+    /// `RUST_LOG`: the log filter, in env_logger's syntax.
+    pub log_filter: String,
+    pub settings: Settings,
+}
+
+impl Invocation {
+    /// Reads the process's command line and environment; an option on the command line wins
+    /// over its variable.
+    pub fn from_command_line() -> Result<Self, Rejected> {
+        Self::parse(std::env::args_os())
+    }
+
+    /// Reads `args` (the program's name first) and the process environment.
+    pub fn parse<I, T>(args: I) -> Result<Self, Rejected>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::parse_with(command(), args)
+    }
+
+    fn parse_with<I, T>(command: clap::Command, args: I) -> Result<Self, Rejected>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = command.try_get_matches_from(args)?;
+        let Cli { action, options } = Cli::from_arg_matches(&matches)?;
+        let (log_filter, settings) = options.into_settings().map_err(Rejected::Config)?;
+        Ok(Invocation {
+            action,
+            log_filter,
+            settings,
+        })
+    }
+}
+
+/// The command line: every setting as `--the-variable` and `THE_VARIABLE`, with `--help` and
+/// `--version`. Environment values are not shown in the help: URLs carry passwords.
+pub fn command() -> clap::Command {
+    Cli::command().mut_args(|arg| arg.hide_env_values(true))
 }
 
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(&std::env::vars().collect())
+        Ok(Invocation::parse(["singleflight"])?.settings)
     }
 
-    /// Reads settings from a map of variables; absent or empty variables take the default.
+    /// Reads settings from a map of variables alone; absent or blank variables take the default.
     ///
-    /// One row per variable: its field, its name, the kind of value it takes (which says what is
-    /// accepted, and so what an error says), and its default.
+    /// Every variable is handed to clap as its option, blank when the map lacks it: so the
+    /// process environment, which clap would read otherwise, plays no part.
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let env = Vars(vars);
-        let d = Settings::default();
-        env.retired(
-            "DB_ACQUIRE_TIMEOUT_MS",
-            "it unset: it was retired, since a load now waits for a connection as long as its \
-             flight has left (FLIGHT_TIMEOUT_MS), and connections are opened in the background \
-             within DB_CONNECT_TIMEOUT_MS",
-        )?;
-        // Read first: DB_POOL_MIN_IDLE is bounded by it, and defaults to it (unset: keep every
-        // connection of the pool open).
-        let db_pool_size = env.positive("DB_POOL_SIZE", d.db_pool_size as usize)? as u32;
-        Ok(Settings {
-            http_addr: env.parse("HTTP_ADDR", "an address like 0.0.0.0:8080", d.http_addr)?,
-            admin_addr: env.read(
-                "ADMIN_ADDR",
-                "an address like 0.0.0.0:9090, or unset",
-                None,
-                |v| v.parse().ok().map(Some),
-            )?,
-            http_workers: env.positive("HTTP_WORKERS", d.http_workers)?,
-            database_url: env.url("DATABASE_URL", POSTGRES_URL, d.database_url)?,
-            database_listen_url: env.optional_url("DATABASE_LISTEN_URL", POSTGRES_URL)?,
-            database_read_urls: env.url_list("DATABASE_READ_URL", POSTGRES_URL)?,
-            database_pooler: env.parse(
-                "DATABASE_POOLER",
-                "auto, none or transaction",
-                d.database_pooler,
-            )?,
-            migrate: env.on_off("MIGRATE", d.migrate)?,
-            database_ca: env.pem_file("DATABASE_CA_FILE", PemKind::Certificates)?,
-            redis_url: env.url("REDIS_URL", REDIS_URL, d.redis_url)?,
-            redis_ca: env.pem_file("REDIS_CA_FILE", PemKind::Certificates)?,
-            redis_client_cert: env
-                .client_cert("REDIS_CLIENT_CERT_FILE", "REDIS_CLIENT_KEY_FILE")?,
-            cache_ttl: Duration::from_secs(
-                env.positive("CACHE_TTL_SECS", d.cache_ttl.as_secs() as usize)? as u64,
-            ),
-            cache_grace: env.secs_or_zero("CACHE_GRACE_SECS", d.cache_grace)?,
-            ttl_jitter_pct: env.percent("TTL_JITTER_PCT", d.ttl_jitter_pct)?,
-            key_owner_shards: env.positive("KEY_OWNER_SHARDS", d.key_owner_shards)?,
+        let command = command();
+        let options: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| {
+                let var = arg.get_env()?.to_str()?;
+                let value = vars.get(var).map_or("", String::as_str);
+                Some(format!("--{}={value}", arg.get_long()?))
+            })
+            .collect();
+        let args = std::iter::once("singleflight".to_owned()).chain(options);
+        Ok(Invocation::parse_with(command, args)?.settings)
+    }
+}
+
+impl Options {
+    /// The settings, once the checks that involve more than one variable pass; and the log
+    /// filter, which is not a setting of the service but of its logger.
+    fn into_settings(self) -> Result<(String, Settings), ConfigError> {
+        // Every field is named, so that an option cannot be defined and then forgotten here.
+        let Options {
+            http_addr,
+            admin_addr,
+            http_workers,
+            database_url,
+            database_listen_url,
+            database_read_url,
+            database_pooler,
+            migrate,
+            database_ca_file,
+            redis_url,
+            redis_ca_file,
+            redis_client_cert_file,
+            redis_client_key_file,
+            cache_ttl_secs,
+            cache_grace_secs,
+            ttl_jitter_pct,
+            key_owner_shards,
             db_pool_size,
-            db_pool_min_idle: env
-                .whole(
-                    "DB_POOL_MIN_IDLE",
-                    "a whole number from 0 to DB_POOL_SIZE",
-                    0..=u64::from(db_pool_size),
-                )?
-                .map_or(db_pool_size, |n| n as u32),
-            db_connect_timeout: env.millis("DB_CONNECT_TIMEOUT_MS", 1, d.db_connect_timeout)?,
-            db_batch_max: env.positive("DB_BATCH_MAX", d.db_batch_max)?,
-            db_query_timeout: env.millis("DB_QUERY_TIMEOUT_MS", 1, d.db_query_timeout)?,
-            redis_timeout: env.millis("REDIS_TIMEOUT_MS", 1, d.redis_timeout)?,
-            request_timeout: env.millis("REQUEST_TIMEOUT_MS", 1, d.request_timeout)?,
-            flight_timeout: env.millis("FLIGHT_TIMEOUT_MS", 1, d.flight_timeout)?,
-            coalesce: env.on_off("COALESCE", d.coalesce)?,
-            near_cache_ttl: env.millis("NEAR_CACHE_TTL_MS", 0, d.near_cache_ttl)?,
-            near_cache_capacity: env.positive("NEAR_CACHE_CAPACITY", d.near_cache_capacity)?,
-            worker_cache_capacity: env
-                .whole(
-                    "WORKER_CACHE_CAPACITY",
-                    "a whole number from 0 (off) to 100000",
-                    0..=100_000,
-                )?
-                .map_or(d.worker_cache_capacity, |n| n as usize),
-            max_stale: env.secs_or_zero("MAX_STALE_SECS", d.max_stale)?,
-            negative_ttl: env.secs_or_zero("NEGATIVE_TTL_SECS", d.negative_ttl)?,
-            max_pending_keys: env.positive("MAX_PENDING_KEYS", d.max_pending_keys)?,
-            max_waiters_per_key: env.positive("MAX_WAITERS_PER_KEY", d.max_waiters_per_key)?,
-            lease_ttl: env.lease_ttl("LEASE_TTL_MS", d.lease_ttl)?,
-            breaker_failures: env.positive("BREAKER_FAILURES", d.breaker_failures as usize)? as u32,
-            breaker_open: env.millis("BREAKER_OPEN_MS", 1, d.breaker_open)?,
-            shutdown_drain: env.millis("SHUTDOWN_DRAIN_MS", 0, d.shutdown_drain)?,
-        })
-    }
-}
-
-/// What a URL variable accepts: its schemes, an example for the error message, and any further
-/// check of the whole URL.
-struct UrlKind {
-    schemes: &'static [&'static str],
-    example: &'static str,
-    check: fn(&str) -> bool,
-}
-
-const POSTGRES_URL: UrlKind = UrlKind {
-    schemes: &["postgres", "postgresql"],
-    example: SslMode::EXPECTED,
-    check: |url| SslMode::split_url(url).is_some(),
-};
-
-const REDIS_URL: UrlKind = UrlKind {
-    schemes: &["redis", "rediss"],
-    example: "a URL like redis://127.0.0.1:6379/ (rediss:// for TLS)",
-    check: |_| true,
-};
-
-/// The variables, read by kind of value. Each reader takes the variable's name, returns the
-/// default when it is absent or empty, and otherwise the value or a [`ConfigError`] naming the
-/// variable, the value and what the kind accepts.
-struct Vars<'a>(&'a HashMap<String, String>);
-
-impl Vars<'_> {
-    fn get(&self, var: &str) -> Option<&str> {
-        self.0.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
-    }
-
-    /// The one way a variable is read: `default` when it is unset or empty; otherwise what `read`
-    /// makes of its value, or, if that is nothing, an error naming the variable, the value and
-    /// `expected`.
-    fn read<T>(
-        &self,
-        var: &'static str,
-        expected: &'static str,
-        default: T,
-        read: impl FnOnce(&str) -> Option<T>,
-    ) -> Result<T, ConfigError> {
-        let Some(v) = self.get(var) else {
-            return Ok(default);
-        };
-        read(v).ok_or_else(|| ConfigError {
-            var,
-            value: v.to_owned(),
-            expected: expected.into(),
-        })
-    }
-
-    /// A variable that is no longer read: setting it is an error saying why.
-    fn retired(&self, var: &'static str, why: &'static str) -> Result<(), ConfigError> {
-        self.read(var, why, (), |_| None)
-    }
-
-    fn parse<T: std::str::FromStr>(
-        &self,
-        var: &'static str,
-        expected: &'static str,
-        default: T,
-    ) -> Result<T, ConfigError> {
-        self.read(var, expected, default, |v| v.parse().ok())
-    }
-
-    /// A whole number within `range`, or `None` when the variable is not set.
-    fn whole(
-        &self,
-        var: &'static str,
-        expected: &'static str,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Result<Option<u64>, ConfigError> {
-        self.read(var, expected, None, |v| {
-            v.parse().ok().filter(|n| range.contains(n)).map(Some)
-        })
-    }
-
-    fn positive(&self, var: &'static str, default: usize) -> Result<usize, ConfigError> {
-        let n = self.whole(var, "a whole number from 1 to 100000", 1..=100_000)?;
-        Ok(n.map_or(default, |n| n as usize))
-    }
-
-    /// Milliseconds from `min` (0 meaning "off") to 600000.
-    fn millis(
-        &self,
-        var: &'static str,
-        min: u64,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        let expected = if min == 0 {
-            "milliseconds, a whole number from 0 (off) to 600000"
-        } else {
-            "milliseconds, a whole number from 1 to 600000"
-        };
-        let n = self.whole(var, expected, min..=600_000)?;
-        Ok(n.map_or(default, Duration::from_millis))
-    }
-
-    /// Zero (off), or long enough for a holder to renew its lease a few times per period.
-    fn lease_ttl(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        let expected = "milliseconds: 0 (off), or a whole number from 100 to 60000";
-        let n = self.read(var, expected, None, |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| *n == 0 || (100..=60_000).contains(n))
-                .map(Some)
-        })?;
-        Ok(n.map_or(default, Duration::from_millis))
-    }
-
-    fn secs_or_zero(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        let expected = "seconds, a whole number from 0 (off) to 86400";
-        let n = self.whole(var, expected, 0..=86_400)?;
-        Ok(n.map_or(default, Duration::from_secs))
-    }
-
-    fn percent(&self, var: &'static str, default: u32) -> Result<u32, ConfigError> {
-        let n = self.whole(var, "a whole percentage from 0 to 50", 0..=50)?;
-        Ok(n.map_or(default, |n| n as u32))
-    }
-
-    fn on_off(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        self.read(var, "on or off", default, |v| {
-            match v.to_ascii_lowercase().as_str() {
-                "on" | "true" | "1" | "yes" => Some(true),
-                "off" | "false" | "0" | "no" => Some(false),
-                _ => None,
+            db_pool_min_idle,
+            db_connect_timeout_ms,
+            db_batch_max,
+            db_query_timeout_ms,
+            redis_timeout_ms,
+            request_timeout_ms,
+            flight_timeout_ms,
+            coalesce,
+            near_cache_ttl_ms,
+            near_cache_capacity,
+            worker_cache_capacity,
+            max_stale_secs,
+            negative_ttl_secs,
+            max_pending_keys,
+            max_waiters_per_key,
+            breaker_failures,
+            breaker_open_ms,
+            shutdown_drain_ms,
+            lease_ttl_ms,
+            rust_log,
+            db_acquire_timeout_ms: kinds::NotSet,
+        } = self;
+        // Unset: keep every connection of the pool open.
+        let db_pool_min_idle = match db_pool_min_idle {
+            None => db_pool_size,
+            Some(idle) if idle <= db_pool_size => idle,
+            Some(idle) => {
+                return Err(ConfigError {
+                    var: "DB_POOL_MIN_IDLE".to_owned(),
+                    value: idle.to_string(),
+                    expected: kinds::IDLE_CONNECTIONS.expected().into(),
+                })
             }
-        })
-    }
-
-    /// A URL, or `None` when the variable is unset.
-    fn optional_url(
-        &self,
-        var: &'static str,
-        kind: UrlKind,
-    ) -> Result<Option<String>, ConfigError> {
-        match self.get(var) {
-            None => Ok(None),
-            Some(_) => self.url(var, kind, String::new()).map(Some),
-        }
-    }
-
-    /// Comma-separated URLs, each checked as [`Vars::url`] checks one; none when unset.
-    fn url_list(&self, var: &'static str, kind: UrlKind) -> Result<Vec<String>, ConfigError> {
-        let Some(list) = self.get(var) else {
-            return Ok(Vec::new());
         };
-        list.split(',')
-            .map(str::trim)
-            .map(|url| {
-                let one = HashMap::from([(var.to_owned(), url.to_owned())]);
-                Vars(&one)
-                    .url(var, UrlKind { ..kind }, String::new())
-                    .and_then(|read| {
-                        if read.is_empty() {
-                            Err(ConfigError {
-                                var,
-                                value: list.to_owned(),
-                                expected: "comma-separated URLs with nothing empty between \
-                                           the commas"
-                                    .into(),
-                            })
-                        } else {
-                            Ok(read)
-                        }
-                    })
-            })
-            .collect()
-    }
-
-    fn url(
-        &self,
-        var: &'static str,
-        kind: UrlKind,
-        default: String,
-    ) -> Result<String, ConfigError> {
-        self.read(var, kind.example, default, |v| {
-            let scheme_ok = v
-                .split_once("://")
-                .is_some_and(|(scheme, rest)| kind.schemes.contains(&scheme) && !rest.is_empty());
-            (scheme_ok && (kind.check)(v)).then(|| v.to_owned())
-        })
-    }
-
-    /// A PEM file, read and checked now, so that a missing or wrong file stops start-up with the
-    /// variable's name rather than failing every connection later.
-    fn pem_file(&self, var: &'static str, kind: PemKind) -> Result<Option<PemFile>, ConfigError> {
-        let Some(path) = self.get(var) else {
-            return Ok(None);
+        let settings = Settings {
+            http_addr,
+            admin_addr,
+            http_workers: http_workers as usize,
+            database_url,
+            database_listen_url,
+            database_read_urls: database_read_url,
+            database_pooler,
+            migrate,
+            database_ca: database_ca_file,
+            redis_url,
+            redis_ca: redis_ca_file,
+            redis_client_cert: client_cert(redis_client_cert_file, redis_client_key_file)?,
+            cache_ttl: cache_ttl_secs,
+            cache_grace: cache_grace_secs,
+            ttl_jitter_pct: ttl_jitter_pct as u32,
+            key_owner_shards: key_owner_shards as usize,
+            db_pool_size: db_pool_size as u32,
+            db_pool_min_idle: db_pool_min_idle as u32,
+            db_connect_timeout: db_connect_timeout_ms,
+            db_batch_max: db_batch_max as usize,
+            db_query_timeout: db_query_timeout_ms,
+            redis_timeout: redis_timeout_ms,
+            request_timeout: request_timeout_ms,
+            flight_timeout: flight_timeout_ms,
+            coalesce,
+            near_cache_ttl: near_cache_ttl_ms,
+            near_cache_capacity: near_cache_capacity as usize,
+            worker_cache_capacity: worker_cache_capacity as usize,
+            max_stale: max_stale_secs,
+            negative_ttl: negative_ttl_secs,
+            max_pending_keys: max_pending_keys as usize,
+            max_waiters_per_key: max_waiters_per_key as usize,
+            lease_ttl: lease_ttl_ms,
+            breaker_failures: breaker_failures as u32,
+            breaker_open: breaker_open_ms,
+            shutdown_drain: shutdown_drain_ms,
         };
-        let what = match kind {
-            PemKind::Certificates => "a readable PEM file of certificates",
-            PemKind::PrivateKey => "a readable PEM file with a private key",
-        };
-        PemFile::read(Path::new(path), kind)
-            .map(Some)
-            .map_err(|why| ConfigError {
-                var,
-                value: path.to_owned(),
-                expected: format!("{what}; {why}").into(),
-            })
+        Ok((rust_log, settings))
     }
+}
 
-    /// A client certificate and its key: both or neither.
-    fn client_cert(
-        &self,
-        cert_var: &'static str,
-        key_var: &'static str,
-    ) -> Result<Option<(PemFile, PemFile)>, ConfigError> {
-        let cert = self.pem_file(cert_var, PemKind::Certificates)?;
-        let key = self.pem_file(key_var, PemKind::PrivateKey)?;
-        match (cert, key) {
-            (Some(cert), Some(key)) => Ok(Some((cert, key))),
-            (None, None) => Ok(None),
-            (Some(cert), None) => Err(ConfigError {
-                var: key_var,
-                value: String::new(),
-                expected: format!("the key of {cert_var}={}", cert.path.display()).into(),
-            }),
-            (None, Some(key)) => Err(ConfigError {
-                var: cert_var,
-                value: String::new(),
-                expected: format!("the certificate for {key_var}={}", key.path.display()).into(),
-            }),
-        }
+/// A client certificate and its key: both or neither.
+fn client_cert(
+    cert: Option<PemFile>,
+    key: Option<PemFile>,
+) -> Result<Option<(PemFile, PemFile)>, ConfigError> {
+    let (cert_var, key_var) = ("REDIS_CLIENT_CERT_FILE", "REDIS_CLIENT_KEY_FILE");
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(cert), None) => Err(ConfigError {
+            var: key_var.to_owned(),
+            value: String::new(),
+            expected: format!("the key of {cert_var}={}", cert.path.display()).into(),
+        }),
+        (None, Some(key)) => Err(ConfigError {
+            var: cert_var.to_owned(),
+            value: String::new(),
+            expected: format!("the certificate for {key_var}={}", key.path.display()).into(),
+        }),
     }
 }
 

@@ -31,7 +31,10 @@ fn min_idle_follows_the_pool_size_unless_set() {
     assert_eq!(s.db_pool_min_idle, 0);
     let err = Settings::from_vars(&vars(&[("DB_POOL_SIZE", "4"), ("DB_POOL_MIN_IDLE", "5")]))
         .expect_err("more idle connections than the pool holds");
-    assert_eq!((err.var, err.value.as_str()), ("DB_POOL_MIN_IDLE", "5"));
+    assert_eq!(
+        (err.var.as_str(), err.value.as_str()),
+        ("DB_POOL_MIN_IDLE", "5")
+    );
 }
 
 #[test]
@@ -135,6 +138,92 @@ fn invalid_values_name_the_variable_and_what_is_accepted() {
         assert!(
             msg.contains(var) && msg.contains(value) && msg.contains(expected),
             "{msg}"
+        );
+    }
+}
+
+#[test]
+fn blank_values_mean_the_default() {
+    let s = Settings::from_vars(&vars(&[
+        ("HTTP_ADDR", "  "),
+        ("ADMIN_ADDR", ""),
+        ("DATABASE_READ_URL", ""),
+        ("DB_POOL_MIN_IDLE", " "),
+        ("COALESCE", ""),
+        ("DB_ACQUIRE_TIMEOUT_MS", ""),
+    ]))
+    .expect("blank is unset");
+    assert_eq!(s.http_addr.port(), 8080);
+    assert_eq!(s.admin_addr, None);
+    assert!(s.database_read_urls.is_empty());
+    assert_eq!(s.db_pool_min_idle, s.db_pool_size);
+    assert!(s.coalesce);
+}
+
+#[test]
+fn the_command_line_sets_the_same_settings_and_names_the_variable_when_wrong() {
+    let invocation = Invocation::parse([
+        "singleflight",
+        "--cache-ttl-secs=7",
+        "--admin-addr",
+        "127.0.0.1:9090",
+        "--coalesce=off",
+        "seed-demo",
+    ])
+    .expect("valid");
+    assert_eq!(invocation.settings.cache_ttl, Duration::from_secs(7));
+    assert_eq!(
+        invocation.settings.admin_addr,
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
+    assert!(!invocation.settings.coalesce);
+    assert_eq!(invocation.action, Some(Action::SeedDemo));
+
+    match Invocation::parse(["singleflight", "--request-timeout-ms=-5"]) {
+        Err(Rejected::Config(e)) => {
+            assert_eq!(
+                (e.var.as_str(), e.value.as_str()),
+                ("REQUEST_TIMEOUT_MS", "-5")
+            );
+            assert!(e.expected.contains("milliseconds"), "{e}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    for (args, kind) in [
+        (
+            ["singleflight", "--help"],
+            clap::error::ErrorKind::DisplayHelp,
+        ),
+        (
+            ["singleflight", "--version"],
+            clap::error::ErrorKind::DisplayVersion,
+        ),
+        (
+            ["singleflight", "--no-such-option"],
+            clap::error::ErrorKind::UnknownArgument,
+        ),
+    ] {
+        match Invocation::parse(args) {
+            Err(Rejected::Clap(e)) => assert_eq!(e.kind(), kind, "{args:?}"),
+            other => panic!("{args:?}: expected clap to answer, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_option_is_a_documented_variable() {
+    let command = command();
+    command.clone().debug_assert();
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        if matches!(id, "help" | "version") {
+            continue;
+        }
+        let var = arg.get_env().and_then(|v| v.to_str());
+        assert_eq!(var, Some(id.to_ascii_uppercase().as_str()), "{id}");
+        assert!(
+            arg.is_hide_set() || arg.get_help().is_some_and(|h| !h.to_string().is_empty()),
+            "{id} has no help"
         );
     }
 }
