@@ -41,6 +41,8 @@ cargo build --release --quiet --bin singleflight --bin loadtest --example bare
 scripts/stack.sh start >/dev/null
 eval "$(scripts/stack.sh env)"
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+# The demo templates (ids 1..=1200), loaded into the stack's database if its table is empty.
+RUST_LOG=error "$target/release/singleflight" seed-demo >/dev/null
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 

@@ -19,6 +19,8 @@ case $fault in blackhole|refused) ;; *) echo "usage: $0 [blackhole|refused] [NEA
 cargo build --release --quiet --bin singleflight --bin loadtest
 scripts/stack.sh start >/dev/null
 eval "$(scripts/stack.sh env)"
+# The demo templates, loaded into the stack's database if its table is empty.
+RUST_LOG=error target/release/singleflight seed-demo >/dev/null
 redis_port=${REDIS_URL##*:}; redis_port=${redis_port%%/*}
 redis_pid=$(redis-cli -p "$redis_port" info server | awk -F: '/^process_id:/{print $2}' | tr -d '\r')
 redis-cli -p "$redis_port" -n 9 flushdb >/dev/null
