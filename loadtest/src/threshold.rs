@@ -131,6 +131,9 @@ impl Threshold {
         if text.is_empty() {
             return Err(bad("no value".to_owned()));
         }
+        if text.starts_with(['<', '>', '=', '!']) {
+            return Err(bad(format!("unknown operator in {rest:?}")));
+        }
         let value = if metric.is_latency() {
             match text.parse::<f64>() {
                 Ok(ms) => ms,
@@ -254,6 +257,7 @@ mod tests {
         for (raw, why) in [
             ("p99", "no operator"),
             ("p99=<5ms", "unknown operator"),
+            ("p99<<5ms", "unknown operator in \"<<5ms\""),
             ("p42<5ms", "unknown metric \"p42\""),
             ("p99<", "no value"),
             ("p99<fast", "\"fast\" is not a duration"),
