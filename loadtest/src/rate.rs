@@ -85,7 +85,7 @@ pub async fn at_rate(
     picker: IdPicker,
 ) -> Result<(RunResult, RateOutcome), LoadtestError> {
     let before = ctx.scrape(true).await?;
-    ctx.live.stage(format!("{per_second}/s"));
+    ctx.live.stage(format!("at {per_second}/s:"));
     let schedule = Schedule::new(per_second);
     let scheduled = schedule.count_within(duration);
     let slots = Arc::new(Semaphore::new(max_in_flight));

@@ -440,10 +440,7 @@ impl Report {
                     "  {:<6} {:<24} actual {}",
                     if v.passed { "passed" } else { "FAILED" },
                     v.threshold,
-                    v.actual.map_or("n/a".to_owned(), |a| format!("{a:.4}")
-                        .trim_end_matches('0')
-                        .trim_end_matches('.')
-                        .to_owned())
+                    v.actual.map_or("n/a".to_owned(), figure)
                 );
             }
         }
@@ -533,6 +530,16 @@ pub fn percent(rate: Option<f64>) -> String {
     })
 }
 
+/// A threshold's actual figure: whole numbers as such, others to at most 4 decimals.
+pub fn figure(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        let text = format!("{v:.4}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
 pub fn ms(v: f64) -> String {
     if v < 10.0 {
         format!("{v:.2} ms")
@@ -575,5 +582,13 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(7500), "7,500");
         assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn figures_drop_needless_decimals() {
+        assert_eq!(figure(0.0), "0");
+        assert_eq!(figure(1197.0), "1197");
+        assert_eq!(figure(0.97), "0.97");
+        assert_eq!(figure(10.75123), "10.7512");
     }
 }

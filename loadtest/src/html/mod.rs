@@ -7,7 +7,7 @@ mod svg;
 
 use std::fmt::Write as _;
 
-use crate::report::{describe, ms, percent, thousands, Report};
+use crate::report::{describe, figure, ms, percent, thousands, Report};
 use crate::tally::X_CACHE_VALUES;
 
 /// The colour of each series. Tests look for these in a screenshot of the page, so each is
@@ -105,7 +105,7 @@ fn summary(out: &mut String, r: &Report) {
                 out,
                 "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"{c}\">{c}</td></tr>",
                 escape(&v.threshold),
-                v.actual.map_or("n/a".to_owned(), |a| format!("{a:.3}")),
+                v.actual.map_or("n/a".to_owned(), figure),
                 c = if v.passed { "passed" } else { "failed" },
             );
         }

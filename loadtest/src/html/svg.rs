@@ -28,13 +28,14 @@ pub struct Band<'a> {
     pub per_second: Vec<f64>,
 }
 
-/// 1, 2 or 5 times a power of ten, at least `v`: a round top for the y axis.
+/// 1, 2, 2.5 or 5 times a power of ten, at least `v`: a round top for the y axis whose
+/// quarters (the grid lines) are round too.
 pub fn nice_ceiling(v: f64) -> f64 {
     if !(v.is_finite() && v > 0.0) {
         return 1.0;
     }
     let magnitude = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 2.0, 2.5, 5.0, 10.0]
         .iter()
         .map(|m| m * magnitude)
         .find(|top| *top >= v * (1.0 - 1e-9))
@@ -202,6 +203,7 @@ mod tests {
         assert_eq!(nice_ceiling(1.0), 1.0);
         assert_eq!(nice_ceiling(1.2), 2.0);
         assert_eq!(nice_ceiling(430.0), 500.0);
+        assert_eq!(nice_ceiling(2007.0), 2500.0);
         assert_eq!(nice_ceiling(5001.0), 10_000.0);
         assert_eq!(nice_ceiling(f64::NAN), 1.0);
     }
