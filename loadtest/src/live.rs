@@ -22,6 +22,9 @@ pub enum Goal {
     Duration(Duration),
 }
 
+/// The terminal line: spinner, elapsed time, bar, the counts, time left.
+const TEMPLATE: &str = "{spinner} {elapsed:>4} [{bar:24}] {msg}  ~{eta} left";
+
 /// Shared by every request task: each finished request is counted here.
 pub struct Live {
     /// Time 0 of the timeline.
@@ -47,10 +50,8 @@ impl Live {
                 Goal::Duration(d) => d.as_millis() as u64,
             };
             let bar = ProgressBar::with_draw_target(Some(length), ProgressDrawTarget::stderr());
-            // The template is a constant known to be valid; a bad one would only lose the style.
-            if let Ok(style) =
-                ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:24}] {msg}  ~{eta} left")
-            {
+            // A bad template (a unit test reads this one) would only lose the style.
+            if let Ok(style) = ProgressStyle::with_template(TEMPLATE) {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -149,5 +150,15 @@ impl Live {
         let timeline = std::mem::take(&mut *lock(&self.timeline));
         let db = std::mem::take(&mut *lock(&self.db));
         (timeline.finish(elapsed), db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_terminal_line_template_is_valid() {
+        assert!(ProgressStyle::with_template(TEMPLATE).is_ok());
     }
 }
