@@ -25,10 +25,16 @@
 
 mod cli;
 mod client;
+mod html;
+mod ids;
+mod live;
 mod prom;
+mod rate;
 mod report;
 mod run;
 mod tally;
+mod threshold;
+mod timeline;
 mod updates;
 
 use std::process::ExitCode;
@@ -63,6 +69,8 @@ pub enum LoadtestError {
     Database { url: String, reason: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("{0}")]
+    Plan(String),
     #[error("a request task failed: {0}")]
     Task(String),
 }
@@ -94,7 +102,25 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", report.to_text());
             }
-            ExitCode::SUCCESS
+            if let Some(path) = &plan.report {
+                if let Err(e) = std::fs::write(path, html::render(&report)) {
+                    eprintln!("loadtest: cannot write --report {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+                eprintln!("loadtest: report written to {}", path.display());
+            }
+            if report.thresholds_passed() {
+                ExitCode::SUCCESS
+            } else {
+                for v in report.thresholds.iter().filter(|v| !v.passed) {
+                    eprintln!(
+                        "loadtest: threshold {} failed (actual {})",
+                        v.threshold,
+                        v.actual.map_or("n/a".to_owned(), |a| a.to_string())
+                    );
+                }
+                ExitCode::from(threshold::EXIT_FAILED)
+            }
         }
         Err(e) => {
             eprintln!("loadtest: {e}");

@@ -84,6 +84,11 @@ impl Snapshot {
         Ok(Snapshot(values))
     }
 
+    /// `db_hits_total` at this moment: the queries the replica has made since it started.
+    pub fn db_hits(&self) -> f64 {
+        self.0[3]
+    }
+
     /// `later - self`, counter by counter, for the replica at `base`. A counter that went down
     /// means the replica restarted between the scrapes (or `base` is a load balancer that sent
     /// them to different replicas), and the difference would be meaningless.

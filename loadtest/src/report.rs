@@ -9,8 +9,11 @@ use serde_json::json;
 
 use crate::cli::{IdDist, Kind, Plan};
 use crate::prom::{Deltas, ReplicaDeltas};
-use crate::run::{thousands, RunResult};
+use crate::rate::RateOutcome;
+use crate::run::RunResult;
 use crate::tally::Latency;
+use crate::threshold::{Figures, Verdict};
+use crate::timeline::{DbScrapes, Second};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -52,6 +55,18 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_visibility: Option<VisibilityReport>,
     pub notes: Vec<String>,
+    /// `--rate`: the schedule, and the requests dropped from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateOutcome>,
+    /// Every `--threshold`, passed or failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub thresholds: Vec<Verdict>,
+    /// The run second by second, for `--report`.
+    #[serde(skip)]
+    pub timeline: Vec<Second>,
+    /// Each replica's `db_hits_total` during the run, for `--report`.
+    #[serde(skip)]
+    pub db: DbScrapes,
     /// Set when the only `/metrics` read is the only `--url`'s, which may be a load balancer's.
     #[serde(skip)]
     metrics_maybe_one_of_many: bool,
@@ -128,7 +143,7 @@ impl Report {
                 latency_ms: r.tally.latency(),
             })
             .collect();
-        Report {
+        let mut report = Report {
             scenario: plan.kind.scenario().name(),
             urls: plan.targets.clone(),
             metrics_from: plan
@@ -136,7 +151,13 @@ impl Report {
                 .iter()
                 .map(|base| format!("{base}/metrics"))
                 .collect(),
-            settings: settings(&plan.kind),
+            settings: {
+                let mut s = settings(&plan.kind);
+                if let Some(rate) = plan.rate {
+                    s["rate_rps"] = json!(rate);
+                }
+                s
+            },
             rng_seed: plan.rng_seed,
             metrics: run.deltas.total,
             replicas: run.deltas.replicas,
@@ -160,7 +181,44 @@ impl Report {
             update_visibility: run.visibility.as_ref().map(VisibilityReport::new),
             notes: run.notes,
             metrics_maybe_one_of_many: plan.metrics_from_targets && plan.targets.len() == 1,
+            rate: run.rate,
+            thresholds: Vec::new(),
+            timeline: run.timeline,
+            db: run.db,
+        };
+        let figures = report.figures();
+        report.thresholds = plan.thresholds.iter().map(|t| t.check(&figures)).collect();
+        report
+    }
+
+    /// The figures `--threshold` can be about.
+    pub fn figures(&self) -> Figures {
+        let l = &self.latency_ms;
+        let server_errors: u64 = self
+            .status
+            .iter()
+            .filter(|(code, _)| code.parse::<u16>().is_ok_and(|c| c >= 500))
+            .map(|(_, n)| n)
+            .sum();
+        Figures {
+            p50: l.p50,
+            p95: l.p95,
+            p99: l.p99,
+            max: l.max,
+            mean: l.mean,
+            rps: self.throughput_rps,
+            requests: self.requests,
+            failed: self.failures + server_errors,
+            dropped: self.rate.map_or(0, |r| r.dropped),
+            hit_rate: self.cache_hit_rate,
+            db_queries: self.metrics.db_hits_total,
+            shared: self.metrics.singleflight_shared_total,
         }
+    }
+
+    /// Whether every `--threshold` passed (true without any).
+    pub fn thresholds_passed(&self) -> bool {
+        self.thresholds.iter().all(|v| v.passed)
     }
 
     pub fn to_json(&self) -> String {
@@ -361,6 +419,31 @@ impl Report {
                 shown(v.max_ms)
             );
         }
+        if let Some(r) = &self.rate {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  constant rate        {} req/s scheduled: {} requests, {} sent, {} dropped (at most {} in the air; latency from each intended send time)",
+                thousands(r.target_rps),
+                thousands(r.scheduled),
+                thousands(r.sent),
+                thousands(r.dropped),
+                thousands(r.max_in_flight as u64)
+            );
+        }
+        if !self.thresholds.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "  Thresholds");
+            for v in &self.thresholds {
+                let _ = writeln!(
+                    out,
+                    "  {:<6} {:<24} actual {}",
+                    if v.passed { "passed" } else { "FAILED" },
+                    v.threshold,
+                    v.actual.map_or("n/a".to_owned(), figure)
+                );
+            }
+        }
         for note in &self.notes {
             let _ = writeln!(out);
             let _ = writeln!(out, "  note: {note}");
@@ -409,7 +492,7 @@ fn settings(kind: &Kind) -> serde_json::Value {
     }
 }
 
-fn describe(s: &serde_json::Value, scenario: &str) -> String {
+pub fn describe(s: &serde_json::Value, scenario: &str) -> String {
     let n = |k: &str| s[k].to_string();
     match scenario {
         "seed" => format!(
@@ -423,6 +506,13 @@ fn describe(s: &serde_json::Value, scenario: &str) -> String {
             n("ids"),
             if s["evict_via_redis"].is_null() { "" } else { " (evicted from Redis first)" }
         ),
+        "hot" | "spread" if !s["rate_rps"].is_null() => format!(
+            "{} requests a second (at most {} in the air) asking for {} for {} s",
+            n("rate_rps"),
+            n("concurrency"),
+            if scenario == "hot" { format!("id {}", n("id")) } else { format!("{} ids from 1..={}", s["dist"].as_str().unwrap_or("?"), n("ids")) },
+            n("duration_seconds")
+        ),
         "hot" => format!("{} connections asking for id {} for {} s", n("concurrency"), n("id"), n("duration_seconds")),
         _ => format!(
             "{} connections asking for {} ids from 1..={} for {} s",
@@ -434,13 +524,23 @@ fn describe(s: &serde_json::Value, scenario: &str) -> String {
     }
 }
 
-fn percent(rate: Option<f64>) -> String {
+pub fn percent(rate: Option<f64>) -> String {
     rate.map_or("n/a (no lookups)".to_owned(), |r| {
         format!("{:.1} %", r * 100.0)
     })
 }
 
-fn ms(v: f64) -> String {
+/// A threshold's actual figure: whole numbers as such, others to at most 4 decimals.
+pub fn figure(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        let text = format!("{v:.4}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
+pub fn ms(v: f64) -> String {
     if v < 10.0 {
         format!("{v:.2} ms")
     } else {
@@ -456,5 +556,39 @@ fn counts<'a>(items: impl Iterator<Item = (&'a str, u64)>) -> String {
         "none".to_owned()
     } else {
         parts.join("  ")
+    }
+}
+
+/// `12345` → `12,345`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(7500), "7,500");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn figures_drop_needless_decimals() {
+        assert_eq!(figure(0.0), "0");
+        assert_eq!(figure(1197.0), "1197");
+        assert_eq!(figure(0.97), "0.97");
+        assert_eq!(figure(10.75123), "10.7512");
     }
 }

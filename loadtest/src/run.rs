@@ -11,9 +11,7 @@
 //! `--timeout`.
 
 use std::collections::HashSet;
-use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -22,10 +20,14 @@ use reqwest::Client;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::cli::{IdDist, Kind, Plan};
+use crate::cli::{Kind, Plan};
 use crate::client::{self, template_url};
+use crate::ids::IdPicker;
+use crate::live::{Goal, Live};
 use crate::prom::{FleetDeltas, FleetSnapshot};
+use crate::rate::RateOutcome;
 use crate::tally::{Sample, Tally};
+use crate::timeline::{DbScrapes, Second};
 use crate::LoadtestError;
 
 /// What a scenario produced.
@@ -42,6 +44,29 @@ pub struct RunResult {
     pub notes: Vec<String>,
     /// `--updates`: how soon changes made during the run were served.
     pub visibility: Option<crate::updates::Visibility>,
+    /// `--rate`: the schedule and what was dropped from it.
+    pub rate: Option<RateOutcome>,
+    /// The run second by second (answers by the second they arrived in).
+    pub timeline: Vec<Second>,
+    /// `--report`: every replica's `db_hits_total`, scraped once a second.
+    pub db: DbScrapes,
+}
+
+impl RunResult {
+    pub fn new(tally: Tally, deltas: FleetDeltas, elapsed: Duration, active: Duration) -> Self {
+        RunResult {
+            tally,
+            deltas,
+            elapsed,
+            active,
+            rounds: Vec::new(),
+            notes: Vec::new(),
+            visibility: None,
+            rate: None,
+            timeline: Vec::new(),
+            db: DbScrapes::default(),
+        }
+    }
 }
 
 /// One stampede round: the key, what the service counted, what the client saw.
@@ -53,22 +78,24 @@ pub struct Round {
     pub tally: Tally,
 }
 
-struct Ctx {
-    client: Client,
+/// What every scenario sends with.
+pub struct Ctx {
+    pub client: Client,
     /// Where requests go, round-robin (never empty).
     targets: Arc<[String]>,
     /// Whose `/metrics` is read (never empty).
     metrics: Vec<String>,
-    progress: Arc<Progress>,
+    /// Counts every finished request, for the live line and the timeline.
+    pub live: Arc<Live>,
 }
 
 impl Ctx {
     /// The target of the `i`-th request of a burst (or of a worker's turn).
-    fn target(&self, i: usize) -> &str {
+    pub fn target(&self, i: usize) -> &str {
         &self.targets[i % self.targets.len()]
     }
 
-    async fn scrape(&self, before_run: bool) -> Result<FleetSnapshot, LoadtestError> {
+    pub async fn scrape(&self, before_run: bool) -> Result<FleetSnapshot, LoadtestError> {
         client::snapshot_fleet(&self.client, &self.metrics, before_run).await
     }
 
@@ -79,7 +106,7 @@ impl Ctx {
     /// figures would be those of part of the fleet, so that is an error, not a report.
     /// A replica counts a request when it has finished sending the answer, a moment after the
     /// client may have received it, so a short count is scraped again before it is believed.
-    async fn deltas_since(
+    pub async fn deltas_since(
         &self,
         before: &FleetSnapshot,
         answered: u64,
@@ -120,13 +147,31 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
     for target in plan.targets.iter().filter(|t| !plan.metrics.contains(t)) {
         client::open_connections(&client, target, 1).await?;
     }
-    let progress = Progress::new();
-    let printer = tokio::spawn(progress.clone().print_every_second());
+    let goal = match &plan.kind {
+        Kind::Seed {
+            waves,
+            concurrency,
+            ids,
+            ..
+        } => Goal::Requests(u64::from(*waves) * (*concurrency as u64 + ids)),
+        Kind::Stampede {
+            concurrency,
+            rounds,
+            ..
+        } => Goal::Requests(u64::from(*rounds) * *concurrency as u64),
+        Kind::Hot { duration, .. } | Kind::Spread { duration, .. } => Goal::Duration(*duration),
+    };
+    let live = Live::new(goal, &plan.metrics);
+    let shown = tokio::spawn(live.clone().show());
+    let db_scrapes = plan
+        .report
+        .is_some()
+        .then(|| tokio::spawn(live.clone().scrape_db(client.clone(), plan.metrics.clone())));
     let ctx = Ctx {
         client,
         targets: plan.targets.clone().into(),
         metrics: plan.metrics.clone(),
-        progress: progress.clone(),
+        live: live.clone(),
     };
     let mut rng = SmallRng::seed_from_u64(plan.rng_seed);
     let result = match &plan.kind {
@@ -157,13 +202,8 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
             duration,
             id,
         } => {
-            let load = for_duration(
-                &ctx,
-                plan.rng_seed,
-                *concurrency,
-                *duration,
-                IdPicker::Fixed(*id),
-            );
+            let load =
+                for_duration_or_rate(&ctx, plan, *concurrency, *duration, IdPicker::Fixed(*id));
             with_updates(&ctx, plan, *id..=*id, *duration, load).await
         }
         Kind::Spread {
@@ -172,14 +212,48 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
             ids,
             dist,
         } => {
-            let picker = IdPicker::new(*ids, *dist);
-            let load = for_duration(&ctx, plan.rng_seed, *concurrency, *duration, picker);
+            let picker = IdPicker::new(*ids, *dist).map_err(LoadtestError::Plan)?;
+            let load = for_duration_or_rate(&ctx, plan, *concurrency, *duration, picker);
             with_updates(&ctx, plan, 1..=*ids as i64, *duration, load).await
         }
     };
-    printer.abort();
-    progress.finish();
-    result
+    shown.abort();
+    if let Some(task) = db_scrapes {
+        task.abort();
+    }
+    let (timeline, db) = live.finish();
+    result.map(|result| RunResult {
+        timeline,
+        db,
+        ..result
+    })
+}
+
+/// hot and spread: `concurrency` workers for `duration`, or with `--rate` the constant-rate
+/// schedule with `concurrency` requests in the air at most.
+async fn for_duration_or_rate(
+    ctx: &Ctx,
+    plan: &Plan,
+    concurrency: usize,
+    duration: Duration,
+    picker: IdPicker,
+) -> Result<RunResult, LoadtestError> {
+    match plan.rate {
+        None => for_duration(ctx, plan.rng_seed, concurrency, duration, picker).await,
+        Some(per_second) => {
+            let (mut result, outcome) = crate::rate::at_rate(
+                ctx,
+                plan.rng_seed,
+                per_second,
+                concurrency,
+                duration,
+                picker,
+            )
+            .await?;
+            result.rate = Some(outcome);
+            Ok(result)
+        }
+    }
 }
 
 /// Runs `load`, and with `--updates` the updates beside it.
@@ -223,7 +297,7 @@ async fn seed(
     let mut active = Duration::ZERO;
     let mut tally = Tally::new();
     for wave in 1..=waves {
-        ctx.progress.stage(format!("wave {wave}/{waves}"));
+        ctx.live.stage(format!("wave {wave}/{waves}"));
         let id = rng.random_range(1..=ids) as i64;
         let sending = Instant::now();
         tally.merge(&burst(ctx, std::iter::repeat_n(id, concurrency)).await?);
@@ -235,15 +309,7 @@ async fn seed(
     }
     let elapsed = started.elapsed();
     let deltas = ctx.deltas_since(&before, tally.responses).await?;
-    Ok(RunResult {
-        tally,
-        deltas,
-        elapsed,
-        active,
-        rounds: Vec::new(),
-        notes: Vec::new(),
-        visibility: None,
-    })
+    Ok(RunResult::new(tally, deltas, elapsed, active))
 }
 
 /// Sends one request per id, all at once (round-robin over the targets), and waits for every
@@ -251,14 +317,14 @@ async fn seed(
 async fn burst(ctx: &Ctx, ids: impl Iterator<Item = i64>) -> Result<Tally, LoadtestError> {
     let mut requests = JoinSet::new();
     for (i, id) in ids.enumerate() {
-        let (client, url, progress) = (
+        let (client, url, live) = (
             ctx.client.clone(),
             template_url(ctx.target(i), id),
-            ctx.progress.clone(),
+            ctx.live.clone(),
         );
         requests.spawn(async move {
             let sample = client::get(&client, &url, id).await;
-            progress.count(&sample);
+            live.count(&sample);
             sample
         });
     }
@@ -286,7 +352,7 @@ async fn stampede(
     ids: u64,
     redis_url: Option<&str>,
 ) -> Result<RunResult, LoadtestError> {
-    ctx.progress.stage("opening connections".to_owned());
+    ctx.live.stage("opening connections".to_owned());
     for (t, target) in ctx.targets.iter().enumerate() {
         // Requests t, t + n, t + 2n, … of each round go to target t.
         let share = concurrency.saturating_sub(t).div_ceil(ctx.targets.len());
@@ -304,7 +370,7 @@ async fn stampede(
     let mut results = Vec::new();
     let mut warm = Vec::new();
     for round in 1..=rounds {
-        ctx.progress.stage(format!("round {round}/{rounds}"));
+        ctx.live.stage(format!("round {round}/{rounds}"));
         // `rounds <= ids` (checked with the options), so an unused id always exists.
         let id = loop {
             let candidate = rng.random_range(1..=ids) as i64;
@@ -321,16 +387,16 @@ async fn stampede(
         let gate = Arc::new(Semaphore::new(0));
         let mut requests = JoinSet::new();
         for i in 0..concurrency {
-            let (client, url, gate, progress) = (
+            let (client, url, gate, live) = (
                 ctx.client.clone(),
                 template_url(ctx.target(i), id),
                 gate.clone(),
-                ctx.progress.clone(),
+                ctx.live.clone(),
             );
             requests.spawn(async move {
                 let _released = gate.acquire().await;
                 let sample = client::get(&client, &url, id).await;
-                progress.count(&sample);
+                live.count(&sample);
                 sample
             });
         }
@@ -365,13 +431,9 @@ async fn stampede(
         ));
     }
     Ok(RunResult {
-        tally,
-        deltas,
-        elapsed,
-        active,
         rounds: results,
         notes,
-        visibility: None,
+        ..RunResult::new(tally, deltas, elapsed, active)
     })
 }
 
@@ -433,17 +495,16 @@ async fn for_duration(
     picker: IdPicker,
 ) -> Result<RunResult, LoadtestError> {
     let before = ctx.scrape(true).await?;
-    ctx.progress
-        .stage(format!("of {} s", duration.as_secs_f64()));
+    ctx.live.stage(format!("of {} s", duration.as_secs_f64()));
     let picker = Arc::new(picker);
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = JoinSet::new();
     for worker in 0..concurrency {
-        let (client, targets, progress, picker) = (
+        let (client, targets, live, picker) = (
             ctx.client.clone(),
             ctx.targets.clone(),
-            ctx.progress.clone(),
+            ctx.live.clone(),
             picker.clone(),
         );
         let mut rng = SmallRng::seed_from_u64(rng_seed.wrapping_add(worker as u64));
@@ -455,7 +516,7 @@ async fn for_duration(
                 let base = &targets[turn % targets.len()];
                 turn = turn.wrapping_add(1);
                 let sample = client::get(&client, &template_url(base, id), id).await;
-                progress.count(&sample);
+                live.count(&sample);
                 tally.record(&sample);
             }
             tally
@@ -467,182 +528,5 @@ async fn for_duration(
     }
     let elapsed = started.elapsed();
     let deltas = ctx.deltas_since(&before, tally.responses).await?;
-    Ok(RunResult {
-        tally,
-        deltas,
-        elapsed,
-        active: elapsed,
-        rounds: Vec::new(),
-        notes: Vec::new(),
-        visibility: None,
-    })
-}
-
-/// How a worker picks the next id.
-enum IdPicker {
-    Fixed(i64),
-    Uniform(u64),
-    /// Cumulative weights of ids `1..=n` (weight of id k is 1/k^s), normalized to end at 1.
-    Zipf(Vec<f64>),
-}
-
-impl IdPicker {
-    fn new(ids: u64, dist: IdDist) -> IdPicker {
-        match dist {
-            IdDist::Uniform => IdPicker::Uniform(ids),
-            IdDist::Zipf { exponent } => {
-                let mut cdf = Vec::with_capacity(ids as usize);
-                let mut total = 0.0;
-                for k in 1..=ids {
-                    total += 1.0 / (k as f64).powf(exponent);
-                    cdf.push(total);
-                }
-                for c in &mut cdf {
-                    *c /= total;
-                }
-                IdPicker::Zipf(cdf)
-            }
-        }
-    }
-
-    fn pick(&self, rng: &mut SmallRng) -> i64 {
-        match self {
-            IdPicker::Fixed(id) => *id,
-            IdPicker::Uniform(n) => rng.random_range(1..=*n) as i64,
-            IdPicker::Zipf(cdf) => {
-                let u: f64 = rng.random();
-                let index = cdf.partition_point(|&c| c < u).min(cdf.len() - 1);
-                index as i64 + 1
-            }
-        }
-    }
-}
-
-/// Requests done so far, for the progress line on stderr.
-struct Progress {
-    started: Instant,
-    done: AtomicU64,
-    failed: AtomicU64,
-    stage: Mutex<String>,
-    printed: AtomicBool,
-}
-
-/// Runs shorter than this print no progress line.
-const QUIET_FOR: Duration = Duration::from_secs(3);
-
-impl Progress {
-    fn new() -> Arc<Progress> {
-        Arc::new(Progress {
-            started: Instant::now(),
-            done: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            stage: Mutex::new(String::new()),
-            printed: AtomicBool::new(false),
-        })
-    }
-
-    fn count(&self, sample: &Sample) {
-        self.done.fetch_add(1, Ordering::Relaxed);
-        if matches!(sample.outcome, crate::tally::Outcome::Failed(_)) {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn stage(&self, text: String) {
-        if let Ok(mut stage) = self.stage.lock() {
-            *stage = text;
-        }
-    }
-
-    /// On a terminal the line is redrawn every second; elsewhere (a log file, CI) a line is
-    /// printed every 5 s.
-    async fn print_every_second(self: Arc<Progress>) {
-        let tty = std::io::stderr().is_terminal();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut last_done = 0;
-        let mut seconds = 0u64;
-        loop {
-            tick.tick().await;
-            let done = self.done.load(Ordering::Relaxed);
-            let rate = done - last_done;
-            last_done = done;
-            seconds += 1;
-            if self.started.elapsed() < QUIET_FOR || !(tty || seconds.is_multiple_of(5)) {
-                continue;
-            }
-            let stage = self.stage.lock().map(|s| s.clone()).unwrap_or_default();
-            let line = format!(
-                "loadtest: {:>4.0}s  {stage:<14} {} requests ({}/s)  {} failed",
-                self.started.elapsed().as_secs_f64(),
-                thousands(done),
-                thousands(rate),
-                thousands(self.failed.load(Ordering::Relaxed)),
-            );
-            let mut err = std::io::stderr().lock();
-            let _ = if tty {
-                write!(err, "\r\x1b[K{line}")
-            } else {
-                writeln!(err, "{line}")
-            };
-            let _ = err.flush();
-            self.printed.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Ends a redrawn progress line so that the report starts on a line of its own.
-    fn finish(&self) {
-        if self.printed.load(Ordering::Relaxed) && std::io::stderr().is_terminal() {
-            eprintln!();
-        }
-    }
-}
-
-/// `12345` → `12,345`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thousands_are_grouped() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(7500), "7,500");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-    }
-
-    #[test]
-    fn zipf_favours_low_ids_and_stays_in_range() {
-        let picker = IdPicker::new(1000, IdDist::Zipf { exponent: 1.0 });
-        let mut rng = SmallRng::seed_from_u64(7);
-        let mut counts = vec![0u32; 1001];
-        for _ in 0..100_000 {
-            let id = picker.pick(&mut rng);
-            assert!((1..=1000).contains(&id));
-            counts[id as usize] += 1;
-        }
-        // With s = 1 over 1000 ids, id 1 has weight 1/H(1000) ≈ 13 %, id 2 half of that.
-        assert!(counts[1] > 11_000 && counts[1] < 15_500, "{}", counts[1]);
-        assert!(counts[1] > counts[2] && counts[2] > counts[10] && counts[10] > counts[900]);
-    }
-
-    #[test]
-    fn uniform_covers_the_range() {
-        let picker = IdPicker::new(50, IdDist::Uniform);
-        let mut rng = SmallRng::seed_from_u64(1);
-        let seen: HashSet<i64> = (0..5000).map(|_| picker.pick(&mut rng)).collect();
-        assert_eq!(seen.len(), 50);
-        assert!(seen.iter().all(|id| (1..=50).contains(id)));
-    }
+    Ok(RunResult::new(tally, deltas, elapsed, elapsed))
 }

@@ -10,6 +10,8 @@ use serde_json::Value;
 
 use crate::support::{closed_port, spawn_app, spawn_app_with, sum_metric, TestApp};
 
+mod gates;
+
 const COUNTERS: [&str; 5] = [
     "http_request_total",
     "cache_hits_total",
@@ -19,7 +21,7 @@ const COUNTERS: [&str; 5] = [
 ];
 
 /// Runs the load generator to completion (it bounds itself; this bounds the test too).
-async fn loadtest(args: &[&str]) -> Output {
+async fn loadtest(args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>) -> Output {
     // Another package's binary: cargo builds it (or finds it up to date) and says where it is.
     let run = tokio::process::Command::new(testkit::workspace::binary("loadtest"))
         .args(args)
@@ -220,6 +222,16 @@ async fn bad_options_are_rejected_with_the_reason() {
             "--updates is not used by the seed scenario",
         ),
         (vec!["hot", "--updates", "0"], "--updates must be from 1"),
+        (
+            vec!["--threshold", "p99<<5ms"],
+            "threshold \"p99<<5ms\": unknown operator in \"<<5ms\"",
+        ),
+        (vec!["--threshold", "speed>3"], "unknown metric \"speed\""),
+        (
+            vec!["--rate", "100"],
+            "--rate is not used by the seed scenario",
+        ),
+        (vec!["hot", "--rate", "0"], "--rate must be from 1"),
         (
             vec!["hot", "--updates", "2", "--database-url", "mysql://x/y"],
             "--database-url must be a URL like postgres://",

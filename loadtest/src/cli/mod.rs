@@ -5,9 +5,12 @@
 //! chosen scenario does not use is an error rather than silently ignored, and every count and
 //! duration has an upper bound: no run can go on without end.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::threshold::Threshold;
 
 /// Sends load to a running singleflight service and reports what its `/metrics` counted.
 #[derive(Debug, Parser)]
@@ -113,6 +116,26 @@ pub struct Args {
     /// Print the report as one JSON object on stdout instead of tables.
     #[arg(long)]
     pub json: bool,
+
+    /// hot, spread: send N requests a second on a fixed schedule instead of keeping
+    /// --concurrency connections busy; latency counts from each request's intended send time,
+    /// and --concurrency bounds the requests in the air (one due when that many are unanswered
+    /// is counted as dropped, not sent)
+    #[arg(long, value_name = "N")]
+    pub rate: Option<u64>,
+
+    /// Also write the run as one self-contained HTML page (charts over time of requests per
+    /// second, p50/p99 latency, the X-Cache mix and each replica's DB queries per second, and
+    /// the seed's table); it opens offline
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
+
+    /// A condition the run must meet, e.g. p99<20ms, failed==0, hit_rate>0.95; repeatable.
+    /// Each is reported as passed or failed, and the exit code is 3 when any failed.
+    /// Metrics: p50 p95 p99 max mean, rps, requests, failed, dropped, hit_rate, db_queries,
+    /// shared; operators: < <= > >= == !=
+    #[arg(long = "threshold", value_name = "EXPR", value_parser = Threshold::parse)]
+    pub thresholds: Vec<Threshold>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,6 +186,11 @@ pub struct Plan {
     pub kind: Kind,
     /// Updates to make during the run, to measure how soon they are served.
     pub updates: Option<Updates>,
+    /// `--rate`: requests a second on a fixed schedule (hot, spread).
+    pub rate: Option<u64>,
+    /// `--report`: where the HTML page goes.
+    pub report: Option<PathBuf>,
+    pub thresholds: Vec<Threshold>,
 }
 
 /// `--updates`: how many, and where.
@@ -221,6 +249,7 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most `--url`s, and most `--metrics-url`s.
 pub const MAX_REPLICAS: usize = 64;
+pub const MAX_RATE: u64 = 1_000_000;
 
 impl Args {
     /// Checks the options against the scenario and fills in its defaults.
@@ -299,7 +328,17 @@ impl Args {
                 },
             },
         };
+        let rate = match self.rate {
+            None => None,
+            Some(n) => Some(check_range("--rate", n, 1, MAX_RATE)?),
+        };
         Ok(Plan {
+            rate,
+            report: match &self.report {
+                None => None,
+                Some(path) => Some(report_path(path)?),
+            },
+            thresholds: self.thresholds.clone(),
             targets,
             metrics,
             metrics_from_targets,
@@ -342,7 +381,8 @@ impl Args {
     fn reject_unused(&self) -> Result<(), String> {
         use Scenario::*;
         let s = self.scenario;
-        let given: [(&str, bool, &[Scenario]); 10] = [
+        let given: [(&str, bool, &[Scenario]); 11] = [
+            ("--rate", self.rate.is_some(), &[Hot, Spread]),
             ("--updates", self.updates.is_some(), &[Hot, Spread]),
             ("--waves", self.waves.is_some(), &[Seed]),
             ("--pause", self.pause.is_some(), &[Seed]),
@@ -390,6 +430,28 @@ fn check_range<T: PartialOrd + std::fmt::Display>(
         return Err(format!("{name} must be from {min} to {max}, not {value}"));
     }
     Ok(value)
+}
+
+/// `--report`'s file: one that can be written, checked before the run rather than after it.
+fn report_path(path: &std::path::Path) -> Result<PathBuf, String> {
+    if path.is_dir() {
+        return Err(format!(
+            "--report {}: is a directory; give a file such as report.html",
+            path.display()
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!(
+            "--report {}: the directory {} does not exist",
+            path.display(),
+            parent.display()
+        ));
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Reduces every URL of option `option` to `http://host[:port]`. One given twice is an error:
@@ -440,136 +502,17 @@ fn base_url(option: &str, raw: &str) -> Result<String, String> {
     })
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h`, or a plain number of seconds (`1.5`).
+/// Parses a duration the way `--duration`, `--pause` and `--timeout` take it: `10s`, `500ms`,
+/// `2m`, `1h 30m` (humantime's syntax), or a plain number of seconds (`1.5`).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration; expected e.g. 10s, 500ms, 2m"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}; use ms, s, m or h"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{raw:?} is out of range"))
+    if let Ok(seconds) = raw.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{raw:?} is not a duration: out of range"));
+    }
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("{raw:?} is not a duration ({e}); expected e.g. 10s, 500ms, 2m, 1.5"))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(args: &[&str]) -> Result<Plan, String> {
-        let mut argv = vec!["loadtest"];
-        argv.extend_from_slice(args);
-        Args::try_parse_from(argv)
-            .map_err(|e| e.to_string())?
-            .plan()
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5 fortnights").is_err());
-    }
-
-    #[test]
-    fn the_default_is_the_seed_test() {
-        let p = plan(&[]).expect("defaults are valid");
-        assert_eq!(p.targets, ["http://localhost:8080"]);
-        assert_eq!(p.metrics, p.targets, "metrics are read from the --url");
-        assert!(p.metrics_from_targets);
-        match p.kind {
-            Kind::Seed {
-                waves,
-                concurrency,
-                ids,
-                pause,
-            } => assert_eq!(
-                (waves, concurrency, ids, pause),
-                (25, 200, 100, Duration::from_secs(1))
-            ),
-            other => panic!("expected the seed scenario, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn options_of_another_scenario_are_rejected() {
-        let e = plan(&["hot", "--waves", "3"]).expect_err("--waves is for seed");
-        assert!(e.contains("--waves") && e.contains("hot"), "{e}");
-        let e = plan(&["seed", "--rounds", "3", "--duration", "1s"]).expect_err("two unused");
-        assert!(e.contains("--rounds, --duration are"), "{e}");
-        assert!(plan(&["spread", "--zipf-exponent", "1.2"]).is_err());
-        assert!(plan(&["spread", "--dist", "zipf", "--zipf-exponent", "1.2"]).is_ok());
-    }
-
-    #[test]
-    fn counts_and_durations_are_bounded() {
-        assert!(plan(&["--waves", "0"]).is_err());
-        assert!(plan(&["--concurrency", "100000"]).is_err());
-        assert!(plan(&["hot", "--duration", "2h"]).is_err());
-        assert!(plan(&["stampede", "--rounds", "20", "--ids", "10"]).is_err());
-        assert!(plan(&["hot", "--id", "0"]).is_err());
-    }
-
-    #[test]
-    fn urls_are_reduced_to_scheme_host_and_port() {
-        let base = |raw| base_url("--url", raw);
-        assert_eq!(
-            base("http://127.0.0.1:18081/"),
-            Ok("http://127.0.0.1:18081".into())
-        );
-        assert_eq!(base("http://localhost"), Ok("http://localhost".into()));
-        assert!(base("https://127.0.0.1").is_err());
-        assert!(base("127.0.0.1:8080").is_err());
-        assert!(base("http://127.0.0.1:8080/template-details?id=1").is_err());
-    }
-
-    #[test]
-    fn several_urls_are_a_fleet_whose_metrics_default_to_the_urls() {
-        let p = plan(&["--url", "http://a:1", "--url", "http://b:2/"]).expect("two replicas");
-        assert_eq!(p.targets, ["http://a:1", "http://b:2"]);
-        assert_eq!(p.metrics, p.targets);
-        assert!(p.metrics_from_targets);
-
-        let p = plan(&[
-            "--url",
-            "http://lb:8080",
-            "--metrics-url",
-            "http://a:8081",
-            "--metrics-url",
-            "http://b:8082",
-        ])
-        .expect("a load balancer and its replicas");
-        assert_eq!(p.targets, ["http://lb:8080"]);
-        assert_eq!(p.metrics, ["http://a:8081", "http://b:8082"]);
-        assert!(!p.metrics_from_targets);
-    }
-
-    #[test]
-    fn a_replica_named_twice_or_badly_is_rejected_by_option() {
-        let e = plan(&["--url", "http://a:1", "--url", "http://a:1/"]).expect_err("twice");
-        assert!(e.contains("--url http://a:1 is given twice"), "{e}");
-        let e = plan(&["--metrics-url", "http://a:1", "--metrics-url", "http://a:1"])
-            .expect_err("twice");
-        assert!(e.contains("--metrics-url http://a:1 is given twice"), "{e}");
-        let e = plan(&["--metrics-url", "https://a:1"]).expect_err("not http");
-        assert!(
-            e.starts_with("--metrics-url \"https://a:1\": only http://"),
-            "{e}"
-        );
-    }
-}
+mod tests;
