@@ -53,6 +53,9 @@ pub fn finish_within(request_timeout: Duration) -> Duration {
 #[derive(Clone)]
 pub struct Shutdown {
     pub(crate) server: ServerHandle,
+    /// `ADMIN_ADDR`'s server, when set: it answers probes through the drain, and stops with the
+    /// public server.
+    pub(crate) admin: Option<ServerHandle>,
     pub(crate) draining: Draining,
     pub(crate) drain: Duration,
 }
@@ -79,6 +82,9 @@ impl Shutdown {
     /// Stops the server at once, cutting what is in flight.
     pub async fn now(&self) {
         self.draining.start();
+        if let Some(admin) = &self.admin {
+            admin.stop(false).await;
+        }
         self.server.stop(false).await;
     }
 

@@ -155,6 +155,7 @@ impl Application {
     pub fn shutdown(&self) -> Shutdown {
         Shutdown {
             server: self.server.handle(),
+            admin: self.admin.as_ref().map(|(admin, _)| admin.handle()),
             draining: self.draining.clone(),
             drain: self.drain,
         }
@@ -171,11 +172,19 @@ impl Application {
             None => self.server.await,
             Some((admin, _)) => {
                 let admin_handle = admin.handle();
-                let admin = actix_rt::spawn(admin);
+                // Said when it happens: the public server goes on serving without it.
+                let admin = actix_rt::spawn(async move {
+                    if let Err(e) = admin.await {
+                        log::error!("the ADMIN_ADDR server failed: {e}");
+                    }
+                });
                 let served = self.server.await;
-                // Probes and scrapes were answered until the public server had stopped.
-                admin_handle.stop(true).await;
-                let _ = admin.await;
+                // Probes and scrapes were answered until the public server had stopped; what
+                // is left there is a scraper's idle connection, not worth waiting for.
+                admin_handle.stop(false).await;
+                if let Err(e) = admin.await {
+                    log::error!("the ADMIN_ADDR server panicked: {e}");
+                }
                 served
             }
         };

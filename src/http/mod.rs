@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use actix::{Addr, Recipient};
+use actix_web::dev::HttpServiceFactory;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_prom::PrometheusMetrics;
 
@@ -77,17 +78,20 @@ pub fn endpoint(path: &str) -> &'static str {
 }
 
 /// The hot route, `/template-details` (GET; any other method is answered `405`).
+pub fn template_resource() -> actix_web::Resource {
+    web::resource(ENDPOINTS[0])
+        .route(web::get().to(template_details::template_details))
+        .default_service(web::to(|req: HttpRequest| async move {
+            Err::<String, _>(ApiError::MethodNotAllowed {
+                method: req.method().to_string(),
+                allowed: "GET",
+            })
+        }))
+}
+
+/// [`template_resource`] alone, as a configuration.
 pub fn template_route(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource(ENDPOINTS[0])
-            .route(web::get().to(template_details::template_details))
-            .default_service(web::to(|req: HttpRequest| async move {
-                Err::<String, _>(ApiError::MethodNotAllowed {
-                    method: req.method().to_string(),
-                    allowed: "GET",
-                })
-            })),
-    );
+    cfg.service(template_resource());
 }
 
 /// The operational routes: `/healthz`, `/readyz`, and `/metrics`, whose body actix-web-prom's
@@ -99,15 +103,17 @@ pub fn operational_routes(cfg: &mut web::ServiceConfig) {
         .route(ENDPOINTS[3], web::get().to(HttpResponse::Ok));
 }
 
-/// The public address's routes. `http_metrics` (actix-web-prom's middleware) wraps every route
-/// but the hot one, which the workers count on their own (see [`crate::metrics::PerWorker`]).
-/// `operational`: the operational routes are served here too (`ADMIN_ADDR` unset).
+/// The public address's routes: `hot`, the hot route as [`template_resource`] made it (with the
+/// workers' own counting, see [`crate::metrics::PerWorker`]), then every other route, wrapped in
+/// `http_metrics` (actix-web-prom's middleware). `operational`: the operational routes are
+/// served here too (`ADMIN_ADDR` unset).
 pub fn public_routes(
+    hot: impl HttpServiceFactory + 'static,
     http_metrics: PrometheusMetrics,
     operational: bool,
 ) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.configure(template_route);
+        cfg.service(hot);
         if !operational {
             // Kept out of the middleware's reach: it would answer a scrape on any address.
             cfg.route(ENDPOINTS[3], web::to(no_such_endpoint));

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Instant;
 
 use actix_web::dev::{Server, Service, ServiceRequest, ServiceResponse};
-use actix_web::http::ConnectionType;
+use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::{web, App, HttpServer, ResponseError};
 use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use futures_util::future::{ready, Either};
@@ -124,18 +124,31 @@ fn serve_public(
         });
         let counting = worker.clone();
         let draining = draining.clone();
+        // The worker counts the requests the hot route serves, whatever their path's spelling
+        // (`/template%2Ddetails` is routed there too); the middleware counts the other routes'.
+        let hot_counting = worker.clone();
+        let hot = routes::template_resource().wrap_fn(move |req, srv| {
+            let (arrived, method) = (Instant::now(), req.method().clone());
+            let response = srv.call(req);
+            let worker = hot_counting.clone();
+            async move {
+                let response = response.await;
+                let status = status_of(&response);
+                let counts = &worker.counts;
+                counts.request_served(routes::ENDPOINTS[0], &method, status, arrived.elapsed());
+                response
+            }
+        });
         App::new()
             .wrap_fn(move |req, srv| {
                 let endpoint = routes::endpoint(req.path());
                 // A scrape is not traffic: counting it would show one request in flight on
                 // every sample.
                 let in_flight = (endpoint != routes::ENDPOINTS[3]).then(|| counting.counts.enter());
-                // The worker counts the hot route's requests itself, and those with a method of
-                // no standard (answered here, before the middleware would label a series with
-                // it); the middleware counts the rest.
+                // A method of no standard is answered here, and counted by the worker, before
+                // the middleware would label a series with it.
                 let standard = standard_method(req.method());
-                let counted = (endpoint == routes::ENDPOINTS[0] || !standard)
-                    .then(|| (Instant::now(), req.method().clone()));
+                let refused = (!standard).then(|| (Instant::now(), req.method().clone()));
                 // Draining: this answer ends its keep-alive connection, so that the client's
                 // next request opens one the load balancer sends elsewhere.
                 let closing = draining.is_on();
@@ -153,11 +166,8 @@ fn serve_public(
                             head.set_connection_type(ConnectionType::Close);
                         }
                     }
-                    if let Some((arrived, method)) = counted {
-                        let status = match &response {
-                            Ok(response) => response.status(),
-                            Err(e) => e.as_response_error().status_code(),
-                        };
+                    if let Some((arrived, method)) = refused {
+                        let status = status_of(&response);
                         let counts = &worker.counts;
                         counts.request_served(endpoint, &method, status, arrived.elapsed());
                     }
@@ -167,7 +177,11 @@ fn serve_public(
             })
             .app_data(state.clone())
             .app_data(worker)
-            .configure(routes::public_routes(http_metrics.clone(), operational))
+            .configure(routes::public_routes(
+                hot,
+                http_metrics.clone(),
+                operational,
+            ))
     })
     .workers(settings.http_workers)
     // Signals are `main`'s to handle (actix's own would make SIGINT a forced stop); on a
@@ -219,6 +233,14 @@ fn serve_admin(
     })?
     .run();
     Ok((server, port))
+}
+
+/// The status of a response, or of the error that stands for one.
+fn status_of<B>(response: &Result<ServiceResponse<B>, actix_web::Error>) -> StatusCode {
+    match response {
+        Ok(response) => response.status(),
+        Err(e) => e.as_response_error().status_code(),
+    }
 }
 
 /// `405` for a request whose method is not one of HTTP's standard ones: no route takes it.

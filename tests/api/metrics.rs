@@ -121,6 +121,12 @@ fn series(text: &str, name: &str, labels: &[&str]) -> f64 {
 async fn every_route_is_counted_once_and_invented_methods_make_no_series() {
     let app = spawn_app().await;
     assert_eq!(app.template(1).await.status(), 200);
+    // Routed to the hot route too, so counted with it.
+    assert_eq!(app.get("/template%2Ddetails?id=1").await.status(), 200);
+    let post = app
+        .client
+        .post(format!("{}/template-details?id=1", app.address));
+    assert_eq!(post.send().await.expect("answered").status(), 405);
     assert_eq!(app.get("/healthz").await.status(), 200);
     assert_eq!(app.get("/healthz").await.status(), 200);
     assert_eq!(app.get("/readyz").await.status(), 200);
@@ -157,8 +163,14 @@ async fn every_route_is_counted_once_and_invented_methods_make_no_series() {
         r#"method="GET""#,
         r#"status="200""#,
     ];
-    assert_eq!(total(&hot), 1.0, "{text}");
-    assert_eq!(count(&hot), 1.0, "{text}");
+    assert_eq!(total(&hot), 2.0, "{text}");
+    assert_eq!(count(&hot), 2.0, "{text}");
+    let post = [
+        r#"endpoint="/template-details""#,
+        r#"method="POST""#,
+        r#"status="405""#,
+    ];
+    assert_eq!(total(&post), 1.0, "{text}");
     assert_eq!(total(&health), 2.0, "{text}");
     assert_eq!(count(&health), 2.0, "{text}");
     assert_eq!(total(&ready), 1.0, "{text}");
