@@ -168,16 +168,31 @@ async fn keys_filled_together_expire_spread_over_the_jitter_window() {
         assert_eq!(response.status(), 200);
     }
     let client = redis::Client::open(app.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut ttls = Vec::new();
-    for id in &ids {
-        let ms: i64 = redis::cmd("PTTL")
-            .arg(format!("template:{id}"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        ttls.push(ms);
-    }
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    // The waiters are answered before the fill lands: wait for the last of the fills.
+    let polled = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            let mut conn = conn.clone();
+            let ids = ids.clone();
+            async move {
+                let mut ttls = Vec::new();
+                for id in ids {
+                    let ms: i64 = redis::cmd("PTTL")
+                        .arg(format!("template:{id}"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    ttls.push(ms);
+                }
+                ttls
+            }
+        },
+        |ttls| ttls.iter().all(|ms| *ms >= 0),
+    )
+    .await;
+    let ttls = polled.last;
     let (min, max) = (*ttls.iter().min().unwrap(), *ttls.iter().max().unwrap());
     assert!(
         min >= 89_000 && max <= 110_000,
