@@ -8,6 +8,7 @@
 //!   test process: the launcher crate, which `scripts/stack.sh` runs its servers with too.
 //! - [`certs`]: a throwaway CA and certificates, for the TLS variant of the servers.
 //! - [`fault_proxy`]: a TCP proxy that plays an unreachable, refusing or slow backend.
+//! - [`otlp`]: an OTLP/HTTP trace receiver, to check the spans the service exports.
 //! - [`prom`]: reading a `/metrics` scrape (the `promtext` crate, which the load generator uses
 //!   too).
 //! - [`ports`]: free loopback ports for servers started in another process, outside the
@@ -24,6 +25,7 @@ pub use promtext as prom;
 
 pub mod certs;
 pub mod fault_proxy;
+pub mod otlp;
 pub mod poll;
 pub mod ports;
 pub mod servers;
