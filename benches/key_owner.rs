@@ -81,7 +81,11 @@ impl Owners {
 
     fn ask(&self, id: i64) -> oneshot::Receiver<Answer> {
         let (reply, answer) = oneshot::channel();
-        self.owners[shard_for(id, self.owners.len())].do_send(GetTemplate { id, reply });
+        self.owners[shard_for(id, self.owners.len())].do_send(GetTemplate {
+            id,
+            reply,
+            span: tracing::Span::none(),
+        });
         answer
     }
 

@@ -13,5 +13,6 @@ pub mod migrate;
 pub mod schema;
 pub mod shutdown;
 pub mod startup;
+pub mod telemetry;
 pub mod template;
 pub mod tls;

@@ -9,7 +9,7 @@ async fn main() -> std::process::ExitCode {
     // backend is reached with settings that are wrong.
     let Invocation {
         action,
-        log_filter,
+        telemetry,
         settings,
     } = match Invocation::from_command_line() {
         Ok(invocation) => invocation,
@@ -24,10 +24,13 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    env_logger::Builder::new()
-        .parse_filters(&log_filter)
-        .parse_write_style(&std::env::var("RUST_LOG_STYLE").unwrap_or_default())
-        .init();
+    let telemetry = match singleflight::telemetry::init(&telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("singleflight: cannot start: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if action == Some(Action::SeedDemo) {
         return match singleflight::demo::seed(&settings).await {
             Ok(()) => {
@@ -48,7 +51,10 @@ async fn main() -> std::process::ExitCode {
         }
     };
     actix_web::rt::spawn(stop_on_signals(app.shutdown()));
-    match app.run_until_stopped().await {
+    let served = app.run_until_stopped().await;
+    // Every request is answered: the spans still queued go out before the process ends.
+    telemetry.shutdown();
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("singleflight: server error: {e}");

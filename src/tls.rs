@@ -49,6 +49,12 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
+/// Installs [`provider`] as the process default: for clients that ask rustls for that one (the
+/// span exporter's HTTP client).
+pub fn install_provider() {
+    provider();
+}
+
 /// What a PEM file holds, and so what [`PemFile::read`] checks it for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PemKind {

@@ -14,6 +14,9 @@
 # served (`loadtest --updates`), which prints how soon each change was visible. BARE_PROM=1 also
 # runs the bare handler wrapped in actix-web-prom's middleware (`bare --prom`, as the service
 # counts its other routes): what counting the hot route through the middleware would cost.
+# TRACING=1 also runs the service exporting its spans over OTLP/HTTP (to a sink on core 1 that
+# reads each batch and answers 200), once with every request's spans (`service+otlp`) and once
+# sampling 1% of traces (`service+otlp1%`, OTEL_TRACES_SAMPLER=parentbased_traceidratio).
 #
 # Prints one line per run and server — requests/s, wrk's p99, and the server's CPU time per
 # request (user + system, all its threads, from /proc: unlike requests/s it does not depend on
@@ -34,6 +37,8 @@ COALESCE_MODES=${COALESCE_MODES:-on}
 UPDATES=${UPDATES:-0}
 BARE_PROM=${BARE_PROM:-0}
 BARE_PROM_PORT=$((BARE_PORT + 1))
+TRACING=${TRACING:-0}
+SINK_PORT=$((BARE_PORT + 2))
 U=http://127.0.0.1:$PORT
 IDS=1000
 
@@ -44,7 +49,24 @@ target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_direc
 # The demo templates (ids 1..=1200), loaded into the stack's database if its table is empty.
 RUST_LOG=error "$target/release/singleflight" seed-demo >/dev/null
 results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+trap 'rm -f "$results"; [ -z "${sink:-}" ] || kill "$sink"' EXIT
+
+if [ "$TRACING" = 1 ]; then
+  # What a collector does with a batch, at the least: read it and answer 200.
+  taskset -c 1 python3 -c '
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+' "$SINK_PORT" & sink=$!
+fi
 
 cpu_ticks() { # pid: user + system clock ticks of every thread so far
   awk '{ print $14 + $15 }' "/proc/$1/stat"
@@ -63,10 +85,10 @@ wrk_line() { # base-url workload server-pid
          END { printf "%s req/s, p99 %.2f ms, cpu %.2f us/req%s\n", rps, p99, ticks * 1e6 / hz / n, bad ? ", NON-2XX " bad : "" }' <<<"$out"
 }
 
-start_service() { # binary coalesce workload
+start_service() { # binary coalesce workload [VAR=value...]
   redis-cli -u "${REDIS_URL%/}/5" flushdb >/dev/null
   taskset -c 0 env HTTP_ADDR="127.0.0.1:$PORT" HTTP_WORKERS=1 KEY_OWNER_SHARDS=1 COALESCE="$2" \
-    REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn "$1" & pid=$!
+    REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn "${@:4}" "$1" & pid=$!
   until curl -sf "$U/readyz" >/dev/null; do sleep 0.1; done
   if [ "$3" = spread ]; then
     for id in $(seq "$IDS"); do echo "url = \"$U/template-details?id=$id\""; done |
@@ -91,6 +113,16 @@ for run in $(seq "$runs"); do
         record "run $run $workload COALESCE=$mode $(basename "$baseline")" "$(wrk_line "$U" "$workload" "$pid")"
         stop "$pid"
       done
+      if [ "$TRACING" = 1 ]; then
+        otlp=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT")
+        start_service "$target/release/singleflight" "$mode" "$workload" "${otlp[@]}"
+        record "run $run $workload COALESCE=$mode service+otlp" "$(wrk_line "$U" "$workload" "$pid")"
+        stop "$pid"
+        start_service "$target/release/singleflight" "$mode" "$workload" "${otlp[@]}" \
+          OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
+        record "run $run $workload COALESCE=$mode service+otlp1%" "$(wrk_line "$U" "$workload" "$pid")"
+        stop "$pid"
+      fi
       start_service "$target/release/singleflight" "$mode" "$workload"
       record "run $run $workload COALESCE=$mode service " "$(wrk_line "$U" "$workload" "$pid")"
       # The bare handler copies the service's cached response, then serves it alone on core 0.

@@ -245,6 +245,12 @@ pub const REDIS_URL: Url = Url {
     check: |_| true,
 };
 
+pub const HTTP_URL: Url = Url {
+    schemes: &["http", "https"],
+    example: "a URL like http://otel-collector:4318 (https:// for TLS), or unset",
+    check: |_| true,
+};
+
 impl Kind for Url {
     type Value = String;
 

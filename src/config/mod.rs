@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches};
 
+use crate::telemetry::TelemetrySettings;
 use crate::tls::PemFile;
 use options::{Cli, Options};
 
@@ -201,8 +202,9 @@ impl From<Rejected> for ConfigError {
 pub struct Invocation {
     /// `None`: serve.
     pub action: Option<Action>,
-    /// `RUST_LOG`: the log filter, in env_logger's syntax.
-    pub log_filter: String,
+    /// `RUST_LOG` and `OTEL_EXPORTER_OTLP_ENDPOINT`: what the logger and the span exporter are
+    /// installed with, once per process.
+    pub telemetry: TelemetrySettings,
     pub settings: Settings,
 }
 
@@ -229,10 +231,10 @@ impl Invocation {
     {
         let matches = command.try_get_matches_from(args)?;
         let Cli { action, options } = Cli::from_arg_matches(&matches)?;
-        let (log_filter, settings) = options.into_settings().map_err(Rejected::Config)?;
+        let (telemetry, settings) = options.into_settings().map_err(Rejected::Config)?;
         Ok(Invocation {
             action,
-            log_filter,
+            telemetry,
             settings,
         })
     }
@@ -271,8 +273,9 @@ impl Settings {
 
 impl Options {
     /// The settings, once the checks that involve more than one variable pass; and the log
-    /// filter, which is not a setting of the service but of its logger.
-    fn into_settings(self) -> Result<(String, Settings), ConfigError> {
+    /// filter and the span exporter's collector, which are not settings of the service but of
+    /// the process's logger and span subscriber.
+    fn into_settings(self) -> Result<(TelemetrySettings, Settings), ConfigError> {
         // Every field is named, so that an option cannot be defined and then forgotten here.
         let Options {
             http_addr,
@@ -313,6 +316,7 @@ impl Options {
             shutdown_drain_ms,
             lease_ttl_ms,
             rust_log,
+            otel_exporter_otlp_endpoint,
             db_acquire_timeout_ms: kinds::NotSet,
         } = self;
         // Unset: keep every connection of the pool open.
@@ -365,7 +369,11 @@ impl Options {
             breaker_open: breaker_open_ms,
             shutdown_drain: shutdown_drain_ms,
         };
-        Ok((rust_log, settings))
+        let telemetry = TelemetrySettings {
+            log_filter: rust_log,
+            otlp_endpoint: otel_exporter_otlp_endpoint,
+        };
+        Ok((telemetry, settings))
     }
 }
 

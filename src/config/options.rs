@@ -218,6 +218,13 @@ pub struct Options {
     #[arg(long, env, default_value = "info", value_parser = Setting(Text))]
     pub rust_log: String,
 
+    /// An OpenTelemetry collector's OTLP/HTTP base URL (e.g. http://otel-collector:4318): spans
+    /// of every request and flight stage are exported to its /v1/traces, and the other OTEL_*
+    /// variables apply (protocol, headers, sampler, service name); unset, none are exported.
+    #[arg(long, env, default_value = "", hide_default_value = true,
+          value_parser = Setting(Optional(HTTP_URL)))]
+    pub otel_exporter_otlp_endpoint: ::std::option::Option<String>,
+
     /// Retired: a load now waits for a connection as long as its flight has left.
     #[arg(long, env, default_value = "", hide = true,
           value_parser = Setting(Retired(

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod health;
+pub mod request_id;
 pub mod serve;
 pub mod template_details;
 pub mod worker_cache;

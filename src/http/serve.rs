@@ -10,19 +10,22 @@ use std::time::Instant;
 
 use actix_web::dev::{Server, Service, ServiceRequest, ServiceResponse};
 use actix_web::http::{ConnectionType, StatusCode};
-use actix_web::{web, App, HttpServer, ResponseError};
+use actix_web::{web, App, HttpMessage, HttpServer, ResponseError};
 use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use futures_util::future::{ready, Either};
+use tracing::Instrument;
 
 use crate::actors::key_owner::Generations;
 use crate::config::Settings;
 use crate::http::error::ApiError;
+use crate::http::request_id::{self, RequestId, X_REQUEST_ID};
 use crate::http::worker_cache::WorkerCache;
 use crate::http::{self as routes, AppState, WorkerState};
 use crate::metrics::{
     standard_method, Metrics, DURATION_BUCKETS, HTTP_REQUEST_DURATION, HTTP_REQUEST_TOTAL,
 };
 use crate::shutdown::{self, Draining};
+use crate::telemetry;
 
 /// Why a server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -152,14 +155,18 @@ fn serve_public(
                 // Draining: this answer ends its keep-alive connection, so that the client's
                 // next request opens one the load balancer sends elsewhere.
                 let closing = draining.is_on();
-                let response = if standard {
-                    Either::Left(srv.call(req))
-                } else {
-                    Either::Right(ready(Ok(refuse_method(req))))
-                };
+                let (id, span) = identify(&req);
+                let response = span.in_scope(|| {
+                    if standard {
+                        Either::Left(srv.call(req))
+                    } else {
+                        Either::Right(ready(Ok(refuse_method(req))))
+                    }
+                });
                 let worker = counting.clone();
                 async move {
-                    let mut response = response.await;
+                    let mut response = response.instrument(span.clone()).await;
+                    answer_with_id(&mut response, id, &span);
                     if closing {
                         if let Ok(response) = &mut response {
                             let head = response.response_mut().head_mut();
@@ -211,11 +218,19 @@ fn serve_admin(
         App::new()
             .wrap(http_metrics.clone())
             .wrap_fn(|req, srv| {
-                if standard_method(req.method()) {
-                    let response = srv.call(req);
-                    Either::Left(async move { Ok(response.await?.map_into_boxed_body()) })
-                } else {
-                    Either::Right(ready(Ok(refuse_method(req))))
+                let (id, span) = identify(&req);
+                let response = span.in_scope(|| {
+                    if standard_method(req.method()) {
+                        let response = srv.call(req);
+                        Either::Left(async move { Ok(response.await?.map_into_boxed_body()) })
+                    } else {
+                        Either::Right(ready(Ok(refuse_method(req))))
+                    }
+                });
+                async move {
+                    let mut response = response.instrument(span.clone()).await;
+                    answer_with_id(&mut response, id, &span);
+                    response
                 }
             })
             .app_data(state.clone())
@@ -233,6 +248,36 @@ fn serve_admin(
     })?
     .run();
     Ok((server, port))
+}
+
+/// The request's id (kept or made; see [`RequestId`]), put where its handler finds it, and its
+/// `request` span while spans are exported (otherwise none: see [`crate::telemetry`]).
+fn identify(req: &ServiceRequest) -> (RequestId, tracing::Span) {
+    let id = RequestId::of(req.headers());
+    let span = if telemetry::exporting() {
+        let span = request_id::request_span(req.method(), req.path(), &id);
+        request_id::continue_trace(&span, req.headers());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    req.extensions_mut().insert(id.clone());
+    (id, span)
+}
+
+/// Returns the request's id on its response (or on the error that stands for one), and records
+/// the status on its span.
+fn answer_with_id<B>(
+    response: &mut Result<ServiceResponse<B>, actix_web::Error>,
+    id: RequestId,
+    span: &tracing::Span,
+) {
+    if !span.is_disabled() {
+        request_id::record_status(span, status_of(response));
+    }
+    if let Ok(response) = response {
+        response.headers_mut().insert(X_REQUEST_ID, id.0);
+    }
 }
 
 /// The status of a response, or of the error that stands for one.

@@ -5,14 +5,17 @@
 use std::rc::Rc;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use tokio::sync::oneshot;
+use tracing::Span;
 
 use actix::prelude::SendError;
 
 use crate::actors::key_owner::{shard_for, FlightError, GetTemplate, Renew, ShedReason, XCache};
 use crate::http::error::{mime_json, ApiError};
+use crate::http::request_id::{self, RequestId};
 use crate::http::{AppState, WorkerState};
+use crate::telemetry;
 use crate::template::Lookup;
 
 /// The largest id the API accepts, spelled out for error messages.
@@ -32,6 +35,9 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
         let kept = worker.cache.borrow_mut().get(id);
         if let Some(hit) = kept {
             worker.counts.worker_cache_hit();
+            if telemetry::exporting() {
+                record_answer(&Span::current(), id, XCache::Hit);
+            }
             if let (true, Some(state)) = (hit.renew, state) {
                 renew(state, worker, id);
             }
@@ -43,9 +49,15 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
 
     let (reply, answer) = oneshot::channel();
     let owner = &state.owners[shard_for(id, state.owners.len())];
+    let span = request_span(&req);
     // `try_send` never waits on the owner's mailbox, and never queues beyond its bound: a full
     // mailbox (the owner is behind) sheds the request at once, as the owner's own bounds do.
-    match owner.try_send(GetTemplate { id, reply }) {
+    let asked = GetTemplate {
+        id,
+        reply,
+        span: span.clone(),
+    };
+    match owner.try_send(asked) {
         Ok(()) => {}
         Err(SendError::Full(_)) => {
             let reason = ShedReason::Mailbox;
@@ -83,6 +95,7 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     if let Some(worker) = worker {
         worker.cache.borrow_mut().keep(id, &answer);
     }
+    record_answer(&span, id, answer.x_cache);
     match answer.result {
         Ok(lookup) => Ok(respond(id, lookup, answer.x_cache)),
         Err(e @ FlightError::Shed(_)) => Err(ApiError::Unavailable(e.to_string())),
@@ -90,6 +103,28 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
             "template {id} cannot be loaded right now: {e}"
         ))),
     }
+}
+
+/// The request's span: while spans are exported, the one its middleware made (see
+/// [`crate::http::serve`]); otherwise one made now, so that a request that goes on to its key's
+/// owner has one (the log lines written for it name its id), while one its worker's cache
+/// answers makes none.
+fn request_span(req: &HttpRequest) -> Span {
+    if telemetry::exporting() {
+        return Span::current();
+    }
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_default();
+    request_id::request_span(req.method(), req.path(), &id)
+}
+
+/// Records on the request's span what it asked for and how it was answered.
+fn record_answer(span: &Span, id: i64, x_cache: XCache) {
+    span.record("template.id", id);
+    span.record("cache", x_cache.as_str());
 }
 
 /// Puts `id` in this worker's next renewal for its owner; the first id of a batch schedules the

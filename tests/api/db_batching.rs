@@ -55,7 +55,13 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let ids = [1_i64, 2, 3, 2, 5000, 4, 1];
-    let loads = ids.map(|id| db.send(FetchTemplate { id, deadline }));
+    let loads = ids.map(|id| {
+        db.send(FetchTemplate {
+            id,
+            deadline,
+            span: tracing::Span::none(),
+        })
+    });
     let rows = join_all(loads).await;
     for (id, row) in ids.iter().zip(rows) {
         let row = row.expect("the actor answers").expect("the load succeeds");

@@ -21,4 +21,5 @@ mod shutdown;
 mod slow_network;
 mod template_details;
 mod tls;
+mod traces;
 mod worker_cache;

@@ -58,6 +58,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures_util::future::FutureExt;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -132,6 +133,8 @@ impl DbError {
 pub struct FetchTemplate {
     pub id: i64,
     pub deadline: Instant,
+    /// The load's span: its batch's `pool.checkout` and `db.query` spans go under it.
+    pub span: tracing::Span,
 }
 
 /// Sends a notification on `channel` through the pool (`DATABASE_URL`), as a change would be
@@ -203,6 +206,7 @@ struct Waiting {
     id: i64,
     deadline: Instant,
     reply: oneshot::Sender<Result<Option<Template>, DbError>>,
+    span: tracing::Span,
 }
 
 pub struct DbActor {
@@ -474,12 +478,14 @@ impl Handler<FetchTemplate> for DbActor {
                     id: msg.id,
                     deadline: msg.deadline,
                     reply,
+                    span: msg.span.clone(),
                 });
                 self.dispatch(target, ctx);
             }
         }
         let metrics = self.metrics.clone();
-        Box::pin(async move {
+        let span = msg.span.clone();
+        let answer = async move {
             // A closed channel: the query's future was dropped mid-way, which only a panic (or
             // the actor's restart after one) does.
             let result = row.await.unwrap_or(Err(DbError::Panicked));
@@ -491,7 +497,8 @@ impl Handler<FetchTemplate> for DbActor {
                 log::warn!("loading template {} failed: {e}", msg.id);
             }
             result
-        })
+        };
+        Box::pin(answer.instrument(span))
     }
 }
 

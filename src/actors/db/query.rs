@@ -16,6 +16,8 @@ use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
 use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, FutureExt};
+use tracing::field::Empty;
+use tracing::{info_span, Instrument, Span};
 
 use super::failure::Evidence;
 use super::reachability::Reachability;
@@ -252,7 +254,11 @@ pub(super) async fn run_batch(
     // deadline on the owner's side, and a row that arrives for them still fills the cache.
     let deadline = live.iter().map(|w| w.deadline).max()?;
     let ids: Vec<i64> = live.iter().map(|w| w.id).collect();
-    let result = guard_panics(fetch(pool, settings, metrics, reach, &ids, deadline)).await;
+    let loads: Vec<Span> = live.iter().map(|w| w.span.clone()).collect();
+    // Its log lines name the first load's request.
+    let in_first = <[Span]>::first(&loads).cloned().unwrap_or_else(Span::none);
+    let query = fetch(pool, settings, metrics, reach, &ids, &loads, deadline);
+    let result = guard_panics(query).instrument(in_first).await;
     match result {
         Ok(rows) => {
             for waiting in live {
@@ -278,16 +284,37 @@ pub(super) async fn run_batch(
 
 /// One query for `ids`: the rows found, by id. The query is bounded by `DB_QUERY_TIMEOUT_MS`
 /// (or the deadline, if sooner); when that runs out the server is asked to cancel it, and a
-/// probe settles whether the server is slow (it connects) or gone (it does not).
+/// probe settles whether the server is slow (it connects) or gone (it does not). Each load's
+/// span (`loads`) gets a `pool.checkout` and a `db.query` span of the batch's.
 async fn fetch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
     reach: &Reachability,
     ids: &[i64],
+    loads: &[Span],
     deadline: Instant,
 ) -> Result<HashMap<i64, Template>, DbError> {
+    let checking_out: Vec<Span> = loads
+        .iter()
+        .map(|load| info_span!(parent: load, "pool.checkout", db.replica = settings.replica))
+        .collect();
     let mut conn = checkout(pool, settings, reach, deadline).await?;
+    drop(checking_out);
+    let batch = ids.len();
+    let querying: Vec<Span> = loads
+        .iter()
+        .map(|load| {
+            info_span!(parent: load, "db.query", db.replica = settings.replica,
+                       db.batch.size = batch, otel.status_code = Empty, error = Empty)
+        })
+        .collect();
+    let failed = |why: &dyn std::fmt::Display| {
+        for span in &querying {
+            span.record("otel.status_code", "ERROR");
+            span.record("error", tracing::field::display(why));
+        }
+    };
     metrics.db_hits_total.inc();
     metrics.db_keys_per_query.observe(ids.len() as f64);
     let left = deadline.saturating_duration_since(Instant::now());
@@ -317,10 +344,12 @@ async fn fetch(
         }
         Ok(Err(e)) => {
             let detail = e.to_string();
+            failed(&detail);
             reach.saw(Evidence::of_query(&e), &detail);
             Err(DbError::Query(detail))
         }
         Err(_) => {
+            failed(&format_args!("no answer within {bound:?}"));
             // A query unanswered for its whole bound is evidence to check (not a verdict): the
             // probe it starts connects at once to a server that is only slow, and finds out
             // within its connect timeout about one that is gone. (A load that ran out of its

@@ -18,6 +18,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tracing::{info_span, Span};
 
 use super::answers::{answer, Settled};
 use super::deps::LeaseDeps;
@@ -103,7 +104,12 @@ impl KeyOwner {
         };
         // A failed call (Redis down, breaker open, the cache actor gone) is `None`.
         let ask = async move { Ok(ask.await.ok().and_then(Result::ok)) };
-        self.spawn_stage(ctx, ask, move |owner, result, ctx| {
+        let spans = self.stage_spans(
+            id,
+            flight_id,
+            |f| info_span!(parent: f, "redis.read", lease = true),
+        );
+        self.spawn_stage(ctx, spans, ask, move |owner, result, ctx| {
             owner.on_claim(id, flight_id, token, result.ok().flatten(), ctx)
         });
     }
@@ -146,7 +152,7 @@ impl KeyOwner {
                 value: Some(cached),
                 lease: None,
             }) => {
-                self.end_wait(waited_since);
+                self.end_wait(id, flight_id, waited_since);
                 self.near_cache
                     .remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
                 let origin = match waited_since {
@@ -167,7 +173,7 @@ impl KeyOwner {
                         if after.is_some_and(|waited| waited.woken_by == Wake::Timer) {
                             self.deps.metrics.lease_takeovers_total.inc();
                         }
-                        self.end_wait(waited_since);
+                        self.end_wait(id, flight_id, waited_since);
                         self.deps.metrics.lease_claims_total.inc();
                         if let Some((flight, _)) = self.flight_mut(id, flight_id) {
                             flight.role = Role::Holding {
@@ -184,7 +190,7 @@ impl KeyOwner {
             }
             _ => {
                 // Redis failed: coalesce locally, as without the lease.
-                self.end_wait(waited_since);
+                self.end_wait(id, flight_id, waited_since);
                 self.load_locally(id, flight_id, ctx);
             }
         }
@@ -226,10 +232,16 @@ impl KeyOwner {
             self.deps.metrics.lease_waits_total.inc();
             Instant::now()
         });
+        if waited_since.is_none() {
+            let span = info_span!(parent: &self.flight_span(id, flight_id), "lease.wait");
+            if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                flight.lease_wait = span;
+            }
+        }
         if since.elapsed() >= self.deps.settings.flight_timeout {
             // The holder keeps extending but never fills: as long as a flight may take, and no
             // longer, this flight's waiters depend on another replica.
-            self.end_wait(Some(since));
+            self.end_wait(id, flight_id, Some(since));
             return self.load_locally(id, flight_id, ctx);
         }
         if notice_missed {
@@ -281,7 +293,7 @@ impl KeyOwner {
             return;
         };
         ctx.cancel_future(timer);
-        self.end_wait(Some(since));
+        self.end_wait(id, flight_id, Some(since));
         self.load_locally(id, flight_id, ctx);
     }
 
@@ -293,7 +305,11 @@ impl KeyOwner {
         self.load(id, flight_id, ctx);
     }
 
-    fn end_wait(&self, waited_since: Option<Instant>) {
+    /// A wait on another replica's lease that began at `waited_since` (if any) is over.
+    fn end_wait(&mut self, id: i64, flight_id: u64, waited_since: Option<Instant>) {
+        if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+            flight.lease_wait = Span::none();
+        }
         if let Some(since) = waited_since {
             let waited = since.elapsed().as_secs_f64();
             self.deps.metrics.lease_wait_seconds.observe(waited);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
+use tracing::{info_span, Instrument, Span};
 
 use super::answers::{answer, count_flight, Settled};
 use super::deps::KeyOwnerDeps;
@@ -35,6 +36,11 @@ pub(super) struct Flight {
     pub(super) phase: Phase,
     /// Its part in the fleet lease.
     pub(super) role: Role,
+    /// Its `flight` span, under the request that started it; each stage has a span under it.
+    pub(super) span: Span,
+    /// While it waits on another replica's lease (one or more waits between claims): the
+    /// `lease.wait` span; `Span::none()` otherwise.
+    pub(super) lease_wait: Span,
 }
 
 /// Where a flight is; see the module docs of [`super`].
@@ -44,6 +50,24 @@ pub(super) enum Phase {
     Refreshing(Lookup),
     /// Loaded (and answered); the Redis fill is in the air.
     Filling(Lookup),
+}
+
+/// The spans of a flight's stage (see [`KeyOwner::spawn_stage`]).
+pub(super) struct StageSpans {
+    /// The stage's own, under the flight's: its future runs in it.
+    pub(super) stage: Span,
+    /// The flight's: what the owner does with the stage's result runs in it.
+    pub(super) within: Span,
+}
+
+impl StageSpans {
+    /// For work that is no request's (workers' renewals).
+    pub(super) fn none() -> StageSpans {
+        StageSpans {
+            stage: Span::none(),
+            within: Span::none(),
+        }
+    }
 }
 
 /// One request waiting for a flight.
@@ -109,11 +133,39 @@ impl KeyOwner {
             .terms_if_holds(id, lookup, &self.deps.generations)
     }
 
+    /// The `flight` span of flight `flight_id` for `id` (none if it has ended): the parent of
+    /// its stages' spans.
+    pub(super) fn flight_span(&mut self, id: i64, flight_id: u64) -> Span {
+        self.flight_mut(id, flight_id)
+            .map_or_else(Span::none, |(flight, _)| flight.span.clone())
+    }
+
+    /// The spans of a stage of flight `flight_id` for `id`: the stage's, made by `stage` under
+    /// the flight's, and the flight's.
+    pub(super) fn stage_spans(
+        &mut self,
+        id: i64,
+        flight_id: u64,
+        stage: impl FnOnce(&Span) -> Span,
+    ) -> StageSpans {
+        let flight = self.flight_span(id, flight_id);
+        StageSpans {
+            stage: stage(&flight),
+            within: flight,
+        }
+    }
+
     /// Runs one stage of a flight (`stage` is a future made from `deps`) as a future on the
     /// owner's context, bounded by the flight timeout, with a panic turned into an error, and
-    /// hands its result to `on_done` inside the actor.
-    pub(super) fn spawn_stage<T, Fut, F>(&mut self, ctx: &mut Context<Self>, stage: Fut, on_done: F)
-    where
+    /// hands its result to `on_done` inside the actor. The future runs in `spans.stage`, which
+    /// ends with it; `on_done` in `spans.within` (log lines it writes name the flight's request).
+    pub(super) fn spawn_stage<T, Fut, F>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        spans: StageSpans,
+        stage: Fut,
+        on_done: F,
+    ) where
         T: 'static,
         Fut: std::future::Future<Output = Result<T, FlightError>> + 'static,
         F: FnOnce(&mut Self, Result<T, FlightError>, &mut Context<Self>) + 'static,
@@ -127,17 +179,28 @@ impl KeyOwner {
             Ok(Err(_panic)) => Err(FlightError::Panicked("the flight")),
             Ok(Ok(result)) => result,
         });
+        let StageSpans { stage, within } = spans;
+        let bounded = bounded.instrument(stage);
         ctx.spawn(bounded.into_actor(self).map(move |result, owner, ctx| {
+            let _in_flight = within.enter();
             contain(owner, ctx, "a KeyOwner flight callback", |owner, ctx| {
                 on_done(owner, result, ctx)
             });
         }));
     }
 
-    /// Starts a coalesced flight for `id` with its first waiter.
-    pub(super) fn start_flight(&mut self, id: i64, first: Waiter, ctx: &mut Context<Self>) {
+    /// Starts a coalesced flight for `id` with its first waiter, whose request's span is
+    /// `request`.
+    pub(super) fn start_flight(
+        &mut self,
+        id: i64,
+        first: Waiter,
+        request: &Span,
+        ctx: &mut Context<Self>,
+    ) {
         self.next_flight_id += 1;
         let flight_id = self.next_flight_id;
+        let span = info_span!(parent: request, "flight", template.id = id, flight.id = flight_id);
         self.flights.insert(
             id,
             Flight {
@@ -146,6 +209,8 @@ impl KeyOwner {
                 renewals: Vec::new(),
                 phase: Phase::Loading,
                 role: Role::Local,
+                span: span.clone(),
+                lease_wait: Span::none(),
             },
         );
         self.waiters_gauge().inc();
@@ -154,7 +219,11 @@ impl KeyOwner {
             return self.claim(id, flight_id, None, ctx);
         }
         let read = read_cache(id, self.deps.clone());
-        self.spawn_stage(ctx, read, move |owner, result, ctx| {
+        let spans = StageSpans {
+            stage: info_span!(parent: &span, "redis.read"),
+            within: span,
+        };
+        self.spawn_stage(ctx, spans, read, move |owner, result, ctx| {
             owner.on_cache_read(id, flight_id, result, ctx)
         });
     }
@@ -225,7 +294,8 @@ impl KeyOwner {
             }
             _ => load.boxed_local(),
         };
-        self.spawn_stage(ctx, load, move |owner, result, ctx| {
+        let spans = self.stage_spans(id, flight_id, |f| info_span!(parent: f, "db.load"));
+        self.spawn_stage(ctx, spans, load, move |owner, result, ctx| {
             owner.on_loaded(id, flight_id, result, read_at, ctx)
         });
     }
@@ -302,7 +372,8 @@ impl KeyOwner {
             fill.await;
             Ok(())
         };
-        self.spawn_stage(ctx, fill, move |owner, _: Result<(), _>, _| {
+        let spans = self.stage_spans(id, flight_id, |f| info_span!(parent: f, "redis.write"));
+        self.spawn_stage(ctx, spans, fill, move |owner, _: Result<(), _>, _| {
             owner.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database))
         });
     }
@@ -331,30 +402,39 @@ impl KeyOwner {
         &mut self,
         id: i64,
         reply: oneshot::Sender<Answer>,
+        request: &Span,
         ctx: &mut Context<Self>,
     ) {
         self.waiters_gauge().inc();
         self.inflight_keys().inc();
         let deps = self.deps.clone();
         let timeout = deps.settings.flight_timeout;
+        let span = info_span!(parent: request, "flight", template.id = id, coalesce = false);
         let alone = async move {
-            match read_cache(id, deps.clone()).await {
+            let read = read_cache(id, deps.clone()).instrument(info_span!("redis.read"));
+            match read.await {
                 // A soft-expired value is a miss here: this mode has no background refresh.
                 Ok(Some(cached)) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
                 _ => {
                     let read_at_ms = unix_ms_now();
-                    let lookup = fetch(id, Instant::now() + timeout, deps.clone()).await?;
+                    let load = fetch(id, Instant::now() + timeout, deps.clone());
+                    let lookup = load.instrument(info_span!("db.load")).await?;
                     let write = CacheSet {
                         id,
                         lookup: lookup.clone(),
                         loaded_at_ms: read_at_ms,
                     };
-                    let _ = deps.cache_set.send(write).await;
+                    let fill = deps.cache_set.send(write);
+                    let _ = fill.instrument(info_span!("redis.write")).await;
                     Ok((lookup, Origin::Database))
                 }
             }
         };
-        self.spawn_stage(ctx, alone, move |owner, result, _| {
+        let spans = StageSpans {
+            stage: span,
+            within: request.clone(),
+        };
+        self.spawn_stage(ctx, spans, alone, move |owner, result, _| {
             owner.waiters_gauge().dec();
             owner.inflight_keys().dec();
             let settled = match result {
@@ -385,7 +465,9 @@ async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, Fligh
 
 /// The database load, ending by `deadline`.
 async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
-    match deps.db.send(FetchTemplate { id, deadline }).await {
+    // The database actor's batch spans go under this load's (`db.load`).
+    let span = Span::current();
+    match deps.db.send(FetchTemplate { id, deadline, span }).await {
         Err(_mailbox) => Err(FlightError::DatabaseActorGone),
         Ok(Err(DbError::Panicked)) => Err(FlightError::Panicked("a database call")),
         Ok(Err(e)) => Err(FlightError::Database(e)),

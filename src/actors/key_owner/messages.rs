@@ -108,6 +108,9 @@ pub struct Answer {
 pub struct GetTemplate {
     pub id: i64,
     pub reply: oneshot::Sender<Answer>,
+    /// The request's span: a flight it starts, and the flight's stages, have theirs under it
+    /// (`Span::none()` for none).
+    pub span: tracing::Span,
 }
 
 /// Another replica filled `id` or gave up its lease on it (a notice from Redis pub/sub): a flight

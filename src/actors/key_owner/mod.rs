@@ -136,6 +136,8 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
+use tracing::field::Empty;
+use tracing::{info_span, Span};
 
 use crate::actors::{contain, Alive, Deafness};
 
@@ -223,18 +225,30 @@ impl KeyOwner {
             .with_label_values(&[&self.shard])
     }
 
-    /// A request: answered from the near cache, joined to the key's flight, or the start of a
-    /// new flight — or shed at a bound.
-    fn get_template(&mut self, id: i64, reply: oneshot::Sender<Answer>, ctx: &mut Context<Self>) {
+    /// A request (its span: `request`): answered from the near cache, joined to the key's
+    /// flight, or the start of a new flight — or shed at a bound.
+    fn get_template(
+        &mut self,
+        id: i64,
+        reply: oneshot::Sender<Answer>,
+        request: &Span,
+        ctx: &mut Context<Self>,
+    ) {
         if reply.is_closed() {
             // The client left while the request sat in the mailbox: nobody would read the answer.
             self.deps.metrics.requests_abandoned_total.inc();
             return;
         }
         if !self.deps.settings.coalesce {
-            return self.run_alone(id, reply, ctx);
+            return self.run_alone(id, reply, request, ctx);
         }
-        if let Some(lookup) = self.near_cache.fresh(id) {
+        let fresh = {
+            let stage = info_span!(parent: request, "near_cache", hit = Empty).entered();
+            let fresh = self.near_cache.fresh(id);
+            stage.record("hit", fresh.is_some());
+            fresh
+        };
+        if let Some(lookup) = fresh {
             let metrics = &self.deps.metrics;
             metrics.cache_hits_total.inc();
             metrics.near_cache_hits_total.inc();
@@ -247,6 +261,8 @@ impl KeyOwner {
         }
         let max_waiters = self.deps.settings.max_waiters_per_key;
         if let Some(flight) = self.flights.get_mut(&id) {
+            // The request's trace links to the flight that answers it (in another's trace).
+            request.follows_from(&flight.span);
             let waiter = Waiter::request(reply, false);
             match &flight.phase {
                 Phase::Refreshing(lookup) => {
@@ -272,7 +288,7 @@ impl KeyOwner {
         if flights >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
-        self.start_flight(id, Waiter::request(reply, true), ctx);
+        self.start_flight(id, Waiter::request(reply, true), request, ctx);
     }
 }
 
@@ -322,9 +338,11 @@ impl Supervised for KeyOwner {
 impl Handler<GetTemplate> for KeyOwner {
     type Result = ();
 
-    fn handle(&mut self, GetTemplate { id, reply }: GetTemplate, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: GetTemplate, ctx: &mut Self::Context) {
+        let GetTemplate { id, reply, span } = msg;
+        let _in_request = span.enter();
         contain(self, ctx, "a KeyOwner request", |owner, ctx| {
-            owner.get_template(id, reply, ctx)
+            owner.get_template(id, reply, &span, ctx)
         });
     }
 }

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::answers::Settled;
-use super::flight::Phase;
+use super::flight::{Phase, StageSpans};
 use super::generations::CopyTerms;
 use super::messages::{Answer, Origin, XCache};
 use super::KeyOwner;
@@ -52,7 +52,8 @@ impl KeyOwner {
         let read = self.deps.cache_get_many.send(CacheGetMany(ids));
         // A failed read (Redis down, breaker open, the cache actor gone) renews nothing.
         let read = async move { Ok(read.await.ok().and_then(Result::ok)) };
-        self.spawn_stage(ctx, read, move |owner, values, _| {
+        // Not a request: no span.
+        self.spawn_stage(ctx, StageSpans::none(), read, move |owner, values, _| {
             owner.on_renewal_read(reads, values.ok().flatten().unwrap_or_default())
         });
     }

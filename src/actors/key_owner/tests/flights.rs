@@ -130,7 +130,11 @@ async fn a_request_whose_client_is_gone_starts_no_work() {
     let h = Setup::default().start();
     let (reply, answer) = oneshot::channel();
     drop(answer);
-    h.owner.do_send(GetTemplate { id: 13, reply });
+    h.owner.do_send(GetTemplate {
+        id: 13,
+        reply,
+        span: tracing::Span::none(),
+    });
     eventually("the owner saw it", || {
         h.metrics.requests_abandoned_total.get() == 1
     })

@@ -191,7 +191,11 @@ impl Harness {
 
     fn ask(&self, id: i64) -> oneshot::Receiver<Answer> {
         let (reply, answer) = oneshot::channel();
-        self.owner.do_send(GetTemplate { id, reply });
+        self.owner.do_send(GetTemplate {
+            id,
+            reply,
+            span: tracing::Span::none(),
+        });
         answer
     }
 
