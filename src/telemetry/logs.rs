@@ -6,12 +6,20 @@
 //! stages, the database actor's batch) ends its prefix with `request_id=…`. Lines written outside
 //! any request (start-up, the change listener, probes) have none. While spans are exported, each
 //! line is also an event of the span it was written in, so a trace shows its warnings.
+//!
+//! Some dependencies (actix-web, actix-http, actix-server) write through `tracing` rather than
+//! `log`: [`ToLog`] hands their events to the same logger, and [`Wanted`] lets through only
+//! this service's spans and what `RUST_LOG` would print, decided once per call site, so that a
+//! dependency's per-request `trace!` costs nothing (as it did before any subscriber was set).
 
+use std::cell::Cell;
+use std::fmt::Write as _;
 use std::io::Write;
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
-use tracing::Subscriber;
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -57,6 +65,103 @@ impl Visit for Found {
     }
 }
 
+/// The crate whose spans are always made (see [`Wanted`]).
+const OURS: &str = "singleflight";
+
+/// What reaches the span subscriber: this service's spans and events, and a dependency's only
+/// when `RUST_LOG` would print it (a global filter: everything else is never built).
+pub struct Wanted;
+
+impl Wanted {
+    fn wants(metadata: &Metadata<'_>) -> bool {
+        let target = metadata.target();
+        target.starts_with(OURS) || from_log(metadata) || {
+            let as_log = log::Metadata::builder()
+                .level(log_level(*metadata.level()))
+                .target(target)
+                .build();
+            log::logger().enabled(&as_log)
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Wanted {
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        // Decided once per call site: RUST_LOG does not change while the service runs.
+        if Self::wants(metadata) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        Self::wants(metadata)
+    }
+}
+
+/// Whether an event was made from a log line (by [`Logger`], for the span it was written in).
+fn from_log(metadata: &Metadata<'_>) -> bool {
+    metadata.fields().field("log.target").is_some()
+}
+
+fn log_level(level: tracing::Level) -> log::Level {
+    match level {
+        tracing::Level::ERROR => log::Level::Error,
+        tracing::Level::WARN => log::Level::Warn,
+        tracing::Level::INFO => log::Level::Info,
+        tracing::Level::DEBUG => log::Level::Debug,
+        tracing::Level::TRACE => log::Level::Trace,
+    }
+}
+
+thread_local! {
+    /// Set while [`ToLog`] writes an event: the line is not made into an event again.
+    static FROM_TRACING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Writes a dependency's `tracing` events as log lines, as `tracing` itself does while no
+/// subscriber is set.
+pub struct ToLog;
+
+impl<S: Subscriber> Layer<S> for ToLog {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let metadata = event.metadata();
+        if from_log(metadata) {
+            return;
+        }
+        let mut text = Text::default();
+        event.record(&mut text);
+        FROM_TRACING.with(|from| from.set(true));
+        log::logger().log(
+            &log::Record::builder()
+                .level(log_level(*metadata.level()))
+                .target(metadata.target())
+                .module_path(metadata.module_path())
+                .file(metadata.file())
+                .line(metadata.line())
+                .args(format_args!("{}", text.0))
+                .build(),
+        );
+        FROM_TRACING.with(|from| from.set(false));
+    }
+}
+
+/// An event's message and then its other fields, `name=value`.
+#[derive(Default)]
+struct Text(String);
+
+impl Visit for Text {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = &mut self.0;
+        let gap = if text.is_empty() { "" } else { " " };
+        let _ = match field.name() {
+            "message" => write!(text, "{gap}{value:?}"),
+            name => write!(text, "{gap}{name}={value:?}"),
+        };
+    }
+}
+
 /// The id of the request whose span (or a span under it) this thread is in, if any.
 pub fn current_request_id() -> Option<String> {
     tracing::dispatcher::get_default(|dispatch| {
@@ -85,7 +190,7 @@ impl log::Log for Logger {
             return;
         }
         self.lines.log(record);
-        if super::exporting() {
+        if super::exporting() && !FROM_TRACING.with(Cell::get) {
             let _ = tracing_log::format_trace(record);
         }
     }

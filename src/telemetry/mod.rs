@@ -55,6 +55,8 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, ExportError> {
         tracing_opentelemetry::layer().with_tracer(provider.tracer("singleflight"))
     });
     let subscriber = tracing_subscriber::registry()
+        .with(logs::Wanted)
+        .with(logs::ToLog)
         .with(logs::RequestIds)
         .with(exporter);
     tracing::subscriber::set_global_default(subscriber).map_err(|_| ExportError::Installed)?;

@@ -353,6 +353,10 @@ async fn a_log_line_written_for_a_request_names_its_id_wherever_it_was_written()
         line.contains("WARN") && line.contains(" request_id=locked-out-9] "),
         "the database actor's line names the request: {line}"
     );
+    assert!(
+        log.contains("INFO  actix_server::"),
+        "a dependency's `tracing` events are log lines too:\n{log}"
+    );
     let start_up = log.lines().next().expect("a first line");
     assert!(
         !start_up.contains("request_id="),
