@@ -265,8 +265,8 @@ fn identify(req: &ServiceRequest) -> (RequestId, tracing::Span) {
     (id, span)
 }
 
-/// Returns the request's id on its response (or on the error that stands for one), and records
-/// the status on its span.
+/// Returns the request's id on its response, and records the status on its span. (An error
+/// that no response stands for yet, which the routes here never give, gets its id nowhere.)
 fn answer_with_id<B>(
     response: &mut Result<ServiceResponse<B>, actix_web::Error>,
     id: RequestId,

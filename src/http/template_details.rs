@@ -50,6 +50,7 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     let (reply, answer) = oneshot::channel();
     let owner = &state.owners[shard_for(id, state.owners.len())];
     let span = request_span(&req);
+    span.record("template.id", id);
     // `try_send` never waits on the owner's mailbox, and never queues beyond its bound: a full
     // mailbox (the owner is behind) sheds the request at once, as the owner's own bounds do.
     let asked = GetTemplate {
@@ -95,7 +96,7 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     if let Some(worker) = worker {
         worker.cache.borrow_mut().keep(id, &answer);
     }
-    record_answer(&span, id, answer.x_cache);
+    span.record("cache", answer.x_cache.as_str());
     match answer.result {
         Ok(lookup) => Ok(respond(id, lookup, answer.x_cache)),
         Err(e @ FlightError::Shed(_)) => Err(ApiError::Unavailable(e.to_string())),
