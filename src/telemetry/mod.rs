@@ -52,7 +52,15 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, ExportError> {
     let (provider, url) = export::provider(settings.otlp_endpoint.as_deref())?.unzip();
     let exporter = provider.as_ref().map(|provider| {
         use opentelemetry::trace::TracerProvider;
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("singleflight"))
+        // What a span says is in its fields: no source location, thread, target or busy/idle
+        // timings, each of which costs every span (and timings every poll of a request).
+        tracing_opentelemetry::layer()
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_tracer(provider.tracer("singleflight"))
     });
     let subscriber = tracing_subscriber::registry()
         .with(logs::Wanted)
