@@ -86,7 +86,7 @@ pub struct Metrics {
     pub redis_available: IntGauge,
     /// 1 while loads run in transactions of their own because `DATABASE_URL` goes through a
     /// transaction-mode pooler (`DATABASE_POOLER`).
-    pub db_transaction_mode: IntGauge,
+    pub db_transaction_mode: IntGaugeVec,
     /// Pooled PostgreSQL connections by `server` (`primary`, `replica-<i>`) and `state`
     /// (`idle`, `in_use`).
     pub db_pool_connections: IntGaugeVec,
@@ -176,9 +176,13 @@ impl Metrics {
         )?;
         redis_available.set(1);
         registry.register(Box::new(redis_available.clone()))?;
-        let db_transaction_mode = IntGauge::new(
-            "db_transaction_mode",
-            "1 while loads run in transactions of their own (a transaction-mode pooler)",
+        let db_transaction_mode = IntGaugeVec::new(
+            Opts::new(
+                "db_transaction_mode",
+                "1 while loads run in transactions of their own (a transaction-mode pooler), by \
+                 server (primary, replica-<i>)",
+            ),
+            &["server"],
         )?;
         registry.register(Box::new(db_transaction_mode.clone()))?;
         let db_available = IntGauge::new(

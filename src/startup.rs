@@ -233,14 +233,12 @@ fn replica_settings(
     settings
         .database_read_urls
         .iter()
-        .map(|url| {
+        .enumerate()
+        .map(|(index, url)| {
             let postgres = PgConnector::new(url, ca).map_err(|e| {
                 StartupError::DatabaseUrl(e.replace("DATABASE_URL", "DATABASE_READ_URL"))
             })?;
-            Ok(DbSettings {
-                replica: true,
-                ..DbSettings::new(settings, postgres, metrics)
-            })
+            Ok(DbSettings::replica(settings, postgres, metrics, index))
         })
         .collect()
 }

@@ -129,6 +129,7 @@ impl TlsServers {
 
 /// Started servers: what the tests see, and the running processes, held for the life of the
 /// process (a static is never dropped, so they stop when the process dies, by their death signal).
+#[derive(Debug)]
 struct Started<T> {
     servers: T,
     _running: Vec<Attached>,
@@ -234,47 +235,74 @@ static PGBOUNCER: OnceLock<Result<Started<PgBouncer>, String>> = OnceLock::new()
 pub fn pgbouncer() -> &'static PgBouncer {
     // Outside the once-cell: a failure of the shared servers panics with its own message.
     let pg_port = servers().pg_port;
-    let start = || {
-        let binary = launcher::pgbouncer::binary().ok_or_else(|| {
-            "`pgbouncer` not found in PATH or /usr/sbin; install the Debian package \
-             `pgbouncer` (apt-get install pgbouncer)"
-                .to_string()
-        })?;
-        let (_, user) = postgres_installed()?;
-        let dir = attached::dir("pgbouncer").map_err(explain)?;
-        let auth_file = write_private(&dir, "userlist.txt", pgbouncer::AUTH_FILE, user)?;
-        let log = dir.join("pgbouncer.log");
-        let (server, running) = attached::start_on_free_port(free_port, &log, |port| {
-            let config = pgbouncer::Config {
-                written_by: "the test kit (testkit/src/servers.rs)",
-                port,
-                pg_port,
-                auth_file: &auth_file,
-            };
-            // Rewritten for each port tried; readable by the user PgBouncer runs as, whatever
-            // our umask (it holds no secret).
-            let ini = dir.join("pgbouncer.ini");
-            fs::write(&ini, config.ini())
-                .and_then(|()| fs::set_permissions(&ini, fs::Permissions::from_mode(0o644)))
-                .map_err(launcher::Error::io(format!("write {}", ini.display())))?;
-            Ok(PgBouncerServer {
-                binary: binary.clone(),
-                config: ini,
-                port,
-                user,
-                cwd: dir.clone(),
-            })
-        })
-        .map_err(explain)?;
-        Ok(Started {
-            servers: PgBouncer { port: server.port },
-            _running: vec![running],
-        })
-    };
-    match PGBOUNCER.get_or_init(start) {
+    match PGBOUNCER.get_or_init(|| start_pgbouncer(pg_port)) {
         Ok(started) => &started.servers,
         Err(message) => panic!("the test PgBouncer could not be started: {message}"),
     }
+}
+
+/// A PgBouncer of one test's own, stopped when dropped.
+#[derive(Debug)]
+pub struct OwnPgBouncer(Started<PgBouncer>);
+
+impl std::ops::Deref for OwnPgBouncer {
+    type Target = PgBouncer;
+
+    fn deref(&self) -> &PgBouncer {
+        &self.0.servers
+    }
+}
+
+/// PgBouncer in transaction mode, as [`pgbouncer`]'s, in front of whatever listens on `pg_port`
+/// (e.g. a fault proxy in front of [`servers`]' PostgreSQL, to play a server that goes away
+/// behind a pooler that stays).
+///
+/// # Panics
+///
+/// As [`pgbouncer`] does.
+pub fn pgbouncer_in_front_of(pg_port: u16) -> OwnPgBouncer {
+    match start_pgbouncer(pg_port) {
+        Ok(started) => OwnPgBouncer(started),
+        Err(message) => panic!("a test PgBouncer could not be started: {message}"),
+    }
+}
+
+fn start_pgbouncer(pg_port: u16) -> Result<Started<PgBouncer>, String> {
+    let binary = launcher::pgbouncer::binary().ok_or_else(|| {
+        "`pgbouncer` not found in PATH or /usr/sbin; install the Debian package \
+         `pgbouncer` (apt-get install pgbouncer)"
+            .to_string()
+    })?;
+    let (_, user) = postgres_installed()?;
+    let dir = attached::dir("pgbouncer").map_err(explain)?;
+    let auth_file = write_private(&dir, "userlist.txt", pgbouncer::AUTH_FILE, user)?;
+    let log = dir.join("pgbouncer.log");
+    let (server, running) = attached::start_on_free_port(free_port, &log, |port| {
+        let config = pgbouncer::Config {
+            written_by: "the test kit (testkit/src/servers.rs)",
+            port,
+            pg_port,
+            auth_file: &auth_file,
+        };
+        // Rewritten for each port tried; readable by the user PgBouncer runs as, whatever
+        // our umask (it holds no secret).
+        let ini = dir.join("pgbouncer.ini");
+        fs::write(&ini, config.ini())
+            .and_then(|()| fs::set_permissions(&ini, fs::Permissions::from_mode(0o644)))
+            .map_err(launcher::Error::io(format!("write {}", ini.display())))?;
+        Ok(PgBouncerServer {
+            binary: binary.clone(),
+            config: ini,
+            port,
+            user,
+            cwd: dir.clone(),
+        })
+    })
+    .map_err(explain)?;
+    Ok(Started {
+        servers: PgBouncer { port: server.port },
+        _running: vec![running],
+    })
 }
 
 /// How late [`replicated`]'s replica applies what its primary commits.

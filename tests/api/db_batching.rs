@@ -29,7 +29,7 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
             connect_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(1),
             batch_max: 100,
-            sessions: Sessions::new(Pooler::None, &metrics),
+            sessions: Sessions::new(Pooler::None, &metrics, "primary"),
             replica: false,
         },
         Vec::new(),

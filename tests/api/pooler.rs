@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 use singleflight::config::{Pooler, Settings};
 use testkit::poll;
 
+use crate::support::fault_proxy::Mode;
 use crate::support::{servers, spawn_app_with, TestApp};
 
 /// The service's `DATABASE_URL` through PgBouncer (the same database), with `LISTEN` and the
@@ -194,4 +195,76 @@ async fn pooler_figures() {
             );
         }
     }
+}
+
+/// PostgreSQL gone behind a PgBouncer that stays: PgBouncer still takes connections, and its
+/// errors come back as a query's (diesel-async keeps no SQLSTATE for those). The failed loads
+/// raise the doubt, a probe through PgBouncer (`SELECT 1`) finds the server gone, and one that
+/// gets through again finds it back.
+#[actix_rt::test]
+async fn postgresql_gone_behind_a_pooler_that_stays_is_found_down_and_then_up_again() {
+    let proxy = crate::faults::postgres_proxy();
+    let bouncer = servers::pgbouncer_in_front_of(proxy.port());
+    let app = spawn_app_with(|s| {
+        let database = s.database_url.rsplit('/').next().expect("a database name");
+        s.database_listen_url = Some(s.database_url.clone());
+        s.database_url = bouncer.url(database);
+        s.database_pooler = Pooler::Transaction;
+        s.db_query_timeout = Duration::from_millis(1000);
+    })
+    .await;
+    assert_eq!(app.template(1).await.status(), 200);
+    assert_eq!(app.metric("db_available").await, 1.0);
+
+    proxy.set_mode(Mode::Refuse);
+    let (status, _) = app.readiness().await;
+    assert_eq!(status, 200);
+    // Cold ids fail while the service finds out; once it knows, they fail at once.
+    let found_out = poll::until(
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || async {
+            let cold = app.template(2).await.status().as_u16();
+            (cold, app.metric("db_available").await)
+        },
+        |(_, available)| *available == 0.0,
+    )
+    .await;
+    assert!(
+        found_out.done,
+        "never found PostgreSQL down: {:?}",
+        found_out.last
+    );
+    assert_eq!(found_out.last.0, 503, "a cold id while it is gone");
+    let (status, body) = app.readiness().await;
+    assert_eq!(status, 200, "degraded, still ready: {body}");
+    assert!(
+        body["degraded"]
+            .as_array()
+            .is_some_and(|d| d.contains(&"postgres".into())),
+        "{body}"
+    );
+    assert_eq!(
+        app.template(1).await.status(),
+        200,
+        "what is cached is served"
+    );
+
+    proxy.set_mode(Mode::Pass);
+    let back = poll::until(
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || app.metric("db_available"),
+        |available| *available == 1.0,
+    )
+    .await;
+    assert!(back.done, "never found PostgreSQL back");
+    let cold = poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { app.template(3).await.status().as_u16() },
+        |status| *status == 200,
+    )
+    .await;
+    assert!(cold.done, "a cold id loads again: {}", cold.last);
 }

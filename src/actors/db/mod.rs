@@ -186,9 +186,22 @@ pub struct DbSettings {
 }
 
 impl DbSettings {
+    /// The primary's (`DATABASE_URL`).
     pub fn new(s: &Settings, postgres: PgConnector, metrics: &Metrics) -> Self {
+        Self::of(s, postgres, metrics, "primary")
+    }
+
+    /// Read replica `index`'s (`DATABASE_READ_URL`, from 0).
+    pub fn replica(s: &Settings, postgres: PgConnector, metrics: &Metrics, index: usize) -> Self {
         DbSettings {
-            sessions: Sessions::new(s.database_pooler, metrics),
+            replica: true,
+            ..Self::of(s, postgres, metrics, &replica_name(index))
+        }
+    }
+
+    fn of(s: &Settings, postgres: PgConnector, metrics: &Metrics, server: &str) -> Self {
+        DbSettings {
+            sessions: Sessions::new(s.database_pooler, metrics, server),
             replica: false,
             postgres,
             pool_size: s.db_pool_size,
@@ -244,10 +257,7 @@ impl DbActor {
         let replicas: Vec<Backend> = replicas
             .into_iter()
             .enumerate()
-            .map(|(i, settings)| {
-                let name = format!("replica-{}", i + 1);
-                Backend::new(name, settings, Reachability::new(None))
-            })
+            .map(|(i, settings)| Backend::new(replica_name(i), settings, Reachability::new(None)))
             .collect();
         DbActor {
             routing: Routing::new(replicas.len()),
@@ -313,7 +323,8 @@ impl DbActor {
         self.metrics
             .db_pinned_keys
             .set(self.routing.pinned() as i64);
-        if self.ask_again && !self.asking_position {
+        // Every tick, not only when pins wait for it: the replicas' lag stays current.
+        if !self.asking_position {
             self.ask_position(ctx);
         }
         for i in 0..self.replicas.len() {
@@ -439,6 +450,11 @@ impl Actor for DbActor {
             self.dispatch(Target::Replica(i), ctx);
         }
     }
+}
+
+/// Read replica `index`'s name (from 0): `replica-1` first, as the metrics' `server` label.
+fn replica_name(index: usize) -> String {
+    format!("replica-{}", index + 1)
 }
 
 /// The DbActor holds nothing a restart must rebuild (the pools are shared with their futures),

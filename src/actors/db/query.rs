@@ -75,7 +75,9 @@ pub(super) enum Opening {
     /// transaction mode).
     Pool,
     /// A probe: whether the server takes connections, nothing more (a lock on the table, or a
-    /// slow query, must not look like a server that is down).
+    /// slow query, must not look like a server that is down). Through a transaction-mode pooler,
+    /// which takes connections whether or not its server is there, also whether a `SELECT 1`
+    /// gets through.
     Probe,
 }
 
@@ -108,13 +110,26 @@ async fn open_as(
     opening: Opening,
 ) -> Result<AsyncPgConnection, (Evidence, String)> {
     let timeout = settings.connect_timeout;
+    let probing_a_pooler = opening == Opening::Probe && in_transaction;
     let setup = async {
         let connected = match in_transaction {
             true => settings.postgres.connect_in_transaction().await,
             false => settings.postgres.connect().await,
         };
         let mut conn = connected.map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
-        if in_transaction {
+        if probing_a_pooler {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+            in_session!(&mut conn, true, Writes::No, |c| diesel::sql_query(
+                "SELECT 1"
+            )
+            .execute(c))
+            .map_err(|e| {
+                (
+                    Evidence::Unreachable,
+                    format!("SELECT 1 through the pooler: {e}"),
+                )
+            })?;
+        } else if in_transaction {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         } else if opening == Opening::Pool {
             load_templates(&mut conn, &[0])
@@ -124,6 +139,11 @@ async fn open_as(
         Ok(conn)
     };
     match tokio::time::timeout(timeout, setup).await {
+        // A pooler that accepts the connection but fails its set-up may be answering for a
+        // server that is not there: for a probe through one, that is what it found.
+        Ok(Err((Evidence::QueryFailed, detail))) if probing_a_pooler => {
+            Err((Evidence::Unreachable, detail))
+        }
         Ok(result) => result,
         Err(_) => Err((
             Evidence::Unreachable,
@@ -325,11 +345,15 @@ async fn fetch(
     let load = async {
         match load(&mut conn, ids, in_transaction).await {
             // A load that fails on its own on what may be a transaction-mode pooler: once more
-            // in transaction mode, which stays if that works.
+            // as it was (a transient error passes), then in transaction mode, which stays if
+            // that works.
             Err(e)
                 if sessions.retry_in_transaction(in_transaction)
                     && Evidence::of_query(&e) == Evidence::QueryFailed =>
             {
+                if let Ok(rows) = load(&mut conn, ids, false).await {
+                    return Ok(rows);
+                }
                 let rows = load(&mut conn, ids, true).await?;
                 sessions.switch(&e.to_string());
                 Ok(rows)
@@ -345,7 +369,19 @@ async fn fetch(
         Ok(Err(e)) => {
             let detail = e.to_string();
             failed(&detail);
-            reach.saw(Evidence::of_query(&e), &detail);
+            let evidence = match Evidence::of_query(&e) {
+                // The server ended the session with its error (a shutdown, `57P01`): not the
+                // query's own failure. Through a transaction-mode pooler, which keeps the
+                // client's connection whatever happens to its server, any failure may be the
+                // server gone; either way a probe settles it.
+                Evidence::QueryFailed
+                    if in_transaction || PoolableConnection::is_broken(&mut *conn) =>
+                {
+                    Evidence::Unreachable
+                }
+                evidence => evidence,
+            };
+            reach.saw(evidence, &detail);
             Err(DbError::Query(detail))
         }
         Err(_) => {

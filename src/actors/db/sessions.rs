@@ -18,11 +18,15 @@
 //! `DATABASE_POOLER=transaction` starts in it, `none` never uses it, and `auto` (the default)
 //! starts as on a direct connection and switches for good on the first evidence: a load, or a
 //! connection's set-up, that fails with an error of its own (not one against the server) and
-//! then succeeds when run in transaction mode. The switch is logged once and shown in
-//! `db_transaction_mode`.
+//! then succeeds when run in transaction mode — after a second try as it was also failed, so
+//! that a transient error (a recovery conflict on a replica, a dropped connection) does not
+//! switch it. Each server (the primary, each read replica) has its own mode: the switch is
+//! logged once naming the server's variable, and shown in `db_transaction_mode{server}`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use prometheus::IntGauge;
 
 use crate::config::Pooler;
 use crate::metrics::Metrics;
@@ -33,7 +37,10 @@ pub struct Sessions {
     in_transactions: Arc<AtomicBool>,
     /// `DATABASE_POOLER=auto`: may still switch.
     auto: bool,
-    metrics: Metrics,
+    /// The server's `db_transaction_mode`.
+    gauge: IntGauge,
+    /// The server, as the switch's warning names it.
+    named: Arc<str>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -46,11 +53,17 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    pub fn new(pooler: Pooler, metrics: &Metrics) -> Self {
+    /// The mode of `server` (`primary`, or `replica-<i>`: the `server` label of the metrics).
+    pub fn new(pooler: Pooler, metrics: &Metrics, server: &str) -> Self {
+        let named = match server {
+            "primary" => "DATABASE_URL".to_owned(),
+            replica => format!("DATABASE_READ_URL's {replica}"),
+        };
         let sessions = Sessions {
             in_transactions: Arc::new(AtomicBool::new(pooler == Pooler::Transaction)),
             auto: pooler == Pooler::Auto,
-            metrics: metrics.clone(),
+            gauge: metrics.db_transaction_mode.with_label_values(&[server]),
+            named: named.into(),
         };
         sessions.publish();
         sessions
@@ -75,17 +88,17 @@ impl Sessions {
             return;
         }
         log::warn!(
-            "DATABASE_URL behaves as a transaction-mode pooler ({detail}, then the same in a \
+            "{} behaves as a transaction-mode pooler ({detail}, twice, then the same in a \
              transaction worked): loads now run in transactions of their own, with the statement \
              cache off (DATABASE_POOLER=transaction starts that way; a direct connection is \
-             faster)"
+             faster)",
+            self.named
         );
         self.publish();
     }
 
     fn publish(&self) {
-        let mode = i64::from(self.in_transactions());
-        self.metrics.db_transaction_mode.set(mode);
+        self.gauge.set(i64::from(self.in_transactions()));
     }
 }
 
@@ -94,7 +107,7 @@ mod tests {
     use super::*;
 
     fn sessions(pooler: Pooler) -> Sessions {
-        Sessions::new(pooler, &Metrics::new().expect("metrics"))
+        Sessions::new(pooler, &Metrics::new().expect("metrics"), "primary")
     }
 
     #[test]
@@ -115,18 +128,26 @@ mod tests {
     }
 
     #[test]
-    fn the_mode_is_published_and_stays_after_a_switch() {
-        let auto = sessions(Pooler::Auto);
-        assert_eq!(auto.metrics.db_transaction_mode.get(), 0);
-        auto.clone().switch("a failure");
-        auto.switch("another failure");
-        assert_eq!(auto.metrics.db_transaction_mode.get(), 1);
-        assert_eq!(
-            sessions(Pooler::Transaction)
-                .metrics
+    fn the_mode_is_published_per_server_and_stays_after_a_switch() {
+        let metrics = Metrics::new().expect("metrics");
+        let mode = |server: &str| {
+            metrics
                 .db_transaction_mode
-                .get(),
-            1
+                .with_label_values(&[server])
+                .get()
+        };
+        let primary = Sessions::new(Pooler::Auto, &metrics, "primary");
+        let replica = Sessions::new(Pooler::Auto, &metrics, "replica-1");
+        assert_eq!((mode("primary"), mode("replica-1")), (0, 0));
+        replica.clone().switch("a failure");
+        replica.switch("another failure");
+        assert_eq!(
+            (mode("primary"), mode("replica-1")),
+            (0, 1),
+            "the replica's alone"
         );
+        assert!(!primary.in_transactions());
+        Sessions::new(Pooler::Transaction, &metrics, "replica-2");
+        assert_eq!(mode("replica-2"), 1);
     }
 }
