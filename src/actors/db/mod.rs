@@ -50,7 +50,8 @@
 //! This file holds the actor, its messages and the dispatch of batches; [`backend`] one server's
 //! pool and queue; [`query`] opening connections, the checkout and the queries; [`failure`] what
 //! an error says about the server; [`reachability`] whether it is down; [`sessions`] what a
-//! transaction-mode pooler changes; [`replicas`] where a load may go.
+//! transaction-mode pooler changes; [`replicas`] where a load may go; [`settings`] what one
+//! server's pool is opened with.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -60,16 +61,16 @@ use futures_util::future::FutureExt;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::Template;
-use crate::tls::PgConnector;
 use backend::Backend;
 pub use failure::Evidence;
 use reachability::Reachability;
 pub use reachability::Standing;
 use replicas::{Lsn, Routing, Target};
 pub use sessions::Sessions;
+use settings::replica_name;
+pub use settings::DbSettings;
 
 mod backend;
 pub mod failure;
@@ -77,6 +78,7 @@ mod query;
 mod reachability;
 mod replicas;
 mod sessions;
+mod settings;
 
 /// How often the actor updates the pool's gauges, and probes PostgreSQL while it is down.
 const TICK: Duration = Duration::from_millis(500);
@@ -164,55 +166,6 @@ pub struct ChangedAll;
 #[derive(Debug, Message)]
 #[rtype(result = "Standing")]
 pub struct PingDb;
-
-/// Settings the DbActor needs; a subset of [`Settings`].
-#[derive(Debug, Clone)]
-pub struct DbSettings {
-    /// How to open a connection: `DATABASE_URL` with its TLS set-up.
-    pub postgres: PgConnector,
-    pub pool_size: u32,
-    /// Connections kept open when idle (at most `pool_size`).
-    pub min_idle: u32,
-    /// Longest time to open one connection (connect, authenticate, set up).
-    pub connect_timeout: Duration,
-    pub query_timeout: Duration,
-    /// Most ids sent in one query; 1 sends every load alone.
-    pub batch_max: usize,
-    /// Whether loads run in transactions of their own (a transaction-mode pooler).
-    pub sessions: Sessions,
-    /// A read replica's: a load that finds no connection, or whose query fails, goes to the
-    /// primary at once instead of waiting or failing (see [`replicas`]).
-    pub replica: bool,
-}
-
-impl DbSettings {
-    /// The primary's (`DATABASE_URL`).
-    pub fn new(s: &Settings, postgres: PgConnector, metrics: &Metrics) -> Self {
-        Self::of(s, postgres, metrics, "primary")
-    }
-
-    /// Read replica `index`'s (`DATABASE_READ_URL`, from 0).
-    pub fn replica(s: &Settings, postgres: PgConnector, metrics: &Metrics, index: usize) -> Self {
-        DbSettings {
-            replica: true,
-            ..Self::of(s, postgres, metrics, &replica_name(index))
-        }
-    }
-
-    fn of(s: &Settings, postgres: PgConnector, metrics: &Metrics, server: &str) -> Self {
-        DbSettings {
-            sessions: Sessions::new(s.database_pooler, metrics, server),
-            replica: false,
-            postgres,
-            pool_size: s.db_pool_size,
-            min_idle: s.db_pool_min_idle,
-            connect_timeout: s.db_connect_timeout,
-            query_timeout: s.db_query_timeout,
-            // The baseline sends every load alone: batching would deduplicate at the database.
-            batch_max: if s.coalesce { s.db_batch_max } else { 1 },
-        }
-    }
-}
 
 /// A load waiting to be sent, and where its row goes.
 struct Waiting {
@@ -450,11 +403,6 @@ impl Actor for DbActor {
             self.dispatch(Target::Replica(i), ctx);
         }
     }
-}
-
-/// Read replica `index`'s name (from 0): `replica-1` first, as the metrics' `server` label.
-fn replica_name(index: usize) -> String {
-    format!("replica-{}", index + 1)
 }
 
 /// The DbActor holds nothing a restart must rebuild (the pools are shared with their futures),
