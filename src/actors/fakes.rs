@@ -23,7 +23,7 @@ use crate::actors::cache::{
     CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseExtend,
     LeaseFill, LeaseRelease, LeaseState, PingCache,
 };
-use crate::actors::db::{guard_panics, DbError, FetchTemplate, PingDb, Standing};
+use crate::actors::db::{guard_panics, DbError, FetchTemplate, Loaded, PingDb, Standing};
 use crate::actors::key_owner::{Generations, KeyOwnerDeps, LeaseDeps, OwnerSettings};
 use crate::metrics::Metrics;
 use crate::template::{Lookup, Template};
@@ -379,7 +379,7 @@ impl Actor for FakeDb {
 }
 
 impl Handler<FetchTemplate> for FakeDb {
-    type Result = ResponseFuture<Result<Option<Template>, DbError>>;
+    type Result = ResponseFuture<Result<Loaded, DbError>>;
     fn handle(
         &mut self,
         FetchTemplate { id, .. }: FetchTemplate,
@@ -395,8 +395,11 @@ impl Handler<FetchTemplate> for FakeDb {
                 DbMode::Hang => std::future::pending().await,
                 DbMode::FailFirst(k) if n < k => Err(DbError::Query("fake failure".into())),
                 DbMode::FailAfter(k) if n >= k => Err(DbError::Query("fake failure".into())),
-                _ if !(1..=ROWS).contains(&id) => Ok(None),
-                _ => Ok(Some(template(id, &format!("query {n}")))),
+                _ if !(1..=ROWS).contains(&id) => Ok(Loaded::from_primary(None)),
+                _ => Ok(Loaded::from_primary(Some(template(
+                    id,
+                    &format!("query {n}"),
+                )))),
             }
         }))
     }

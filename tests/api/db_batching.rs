@@ -64,7 +64,12 @@ async fn loads_queued_for_a_connection_go_together_and_each_gets_its_own_row() {
     });
     let rows = join_all(loads).await;
     for (id, row) in ids.iter().zip(rows) {
-        let row = row.expect("the actor answers").expect("the load succeeds");
+        let loaded = row.expect("the actor answers").expect("the load succeeds");
+        assert_eq!(
+            loaded.replica_as_of_ms, None,
+            "the primary's rows are current"
+        );
+        let row = loaded.row;
         match id {
             5000 => assert_eq!(row, None, "no template 5000"),
             _ => assert_eq!(row.map(|t| t.id), Some(*id)),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use diesel_async::RunQueryDsl;
 use futures_util::future::join_all;
+use singleflight::template::{unix_ms_now, Entry};
 use singleflight::tls::PgConnector;
 use testkit::poll;
 use testkit::prom::series;
@@ -251,5 +252,75 @@ async fn replica_figures() {
         visible[visible.len() * 99 / 100].as_secs_f64() * 1000.0,
         visible[visible.len() - 1].as_secs_f64() * 1000.0,
         servers::replicated().apply_delay
+    );
+}
+
+/// A row read from the replica goes to Redis no younger than what the replica had replayed, so
+/// that a replica of the service that knows of a later change does not take it for new: after a
+/// commit that the replica holds back for 2 s, a key loaded from it is stamped before the commit.
+#[actix_rt::test]
+async fn a_row_read_from_a_replica_is_stamped_as_old_as_what_the_replica_had_replayed() {
+    let (primary, replica) = replicated_database().await;
+    let app = app_with_replica(primary, replica).await;
+    replica_healthy(&app).await;
+
+    let committed_ms = unix_ms_now();
+    app.execute_sql("UPDATE templates SET name = name || '.' WHERE id = 1")
+        .await;
+    // The service has read the primary past that commit, and the replica short of it.
+    let behind = poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || app.metric("db_replica_lag_bytes"),
+        |lag| *lag > 0.0,
+    )
+    .await;
+    assert!(behind.done, "the replica never looked behind");
+    let from_replica = loads(&app, "replica").await;
+    let read_ms = unix_ms_now();
+    assert_eq!(app.template(40).await.status(), 200);
+    assert_eq!(
+        loads(&app, "replica").await,
+        from_replica + 1.0,
+        "template 40 was read from the replica"
+    );
+
+    let client = redis::Client::open(app.redis_url.as_str()).expect("redis URL");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    // The fill lands after the answer.
+    let written = poll::until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let raw: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg("template:40")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("GET");
+                raw.and_then(|raw| Entry::decode(raw.into(), 40))
+            }
+        },
+        Option::is_some,
+    )
+    .await;
+    let entry = written.last.expect("template 40 in Redis");
+    let apply_delay = servers::replicated().apply_delay.as_millis() as u64;
+    if read_ms < committed_ms + apply_delay {
+        assert!(
+            entry.loaded_at_ms <= committed_ms,
+            "stamped {} ms, after the commit the replica had not replayed ({committed_ms} ms; \
+             read at {read_ms} ms)",
+            entry.loaded_at_ms
+        );
+    }
+    assert!(
+        entry.loaded_at_ms + 60_000 > read_ms,
+        "stamped with what the replica had replayed, not long before: {} ms",
+        entry.loaded_at_ms
     );
 }

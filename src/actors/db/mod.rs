@@ -62,12 +62,12 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
-use crate::template::Template;
+use crate::template::{unix_ms_now, Template};
 use backend::Backend;
 pub use failure::Evidence;
 use reachability::Reachability;
 pub use reachability::Standing;
-use replicas::{Lsn, Routing, Target};
+use replicas::{Lsn, Routing, Target, Timeline};
 pub use sessions::Sessions;
 use settings::replica_name;
 pub use settings::DbSettings;
@@ -131,12 +131,32 @@ impl DbError {
 /// Load one template by id: `Ok(None)` when no such row exists. Waiting for a connection and the
 /// query end by `deadline` (the flight's).
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<Template>, DbError>")]
+#[rtype(result = "Result<Loaded, DbError>")]
 pub struct FetchTemplate {
     pub id: i64,
     pub deadline: Instant,
     /// The load's span: its batch's `pool.checkout` and `db.query` spans go under it.
     pub span: tracing::Span,
+}
+
+/// What a load found: the row, or none for no such template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub row: Option<Template>,
+    /// Read from a replica: the moment (unix ms) before which it holds everything the primary
+    /// committed, and so how old the row may be (see [`replicas`]). `None` from the primary,
+    /// whose row is current when its query runs.
+    pub replica_as_of_ms: Option<u64>,
+}
+
+impl Loaded {
+    /// The primary's answer.
+    pub fn from_primary(row: Option<Template>) -> Loaded {
+        Loaded {
+            row,
+            replica_as_of_ms: None,
+        }
+    }
 }
 
 /// Sends a notification on `channel` through the pool (`DATABASE_URL`), as a change would be
@@ -171,7 +191,7 @@ pub struct PingDb;
 struct Waiting {
     id: i64,
     deadline: Instant,
-    reply: oneshot::Sender<Result<Option<Template>, DbError>>,
+    reply: oneshot::Sender<Result<Loaded, DbError>>,
     span: tracing::Span,
 }
 
@@ -188,6 +208,10 @@ pub struct DbActor {
     ask_again: bool,
     /// The primary's WAL position when last read (for the replicas' lag).
     primary_position: Option<Lsn>,
+    /// The primary's positions as read, with when: how old a replica's rows are.
+    timeline: Timeline,
+    /// Each replica's last known as-of moment (see [`Loaded::replica_as_of_ms`]).
+    replica_as_of: Vec<Option<u64>>,
     /// Replicas whose replayed position is being read, by index.
     polling: Vec<bool>,
 }
@@ -215,6 +239,8 @@ impl DbActor {
         DbActor {
             routing: Routing::new(replicas.len()),
             polling: vec![false; replicas.len()],
+            replica_as_of: vec![None; replicas.len()],
+            timeline: Timeline::default(),
             primary,
             replicas,
             metrics,
@@ -248,8 +274,15 @@ impl DbActor {
             let backend = self.backend(target);
             let (pool, settings) = (backend.pool.clone(), backend.settings.clone());
             let reach = backend.reach.clone();
-            let query =
-                async move { query::run_batch(&pool, &settings, &metrics, &reach, batch).await };
+            // A replica's rows are as old as what it has replayed (0, "expired", if that was
+            // never known: a batch queued for it only then is not kept in Redis for long).
+            let as_of = match target {
+                Target::Primary => None,
+                Target::Replica(i) => Some(self.replica_as_of[i].unwrap_or(0)),
+            };
+            let query = async move {
+                query::run_batch(&pool, &settings, &metrics, &reach, batch, as_of).await
+            };
             ctx.spawn(query.into_actor(self).map(move |given_back, actor, ctx| {
                 actor.backend(target).in_flight -= 1;
                 if let (Some(batch), Target::Replica(i)) = (given_back, target) {
@@ -299,8 +332,14 @@ impl DbActor {
         }
     }
 
-    /// Replica `i` has replayed up to `replayed` (`None`: its poll failed).
+    /// Replica `i` has replayed up to `replayed` (`None`: its poll failed). It takes loads once
+    /// its rows' age is known too ([`Timeline::as_of`]).
     fn replica_at(&mut self, i: usize, replayed: Option<Lsn>) {
+        let as_of = replayed.and_then(|lsn| self.timeline.as_of(lsn));
+        if as_of.is_some() {
+            self.replica_as_of[i] = as_of;
+        }
+        let replayed = replayed.filter(|_| as_of.is_some());
         let name = &self.replicas[i].name;
         self.metrics
             .db_replica_healthy
@@ -326,6 +365,7 @@ impl DbActor {
         self.asking_position = true;
         self.ask_again = false;
         let asked = self.routing.asking();
+        let asked_at_ms = unix_ms_now();
         let primary = &self.primary;
         let (pool, settings, reach) = (
             primary.pool.clone(),
@@ -338,6 +378,7 @@ impl DbActor {
             match position {
                 Ok(lsn) => {
                     actor.primary_position = Some(lsn);
+                    actor.timeline.primary_at(asked_at_ms, lsn);
                     actor.routing.primary_at(asked, lsn);
                     // Changes learned of while this was asked need a position of their own.
                     if actor.ask_again && actor.routing.replicas() > 0 {
@@ -428,7 +469,7 @@ impl Supervised for DbActor {
 }
 
 impl Handler<FetchTemplate> for DbActor {
-    type Result = ResponseFuture<Result<Option<Template>, DbError>>;
+    type Result = ResponseFuture<Result<Loaded, DbError>>;
 
     fn handle(&mut self, msg: FetchTemplate, ctx: &mut Self::Context) -> Self::Result {
         let started = Instant::now();

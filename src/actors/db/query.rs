@@ -22,7 +22,7 @@ use tracing::{info_span, Instrument, Span};
 use super::failure::Evidence;
 use super::reachability::Reachability;
 use super::replicas::Lsn;
-use super::{guard_panics, DbError, DbSettings, Waiting};
+use super::{guard_panics, DbError, DbSettings, Loaded, Waiting};
 use crate::metrics::Metrics;
 use crate::schema::templates;
 use crate::template::Template;
@@ -253,14 +253,16 @@ async fn checkout<'a>(
 }
 
 /// Sends one query for every load of `batch` still within its deadline, and answers each with
-/// its own row — or, if the query failed, with its error, unless this is a replica's batch:
-/// then the loads still within their deadline come back, to be sent to the primary.
+/// its own row (with `replica_as_of_ms`, a replica's rows' age) — or, if the query failed, with
+/// its error, unless this is a replica's batch: then the loads still within their deadline come
+/// back, to be sent to the primary.
 pub(super) async fn run_batch(
     pool: &PgPool,
     settings: &DbSettings,
     metrics: &Metrics,
     reach: &Reachability,
     batch: Vec<Waiting>,
+    replica_as_of_ms: Option<u64>,
 ) -> Option<Vec<Waiting>> {
     let now = Instant::now();
     let (live, late): (Vec<Waiting>, Vec<Waiting>) =
@@ -285,7 +287,11 @@ pub(super) async fn run_batch(
                 // Cloned, not taken: one id may be in a batch twice (a superseded flight and the
                 // one that replaced it), and both get the row.
                 let row = rows.get(&waiting.id).cloned();
-                let _ = waiting.reply.send(Ok(row));
+                let loaded = Loaded {
+                    row,
+                    replica_as_of_ms,
+                };
+                let _ = waiting.reply.send(Ok(loaded));
             }
         }
         Err(e) if settings.replica => {

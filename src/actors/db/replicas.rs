@@ -20,8 +20,18 @@
 //!
 //! No clock is compared: positions come from the servers, and a pin only ever sends a load to
 //! the primary, never to an older copy.
+//!
+//! # How old a replica's row is
+//! A row read from a replica is as old as what the replica has replayed, not as the moment of
+//! the read, and it is written to Redis with that age: so a service replica that knows of a
+//! change made after it, and compares the entry's time with the change's, takes it for the old
+//! copy it is (this matters when the service that loaded it had not heard of the change yet).
+//! The primary's position is read every tick, with the moment each question was sent
+//! ([`Timeline`]): everything committed before that moment is at or before that position, so a
+//! replica that has replayed it holds all of it. A replica's row is stamped with the newest such
+//! moment; a replica behind every position kept takes no loads until it catches up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// A position in the primary's WAL, in bytes from its start.
 pub type Lsn = u64;
@@ -190,6 +200,37 @@ impl Routing {
     }
 }
 
+/// The primary's WAL positions as last read, each with the moment (unix ms) its question was
+/// sent (see "How old a replica's row is" above).
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// Oldest first.
+    positions: VecDeque<(u64, Lsn)>,
+}
+
+impl Timeline {
+    /// Positions kept: five minutes of ticks. A replica further behind takes no loads.
+    const KEPT: usize = 600;
+
+    /// The primary was at `lsn` or past it when asked at `asked_at_ms`.
+    pub fn primary_at(&mut self, asked_at_ms: u64, lsn: Lsn) {
+        if self.positions.len() == Self::KEPT {
+            self.positions.pop_front();
+        }
+        self.positions.push_back((asked_at_ms, lsn));
+    }
+
+    /// The newest moment before which a replica that has replayed `replayed` holds everything
+    /// the primary committed; `None` if it is behind every position kept.
+    pub fn as_of(&self, replayed: Lsn) -> Option<u64> {
+        self.positions
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replayed)
+            .map(|(asked_at_ms, _)| *asked_at_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +325,33 @@ mod tests {
         assert_eq!(routing.route(1), Target::Primary);
         routing.set_deaf(false);
         assert_eq!(routing.route(1), Target::Replica(0));
+    }
+
+    #[test]
+    fn a_replica_holds_what_the_primary_had_when_asked_for_the_newest_position_it_replayed() {
+        let mut timeline = Timeline::default();
+        assert_eq!(timeline.as_of(100), None, "nothing known yet");
+        timeline.primary_at(1_000, 100);
+        timeline.primary_at(1_500, 100);
+        timeline.primary_at(2_000, 180);
+        timeline.primary_at(2_500, 250);
+        assert_eq!(
+            timeline.as_of(100),
+            Some(1_500),
+            "idle primary: its newest sample"
+        );
+        assert_eq!(timeline.as_of(200), Some(2_000), "between two positions");
+        assert_eq!(timeline.as_of(250), Some(2_500), "caught up");
+        assert_eq!(timeline.as_of(99), None, "behind all of it");
+    }
+
+    #[test]
+    fn the_timeline_keeps_five_minutes_of_ticks() {
+        let mut timeline = Timeline::default();
+        for tick in 0..(Timeline::KEPT as u64 + 10) {
+            timeline.primary_at(tick * 500, tick);
+        }
+        assert_eq!(timeline.as_of(9), None, "forgotten");
+        assert_eq!(timeline.as_of(10), Some(5_000));
     }
 }

@@ -363,13 +363,13 @@ pub(super) fn replica_token_seed(shard: usize) -> u64 {
 
 /// `load`, with the lease extended every third of its TTL until the load ends or `keep` is
 /// cleared.
-pub(super) async fn extending(
+pub(super) async fn extending<T>(
     id: i64,
     token: LeaseToken,
     lease: LeaseDeps,
     keep: Rc<Cell<bool>>,
-    load: impl std::future::Future<Output = Result<Lookup, FlightError>>,
-) -> Result<Lookup, FlightError> {
+    load: impl std::future::Future<Output = Result<T, FlightError>>,
+) -> Result<T, FlightError> {
     let every = lease.ttl / 3;
     let extend = async move {
         loop {

@@ -306,8 +306,8 @@ impl KeyOwner {
         &mut self,
         id: i64,
         flight_id: u64,
-        result: Result<Lookup, FlightError>,
-        (read_at, read_at_ms): (Instant, u64),
+        result: Result<Fetched, FlightError>,
+        read_at: (Instant, u64),
         ctx: &mut Context<Self>,
     ) {
         let Some((flight, current)) = self.flight_mut(id, flight_id) else {
@@ -329,13 +329,17 @@ impl KeyOwner {
                 };
                 return self.finish(id, flight_id, settled);
             }
-            Ok(lookup) if !current => {
+            Ok((lookup, _)) if !current => {
                 return self.finish(id, flight_id, Settled::Fresh(lookup, Origin::Database));
             }
-            Ok(lookup) => lookup,
+            Ok(fetched) => fetched,
         };
-        self.near_cache
-            .remember(id, &lookup, read_at, Duration::MAX);
+        let (lookup, as_of_ms) = lookup;
+        let (read_at, read_at_ms) = data_from(read_at, as_of_ms);
+        if let Some(read_at) = read_at {
+            self.near_cache
+                .remember(id, &lookup, read_at, Duration::MAX);
+        }
         let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
         let terms = self.flight_terms(id, true, &loaded);
         for waiter in self.take_waiters(id, flight_id) {
@@ -416,13 +420,13 @@ impl KeyOwner {
                 // A soft-expired value is a miss here: this mode has no background refresh.
                 Ok(Some(cached)) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
                 _ => {
-                    let read_at_ms = unix_ms_now();
-                    let load = fetch(id, Instant::now() + timeout, deps.clone());
-                    let lookup = load.instrument(info_span!("db.load")).await?;
+                    let read_at = (Instant::now(), unix_ms_now());
+                    let load = fetch(id, read_at.0 + timeout, deps.clone());
+                    let (lookup, as_of_ms) = load.instrument(info_span!("db.load")).await?;
                     let write = CacheSet {
                         id,
                         lookup: lookup.clone(),
-                        loaded_at_ms: read_at_ms,
+                        loaded_at_ms: data_from(read_at, as_of_ms).1,
                     };
                     let fill = deps.cache_set.send(write);
                     let _ = fill.instrument(info_span!("redis.write")).await;
@@ -463,15 +467,40 @@ async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, Fligh
         .flatten())
 }
 
+/// What a load found, and, when a read replica answered, the moment (unix ms) before which that
+/// replica held everything the primary had committed (see [`crate::actors::db::Loaded`]).
+type Fetched = (Lookup, Option<u64>);
+
+/// When a load's data is from: when its read began (`read_at`), or, for a replica's row, as of
+/// `as_of_ms` if that is earlier. The [`Instant`] is `None` when that moment is older than this
+/// host's clock goes back (a row whose age was never known, stamped 0): nothing remembers it.
+fn data_from(
+    (read_at, read_at_ms): (Instant, u64),
+    as_of_ms: Option<u64>,
+) -> (Option<Instant>, u64) {
+    match as_of_ms {
+        Some(as_of_ms) if as_of_ms < read_at_ms => {
+            let older = Duration::from_millis(read_at_ms - as_of_ms);
+            (read_at.checked_sub(older), as_of_ms)
+        }
+        _ => (Some(read_at), read_at_ms),
+    }
+}
+
 /// The database load, ending by `deadline`.
-async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Lookup, FlightError> {
+async fn fetch(id: i64, deadline: Instant, deps: KeyOwnerDeps) -> Result<Fetched, FlightError> {
     // The database actor's batch spans go under this load's (`db.load`).
     let span = Span::current();
     match deps.db.send(FetchTemplate { id, deadline, span }).await {
         Err(_mailbox) => Err(FlightError::DatabaseActorGone),
         Ok(Err(DbError::Panicked)) => Err(FlightError::Panicked("a database call")),
         Ok(Err(e)) => Err(FlightError::Database(e)),
-        Ok(Ok(None)) => Ok(Lookup::NotFound),
-        Ok(Ok(Some(template))) => Ok(Lookup::Found(template.to_body())),
+        Ok(Ok(loaded)) => {
+            let lookup = match loaded.row {
+                None => Lookup::NotFound,
+                Some(template) => Lookup::Found(template.to_body()),
+            };
+            Ok((lookup, loaded.replica_as_of_ms))
+        }
     }
 }
