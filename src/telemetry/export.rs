@@ -24,6 +24,11 @@ pub enum ExportError {
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
     #[error("a tracing subscriber is already installed in this process")]
     Installed,
+    #[error(
+        "invalid {var}={value:?}: spans are exported over OTLP/HTTP, so expected http/protobuf \
+         (the default) or http/json, with the endpoint on the collector's HTTP port (4318)"
+    )]
+    Protocol { var: &'static str, value: String },
 }
 
 const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -68,18 +73,30 @@ pub(super) fn provider(
         }
         (None, None) => unreachable!("checked above"),
     };
-    // The specification's default, where the SDK would prefer JSON because both are built in.
-    let protocol_set = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .is_some();
-    if !protocol_set {
-        exporter = exporter.with_protocol(Protocol::HttpBinary);
-    }
+    exporter = exporter.with_protocol(protocol()?);
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter.build()?)
         .with_resource(resource())
         .build();
     Ok(Some((provider, url)))
+}
+
+/// The protocol the standard variables ask for: `http/protobuf` unless they say `http/json`
+/// (the SDK would prefer JSON when both are built in, and take a `grpc` it was not built with
+/// for its default). Anything else stops start-up.
+fn protocol() -> Result<Protocol, ExportError> {
+    let asked = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|var| env(var).map(|value| (var, value)));
+    match asked {
+        None => Ok(Protocol::HttpBinary),
+        Some((_, value)) if value.trim() == "http/protobuf" => Ok(Protocol::HttpBinary),
+        Some((_, value)) if value.trim() == "http/json" => Ok(Protocol::HttpJson),
+        Some((var, value)) => Err(ExportError::Protocol { var, value }),
+    }
 }
 
 /// `service.name` is `singleflight` unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`

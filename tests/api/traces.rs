@@ -409,3 +409,19 @@ async fn every_answer_carries_a_request_id_kept_when_sane_and_made_otherwise() {
     );
     made(&replaced);
 }
+
+#[test]
+fn a_protocol_the_exporter_does_not_speak_stops_start_up_naming_the_variable() {
+    let output = Command::new(env!("CARGO_BIN_EXE_singleflight"))
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .expect("run the service binary");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"grpc\"") && stderr.contains("http/json"),
+        "{stderr}"
+    );
+}
