@@ -324,3 +324,22 @@ async fn a_row_read_from_a_replica_is_stamped_as_old_as_what_the_replica_had_rep
         entry.loaded_at_ms
     );
 }
+
+/// A read URL that is not a standby (here the primary itself): its WAL positions are not the
+/// primary's replay of them, so it takes no load, however long the service runs.
+#[actix_rt::test]
+async fn a_read_url_that_is_not_a_standby_takes_no_load() {
+    let app = spawn_app_with(|s| s.database_read_urls = vec![s.database_url.clone()]).await;
+    // Three ticks of the health checks, with cold loads all along (a cold load takes a few
+    // milliseconds: a few hundred ids of the 1,200).
+    let ran = Instant::now();
+    for id in 1..=1_200 {
+        if ran.elapsed() > Duration::from_millis(1_500) {
+            break;
+        }
+        assert_eq!(app.template(id).await.status(), 200);
+    }
+    assert_eq!(loads(&app, "replica").await, 0.0, "no load read it");
+    assert!(loads(&app, "primary").await >= 10.0);
+    assert_eq!(app.metric("db_replica_healthy").await, 0.0);
+}

@@ -47,11 +47,12 @@
 //! `db_available` are about the primary: a replica that fails only sends its loads elsewhere.
 //!
 //! # What is where
-//! This file holds the actor, its messages and the dispatch of batches; [`backend`] one server's
-//! pool and queue; [`query`] opening connections, the checkout and the queries; [`failure`] what
-//! an error says about the server; [`reachability`] whether it is down; [`sessions`] what a
-//! transaction-mode pooler changes; [`replicas`] where a load may go; [`settings`] what one
-//! server's pool is opened with.
+//! This file holds the actor and the dispatch of batches; [`messages`] what it is asked and what
+//! it answers; [`backend`] one server's pool and queue; [`query`] opening connections, the
+//! checkout and the queries; [`failure`] what an error says about the server; [`reachability`]
+//! whether it is down; [`sessions`] what a transaction-mode pooler changes; [`replicas`] where a
+//! load may go, and how old a replica's rows are; [`settings`] what one server's pool is opened
+//! with.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -62,9 +63,10 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
-use crate::template::{unix_ms_now, Template};
+use crate::template::unix_ms_now;
 use backend::Backend;
 pub use failure::Evidence;
+pub use messages::{Changed, ChangedAll, DbError, FetchTemplate, Loaded, Notify, PingDb};
 use reachability::Reachability;
 pub use reachability::Standing;
 use replicas::{Lsn, Routing, Target, Timeline};
@@ -74,6 +76,7 @@ pub use settings::DbSettings;
 
 mod backend;
 pub mod failure;
+mod messages;
 mod query;
 mod reachability;
 mod replicas;
@@ -89,103 +92,6 @@ const QUIET_CHECK: Duration = Duration::from_secs(5);
 
 /// How often bb8 reaps expired connections and tops the pool up to `min_idle`.
 const REAPER_RATE: Duration = Duration::from_secs(1);
-
-/// Why a load from PostgreSQL failed. Cloned to every waiter of the flight.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DbError {
-    /// PostgreSQL is known to be down: failed at once, without waiting.
-    #[error("{}", .0.describe())]
-    Unavailable(Evidence),
-    /// The flight's deadline passed while every connection was busy.
-    #[error("no database connection became free within the {0:?} the load had left")]
-    PoolTimeout(Duration),
-    #[error("the query took longer than {0:?}")]
-    QueryTimeout(Duration),
-    #[error("the query failed: {0}")]
-    Query(String),
-    #[error("the database call panicked")]
-    Panicked,
-}
-
-impl DbError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DbError::Unavailable(_) => "unavailable",
-            DbError::PoolTimeout(_) => "pool_timeout",
-            DbError::QueryTimeout(_) => "query_timeout",
-            DbError::Query(_) => "query",
-            DbError::Panicked => "panicked",
-        }
-    }
-
-    /// Every kind, for metrics that should show zero before the first error.
-    pub const KINDS: [&'static str; 5] = [
-        "unavailable",
-        "pool_timeout",
-        "query_timeout",
-        "query",
-        "panicked",
-    ];
-}
-
-/// Load one template by id: `Ok(None)` when no such row exists. Waiting for a connection and the
-/// query end by `deadline` (the flight's).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Loaded, DbError>")]
-pub struct FetchTemplate {
-    pub id: i64,
-    pub deadline: Instant,
-    /// The load's span: its batch's `pool.checkout` and `db.query` spans go under it.
-    pub span: tracing::Span,
-}
-
-/// What a load found: the row, or none for no such template.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Loaded {
-    pub row: Option<Template>,
-    /// Read from a replica: the moment (unix ms) before which it holds everything the primary
-    /// committed, and so how old the row may be (see [`replicas`]). `None` from the primary,
-    /// whose row is current when its query runs.
-    pub replica_as_of_ms: Option<u64>,
-}
-
-impl Loaded {
-    /// The primary's answer.
-    pub fn from_primary(row: Option<Template>) -> Loaded {
-        Loaded {
-            row,
-            replica_as_of_ms: None,
-        }
-    }
-}
-
-/// Sends a notification on `channel` through the pool (`DATABASE_URL`), as a change would be
-/// sent: the change listener's heartbeat. `Ok` once it is committed.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), DbError>")]
-pub struct Notify {
-    pub channel: &'static str,
-    pub payload: String,
-}
-
-/// The change listener relayed a change of template `id`: until a replica has replayed it, its
-/// loads read the primary (see [`replicas`]). Sent before the key's owner is told, so that every
-/// load the owner starts after it is routed by it.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Changed(pub i64);
-
-/// Anything may have changed (the listener reconnected, heard again after a deaf spell, or saw a
-/// `TRUNCATE`): every key's loads read the primary until a replica has replayed past now.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct ChangedAll;
-
-/// Readiness: where PostgreSQL stands, as the actor's evidence and probes decided (no query of
-/// its own: readiness checks must not load the database).
-#[derive(Debug, Message)]
-#[rtype(result = "Standing")]
-pub struct PingDb;
 
 /// A load waiting to be sent, and where its row goes.
 struct Waiting {
@@ -214,6 +120,8 @@ pub struct DbActor {
     replica_as_of: Vec<Option<u64>>,
     /// Replicas whose replayed position is being read, by index.
     polling: Vec<bool>,
+    /// Replicas found not to be standbys, and said so once.
+    not_standby_told: Vec<bool>,
 }
 
 impl DbActor {
@@ -240,6 +148,7 @@ impl DbActor {
             routing: Routing::new(replicas.len()),
             polling: vec![false; replicas.len()],
             replica_as_of: vec![None; replicas.len()],
+            not_standby_told: vec![false; replicas.len()],
             timeline: Timeline::default(),
             primary,
             replicas,
@@ -327,7 +236,15 @@ impl DbActor {
                 async move { query::position(&pool, &settings, &reach, query::REPLAYED).await };
             ctx.spawn(poll.into_actor(self).map(move |replayed, actor, _| {
                 actor.polling[i] = false;
-                actor.replica_at(i, replayed.ok());
+                if let (Ok(None), false) = (&replayed, actor.not_standby_told[i]) {
+                    actor.not_standby_told[i] = true;
+                    log::warn!(
+                        "DATABASE_READ_URL's {} is not a standby (pg_is_in_recovery() is false): \
+                         its WAL positions say nothing of the primary's, so no load goes to it",
+                        actor.replicas[i].name
+                    );
+                }
+                actor.replica_at(i, replayed.ok().flatten());
             }));
         }
     }
@@ -376,7 +293,7 @@ impl DbActor {
         ctx.spawn(ask.into_actor(self).map(move |position, actor, ctx| {
             actor.asking_position = false;
             match position {
-                Ok(lsn) => {
+                Ok(Some(lsn)) => {
                     actor.primary_position = Some(lsn);
                     actor.timeline.primary_at(asked_at_ms, lsn);
                     actor.routing.primary_at(asked, lsn);
@@ -388,7 +305,7 @@ impl DbActor {
                 // The pins stay with the primary; asked again at the next tick, not now: with
                 // the primary down a failure comes at once, and asking again from here would
                 // spin this thread.
-                Err(_) => actor.ask_again = true,
+                Ok(None) | Err(_) => actor.ask_again = true,
             }
         }));
     }

@@ -449,9 +449,11 @@ pub(super) async fn notify(
 pub(super) const CURRENT: &str =
     "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
 
-/// A replica's replayed WAL position (a server that is not in recovery: its current one).
-pub(super) const REPLAYED: &str = "SELECT (COALESCE(pg_last_wal_replay_lsn(), \
-     pg_current_wal_lsn()) - '0/0'::pg_lsn)::bigint AS lsn";
+/// A replica's replayed WAL position; -1 from a server that is not in recovery (not a standby:
+/// its positions are not the primary's).
+pub(super) const REPLAYED: &str = "SELECT CASE WHEN pg_is_in_recovery() \
+     THEN (COALESCE(pg_last_wal_replay_lsn(), '0/0') - '0/0'::pg_lsn)::bigint \
+     ELSE -1 END AS lsn";
 
 #[derive(diesel::QueryableByName)]
 struct Position {
@@ -460,13 +462,13 @@ struct Position {
 }
 
 /// A WAL position, read with `sql` ([`CURRENT`] or [`REPLAYED`]) on a pooled connection within
-/// `DB_QUERY_TIMEOUT_MS`.
+/// `DB_QUERY_TIMEOUT_MS`; `None` for a read URL that is not a standby.
 pub(super) async fn position(
     pool: &PgPool,
     settings: &DbSettings,
     reach: &Reachability,
     sql: &'static str,
-) -> Result<Lsn, DbError> {
+) -> Result<Option<Lsn>, DbError> {
     let deadline = Instant::now() + settings.query_timeout;
     let mut conn = checkout(pool, settings, reach, deadline).await?;
     let in_transaction = settings.sessions.in_transactions();
@@ -476,7 +478,7 @@ pub(super) async fn position(
         })
     };
     match tokio::time::timeout_at(deadline.into(), read).await {
-        Ok(Ok(at)) => Ok(at.lsn.max(0) as Lsn),
+        Ok(Ok(at)) => Ok(Lsn::try_from(at.lsn).ok()),
         Ok(Err(e)) => Err(DbError::Query(e.to_string())),
         Err(_) => Err(DbError::QueryTimeout(settings.query_timeout)),
     }
