@@ -41,11 +41,6 @@ impl Template {
     }
 }
 
-/// The Redis key of a template.
-pub fn cache_key(id: i64) -> String {
-    format!("template:{id}")
-}
-
 /// What a flight produced for a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {

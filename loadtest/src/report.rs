@@ -468,9 +468,10 @@ fn settings(kind: &Kind) -> serde_json::Value {
             rounds,
             ids,
             redis_url,
+            cache_key_prefix,
         } => json!({
             "concurrency": concurrency, "rounds": rounds, "ids": ids,
-            "evict_via_redis": redis_url,
+            "evict_via_redis": redis_url, "cache_key_prefix": cache_key_prefix,
         }),
         Kind::Hot {
             concurrency,

@@ -10,6 +10,7 @@
 //! `spread` stop starting requests at their deadline, and every request gives up after
 //! `--timeout`.
 
+use singleflight::actors::cache::Keys;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,16 +187,12 @@ pub async fn run(plan: &Plan) -> Result<RunResult, LoadtestError> {
             rounds,
             ids,
             redis_url,
+            cache_key_prefix,
         } => {
-            stampede(
-                &ctx,
-                &mut rng,
-                *concurrency,
-                *rounds,
-                *ids,
-                redis_url.as_deref(),
-            )
-            .await
+            let evict = redis_url
+                .as_deref()
+                .map(|url| (url, cache_key_prefix.as_str()));
+            stampede(&ctx, &mut rng, *concurrency, *rounds, *ids, evict).await
         }
         Kind::Hot {
             concurrency,
@@ -350,7 +347,7 @@ async fn stampede(
     concurrency: usize,
     rounds: u32,
     ids: u64,
-    redis_url: Option<&str>,
+    evict: Option<(&str, &str)>,
 ) -> Result<RunResult, LoadtestError> {
     ctx.live.stage("opening connections".to_owned());
     for (t, target) in ctx.targets.iter().enumerate() {
@@ -358,8 +355,8 @@ async fn stampede(
         let share = concurrency.saturating_sub(t).div_ceil(ctx.targets.len());
         client::open_connections(&ctx.client, target, share).await?;
     }
-    let mut evictor = match redis_url {
-        Some(url) => Some(Evictor::connect(url).await?),
+    let mut evictor = match evict {
+        Some((url, prefix)) => Some(Evictor::connect(url, prefix).await?),
         None => None,
     };
     let before = ctx.scrape(true).await?;
@@ -441,12 +438,14 @@ async fn stampede(
 struct Evictor {
     url: String,
     conn: redis::aio::MultiplexedConnection,
+    /// The service's names in Redis (its `CACHE_KEY_PREFIX`).
+    keys: Keys,
 }
 
 const REDIS_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Evictor {
-    async fn connect(url: &str) -> Result<Evictor, LoadtestError> {
+    async fn connect(url: &str, prefix: &str) -> Result<Evictor, LoadtestError> {
         let failed = |reason: String| LoadtestError::Redis {
             url: url.to_owned(),
             reason,
@@ -459,11 +458,12 @@ impl Evictor {
         Ok(Evictor {
             url: url.to_owned(),
             conn,
+            keys: Keys::new(prefix),
         })
     }
 
     async fn evict(&mut self, id: i64) -> Result<(), LoadtestError> {
-        let key = singleflight::template::cache_key(id);
+        let key = self.keys.value(id);
         let deleted = tokio::time::timeout(
             REDIS_PATIENCE,
             redis::cmd("DEL")

@@ -346,6 +346,30 @@ impl Kind for Retired {
 #[derive(Clone, Copy)]
 pub struct Text;
 
+/// A prefix for Redis keys: up to 64 visible ASCII characters, no braces (Redis Cluster reads
+/// `{…}` as a key's hash tag); empty for none.
+#[derive(Clone, Copy)]
+pub struct KeyPrefix;
+
+impl Kind for KeyPrefix {
+    type Value = String;
+
+    fn read(&self, text: &str) -> Result<String, Cow<'static, str>> {
+        let visible = text
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'{' && b != b'}');
+        if text.len() <= 64 && visible {
+            Ok(text.to_owned())
+        } else {
+            Err(
+                "up to 64 visible ASCII characters without spaces or braces (e.g. shop-a:), or \
+                 empty"
+                    .into(),
+            )
+        }
+    }
+}
+
 impl Kind for Text {
     type Value = String;
 

@@ -111,6 +111,8 @@ pub struct Settings {
     /// without renewal (a holder renews it while it loads); zero turns the fleet lease off, so
     /// each replica coalesces only its own requests.
     pub lease_ttl: Duration,
+    /// `CACHE_KEY_PREFIX`: before every Redis key and channel (empty: `template:N` as ever).
+    pub cache_key_prefix: String,
     /// `BREAKER_FAILURES`: consecutive Redis failures that open the circuit breaker.
     pub breaker_failures: u32,
     /// `BREAKER_OPEN_MS`: how long an open breaker skips Redis before probing it.
@@ -315,6 +317,7 @@ impl Options {
             breaker_open_ms,
             shutdown_drain_ms,
             lease_ttl_ms,
+            cache_key_prefix,
             rust_log,
             otel_exporter_otlp_endpoint,
             db_acquire_timeout_ms: kinds::NotSet,
@@ -365,6 +368,7 @@ impl Options {
             max_pending_keys: max_pending_keys as usize,
             max_waiters_per_key: max_waiters_per_key as usize,
             lease_ttl: lease_ttl_ms,
+            cache_key_prefix,
             breaker_failures: breaker_failures as u32,
             breaker_open: breaker_open_ms,
             shutdown_drain: shutdown_drain_ms,

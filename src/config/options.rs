@@ -214,6 +214,12 @@ pub struct Options {
     #[arg(long, env, default_value = "1000", value_parser = Setting(LEASE_MILLIS))]
     pub lease_ttl_ms: Duration,
 
+    /// Put before every Redis key and pub/sub channel the service uses (e.g. shop-a:), so that
+    /// deployments sharing one Redis keep apart; empty keeps template:N.
+    #[arg(long, env, default_value = "", hide_default_value = true,
+          value_parser = Setting(KeyPrefix))]
+    pub cache_key_prefix: String,
+
     /// Log filter (env_logger syntax, e.g. info or singleflight=debug).
     #[arg(long, env, default_value = "info", value_parser = Setting(Text))]
     pub rust_log: String,

@@ -17,6 +17,7 @@ mod migrate;
 mod pooler;
 mod redis_down;
 mod replicas;
+mod shared_redis;
 mod shutdown;
 mod slow_network;
 mod template_details;

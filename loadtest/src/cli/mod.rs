@@ -93,6 +93,10 @@ pub struct Args {
     #[arg(long)]
     pub redis_url: Option<String>,
 
+    /// stampede with --redis-url: the service's CACHE_KEY_PREFIX, put before the keys evicted
+    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
+    pub cache_key_prefix: String,
+
     /// hot, spread: during the run, update this many random templates (evenly spaced) in
     /// PostgreSQL and report how long each took to be served by the service (by polling)
     #[arg(long)]
@@ -215,6 +219,7 @@ pub enum Kind {
         rounds: u32,
         ids: u64,
         redis_url: Option<String>,
+        cache_key_prefix: String,
     },
     Hot {
         concurrency: usize,
@@ -300,6 +305,7 @@ impl Args {
                     rounds,
                     ids,
                     redis_url: self.redis_url.clone(),
+                    cache_key_prefix: self.cache_key_prefix.clone(),
                 }
             }
             Scenario::Hot => Kind::Hot {

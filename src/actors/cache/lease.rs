@@ -41,14 +41,13 @@ use bytes::Bytes;
 use redis::Value;
 
 use super::{usable, CacheActor, CacheError, Cached};
-use crate::template::{cache_key, Lookup};
+use crate::template::Lookup;
 
-/// The pub/sub channel on which holders announce that a key was filled or released. Pub/sub
-/// ignores database numbers, so the channel names the database: services sharing a Redis on
-/// different databases do not hear each other.
+/// The pub/sub channel on which holders announce that a key was filled or released (see
+/// [`super::Keys::fills_channel`]).
 pub fn fills_channel(settings: &super::CacheSettings) -> String {
     let db = super::client(settings).map_or(0, |c| c.get_connection_info().redis_settings().db());
-    format!("singleflight:fills:{db}")
+    settings.keys.fills_channel(db)
 }
 
 /// Identifies one claim: the replica (a random number drawn at start-up) and its flight.
@@ -107,15 +106,6 @@ pub struct LeaseFill {
 pub struct LeaseRelease {
     pub id: i64,
     pub token: LeaseToken,
-}
-
-fn lease_key(id: i64) -> String {
-    format!("{}:lease", cache_key(id))
-}
-
-/// The key's generation: bumped by every replica that learns the row changed.
-pub(super) fn generation_key(id: i64) -> String {
-    format!("{}:gen", cache_key(id))
 }
 
 /// The payload of a notice for `id`; ` empty` when the fill wrote nothing (a "not found" that is
@@ -233,6 +223,7 @@ impl Handler<ClaimLoad> for CacheActor {
         _: &mut Self::Context,
     ) -> Self::Result {
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let suspect_before_ms = self.suspects.before(id);
         let metrics = self.metrics.clone();
@@ -243,12 +234,13 @@ impl Handler<ClaimLoad> for CacheActor {
             let claim = |seen: Option<Vec<u8>>| {
                 let mut conn = conn.clone();
                 let token = token.0.clone();
+                let keys = keys.clone();
                 async move {
                     let mode = if seen.is_some() { "seen" } else { "value" };
                     let reply: Value = CLAIM
-                        .key(cache_key(id))
-                        .key(lease_key(id))
-                        .key(generation_key(id))
+                        .key(keys.value(id))
+                        .key(keys.lease(id))
+                        .key(keys.generation(id))
                         .arg(token)
                         .arg(ttl_ms)
                         .arg(mode)
@@ -312,12 +304,13 @@ impl Handler<LeaseExtend> for CacheActor {
         _: &mut Self::Context,
     ) -> Self::Result {
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {
             let mut conn = conn?;
             EXTEND
-                .key(lease_key(id))
+                .key(keys.lease(id))
                 .arg(token.0)
                 .arg(ttl_ms)
                 .invoke_async::<i64>(&mut conn)
@@ -344,15 +337,16 @@ impl Handler<LeaseFill> for CacheActor {
             .entry_to_write(id, lookup, loaded_at_ms)
             .unwrap_or((Vec::new(), 0));
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let metrics = self.metrics.clone();
         let channel = self.fills_channel.clone();
         self.call(async move {
             let mut conn = conn?;
             let filled = FILL
-                .key(cache_key(id))
-                .key(lease_key(id))
-                .key(generation_key(id))
+                .key(keys.value(id))
+                .key(keys.lease(id))
+                .key(keys.generation(id))
                 .arg(token.0)
                 .arg(value)
                 .arg(expires_ms)
@@ -387,12 +381,13 @@ impl Handler<LeaseRelease> for CacheActor {
         _: &mut Self::Context,
     ) -> Self::Result {
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let channel = self.fills_channel.clone();
         let release = self.call(async move {
             let mut conn = conn?;
             RELEASE
-                .key(lease_key(id))
+                .key(keys.lease(id))
                 .arg(token.0)
                 .arg(channel)
                 .arg(notice(id, true))

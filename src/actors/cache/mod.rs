@@ -25,10 +25,12 @@
 //! they may predate a change.
 
 mod breaker;
+mod keys;
 mod lease;
 mod messages;
 mod suspect;
 
+pub use keys::Keys;
 pub use lease::{
     fills_channel, notice, Claim, ClaimLoad, LeaseExtend, LeaseFill, LeaseRelease, LeaseState,
     LeaseToken,
@@ -48,7 +50,7 @@ use redis::AsyncCommands;
 use crate::actors::Deafness;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::template::{cache_key, jittered, unix_ms_now, Entry, Lookup};
+use crate::template::{jittered, unix_ms_now, Entry, Lookup};
 use breaker::{Breaker, State};
 use suspect::Suspects;
 
@@ -71,6 +73,8 @@ pub struct CacheSettings {
     pub breaker_open: Duration,
     /// How long a fleet lease lasts unless extended (see [`lease`]).
     pub lease_ttl: Duration,
+    /// What things are called in Redis (`CACHE_KEY_PREFIX`).
+    pub keys: Keys,
 }
 
 impl From<&Settings> for CacheSettings {
@@ -89,6 +93,7 @@ impl From<&Settings> for CacheSettings {
             breaker_failures: s.breaker_failures,
             breaker_open: s.breaker_open,
             lease_ttl: s.lease_ttl,
+            keys: Keys::new(&s.cache_key_prefix),
         }
     }
 }
@@ -410,13 +415,14 @@ impl Handler<CacheGet> for CacheActor {
 
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let suspect_before_ms = self.suspects.before(id);
         let metrics = self.metrics.clone();
         self.call(async move {
             let mut conn = conn?;
             let value: Option<Vec<u8>> = conn
-                .get(cache_key(id))
+                .get(keys.value(id))
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
             match value {
@@ -434,13 +440,14 @@ impl Handler<CacheGetMany> for CacheActor {
         if ids.is_empty() {
             return Box::pin(fut::ready(Ok(Vec::new())));
         }
+        let names = self.settings.keys.clone();
         let conn = self.connection();
         let timeout = self.settings.timeout;
         let suspect_before: Vec<u64> = ids.iter().map(|&id| self.suspects.before(id)).collect();
         let metrics = self.metrics.clone();
         self.call(async move {
             let mut conn = conn?;
-            let keys: Vec<String> = ids.iter().map(|&id| cache_key(id)).collect();
+            let keys: Vec<String> = ids.iter().map(|&id| names.value(id)).collect();
             let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
                 .arg(&keys)
                 .query_async(&mut conn)
@@ -478,11 +485,12 @@ impl Handler<CacheSet> for CacheActor {
             return Box::pin(fut::ready(Ok(())));
         };
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         self.call(async move {
             let mut conn = conn?;
             redis::cmd("SET")
-                .arg(cache_key(id))
+                .arg(keys.value(id))
                 .arg(value)
                 .arg("PX")
                 .arg(hard_ms)
@@ -499,14 +507,15 @@ impl Handler<CacheDel> for CacheActor {
     fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
         self.suspects.changed(id);
         let conn = self.connection();
+        let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
         let del = self.call(async move {
             let mut conn = conn?;
             // The generation tells lease holders that loaded before this moment not to fill.
-            let generation = lease::generation_key(id);
+            let generation = keys.generation(id);
             redis::pipe()
                 .atomic()
-                .del(cache_key(id))
+                .del(keys.value(id))
                 .ignore()
                 .incr(&generation, 1)
                 .ignore()
