@@ -1,9 +1,9 @@
 //! What the service tells operators besides `/metrics`: log lines, spans, and request ids.
 //!
 //! - **Log lines** are env_logger's, filtered by `RUST_LOG`. A line written on behalf of a
-//!   request — in the HTTP worker, the key owner or the database actor — names the request's id
-//!   (`request_id=…`): the id of the request itself, or, in a flight that several requests share,
-//!   of the request that started it ([`logs`]).
+//!   request — in the key owner or the database actor, and while spans are exported in the HTTP
+//!   worker too — names the request's id (`request_id=…`): the id of the request itself, or,
+//!   in a flight that several requests share, of the request that started it ([`logs`]).
 //! - **Spans** ([`tracing`]): `request`; `flight`, under the request that started it (the
 //!   requests that join it link to it); and one per stage of the flight: `near_cache`,
 //!   `redis.read`, `lease.wait`, `db.load` with the database actor's `pool.checkout` and

@@ -47,8 +47,8 @@ impl DbError {
     ];
 }
 
-/// Load one template by id: `Ok(None)` when no such row exists. Waiting for a connection and the
-/// query end by `deadline` (the flight's).
+/// Load one template by id: a [`Loaded`] with no row when no such row exists. Waiting for a
+/// connection and the query end by `deadline` (the flight's).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Loaded, DbError>")]
 pub struct FetchTemplate {

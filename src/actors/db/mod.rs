@@ -240,11 +240,17 @@ impl DbActor {
                     actor.not_standby_told[i] = true;
                     log::warn!(
                         "DATABASE_READ_URL's {} is not a standby (pg_is_in_recovery() is false): \
-                         its WAL positions say nothing of the primary's, so no load goes to it",
+                         its WAL positions say nothing of the primary's, so no load goes to it \
+                         until the service restarts",
                         actor.replicas[i].name
                     );
+                    actor.routing.exclude(i);
                 }
-                actor.replica_at(i, replayed.ok().flatten());
+                let replayed = match actor.not_standby_told[i] {
+                    true => None,
+                    false => replayed.ok().flatten(),
+                };
+                actor.replica_at(i, replayed);
             }));
         }
     }

@@ -96,6 +96,10 @@ pub(super) async fn open(
     let in_transaction = sessions.in_transactions();
     match open_as(settings, in_transaction, opening).await {
         Err((Evidence::QueryFailed, detail)) if sessions.retry_in_transaction(in_transaction) => {
+            // Once more as it was (a transient error passes), then in transaction mode.
+            if let Ok(conn) = open_as(settings, false, opening).await {
+                return Ok(conn);
+            }
             let conn = open_as(settings, true, opening).await?;
             sessions.switch(&detail);
             Ok(conn)
@@ -117,19 +121,7 @@ async fn open_as(
             false => settings.postgres.connect().await,
         };
         let mut conn = connected.map_err(|e| (Evidence::of_connect(&e), e.to_string()))?;
-        if probing_a_pooler {
-            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-            in_session!(&mut conn, true, Writes::No, |c| diesel::sql_query(
-                "SELECT 1"
-            )
-            .execute(c))
-            .map_err(|e| {
-                (
-                    Evidence::Unreachable,
-                    format!("SELECT 1 through the pooler: {e}"),
-                )
-            })?;
-        } else if in_transaction {
+        if in_transaction {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         } else if opening == Opening::Pool {
             load_templates(&mut conn, &[0])
@@ -138,16 +130,49 @@ async fn open_as(
         }
         Ok(conn)
     };
-    match tokio::time::timeout(timeout, setup).await {
+    let conn = match tokio::time::timeout(timeout, setup).await {
         // A pooler that accepts the connection but fails its set-up may be answering for a
         // server that is not there: for a probe through one, that is what it found.
         Ok(Err((Evidence::QueryFailed, detail))) if probing_a_pooler => {
-            Err((Evidence::Unreachable, detail))
+            return Err((Evidence::Unreachable, detail))
         }
-        Ok(result) => result,
-        Err(_) => Err((
+        Ok(result) => result?,
+        Err(_) => {
+            return Err((
+                Evidence::Unreachable,
+                format!("connecting took longer than {timeout:?}"),
+            ))
+        }
+    };
+    match probing_a_pooler {
+        true => select_one(conn, timeout).await,
+        false => Ok(conn),
+    }
+}
+
+/// A probe through a transaction-mode pooler, which took the connection: a `SELECT 1` through
+/// it. Failed, the server behind it is gone; unanswered within `timeout`, the pooler's server
+/// connections may just be busy (a slow database is not a failed one): inconclusive.
+async fn select_one(
+    mut conn: AsyncPgConnection,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, (Evidence, String)> {
+    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    let select = async {
+        in_session!(&mut conn, true, Writes::No, |c| diesel::sql_query(
+            "SELECT 1"
+        )
+        .execute(c))
+    };
+    match tokio::time::timeout(timeout, select).await {
+        Ok(Ok(_)) => Ok(conn),
+        Ok(Err(e)) => Err((
             Evidence::Unreachable,
-            format!("connecting took longer than {timeout:?}"),
+            format!("SELECT 1 through the pooler: {e}"),
+        )),
+        Err(_) => Err((
+            Evidence::Busy,
+            format!("SELECT 1 through the pooler got no answer within {timeout:?}"),
         )),
     }
 }

@@ -72,6 +72,8 @@ pub struct Routing {
     next: usize,
     /// The listener is deaf: a change may be unknown, so no replica can be shown to hold it.
     deaf: bool,
+    /// Replicas that take no load for good (not standbys): pins do not wait for them.
+    excluded: Vec<bool>,
 }
 
 impl Routing {
@@ -83,6 +85,7 @@ impl Routing {
             seq: 0,
             next: 0,
             deaf: false,
+            excluded: vec![false; replicas],
         }
     }
 
@@ -170,7 +173,7 @@ impl Routing {
         let n = self.replayed.len();
         for step in 0..n {
             let i = (self.next + step) % n;
-            if self.replayed[i].is_some_and(|at| at >= needs) {
+            if !self.excluded[i] && self.replayed[i].is_some_and(|at| at >= needs) {
                 self.next = (i + 1) % n;
                 return Target::Replica(i);
             }
@@ -178,10 +181,23 @@ impl Routing {
         Target::Primary
     }
 
+    /// Replica `i` takes no load from now on (it is not a standby): nothing waits for it.
+    pub fn exclude(&mut self, i: usize) {
+        if let Some(excluded) = self.excluded.get_mut(i) {
+            *excluded = true;
+        }
+        self.replica_at(i, None);
+    }
+
     /// Pins every replica has passed can go: any replica may serve those keys again. (An
-    /// unhealthy replica has passed nothing: it is re-checked when it is healthy again.)
+    /// unhealthy replica has passed nothing: it is re-checked when it is healthy again. An
+    /// excluded one never serves again, so nothing waits for it.)
     fn drop_passed(&mut self) {
-        let Some(slowest) = self.replayed.iter().copied().collect::<Option<Vec<_>>>() else {
+        let counted = self.replayed.iter().zip(&self.excluded);
+        let positions = counted
+            .filter(|(_, excluded)| !**excluded)
+            .map(|(at, _)| *at);
+        let Some(slowest) = positions.collect::<Option<Vec<_>>>() else {
             return;
         };
         let Some(slowest) = slowest.into_iter().min() else {
@@ -209,15 +225,32 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// Positions kept: five minutes of ticks. A replica further behind takes no loads.
-    const KEPT: usize = 600;
+    /// How long positions are kept: a replica further behind takes no loads.
+    const KEPT_MS: u64 = 5 * 60 * 1000;
+    /// Positions asked for closer together than this (changes ask for one each) share a place:
+    /// the newer replaces the newer of the two, so the five minutes stay five minutes.
+    const GAP_MS: u64 = 100;
 
     /// The primary was at `lsn` or past it when asked at `asked_at_ms`.
     pub fn primary_at(&mut self, asked_at_ms: u64, lsn: Lsn) {
-        if self.positions.len() == Self::KEPT {
-            self.positions.pop_front();
+        let newest_two = self.positions.len() >= 2;
+        let crowded = self
+            .positions
+            .iter()
+            .rev()
+            .nth(1)
+            .is_some_and(|(at, _)| asked_at_ms.saturating_sub(*at) < Self::GAP_MS);
+        if newest_two && crowded {
+            self.positions.pop_back();
         }
         self.positions.push_back((asked_at_ms, lsn));
+        while self
+            .positions
+            .front()
+            .is_some_and(|(at, _)| at + Self::KEPT_MS < asked_at_ms)
+        {
+            self.positions.pop_front();
+        }
     }
 
     /// The newest moment before which a replica that has replayed `replayed` holds everything
@@ -328,6 +361,29 @@ mod tests {
     }
 
     #[test]
+    fn an_excluded_replica_takes_no_load_and_no_pin_waits_for_it() {
+        let mut routing = Routing::new(2);
+        routing.replica_at(0, Some(100));
+        routing.exclude(1);
+        assert!(routing.changed(7));
+        let asked = routing.asking();
+        routing.primary_at(asked, 150);
+        assert_eq!(routing.route(7), Target::Primary, "not replayed yet");
+        routing.replica_at(0, Some(150));
+        assert_eq!(
+            routing.pinned(),
+            0,
+            "the standby passed it: nothing waits for the other"
+        );
+        assert!((0..4).all(|id| routing.route(id) == Target::Replica(0)));
+        routing.replica_at(1, Some(1_000));
+        assert!(
+            (0..4).all(|id| routing.route(id) == Target::Replica(0)),
+            "excluded for good"
+        );
+    }
+
+    #[test]
     fn a_replica_holds_what_the_primary_had_when_asked_for_the_newest_position_it_replayed() {
         let mut timeline = Timeline::default();
         assert_eq!(timeline.as_of(100), None, "nothing known yet");
@@ -346,12 +402,36 @@ mod tests {
     }
 
     #[test]
-    fn the_timeline_keeps_five_minutes_of_ticks() {
+    fn the_timeline_keeps_five_minutes_however_often_it_is_asked() {
         let mut timeline = Timeline::default();
-        for tick in 0..(Timeline::KEPT as u64 + 10) {
-            timeline.primary_at(tick * 500, tick);
+        // A tick every 500 ms for six minutes, and a change's question every millisecond of
+        // each tick's first 50.
+        for tick in 0..720u64 {
+            let at = tick * 500;
+            timeline.primary_at(at, at);
+            for ms in 1..50 {
+                timeline.primary_at(at + ms, at + ms);
+            }
         }
-        assert_eq!(timeline.as_of(9), None, "forgotten");
-        assert_eq!(timeline.as_of(10), Some(5_000));
+        let newest = 719 * 500 + 49;
+        assert!(
+            timeline.positions.len() < 2 * 720,
+            "{}",
+            timeline.positions.len()
+        );
+        assert_eq!(timeline.as_of(newest), Some(newest));
+        let five_minutes_ago = newest - Timeline::KEPT_MS;
+        let kept = timeline
+            .as_of(five_minutes_ago + 500)
+            .expect("five minutes kept");
+        assert!(
+            kept >= five_minutes_ago && kept <= five_minutes_ago + 500,
+            "{kept}"
+        );
+        assert_eq!(
+            timeline.as_of(five_minutes_ago - 1_000),
+            None,
+            "older is forgotten"
+        );
     }
 }

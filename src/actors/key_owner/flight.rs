@@ -335,11 +335,12 @@ impl KeyOwner {
             Ok(fetched) => fetched,
         };
         let (lookup, as_of_ms) = lookup;
-        let (read_at, read_at_ms) = data_from(read_at, as_of_ms);
-        if let Some(read_at) = read_at {
-            self.near_cache
-                .remember(id, &lookup, read_at, Duration::MAX);
-        }
+        // The near cache counts from the read: the pins keep every change this service knows
+        // of off a replica that has not replayed it. Redis, which other replicas read, gets the
+        // age of what the replica had replayed.
+        self.near_cache
+            .remember(id, &lookup, read_at.0, Duration::MAX);
+        let read_at_ms = data_from(read_at.1, as_of_ms);
         let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
         let terms = self.flight_terms(id, true, &loaded);
         for waiter in self.take_waiters(id, flight_id) {
@@ -426,7 +427,7 @@ impl KeyOwner {
                     let write = CacheSet {
                         id,
                         lookup: lookup.clone(),
-                        loaded_at_ms: data_from(read_at, as_of_ms).1,
+                        loaded_at_ms: data_from(read_at.1, as_of_ms),
                     };
                     let fill = deps.cache_set.send(write);
                     let _ = fill.instrument(info_span!("redis.write")).await;
@@ -471,20 +472,10 @@ async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, Fligh
 /// replica held everything the primary had committed (see [`crate::actors::db::Loaded`]).
 type Fetched = (Lookup, Option<u64>);
 
-/// When a load's data is from: when its read began (`read_at`), or, for a replica's row, as of
-/// `as_of_ms` if that is earlier. The [`Instant`] is `None` when that moment is older than this
-/// host's clock goes back (a row whose age was never known, stamped 0): nothing remembers it.
-fn data_from(
-    (read_at, read_at_ms): (Instant, u64),
-    as_of_ms: Option<u64>,
-) -> (Option<Instant>, u64) {
-    match as_of_ms {
-        Some(as_of_ms) if as_of_ms < read_at_ms => {
-            let older = Duration::from_millis(read_at_ms - as_of_ms);
-            (read_at.checked_sub(older), as_of_ms)
-        }
-        _ => (Some(read_at), read_at_ms),
-    }
+/// When a load's data is from (unix ms), as its Redis entry records it: when its read began
+/// (`read_at_ms`), or, for a replica's row, as of `as_of_ms` if that is earlier.
+fn data_from(read_at_ms: u64, as_of_ms: Option<u64>) -> u64 {
+    as_of_ms.map_or(read_at_ms, |as_of_ms| as_of_ms.min(read_at_ms))
 }
 
 /// The database load, ending by `deadline`.
