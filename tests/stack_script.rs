@@ -12,6 +12,11 @@
 //! With `POOLER=pgbouncer`, PgBouncer runs in front of PostgreSQL: `status` reports it, `env`
 //! points `DATABASE_URL` through it and `DATABASE_LISTEN_URL` past it, and `stop` stops it.
 //!
+//! With `REDIS_MODE=cluster`, Redis is a cluster of three masters and the service's `REDIS_URL`
+//! lists them; with `REDIS_MODE=sentinel`, a master, its replica and three sentinels, and the
+//! service gets `REDIS_SENTINELS`; a master killed is failed over, and `start` brings it back as
+//! a replica.
+//!
 //! Every script run is bounded in time, and a guard runs `stop` when the test ends, however it
 //! ends, so no server outlives the test.
 
@@ -49,6 +54,8 @@ struct Stack {
     fleet: Option<Fleet>,
     /// `POOLER=pgbouncer` on this port; `None`: no pooler.
     pgbouncer_port: Option<u16>,
+    /// `REDIS_MODE` (`cluster`, `sentinel`); `None`: unset, the single Redis.
+    redis_mode: Option<&'static str>,
 }
 
 /// A fleet: `replicas` replicas on `base_port..base_port + replicas`, HAProxy on `lb_port`.
@@ -103,7 +110,23 @@ impl Stack {
             http_port,
             fleet: None,
             pgbouncer_port: None,
+            redis_mode: None,
         }
+    }
+
+    /// A stack whose REDIS_PORT starts a run of five free ports (a sentinel set's), the first
+    /// three of which have their cluster bus ports (+10000) free too; REDIS_MODE is set per run.
+    fn with_redis_topology() -> Self {
+        let mut stack = Stack::new();
+        let taken = [stack.pg_port, stack.prom_port, stack.http_port];
+        stack.redis_port = (0..100)
+            .map(|_| free_port_run(5, &taken))
+            .find(|first| {
+                (first + 10_000..first + 10_003)
+                    .all(|bus| TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_ok())
+            })
+            .expect("five free ports with three free bus ports");
+        stack
     }
 
     /// A stack whose `start` runs PgBouncer in front of PostgreSQL too.
@@ -159,6 +182,10 @@ impl Stack {
             // a test.
             .env("SERVICE_BIN", env!("CARGO_BIN_EXE_singleflight"))
             .stdin(Stdio::null());
+        match self.redis_mode {
+            Some(mode) => cmd.env("REDIS_MODE", mode),
+            None => cmd.env_remove("REDIS_MODE"),
+        };
         match self.pgbouncer_port {
             Some(port) => cmd
                 .env("POOLER", "pgbouncer")
@@ -727,6 +754,155 @@ fn pgbouncer_runs_in_front_of_postgres_with_pooler_set() {
         connect(pgbouncer).is_err(),
         "PgBouncer's port is closed after stop"
     );
+}
+
+/// The line of `status` that begins with `name:`.
+fn status_line<'a>(status: &'a Run, name: &str) -> &'a str {
+    status
+        .stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("`status` has no {name} line:\n{}", status.stdout))
+}
+
+/// The pid in a `status` line (`<name>: running, pid <pid>, ...`).
+fn status_pid(line: &str) -> u32 {
+    line.split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in `status` line {line:?}"))
+}
+
+/// `REDIS_MODE=cluster`: three masters on REDIS_PORT..+2, formed and ok, listed in the service's
+/// `REDIS_URL`. Then `REDIS_MODE=sentinel`: a master, its replica and three sentinels, given to
+/// the service as `REDIS_SENTINELS`; the master SIGKILLed is failed over, and `start` brings it
+/// back as the new master's replica. `stop` stops every member.
+#[test]
+fn redis_runs_as_a_cluster_or_under_sentinels_with_redis_mode() {
+    use testkit::launcher::{redis, redis_cluster, redis_sentinel};
+
+    let mut stack = Stack::with_redis_topology();
+    let p = stack.redis_port;
+    let ports = |n: u16| -> Vec<u16> { (p..p + n).collect() };
+
+    stack.redis_mode = Some("cluster");
+    let started = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (cluster)");
+    assert!(
+        started.stdout.contains("redis cluster: ok"),
+        "start waits for the cluster:\n{}",
+        started.stdout
+    );
+    redis_cluster::check_ok(&ports(3)).unwrap_or_else(|e| panic!("{e}"));
+    let env = stack
+        .run("env", OTHER_LIMIT)
+        .expect_success("env (cluster)");
+    let urls = format!(
+        "export REDIS_URL=redis://127.0.0.1:{p},redis://127.0.0.1:{},redis://127.0.0.1:{}",
+        p + 1,
+        p + 2
+    );
+    assert!(
+        env.stdout.lines().any(|line| line == urls),
+        "`env` lists every master in REDIS_URL ({urls:?}):\n{}",
+        env.stdout
+    );
+    let status = stack
+        .run("status", OTHER_LIMIT)
+        .expect_success("status (cluster)");
+    assert!(status_line(&status, "redis-cluster").contains(": ok"));
+    for i in 1..=3 {
+        let line = status_line(&status, &format!("redis-node-{i}"));
+        assert!(
+            line.contains("running, pid ") && line.contains(&format!("port {} ", p + i - 1)),
+            "{line}"
+        );
+    }
+    stack
+        .run("stop", OTHER_LIMIT)
+        .expect_success("stop (cluster)");
+    for port in ports(3) {
+        assert!(connect(port).is_err(), "node :{port} stopped");
+    }
+
+    stack.redis_mode = Some("sentinel");
+    let started = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (sentinel)");
+    assert!(
+        started
+            .stdout
+            .contains(&format!("redis sentinels: ready, master 127.0.0.1:{p} ")),
+        "start waits for the sentinels:\n{}",
+        started.stdout
+    );
+    let env = stack
+        .run("env", OTHER_LIMIT)
+        .expect_success("env (sentinel)");
+    for line in [
+        format!(
+            "export REDIS_SENTINELS=127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+            p + 2,
+            p + 3,
+            p + 4
+        ),
+        "export REDIS_SENTINEL_MASTER=singleflight".to_owned(),
+    ] {
+        assert!(
+            env.stdout.lines().any(|l| l == line),
+            "`env` prints {line:?}:\n{}",
+            env.stdout
+        );
+    }
+    assert!(
+        !env.stdout.contains("REDIS_URL"),
+        "no REDIS_URL beside the sentinels:\n{}",
+        env.stdout
+    );
+    let status = stack
+        .run("status", OTHER_LIMIT)
+        .expect_success("status (sentinel)");
+    assert!(status_line(&status, "redis-node-1").ends_with(", master"));
+    assert!(status_line(&status, "redis-node-2").ends_with(", replica"));
+    for i in 1..=3 {
+        assert!(status_line(&status, &format!("redis-sentinel-{i}")).ends_with(", sentinel"));
+    }
+
+    // The master dies; the sentinels promote the replica; `start` brings the old one back.
+    let master = status_pid(status_line(&status, "redis-node-1"));
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &master.to_string()])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "kill the master"
+    );
+    let sentinels = &ports(5)[2..];
+    let new = redis_sentinel::wait_failover(sentinels, "singleflight", p, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(new, p + 1, "the replica is promoted");
+    let again = stack
+        .run("start", START_LIMIT)
+        .expect_success("start (after the failover)");
+    assert!(
+        again.stdout.contains("redis-node-1: starting")
+            && again.stdout.contains(&format!(
+                "redis sentinels: ready, master 127.0.0.1:{} ",
+                p + 1
+            )),
+        "start brings the old master back:\n{}",
+        again.stdout
+    );
+    assert_eq!(redis::role(p).as_deref(), Ok("slave"), "as a replica");
+
+    stack
+        .run("stop", OTHER_LIMIT)
+        .expect_success("stop (sentinel)");
+    for port in ports(5) {
+        assert!(connect(port).is_err(), "redis :{port} stopped");
+    }
 }
 
 /// What the clients of [`a_rolling_restart_under_load_loses_no_request`] got.

@@ -9,7 +9,9 @@
 //!   [`postgres`] (its binaries, `initdb`'s flags, the settings, running as the `postgres` user
 //!   when we are root, `pg_isready`, the stale lock files of a crash, creating a database, TLS,
 //!   streaming replicas that apply the WAL late), [`redis`] (its command line,
-//!   `PING`/`INFO`/`SHUTDOWN` over RESP, TLS), [`prometheus`] (the scrape config rendered from the
+//!   `PING`/`INFO`/`SHUTDOWN` over RESP, TLS), [`redis_cluster`] (masters in cluster mode,
+//!   formed without questions, the slot-migration protocol), [`redis_sentinel`] (a master, its
+//!   replica and three sentinels, waiting for a failover), [`prometheus`] (the scrape config rendered from the
 //!   project's `prometheus.yaml`, `promtool`, `/-/ready`, the targets' health), [`haproxy`] (its
 //!   configuration in front of the replicas, `haproxy -c`), [`pgbouncer`] (transaction mode in
 //!   front of PostgreSQL: its ini file, run as `postgres` when we are root, ready once a query
@@ -27,8 +29,8 @@
 //! - [`stack`]: `scripts/stack.sh`'s commands (`up`, `start`, `stop`, `status`, `env`, `help`):
 //!   the environment it reads, the `.stack/` layout, the packages it installs, its messages. The
 //!   `stack` binary is only its entry point.
-//! - [`probe`]: asking a server whether it serves (a TCP connect, an HTTP GET, a Redis command,
-//!   a PostgreSQL query), with the standard library alone.
+//! - [`probe`]: asking a server whether it serves (a TCP connect, an HTTP GET, a Redis command
+//!   and its reply, arrays included, a PostgreSQL query), with the standard library alone.
 //!
 //! Nothing here is async, and nothing is a dependency of the service: the service must never link
 //! the code that launches it.
@@ -42,6 +44,8 @@ pub mod probe;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_sentinel;
 pub mod replica;
 pub mod stack;
 

@@ -56,43 +56,135 @@ pub fn http_ok(port: u16, path: &str) -> Result<String, String> {
     }
 }
 
-/// Sends one Redis command (as a RESP array) to `127.0.0.1:port` and returns its reply: a simple
-/// or bulk string, an integer as text, or an empty string if the server closed the connection
-/// (as `SHUTDOWN` does). An error reply is an `Err`.
+/// A Redis reply (RESP2, which every server here speaks unless a client asks for RESP3): enough
+/// for the launcher's own questions, among them the arrays of `CLUSTER SLOTS`, `ROLE` and the
+/// `SENTINEL` commands. An error reply is not a `Reply` but the `Err` of [`redis_reply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A simple or bulk string (bulk strings are read as UTF-8, lossily).
+    Text(String),
+    Integer(i64),
+    /// A null bulk string or null array: "no such thing" (`GET` of a missing key, a sentinel
+    /// asked for a master it does not monitor).
+    Nil,
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// The reply as text: a string as is, an integer in decimal, nil as the empty string, an
+    /// array as its elements' texts one a line (nested arrays flattened).
+    pub fn text(&self) -> String {
+        match self {
+            Reply::Text(text) => text.clone(),
+            Reply::Integer(n) => n.to_string(),
+            Reply::Nil => String::new(),
+            Reply::Array(items) => items.iter().map(Reply::text).collect::<Vec<_>>().join("\n"),
+        }
+    }
+
+    /// The elements of an array reply (none for nil, or for anything else).
+    pub fn items(&self) -> &[Reply] {
+        match self {
+            Reply::Array(items) => items,
+            _ => &[],
+        }
+    }
+
+    /// A string or integer reply as a number.
+    pub fn number<T: std::str::FromStr>(&self) -> Option<T> {
+        match self {
+            Reply::Text(text) => text.parse().ok(),
+            Reply::Integer(n) => n.to_string().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// A flat array of alternating names and values (`SENTINEL master`, each entry of
+    /// `SENTINEL replicas`): the value of `name`.
+    pub fn field(&self, name: &str) -> Option<&Reply> {
+        self.items()
+            .chunks(2)
+            .find(|pair| matches!(&pair[0], Reply::Text(key) if key == name))
+            .and_then(|pair| pair.get(1))
+    }
+}
+
+/// Sends one Redis command (as a RESP array) to `127.0.0.1:port` and returns its reply as text
+/// ([`Reply::text`]): a simple or bulk string, an integer, an array one element a line, or an
+/// empty string if the server closed the connection (as `SHUTDOWN` does). An error reply is an
+/// `Err`.
 pub fn redis(port: u16, command: &[&str]) -> Result<String, String> {
+    redis_reply(port, command).map(|reply| reply.text())
+}
+
+/// Sends one Redis command (as a RESP array) to `127.0.0.1:port` and returns its reply, [`Nil`]
+/// if the server closed the connection instead (as `SHUTDOWN` does). An error reply is an `Err`
+/// that quotes it.
+///
+/// [`Nil`]: Reply::Nil
+pub fn redis_reply(port: u16, command: &[&str]) -> Result<Reply, String> {
     let mut stream = connect(port)?;
     let mut request = format!("*{}\r\n", command.len());
     for word in command {
         request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
     }
+    let name = command.first().copied().unwrap_or_default();
     stream
         .write_all(request.as_bytes())
-        .map_err(|e| format!("sending {} to Redis on port {port}: {e}", command[0]))?;
+        .map_err(|e| format!("sending {name} to Redis on port {port}: {e}"))?;
     let mut reader = BufReader::new(stream);
+    match read_reply(&mut reader, port)? {
+        Some(Ok(reply)) => Ok(reply),
+        Some(Err(error)) => Err(format!("Redis on port {port} answered: {error}")),
+        None => Ok(Reply::Nil),
+    }
+}
+
+/// Reads one reply: `None` if the connection ended before it began; `Some(Err(text))` for an
+/// error reply.
+fn read_reply(
+    reader: &mut impl BufRead,
+    port: u16,
+) -> Result<Option<Result<Reply, String>>, String> {
+    let failed = |e: std::io::Error| format!("reading Redis's answer on port {port}: {e}");
     let mut line = String::new();
-    let read = reader
-        .read_line(&mut line)
-        .map_err(|e| format!("reading Redis's answer on port {port}: {e}"))?;
-    if read == 0 {
-        return Ok(String::new());
+    if reader.read_line(&mut line).map_err(failed)? == 0 {
+        return Ok(None);
     }
     let line = line.trim_end_matches(['\r', '\n']);
-    match line.split_at(line.len().min(1)) {
-        ("+" | ":", rest) => Ok(rest.to_owned()),
-        ("-", error) => Err(format!("Redis on port {port} answered: {error}")),
+    let bad = || format!("Redis on port {port} answered {line:?}");
+    let reply = match line.split_at(line.len().min(1)) {
+        ("+", text) => Reply::Text(text.to_owned()),
+        ("-", error) => return Ok(Some(Err(error.to_owned()))),
+        (":", n) => Reply::Integer(n.parse().map_err(|_| bad())?),
+        ("$", "-1") | ("*", "-1") => Reply::Nil,
         ("$", len) => {
-            let len: usize = len
-                .parse()
-                .map_err(|_| format!("Redis on port {port} sent a bad length: {line:?}"))?;
+            let len: usize = len.parse().map_err(|_| bad())?;
             let mut bulk = vec![0; len + 2];
-            reader
-                .read_exact(&mut bulk)
-                .map_err(|e| format!("reading Redis's answer on port {port}: {e}"))?;
+            reader.read_exact(&mut bulk).map_err(failed)?;
             bulk.truncate(len);
-            Ok(String::from_utf8_lossy(&bulk).into_owned())
+            Reply::Text(String::from_utf8_lossy(&bulk).into_owned())
         }
-        _ => Err(format!("Redis on port {port} answered {line:?}")),
-    }
+        ("*", len) => {
+            let len: usize = len.parse().map_err(|_| bad())?;
+            let mut items = Vec::with_capacity(len.min(1024));
+            for _ in 0..len {
+                match read_reply(reader, port)? {
+                    Some(Ok(item)) => items.push(item),
+                    // An error inside an array (a transaction's): the whole answer is an error.
+                    Some(Err(error)) => return Ok(Some(Err(error))),
+                    None => {
+                        return Err(format!(
+                            "Redis on port {port} closed the connection inside an array"
+                        ))
+                    }
+                }
+            }
+            Reply::Array(items)
+        }
+        _ => return Err(bad()),
+    };
+    Ok(Some(Ok(reply)))
 }
 
 /// A PostgreSQL connection to `127.0.0.1:port` that runs simple queries (protocol 3.0, text
@@ -265,4 +357,43 @@ fn error_text(body: &[u8]) -> String {
         }
     }
     format!("{severity}: {message} (SQLSTATE {code})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8]) -> Option<Result<Reply, String>> {
+        read_reply(&mut BufReader::new(bytes), 0).expect("a well-formed reply")
+    }
+
+    #[test]
+    fn redis_replies_are_read_arrays_and_nils_included() {
+        use Reply::{Array, Integer, Nil, Text};
+        assert_eq!(read(b"+OK\r\n"), Some(Ok(Text("OK".into()))));
+        assert_eq!(read(b":42\r\n"), Some(Ok(Integer(42))));
+        assert_eq!(read(b"$-1\r\n"), Some(Ok(Nil)));
+        assert_eq!(read(b"*-1\r\n"), Some(Ok(Nil)));
+        assert_eq!(read(b"-ERR no\r\n"), Some(Err("ERR no".into())));
+        assert_eq!(read(b""), None, "the server closed the connection");
+        // CLUSTER SLOTS' shape: [first, last, [ip, port, id]].
+        let slots =
+            read(b"*1\r\n*3\r\n:0\r\n:5460\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n")
+                .and_then(Result::ok)
+                .expect("an array");
+        let range = &slots.items()[0];
+        assert_eq!(range.items()[1].number::<u16>(), Some(5460));
+        assert_eq!(range.items()[2].items()[1].number::<u16>(), Some(7000));
+        assert_eq!(range.text(), "0\n5460\n127.0.0.1\n7000\nid");
+        // SENTINEL master's shape: names and values in turn.
+        let master = Array(vec![
+            Text("name".into()),
+            Text("m".into()),
+            Text("flags".into()),
+            Text("master".into()),
+        ]);
+        assert_eq!(master.field("flags"), Some(&Text("master".into())));
+        assert_eq!(master.field("master"), None, "values are not names");
+        assert!(read_reply(&mut BufReader::new(&b"*2\r\n:1\r\n"[..]), 0).is_err());
+    }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// A Unix signal number.
 pub type Signal = libc::c_int;
-pub use libc::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1};
 
 /// Delay between two looks at a process that is starting or stopping: short, because a start is
 /// on the critical path of every test run and of every `stack.sh start`, but not a busy loop.
@@ -214,6 +214,20 @@ pub fn wait_ready(server: &dyn Server, process: &mut dyn Watch, log: &Path) -> R
             });
         }
         thread::sleep(POLL);
+    }
+}
+
+/// Calls `check` every [`POLL`] until it succeeds or `limit` has passed since the first call: a
+/// condition waited for with a bound (a cluster formed, a failover done). The error is the last
+/// check's, for the caller's message.
+pub fn poll<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let started = Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(last) if started.elapsed() >= limit => return Err(last),
+            Err(_) => thread::sleep(POLL),
+        }
     }
 }
 

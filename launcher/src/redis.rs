@@ -101,9 +101,26 @@ pub fn ping(port: u16) -> Result<(), String> {
 /// server on a port is the process a pid file names.
 pub fn process_id(port: u16) -> Option<u32> {
     let info = probe::redis(port, &["INFO", "server"]).ok()?;
-    info.lines()
-        .find_map(|line| line.trim_end_matches('\r').strip_prefix("process_id:"))
-        .and_then(|pid| pid.parse().ok())
+    info_field(&info, "process_id")?.parse().ok()
+}
+
+/// The value of `name` in an `INFO` (or `CLUSTER INFO`) answer's `name:value` lines.
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.trim_end_matches('\r')
+            .strip_prefix(name)?
+            .strip_prefix(':')
+    })
+}
+
+/// What the server on `port` is now (`ROLE`'s first element): `master`, `slave` or `sentinel`.
+pub fn role(port: u16) -> Result<String, String> {
+    let reply = probe::redis_reply(port, &["ROLE"])?;
+    reply
+        .items()
+        .first()
+        .map(probe::Reply::text)
+        .ok_or_else(|| format!("Redis on port {port} answered ROLE with {reply:?}"))
 }
 
 /// Asks the Redis on `port` to exit without saving.

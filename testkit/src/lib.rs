@@ -4,6 +4,9 @@
 //!   that die with the process (PostgreSQL run as the `postgres` user when we are root); on
 //!   demand, PgBouncer in transaction mode in front of that PostgreSQL, and a primary of its own
 //!   with a replica that applies its WAL late.
+//! - [`redis_topologies`]: a Redis Cluster of three masters per test process (slots migrated on
+//!   demand, by the real protocol), and a sentinel set (master, replica, three sentinels) of a
+//!   test's own, whose master the test may kill.
 //! - [`launcher`]: how those servers (and the dashboard test's Prometheus) are run and tied to the
 //!   test process: the launcher crate, which `scripts/stack.sh` runs its servers with too.
 //! - [`certs`]: a throwaway CA and certificates, for the TLS variant of the servers.
@@ -28,5 +31,6 @@ pub mod fault_proxy;
 pub mod otlp;
 pub mod poll;
 pub mod ports;
+pub mod redis_topologies;
 pub mod servers;
 pub mod workspace;

@@ -130,9 +130,9 @@ impl TlsServers {
 /// Started servers: what the tests see, and the running processes, held for the life of the
 /// process (a static is never dropped, so they stop when the process dies, by their death signal).
 #[derive(Debug)]
-struct Started<T> {
-    servers: T,
-    _running: Vec<Attached>,
+pub(crate) struct Started<T> {
+    pub(crate) servers: T,
+    pub(crate) _running: Vec<Attached>,
 }
 
 /// The result of the one start attempt. A failure is stored too (as its
@@ -453,7 +453,7 @@ const INITDB_LIMIT: Duration = Duration::from_secs(30);
 const LOG_TAIL_LINES: usize = 40;
 
 /// A launcher error as a panic message: with the last lines of the server's log, if it has one.
-fn explain(error: launcher::Error) -> String {
+pub(crate) fn explain(error: launcher::Error) -> String {
     match error.log() {
         Some(log) => {
             let tail = process::tail(log, LOG_TAIL_LINES);
@@ -474,11 +474,7 @@ fn start_pair(
     dir: &Path,
     certs: Option<&crate::certs::TestCerts>,
 ) -> Result<(Servers, Option<u16>, [Attached; 2]), String> {
-    let redis_binary = redis::binary().ok_or_else(|| {
-        "`redis-server` not found in PATH; install the Debian package `redis-server` \
-         (apt-get install redis-server)"
-            .to_string()
-    })?;
+    let redis_binary = redis_binary()?;
     let (pg_port, pg) = start_postgres(dir, certs, throwaway())?;
 
     let redis_dir = dir.join("redis");
@@ -511,6 +507,15 @@ fn start_pair(
         redis_port: server.port,
     };
     Ok((servers, tls_port, [pg, redis]))
+}
+
+/// `redis-server`, or what to install.
+pub(crate) fn redis_binary() -> Result<PathBuf, String> {
+    redis::binary().ok_or_else(|| {
+        "`redis-server` not found in PATH; install the Debian package `redis-server` \
+         (apt-get install redis-server)"
+            .to_string()
+    })
 }
 
 /// The PostgreSQL binaries (15 if installed, else the newest), and the user to run them as:

@@ -4,7 +4,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-use super::settings::DB_NAME;
+use super::settings::{RedisMode, DB_NAME};
 use super::{port_holder, say, warn, Failure, Stack};
 use crate::process;
 use crate::prometheus;
@@ -32,6 +32,7 @@ impl Stack {
                 ));
             }
         }
+        self.adopt_redis_mode();
         self.ensure_packages()?;
         self.preflight_ports()?;
         if self.s.fleet() {
@@ -41,7 +42,10 @@ impl Stack {
         if self.s.pgbouncer {
             self.pgbouncer_start()?;
         }
-        self.redis_start()?;
+        match self.s.redis_mode {
+            RedisMode::Single => self.redis_start()?,
+            _ => self.topology_start()?,
+        }
         self.prom_start()
     }
 
@@ -71,22 +75,33 @@ impl Stack {
                 value("DATABASE_URL")
             ));
         }
-        say(&format!(
-            "redis     127.0.0.1:{redis}   REDIS_URL={}",
-            value("REDIS_URL")
-        ));
+        match self.s.redis_mode {
+            RedisMode::Single => say(&format!(
+                "redis     127.0.0.1:{redis}   REDIS_URL={}",
+                value("REDIS_URL")
+            )),
+            RedisMode::Cluster => say(&format!(
+                "redis     {}   REDIS_URL={}",
+                self.redis_where(),
+                value("REDIS_URL")
+            )),
+            RedisMode::Sentinel => say(&format!(
+                "redis     {}   REDIS_SENTINELS={} REDIS_SENTINEL_MASTER={}",
+                self.redis_where(),
+                value("REDIS_SENTINELS"),
+                value("REDIS_SENTINEL_MASTER")
+            )),
+        }
         say(&format!("prometheus http://127.0.0.1:{prom}   scrapes {targets} every 5 s (targets: http://127.0.0.1:{prom}/targets)"));
     }
 
     /// Fails before anything starts if a port is held by something that is not ours.
     fn preflight_ports(&self) -> Result<(), Failure> {
-        let (pg, redis, prom) = (self.s.pg.number, self.s.redis.number, self.s.prom.number);
+        let (pg, prom) = (self.s.pg.number, self.s.prom.number);
         if self.pg_running().is_none() && process::port_open(pg) {
             return Err(self.port_taken("postgres", pg, "PG_PORT"));
         }
-        if self.redis().pid().is_none() && process::port_open(redis) {
-            return Err(self.port_taken("redis", redis, "REDIS_PORT"));
-        }
+        self.redis_preflight()?;
         if self.prom().pid().is_none() && process::port_open(prom) {
             return Err(self.port_taken("prometheus", prom, "PROM_PORT"));
         }
@@ -102,6 +117,8 @@ impl Stack {
     /// `restart`: the fleet's replicas one at a time (see [`Stack::fleet_restart`]), with
     /// SERVICE_BIN or a fresh release build.
     pub(super) fn restart(&mut self) -> Result<ExitCode, Failure> {
+        // The replicas come back with the Redis that runs, whatever REDIS_MODE says now.
+        self.find_running_redis();
         let binary = self.service_binary()?;
         self.fleet_restart(&binary)?;
         Ok(ExitCode::SUCCESS)
@@ -128,10 +145,22 @@ impl Stack {
                 self.s.pgbouncer_port.number, l.pgbouncer_log
             ));
         }
-        say(&format!(
-            "  redis     127.0.0.1:{redis}  dir {}",
-            l.redis_dir
-        ));
+        match self.s.redis_mode {
+            RedisMode::Single => say(&format!(
+                "  redis     127.0.0.1:{redis}  dir {}",
+                l.redis_dir
+            )),
+            RedisMode::Cluster => say(&format!(
+                "  redis     {}  dir {}",
+                self.redis_where(),
+                l.redis_cluster_dir
+            )),
+            RedisMode::Sentinel => say(&format!(
+                "  redis     {}  dir {}",
+                self.redis_where(),
+                l.redis_sentinel_dir
+            )),
+        }
         say(&format!("  prometheus http://127.0.0.1:{prom}  scrapes the service at {targets} every 5 s  data {}", l.prom_data));
         if self.s.fleet() {
             let lb = self.s.lb_port;
@@ -155,8 +184,10 @@ impl Stack {
     }
 
     /// `stop`: the fleet (if one runs), PgBouncer (if one runs), PostgreSQL (fast shutdown),
-    /// Redis and Prometheus; fine if they are stopped already.
+    /// Redis (the single server, or every member of a cluster or sentinel set started here) and
+    /// Prometheus; fine if they are stopped already.
     pub(super) fn stop(&mut self) -> Result<ExitCode, Failure> {
+        self.adopt_redis_mode();
         if self.s.fleet() || self.fleet_started() {
             self.fleet_stop()?;
         }
@@ -164,7 +195,14 @@ impl Stack {
             self.pgbouncer_stop()?;
         }
         self.pg_stop()?;
-        self.redis_stop()?;
+        for mode in RedisMode::ALL {
+            match mode {
+                RedisMode::Single if self.redis_shown(mode) => self.redis_stop()?,
+                RedisMode::Single => {}
+                _ if self.redis_shown(mode) => self.topology_stop(mode)?,
+                _ => {}
+            }
+        }
         self.prom_stop()?;
         Ok(ExitCode::SUCCESS)
     }
@@ -172,6 +210,7 @@ impl Stack {
     /// `status`: running or not, pid, port, data directory and log of each server.
     pub(super) fn status(&mut self) -> Result<ExitCode, Failure> {
         self.find_pg_bins();
+        self.find_running_redis();
         let l = &self.s.layout;
         let not_running = |name: &str, port: u16| {
             println!("{name} not running (port {port} when started)");
@@ -204,17 +243,24 @@ impl Stack {
         if self.s.pgbouncer || self.pgbouncer_started() {
             self.pgbouncer_status();
         }
-        let redis = self.redis();
-        match redis.pid() {
-            Some(pid) => println!(
-                "redis:    running, pid {pid}, port {} (127.0.0.1)",
-                redis.port().unwrap_or(self.s.redis.number)
-            ),
-            None => not_running("redis:   ", self.s.redis.number),
+        if self.redis_shown(RedisMode::Single) {
+            let redis = self.redis();
+            match redis.pid() {
+                Some(pid) => println!(
+                    "redis:    running, pid {pid}, port {} (127.0.0.1)",
+                    redis.port().unwrap_or(self.s.redis.number)
+                ),
+                None => not_running("redis:   ", self.s.redis.number),
+            }
+            println!("          data dir: {}", l.redis_dir);
+            println!("          log file: {}", l.redis_log);
+            println!("          pid file: {}", l.redis_pid);
         }
-        println!("          data dir: {}", l.redis_dir);
-        println!("          log file: {}", l.redis_log);
-        println!("          pid file: {}", l.redis_pid);
+        for mode in [RedisMode::Cluster, RedisMode::Sentinel] {
+            if self.redis_shown(mode) {
+                self.topology_status(mode);
+            }
+        }
         let prom = self.prom();
         match prom.pid() {
             Some(pid) => {
@@ -261,9 +307,20 @@ impl Stack {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// Whether `stop` and `status` cover Redis in `mode`: REDIS_MODE's, and any other this stack
+    /// started (its pid files are there).
+    fn redis_shown(&self, mode: RedisMode) -> bool {
+        self.s.redis_mode == mode
+            || match mode {
+                RedisMode::Single => Path::new(&self.s.layout.redis_pid).exists(),
+                _ => self.topology_started(mode),
+            }
+    }
+
     /// Takes the ports of the servers of this stack that run (PgBouncer's with
-    /// `POOLER=pgbouncer`); the names of those that do not.
-    fn find_running(&mut self) -> Vec<&'static str> {
+    /// `POOLER=pgbouncer`, Redis's in the mode that runs unless REDIS_MODE is set); the names of
+    /// those that do not.
+    fn find_running(&mut self) -> Vec<String> {
         let mut down = Vec::new();
         if let Some((_, port)) = self.pg_running() {
             if let Some(port) = port {
@@ -278,7 +335,7 @@ impl Stack {
                 self.s.me
             ));
         } else {
-            down.push("postgres");
+            down.push("postgres".to_owned());
         }
         if self.s.pgbouncer {
             let pgbouncer = self.pgbouncer();
@@ -286,15 +343,10 @@ impl Stack {
                 self.s.pgbouncer_port.number =
                     pgbouncer.port().unwrap_or(self.s.pgbouncer_port.number);
             } else {
-                down.push("pgbouncer");
+                down.push("pgbouncer".to_owned());
             }
         }
-        let redis = self.redis();
-        if redis.pid().is_some() {
-            self.s.redis.number = redis.port().unwrap_or(self.s.redis.number);
-        } else {
-            down.push("redis");
-        }
+        down.extend(self.find_running_redis());
         down
     }
 
@@ -302,7 +354,10 @@ impl Stack {
     /// (SERVICE_BIN, or a fresh release build), for those who run the service themselves.
     pub(super) fn seed(&mut self) -> Result<ExitCode, Failure> {
         let down = self.find_running();
-        if down.contains(&"postgres") || down.contains(&"pgbouncer") {
+        if down
+            .iter()
+            .any(|server| server == "postgres" || server == "pgbouncer")
+        {
             return Err(Failure::new(
                 format!("not running: {}.", down.join(" ")),
                 [format!("start the stack first: {} start", self.s.me)],

@@ -1,5 +1,6 @@
-//! The servers the stack finds again through a pid file and a port file of its own: Redis,
-//! Prometheus, PgBouncer, HAProxy and the replicas (PostgreSQL keeps its own `postmaster.pid`). One way to
+//! The servers the stack finds again through a pid file and a port file of its own: Redis (and
+//! the members of a Redis Cluster or sentinel set), Prometheus, PgBouncer, HAProxy and the
+//! replicas (PostgreSQL keeps its own `postmaster.pid`). One way to
 //! find one, to start one and to stop one, whatever the server.
 
 use std::path::Path;
@@ -145,6 +146,21 @@ impl Stack {
         let files = [&l.redis_pid, &l.redis_port, &l.redis_log];
         let is_it = |comm: &str| comm.starts_with("redis-server");
         Daemon::new("redis", files, is_it, &redis::STOP, false)
+    }
+
+    /// Member `member` (`node-2`, `sentinel-1`) of the Redis topology whose files are in `dir`
+    /// (REDIS_MODE=cluster or sentinel): `redis-<member>` in the messages.
+    pub(super) fn topology_daemon(&self, dir: &str, member: &str) -> Daemon {
+        let file = |ext: &str| format!("{dir}/{member}.{ext}");
+        let files = [&file("pid"), &file("port"), &file("log")];
+        let is_it = |comm: &str| comm.starts_with("redis-server");
+        Daemon::new(
+            &format!("redis-{member}"),
+            files,
+            is_it,
+            &redis::STOP,
+            false,
+        )
     }
 
     pub(super) fn prom(&self) -> Daemon {

@@ -66,7 +66,8 @@ impl Stack {
     /// The service's settings for the stack started here; the other variables of the README's
     /// configuration table pass through from the caller's environment. With `POOLER=pgbouncer`,
     /// `DATABASE_URL` goes through PgBouncer and `DATABASE_LISTEN_URL` straight to PostgreSQL
-    /// (`LISTEN` and the migration lock need a session of their own).
+    /// (`LISTEN` and the migration lock need a session of their own). Redis's settings follow
+    /// REDIS_MODE (see [`Stack::redis_env`]).
     pub(super) fn service_env(&self) -> Vec<(String, String)> {
         let database = |port: u16| {
             format!(
@@ -87,10 +88,7 @@ impl Stack {
         } else {
             vec![("DATABASE_URL".into(), direct)]
         };
-        env.push((
-            "REDIS_URL".into(),
-            format!("redis://127.0.0.1:{}/", self.s.redis.number),
-        ));
+        env.extend(self.redis_env());
         env.push(("RUST_LOG".into(), self.rust_log()));
         env
     }

@@ -14,6 +14,8 @@
 //!   no pid file of their own: Redis, Prometheus, PgBouncer, HAProxy, the replicas.
 //! - `servers`: starting, reusing and stopping PostgreSQL, Redis and Prometheus.
 //! - `pooler`: PgBouncer in front of PostgreSQL, with `POOLER=pgbouncer`.
+//! - `topology`: with `REDIS_MODE=cluster` or `sentinel`, a Redis Cluster or a sentinel set
+//!   instead of the single Redis.
 //! - `fleet`: the replicas and HAProxy, and `up`'s foreground with a fleet; the service's
 //!   environment and binary.
 //! - `commands`: `up`, `start`, `stop`, `status`, `env`, `seed` (and the demo data step).
@@ -35,6 +37,7 @@ mod packages;
 mod pooler;
 mod servers;
 pub mod settings;
+mod topology;
 
 use std::io::Write;
 use std::path::Path;
@@ -154,6 +157,12 @@ impl Stack {
     /// Fails if a port is held by something that is not this project's server: who holds it, a
     /// hint for the usual suspects, and which variable moves the server elsewhere.
     fn port_taken(&self, what: &str, port: u16, var: &str) -> Failure {
+        self.port_taken_suggesting(what, port, var, u32::from(port) + 1)
+    }
+
+    /// [`Stack::port_taken`], suggesting `var=instead` (a cluster's bus port is REDIS_PORT +
+    /// 10000 and more: the port after the held one would not move it).
+    fn port_taken_suggesting(&self, what: &str, port: u16, var: &str, instead: u32) -> Failure {
         let me = &self.s.me;
         let mut holder = port_holder(port).join("\n");
         if holder.is_empty() {
@@ -183,8 +192,7 @@ impl Stack {
             Vec::new()
         });
         next.push(format!(
-            "choose another port, e.g.: {var}={} {}",
-            u32::from(port) + 1,
+            "choose another port, e.g.: {var}={instead} {}",
             self.s.again()
         ));
         next.push(format!(

@@ -457,12 +457,7 @@ impl Stack {
     pub(super) fn redis_stop(&mut self) -> Result<(), Failure> {
         let daemon = self.redis();
         let port = daemon.port().unwrap_or(self.s.redis.number);
-        daemon.stop(|pid| {
-            // SHUTDOWN only to the server on that port if it really is ours; else SIGTERM.
-            if !(redis::process_id(port) == Some(pid) && redis::shutdown(port).is_ok()) {
-                process::send(pid, SIGTERM);
-            }
-        })
+        daemon.stop(|pid| shut_down_redis(port, pid))
     }
 
     // ------------------------------------------------------- prometheus --
@@ -619,6 +614,14 @@ impl Stack {
         } else {
             Ok(vec![self.service_target()?])
         }
+    }
+}
+
+/// The first step of stopping the Redis server (or sentinel) `pid` that was started on `port`:
+/// `SHUTDOWN NOSAVE` only to the server on that port if it really is ours; else SIGTERM.
+pub(super) fn shut_down_redis(port: u16, pid: u32) {
+    if !(redis::process_id(port) == Some(pid) && redis::shutdown(port).is_ok()) {
+        process::send(pid, SIGTERM);
     }
 }
 

@@ -18,6 +18,40 @@ pub const DB_NAME: &str = "singleflight";
 /// Most replicas a fleet may have.
 const MAX_REPLICAS: u16 = 16;
 
+/// How the stack runs Redis (`REDIS_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server on REDIS_PORT (the default).
+    Single,
+    /// Three masters of a Redis Cluster on REDIS_PORT, +1 and +2 (bus ports +10000).
+    Cluster,
+    /// A master on REDIS_PORT, its replica on +1, three sentinels on +2, +3 and +4.
+    Sentinel,
+}
+
+impl RedisMode {
+    /// Every mode, in the order `stop` and `status` go through them.
+    pub const ALL: [RedisMode; 3] = [RedisMode::Single, RedisMode::Cluster, RedisMode::Sentinel];
+
+    /// As `REDIS_MODE` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RedisMode::Single => "single",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+
+    /// How many ports from REDIS_PORT on it takes.
+    pub fn ports(self) -> u16 {
+        match self {
+            RedisMode::Single => 1,
+            RedisMode::Cluster => 3,
+            RedisMode::Sentinel => 5,
+        }
+    }
+}
+
 /// A server's port, and whether the user chose it.
 #[derive(Clone, Copy, Debug)]
 pub struct Port {
@@ -36,7 +70,12 @@ pub struct Settings {
     pub root: PathBuf,
     pub layout: Layout,
     pub pg: Port,
+    /// REDIS_PORT: the single Redis's, or the first of a topology's (see [`RedisMode`]).
     pub redis: Port,
+    pub redis_mode: RedisMode,
+    /// `REDIS_MODE` was set (to anything but the empty string): `env` then reports that mode,
+    /// not whichever runs.
+    pub redis_mode_chosen: bool,
     pub prom: Port,
     /// `POOLER=pgbouncer`: PgBouncer in transaction mode in front of PostgreSQL, and the service's
     /// `DATABASE_URL` through it.
@@ -75,6 +114,8 @@ impl Settings {
             root,
             pg: Port::default_for("PG_PORT"),
             redis: Port::default_for("REDIS_PORT"),
+            redis_mode: RedisMode::Single,
+            redis_mode_chosen: var("REDIS_MODE").is_some(),
             prom: Port::default_for("PROM_PORT"),
             pgbouncer: false,
             pgbouncer_port: Port::default_for("PGBOUNCER_PORT"),
@@ -104,6 +145,7 @@ impl Settings {
         }
         settings.check_pooler()?;
         settings.check_fleet()?;
+        settings.check_redis_mode()?;
         Ok(settings)
     }
 
@@ -200,6 +242,104 @@ impl Settings {
                     self.again()
                 )],
             ));
+        }
+        Ok(())
+    }
+
+    /// REDIS_MODE, and with a cluster or sentinels the run of ports from REDIS_PORT (and the
+    /// cluster's bus ports): within range, and clear of the other servers' ports.
+    fn check_redis_mode(&mut self) -> Result<(), Failure> {
+        self.redis_mode = match var("REDIS_MODE").as_deref() {
+            None | Some("single") => RedisMode::Single,
+            Some("cluster") => RedisMode::Cluster,
+            Some("sentinel") => RedisMode::Sentinel,
+            Some(other) => {
+                return Err(Failure::new(
+                    format!("REDIS_MODE={other} is not a way this script runs Redis."),
+                    [format!(
+                        "use single (the default: one server), cluster (three masters of a Redis Cluster) or sentinel (a master, a replica and three sentinels), e.g. REDIS_MODE=cluster {}",
+                        self.again()
+                    )],
+                ))
+            }
+        };
+        let mode = self.redis_mode;
+        if mode == RedisMode::Single {
+            return Ok(());
+        }
+        let first = u32::from(self.redis.number);
+        let mut last = first + u32::from(mode.ports()) - 1;
+        if mode == RedisMode::Cluster {
+            // The bus ports, Redis's default: each node's port + 10000.
+            last += 10_000;
+        }
+        if last > 65535 {
+            return Err(Failure::new(
+                format!(
+                    "REDIS_PORT={first} leaves no room for REDIS_MODE={} (ports up to {last}).",
+                    mode.name()
+                ),
+                [format!(
+                    "use a lower one, e.g. REDIS_PORT=6379 {}",
+                    self.again()
+                )],
+            ));
+        }
+        let cluster = mode == RedisMode::Cluster;
+        let span = first..first + u32::from(mode.ports());
+        let bus = if cluster {
+            format!(
+                " and the cluster bus ports {}-{}",
+                first + 10_000,
+                span.end + 9_999
+            )
+        } else {
+            String::new()
+        };
+        // The first port after all of Redis's, for the suggestion.
+        let after = if cluster { span.end + 10_000 } else { span.end };
+        // Each other server's variable, and the ports it stands for.
+        let one = |port: u16| u32::from(port)..u32::from(port) + 1;
+        let mut others = vec![
+            ("PG_PORT", one(self.pg.number)),
+            ("PROM_PORT", one(self.prom.number)),
+        ];
+        if self.pgbouncer {
+            others.push(("PGBOUNCER_PORT", one(self.pgbouncer_port.number)));
+        }
+        if self.fleet() {
+            others.push(("LB_PORT", one(self.lb_port)));
+            let base = u32::from(self.replica_base_port);
+            others.push(("REPLICA_BASE_PORT", base..base + u32::from(self.replicas)));
+        }
+        let taken = |port: &u32| {
+            span.contains(port) || (cluster && span.contains(&port.saturating_sub(10_000)))
+        };
+        for (name, ports) in others {
+            if ports.clone().any(|port| taken(&port)) {
+                let shown = if ports.len() == 1 {
+                    format!("{name}={}", ports.start)
+                } else {
+                    format!(
+                        "{name}={} ({}-{} with REPLICAS={})",
+                        ports.start,
+                        ports.start,
+                        ports.end - 1,
+                        ports.len()
+                    )
+                };
+                return Err(Failure::new(
+                    format!(
+                        "{shown} takes one of Redis's ports with REDIS_MODE={}: {first}-{}{bus}.",
+                        mode.name(),
+                        span.end - 1,
+                    ),
+                    [format!(
+                        "move REDIS_PORT or {name}, e.g. {name}={after} {}",
+                        self.again()
+                    )],
+                ));
+            }
         }
         Ok(())
     }
@@ -350,6 +490,11 @@ pub struct Layout {
     pub redis_log: String,
     pub redis_pid: String,
     pub redis_port: String,
+    /// REDIS_MODE=cluster: the nodes' files (`node-<i>.*`) and their `nodes-<port>.conf`.
+    pub redis_cluster_dir: String,
+    /// REDIS_MODE=sentinel: the data nodes' files (`node-<i>.*`), the sentinels'
+    /// (`sentinel-<i>.*`) and their `sentinel-<port>.conf`.
+    pub redis_sentinel_dir: String,
     pub prom_dir: String,
     pub prom_data: String,
     pub prom_log: String,
@@ -387,6 +532,8 @@ impl Layout {
             redis_log: at("redis/redis.log"),
             redis_pid: at("redis/redis.pid"),
             redis_port: at("redis/redis.port"),
+            redis_cluster_dir: at("redis-cluster"),
+            redis_sentinel_dir: at("redis-sentinel"),
             prom_dir: at("prometheus"),
             prom_data: at("prometheus/data"),
             prom_log: at("prometheus/prometheus.log"),
