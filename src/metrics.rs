@@ -126,6 +126,15 @@ pub struct Metrics {
     pub lease_fills_total: IntCounterVec,
     /// Times the replica's subscription to lease notices was established.
     pub lease_subscriptions_total: IntCounter,
+    /// Writes outside the lease (`CacheSet`) by `outcome`: `written`; `changed` (the key's
+    /// generation or the Redis epoch moved since the load began: nothing written); `unfenced`
+    /// (the load began without a generation read from Redis: nothing written).
+    pub cache_writes_total: IntCounterVec,
+    /// Times a cache actor found that Redis restarted or failed over (the epoch changed): what
+    /// the Redis held before is reloaded on first read.
+    pub redis_epoch_changes_total: IntCounter,
+    /// Failovers the sentinels announced (`+switch-master`) and a cache actor followed.
+    pub redis_master_switches_total: IntCounter,
     /// Time a flight waited on another replica's lease, until it had the value or the lease.
     pub lease_wait_seconds: Histogram,
     /// Keys with a flight in progress, per owner shard.
@@ -377,6 +386,19 @@ impl Metrics {
                 "lease_subscriptions_total",
                 "Times the subscription to lease notices was established",
             )?,
+            cache_writes_total: counter_vec(
+                "cache_writes_total",
+                "Redis writes outside the lease by outcome (written, changed, unfenced)",
+                "outcome",
+            )?,
+            redis_epoch_changes_total: counter(
+                "redis_epoch_changes_total",
+                "Times Redis was found restarted or failed over (its run ids changed)",
+            )?,
+            redis_master_switches_total: counter(
+                "redis_master_switches_total",
+                "Failovers announced by the sentinels (+switch-master) that a cache actor followed",
+            )?,
             lease_wait_seconds,
             key_owner_inflight_keys: gauge_vec(
                 "key_owner_inflight_keys",
@@ -402,6 +424,9 @@ impl Metrics {
         }
         for outcome in ["filled", "lost", "changed"] {
             metrics.lease_fills_total.with_label_values(&[outcome]);
+        }
+        for outcome in ["written", "changed", "unfenced"] {
+            metrics.cache_writes_total.with_label_values(&[outcome]);
         }
         for outcome in ["near_cache", "joined", "read", "missed", "skipped"] {
             metrics

@@ -60,25 +60,36 @@ fn not_found_marker(id: i64) -> String {
 /// raw newline, or the not-found marker):
 ///
 /// ```text
-/// sf1 <loaded_at unix ms> <soft expiry unix ms>
+/// sf2 <loaded_at unix ms> <soft expiry unix ms> <epoch, hex> <p|r>
 /// {"id":1,"name":...}
 /// ```
 ///
-/// Times are wall-clock so that every replica reads them alike.
+/// Times are wall-clock: they give the entry's age and freshness, and are compared with another
+/// replica's clock only for rows read from a read replica (`r`, see
+/// [`crate::actors::cache`]'s suspects). The epoch is the Redis's the load began in (see
+/// [`crate::actors::cache::Fence`]). An entry of the earlier format (`sf1`, no epoch) reads as
+/// epoch 0, which no Redis has: it is reloaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub loaded_at_ms: u64,
     pub soft_expiry_ms: u64,
+    /// The epoch of the Redis in which the load began; 0 when unknown.
+    pub epoch: u64,
+    /// Read from a read replica (`DATABASE_READ_URL`), stamped as of what it had replayed.
+    pub from_replica: bool,
     pub lookup: Lookup,
 }
 
-const ENTRY_TAG: &str = "sf1";
+const ENTRY_TAG: &str = "sf2";
+/// The format before epochs: `sf1 <loaded_at> <soft expiry>`.
+const OLD_ENTRY_TAG: &str = "sf1";
 
 impl Entry {
     pub fn encode(&self, id: i64) -> Vec<u8> {
+        let source = if self.from_replica { 'r' } else { 'p' };
         let mut out = format!(
-            "{ENTRY_TAG} {} {}\n",
-            self.loaded_at_ms, self.soft_expiry_ms
+            "{ENTRY_TAG} {} {} {:x} {source}\n",
+            self.loaded_at_ms, self.soft_expiry_ms, self.epoch
         )
         .into_bytes();
         match &self.lookup {
@@ -94,11 +105,24 @@ impl Entry {
         let newline = raw.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&raw[..newline]).ok()?;
         let mut fields = header.split(' ');
-        if fields.next()? != ENTRY_TAG {
-            return None;
-        }
+        let old = match fields.next()? {
+            ENTRY_TAG => false,
+            OLD_ENTRY_TAG => true,
+            _ => return None,
+        };
         let loaded_at_ms = fields.next()?.parse().ok()?;
         let soft_expiry_ms = fields.next()?.parse().ok()?;
+        let (epoch, from_replica) = if old {
+            (0, false)
+        } else {
+            let epoch = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let from_replica = match fields.next()? {
+                "p" => false,
+                "r" => true,
+                _ => return None,
+            };
+            (epoch, from_replica)
+        };
         if fields.next().is_some() {
             return None;
         }
@@ -113,6 +137,8 @@ impl Entry {
         Some(Entry {
             loaded_at_ms,
             soft_expiry_ms,
+            epoch,
+            from_replica,
             lookup,
         })
     }
@@ -191,10 +217,12 @@ mod tests {
 
     #[test]
     fn entries_round_trip() {
-        for lookup in [Lookup::Found(body(3)), Lookup::NotFound] {
+        for (lookup, from_replica) in [(Lookup::Found(body(3)), true), (Lookup::NotFound, false)] {
             let entry = Entry {
                 loaded_at_ms: 10,
                 soft_expiry_ms: 20,
+                epoch: 0xfeed_0000_0000_beef,
+                from_replica,
                 lookup,
             };
             let raw = Bytes::from(entry.encode(3));
@@ -203,10 +231,23 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_of_the_format_before_epochs_reads_as_epoch_zero() {
+        let mut raw = b"sf1 10 20\n".to_vec();
+        raw.extend_from_slice(&body(3));
+        let entry = Entry::decode(Bytes::from(raw), 3).expect("an entry");
+        assert_eq!(
+            (entry.loaded_at_ms, entry.epoch, entry.from_replica),
+            (10, 0, false)
+        );
+    }
+
+    #[test]
     fn anything_else_is_not_an_entry() {
         let good = Entry {
             loaded_at_ms: 1,
             soft_expiry_ms: 2,
+            epoch: 1,
+            from_replica: false,
             lookup: Lookup::Found(body(3)),
         };
         assert_eq!(
@@ -218,7 +259,9 @@ mod tests {
             body(3).to_vec(),                // a bare body (older format)
             b"sf1 1 2\n{\"id\":3}".to_vec(), // not a whole template
             b"sf1 x 2\n".to_vec(),           // a bad header
-            b"sf2 1 2\n{}".to_vec(),         // another format
+            b"sf2 1 2\n{}".to_vec(),         // no epoch
+            b"sf2 1 2 a x\n{}".to_vec(),     // neither p nor r
+            b"sf3 1 2 a p\n{}".to_vec(),     // another format
             b"garbage".to_vec(),
         ] {
             assert_eq!(Entry::decode(Bytes::from(raw.clone()), 3), None, "{raw:?}");

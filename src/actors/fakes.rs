@@ -20,8 +20,8 @@ use actix::prelude::*;
 use chrono::Utc;
 
 use crate::actors::cache::{
-    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, LeaseExtend,
-    LeaseFill, LeaseRelease, LeaseState, PingCache,
+    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Claim, ClaimLoad, Fence,
+    LeaseExtend, LeaseFill, LeaseRelease, LeaseState, PingCache, Read,
 };
 use crate::actors::db::{guard_panics, DbError, FetchTemplate, Loaded, PingDb, Standing};
 use crate::actors::key_owner::{Generations, KeyOwnerDeps, LeaseDeps, OwnerSettings};
@@ -73,7 +73,13 @@ pub struct FakeCache {
     pub dels: Counter,
     /// The fleet leases, kept next to the values as Redis keeps them.
     pub leases: FakeLeases,
+    /// Each key's generation, bumped by every delete, as Redis keeps it: a write whose fence
+    /// names an older one (or none) is counted but not kept.
+    pub generations: HashMap<i64, i64>,
 }
+
+/// The one Redis epoch of the fake.
+const EPOCH: u64 = 1;
 
 /// Fleet leases in memory: each key's holder token and when its lease runs out. A lease held
 /// under [`PEER`] stands for another replica's.
@@ -126,6 +132,15 @@ impl FakeCache {
                 ttl: Duration::from_millis(300),
                 ..FakeLeases::default()
             },
+            generations: HashMap::new(),
+        }
+    }
+
+    /// The fence a load of `id` that begins now writes under.
+    fn fence(&self, id: i64) -> Fence {
+        Fence {
+            generation: self.generations.get(&id).copied().unwrap_or(0),
+            epoch: EPOCH,
         }
     }
 
@@ -144,10 +159,16 @@ impl FakeCache {
             .collect()
     }
 
-    /// A write lands: counted, and kept unless the cache is forgetful.
-    fn land(&mut self, CacheSet { id, lookup, .. }: CacheSet) {
+    /// A write lands: counted, and kept unless the cache is forgetful or the key changed since
+    /// the load began (its fence is not the key's now).
+    fn land(
+        &mut self,
+        CacheSet {
+            id, lookup, fence, ..
+        }: CacheSet,
+    ) {
         self.sets.bump();
-        if !self.forgetful {
+        if !self.forgetful && fence == Some(self.fence(id)) {
             let soft_expiry = Instant::now() + Duration::from_secs(30);
             self.store.insert(id, (lookup, soft_expiry));
         }
@@ -159,10 +180,13 @@ impl Actor for FakeCache {
 }
 
 impl Handler<CacheGet> for FakeCache {
-    type Result = Response<Result<Option<Cached>, CacheError>>;
+    type Result = Response<Result<Read, CacheError>>;
     fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
         self.gets.bump();
-        let value = self.cached(id);
+        let value = Read {
+            value: self.cached(id),
+            fence: self.fence(id),
+        };
         let delay = self.get_delay;
         if delay.is_zero() {
             return Response::reply(Ok(value));
@@ -197,17 +221,17 @@ impl Handler<CacheGetMany> for FakeCache {
 }
 
 impl Handler<CacheSet> for FakeCache {
-    type Result = ActorResponse<Self, Result<(), CacheError>>;
+    type Result = ActorResponse<Self, Result<bool, CacheError>>;
     fn handle(&mut self, msg: CacheSet, _: &mut Self::Context) -> Self::Result {
         let delay = self.set_delay;
         if delay.is_zero() {
             self.land(msg);
-            return ActorResponse::reply(Ok(()));
+            return ActorResponse::reply(Ok(true));
         }
         let write = tokio::time::sleep(delay).into_actor(self);
         ActorResponse::r#async(write.map(move |(), cache, _| {
             cache.land(msg);
-            Ok(())
+            Ok(true)
         }))
     }
 }
@@ -217,6 +241,7 @@ impl Handler<CacheDel> for FakeCache {
     fn handle(&mut self, CacheDel(id): CacheDel, _: &mut Self::Context) {
         self.dels.bump();
         self.store.remove(&id);
+        *self.generations.entry(id).or_default() += 1;
     }
 }
 
@@ -247,7 +272,12 @@ impl Handler<ClaimLoad> for FakeCache {
         }
         let value = self.cached(id);
         if value.as_ref().is_some_and(|v| !v.is_soft_expired()) {
-            return Ok(Claim { value, lease: None });
+            let fence = self.fence(id);
+            return Ok(Claim {
+                value,
+                lease: None,
+                fence,
+            });
         }
         let now = Instant::now();
         let lease = match self.holder(id) {
@@ -267,6 +297,7 @@ impl Handler<ClaimLoad> for FakeCache {
         Ok(Claim {
             value,
             lease: Some(lease),
+            fence: self.fence(id),
         })
     }
 }

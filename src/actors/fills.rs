@@ -7,14 +7,27 @@
 //! time the lease would run out. So a subscription that is down (Redis unreachable, or being
 //! re-established) costs waiting flights at most a quarter of `LEASE_TTL_MS`, and nothing else.
 //! A subscription that goes quiet is checked with a `PING` and replaced if it does not answer.
+//!
+//! # In a cluster
+//! Fills are announced with `SPUBLISH` on the shard channel of the key's slot (see
+//! [`crate::actors::cache::Keys::slot_channel`]), so the subscription is to all 16,384 of them,
+//! through redis-rs's cluster client (RESP3, its pushes on a channel), which subscribes each on
+//! the node that serves its slot and subscribes again when a node is lost or the slots move. A
+//! node delivers only its own slots' notices: nothing crosses the cluster bus, as classic
+//! `PUBLISH` would make every notice do. With Sentinel, the subscription is to the master the
+//! sentinels name, asked again on every reconnection.
 
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures_util::StreamExt;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::actors::cache::{client, fills_channel, CacheSettings};
+use crate::actors::cache::link::{self, NoticeTarget};
+use crate::actors::cache::{fills_channel, CacheSettings, SLOTS};
 use crate::actors::key_owner::{shard_for, KeyOwner, PeerFilled};
 use crate::actors::relay::{Relay, Subscription};
 use crate::metrics::Metrics;
@@ -53,13 +66,18 @@ impl Notices {
     }
 }
 
-impl Subscription for Notices {
-    type Connection = (PubSubSink, PubSubStream);
-    type Message = redis::Msg;
+/// A subscribed connection: to one Redis, or to every slot's channel of a cluster.
+pub enum Subscribed {
+    Single(PubSubSink, PubSubStream),
+    Cluster(ClusterConnection, UnboundedReceiver<PushInfo>),
+}
 
-    async fn connect(&mut self) -> Result<Self::Connection, String> {
+/// Shard channels subscribed to at once while subscribing to all of them.
+const SUBSCRIBING_AT_ONCE: usize = 256;
+
+impl Notices {
+    async fn subscribe_single(&self, client: redis::Client) -> Result<Subscribed, String> {
         let patience = self.patience();
-        let client = client(&self.settings).map_err(|e| e.to_string())?;
         let pubsub = tokio::time::timeout(patience, client.get_async_pubsub())
             .await
             .map_err(|_| "connecting timed out".to_owned())?
@@ -69,29 +87,99 @@ impl Subscription for Notices {
             .await
             .map_err(|_| "SUBSCRIBE timed out".to_owned())?
             .map_err(|e| e.to_string())?;
-        Ok((sink, stream))
+        Ok(Subscribed::Single(sink, stream))
+    }
+
+    async fn subscribe_cluster(&self, seeds: Vec<String>) -> Result<Subscribed, String> {
+        let (tx, rx) = unbounded_channel();
+        let mut conn = link::notice_cluster(&self.settings, seeds, tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys = self.settings.keys.clone();
+        // Every slot's channel; bounded by a few seconds however many round trips it takes.
+        let subscribe_all = stream::iter(0..SLOTS)
+            .map(|slot| {
+                let mut conn = conn.clone();
+                let channel = keys.slot_channel(slot);
+                async move { conn.ssubscribe(channel).await }
+            })
+            .buffer_unordered(SUBSCRIBING_AT_ONCE)
+            .try_collect::<Vec<()>>();
+        tokio::time::timeout(self.patience() * 10, subscribe_all)
+            .await
+            .map_err(|_| "SSUBSCRIBE timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<Value>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Subscribed::Cluster(conn, rx))
+    }
+}
+
+impl Subscription for Notices {
+    type Connection = Subscribed;
+    type Message = String;
+
+    async fn connect(&mut self) -> Result<Self::Connection, String> {
+        let target = tokio::time::timeout(self.patience() * 2, link::notice_target(&self.settings))
+            .await
+            .map_err(|_| "finding Redis timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        match target {
+            NoticeTarget::Single(client) => self.subscribe_single(*client).await,
+            NoticeTarget::Cluster(seeds) => self.subscribe_cluster(seeds).await,
+        }
     }
 
     async fn connected(&mut self) {
         self.metrics.lease_subscriptions_total.inc();
     }
 
-    async fn next(&self, (_, stream): &mut Self::Connection) -> Option<Result<redis::Msg, String>> {
-        stream.next().await.map(Ok)
+    async fn next(&self, conn: &mut Self::Connection) -> Option<Result<String, String>> {
+        match conn {
+            Subscribed::Single(_, stream) => stream
+                .next()
+                .await
+                .map(|msg| Ok(msg.get_payload::<String>().unwrap_or_default())),
+            Subscribed::Cluster(_, pushes) => loop {
+                let push = pushes.recv().await?;
+                match (push.kind, push.data.as_slice()) {
+                    (PushKind::SMessage, [_channel, Value::BulkString(payload)]) => {
+                        return Some(Ok(String::from_utf8_lossy(payload).into_owned()))
+                    }
+                    (PushKind::Disconnection, _) => {
+                        // The client subscribes again by itself once it has reconnected.
+                        log::debug!("a cluster node of the lease notices disconnected");
+                    }
+                    // Confirmations of (re)subscriptions, and anything else pushed.
+                    _ => {}
+                }
+            },
+        }
     }
 
-    async fn check(&self, (sink, _): &mut Self::Connection) -> Result<(), String> {
+    async fn check(&self, conn: &mut Self::Connection) -> Result<(), String> {
         // A subscribed connection answers PING with an array (`pong`, ""), not a status: any
         // answer will do.
-        match tokio::time::timeout(self.patience(), sink.ping::<redis::Value>()).await {
-            Ok(Ok(_)) => Ok(()),
+        let ping = async {
+            match conn {
+                Subscribed::Single(sink, _) => sink.ping::<Value>().await.map(drop),
+                Subscribed::Cluster(cluster, _) => redis::cmd("PING")
+                    .query_async::<Value>(cluster)
+                    .await
+                    .map(drop),
+            }
+        };
+        match tokio::time::timeout(self.patience(), ping).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the connection stopped answering".to_owned()),
         }
     }
 
-    fn relay(&mut self, message: redis::Msg) {
-        match message.get_payload::<String>().ok().and_then(parse) {
+    fn relay(&mut self, payload: String) {
+        match parse(payload) {
             Some(notice) => {
                 self.metrics.lease_notices_total.inc();
                 self.owners[shard_for(notice.id, self.owners.len())].do_send(notice);

@@ -287,6 +287,52 @@ impl Kind for UrlList {
     }
 }
 
+/// `REDIS_URL`: one URL, or comma-separated URLs (seed nodes of a cluster), each checked as
+/// [`REDIS_URL`] checks one; kept as written.
+#[derive(Clone, Copy)]
+pub struct RedisUrls;
+
+impl Kind for RedisUrls {
+    type Value = String;
+
+    fn read(&self, text: &str) -> Result<String, Cow<'static, str>> {
+        let urls = UrlList(REDIS_URL).read(text)?;
+        if urls.is_empty() {
+            return Err(REDIS_URL.example.into());
+        }
+        Ok(text.to_owned())
+    }
+}
+
+/// `REDIS_SENTINELS`: comma-separated `host:port` (or `redis://`/`rediss://` URLs, for a
+/// password or TLS); none when blank.
+#[derive(Clone, Copy)]
+pub struct Sentinels;
+
+impl Kind for Sentinels {
+    type Value = Vec<String>;
+
+    fn read(&self, text: &str) -> Result<Vec<String>, Cow<'static, str>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        text.split(',')
+            .map(str::trim)
+            .map(|sentinel| {
+                crate::actors::cache::link::sentinel_addr(sentinel)
+                    .map(|_| sentinel.to_owned())
+                    .map_err(|why| {
+                        format!(
+                            "comma-separated sentinels as host:port (e.g. \
+                             10.0.0.5:26379,10.0.0.6:26379), or redis:// URLs; {why}"
+                        )
+                        .into()
+                    })
+            })
+            .collect()
+    }
+}
+
 /// A PEM file, read and checked now, so that a missing or wrong file stops start-up with the
 /// variable's name rather than failing every connection later.
 #[derive(Clone, Copy)]

@@ -52,8 +52,13 @@ pub struct Settings {
     /// `DATABASE_CA_FILE`: PEM CA certificates for `sslmode=verify-ca|verify-full` (unset: the
     /// system's trust store).
     pub database_ca: Option<PemFile>,
-    /// `REDIS_URL`: Redis connection URL (`rediss://` for TLS).
+    /// `REDIS_URL`: Redis connection URL (`rediss://` for TLS), or comma-separated seed nodes
+    /// of a cluster.
     pub redis_url: String,
+    /// `REDIS_SENTINELS`: the sentinels to ask for the master (none: `REDIS_URL` names it).
+    pub redis_sentinels: Vec<String>,
+    /// `REDIS_SENTINEL_MASTER`: the name the sentinels watch the master under.
+    pub redis_sentinel_master: String,
     /// `REDIS_CA_FILE`: PEM CA certificates for `rediss://` (unset: the system's trust store).
     pub redis_ca: Option<PemFile>,
     /// `REDIS_CLIENT_CERT_FILE` and `REDIS_CLIENT_KEY_FILE`: a client certificate (PEM chain)
@@ -290,6 +295,8 @@ impl Options {
             migrate,
             database_ca_file,
             redis_url,
+            redis_sentinels,
+            redis_sentinel_master,
             redis_ca_file,
             redis_client_cert_file,
             redis_client_key_file,
@@ -345,6 +352,8 @@ impl Options {
             migrate,
             database_ca: database_ca_file,
             redis_url,
+            redis_sentinels,
+            redis_sentinel_master,
             redis_ca: redis_ca_file,
             redis_client_cert: client_cert(redis_client_cert_file, redis_client_key_file)?,
             cache_ttl: cache_ttl_secs,

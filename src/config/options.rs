@@ -87,9 +87,22 @@ pub struct Options {
           value_parser = Setting(Optional(Pem(PemKind::Certificates))))]
     pub database_ca_file: ::std::option::Option<PemFile>,
 
-    /// Redis; may be down at start-up. rediss:// for TLS.
-    #[arg(long, env, default_value = "redis://127.0.0.1:6379/", value_parser = Setting(REDIS_URL))]
+    /// Redis; may be down at start-up. rediss:// for TLS. Any node of a Redis Cluster (or several
+    /// nodes, comma-separated) is used as the cluster. With REDIS_SENTINELS: only its user,
+    /// password, database and scheme apply, to the master the sentinels name.
+    #[arg(long, env, default_value = "redis://127.0.0.1:6379/", value_parser = Setting(RedisUrls))]
     pub redis_url: String,
+
+    /// Redis Sentinel: comma-separated host:port of the sentinels (redis:// or rediss:// URLs
+    /// for their password or TLS); the service asks them for the master, and again after a
+    /// failover. Unset: REDIS_URL names the Redis.
+    #[arg(long, env, default_value = "", hide_default_value = true,
+          value_parser = Setting(Sentinels))]
+    pub redis_sentinels: ::std::vec::Vec<String>,
+
+    /// The name the sentinels watch the master under (with REDIS_SENTINELS).
+    #[arg(long, env, default_value = "mymaster", value_parser = Setting(Text))]
+    pub redis_sentinel_master: String,
 
     /// PEM CA certificates that a rediss:// server is checked against (unset: the system's trust
     /// store).
@@ -215,7 +228,7 @@ pub struct Options {
     pub lease_ttl_ms: Duration,
 
     /// Put before every Redis key and pub/sub channel the service uses (e.g. shop-a:), so that
-    /// deployments sharing one Redis keep apart; empty keeps template:N.
+    /// deployments sharing one Redis keep apart; empty keeps template:{N}.
     #[arg(long, env, default_value = "", hide_default_value = true,
           value_parser = Setting(KeyPrefix))]
     pub cache_key_prefix: String,

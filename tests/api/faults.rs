@@ -548,7 +548,7 @@ async fn postgresql_down_serves_what_is_cached_answers_503_for_the_rest_and_reco
         .expect("connect to Redis directly");
     let keys: Vec<String> = only_remembered
         .clone()
-        .map(|id| format!("template:{id}"))
+        .map(|id| format!("template:{{{id}}}"))
         .collect();
     let deleted: usize = redis::cmd("DEL")
         .arg(&keys)
@@ -815,7 +815,7 @@ async fn clients_abandoning_a_load_mid_flight_do_not_cancel_it() {
     let started = Instant::now();
     let stored = loop {
         let stored: Option<String> = redis::cmd("GET")
-            .arg(format!("template:{KEY}"))
+            .arg(format!("template:{{{KEY}}}"))
             .query_async(&mut conn)
             .await
             .expect("GET");

@@ -11,9 +11,9 @@ use crate::support::fault_proxy::Mode;
 use crate::support::{demo_database_url, ports, servers, sum_metric, wait_for_warm_pool};
 
 /// One service process, killed when dropped (a failed assertion must not leave it running).
-struct Replica {
+pub(crate) struct Replica {
     child: std::process::Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Replica {
@@ -31,7 +31,7 @@ fn free_port() -> u16 {
 
 /// Starts `n` replicas on `database_url` and `redis_url` with `env` on top, and waits until
 /// each is ready with its pool open.
-async fn start_fleet(
+pub(crate) async fn start_fleet(
     n: usize,
     database_url: &str,
     redis_url: &str,
@@ -48,8 +48,22 @@ async fn start_fleet_on(
     redis_url: &str,
     env: &[(&str, &str)],
 ) -> Vec<Replica> {
+    let each: Vec<(String, Vec<(String, String)>)> = database_urls
+        .iter()
+        .map(|url| (url.clone(), Vec::new()))
+        .collect();
+    start_each(&each, redis_url, env).await
+}
+
+/// Starts one replica per `(database URL, environment of its own)`, all with `env` too, as
+/// [`start_fleet`] does.
+pub(crate) async fn start_each(
+    replicas: &[(String, Vec<(String, String)>)],
+    redis_url: &str,
+    env: &[(&str, &str)],
+) -> Vec<Replica> {
     let mut fleet = Vec::new();
-    for database_url in database_urls {
+    for (database_url, own_env) in replicas {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_singleflight"));
         command
@@ -65,6 +79,9 @@ async fn start_fleet_on(
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (var, value) in env {
+            command.env(var, value);
+        }
+        for (var, value) in own_env {
             command.env(var, value);
         }
         fleet.push(Replica {
@@ -106,7 +123,11 @@ async fn scrape(client: &reqwest::Client, replica: &Replica) -> String {
 }
 
 /// The sum of `metric` over `replicas`.
-async fn fleet_metric(client: &reqwest::Client, replicas: &[&Replica], metric: &str) -> f64 {
+pub(crate) async fn fleet_metric(
+    client: &reqwest::Client,
+    replicas: &[&Replica],
+    metric: &str,
+) -> f64 {
     let mut total = 0.0;
     for replica in replicas {
         total += sum_metric(&scrape(client, replica).await, metric);
@@ -115,7 +136,7 @@ async fn fleet_metric(client: &reqwest::Client, replicas: &[&Replica], metric: &
 }
 
 /// Polls until the sum of `metric` over `replicas` reaches `at_least`; fails saying `what`.
-async fn wait_for_fleet_metric(
+pub(crate) async fn wait_for_fleet_metric(
     client: &reqwest::Client,
     replicas: &[&Replica],
     metric: &str,
@@ -133,7 +154,7 @@ async fn wait_for_fleet_metric(
 }
 
 /// The sum over `replicas` of the samples of `metric` whose labels are exactly `labels`.
-async fn fleet_sample(
+pub(crate) async fn fleet_sample(
     client: &reqwest::Client,
     replicas: &[&Replica],
     metric: &str,
@@ -152,7 +173,7 @@ async fn fleet_sample(
 
 /// `total` concurrent requests for `id`, spread evenly over `replicas`; every status, body and
 /// `X-Cache`.
-async fn stampede(
+pub(crate) async fn stampede(
     client: &reqwest::Client,
     replicas: &[&Replica],
     id: i64,
@@ -189,7 +210,7 @@ async fn stampede(
     answers
 }
 
-fn all_refs(fleet: &[Replica]) -> Vec<&Replica> {
+pub(crate) fn all_refs(fleet: &[Replica]) -> Vec<&Replica> {
     fleet.iter().collect()
 }
 
@@ -308,7 +329,7 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
                 .map(|r| r.status().as_u16())
         })
     };
-    wait_for_redis_key(&redis_url, &format!("template:{id}:lease")).await;
+    wait_for_redis_key(&redis_url, &format!("template:{{{id}}}:lease")).await;
 
     // The others wait on it...
     let (holder, rest) = fleet.split_at_mut(1);
@@ -344,7 +365,7 @@ async fn when_the_lease_holder_is_killed_mid_load_the_others_take_over_and_answe
         .and_then(|c| c.get_connection())
         .expect("redis connection");
     let filled: i64 = redis::cmd("EXISTS")
-        .arg(format!("template:{id}"))
+        .arg(format!("template:{{{id}}}"))
         .query(&mut redis)
         .expect("EXISTS");
     assert_eq!(filled, 0, "the holder's load cannot have finished");
@@ -393,7 +414,7 @@ async fn wait_for_redis_key(redis_url: &str, key: &str) {
 }
 
 /// GET `/template-details?id=` on `url`: the status and the body's `name`.
-async fn name_of(client: &reqwest::Client, url: &str, id: i64) -> (u16, String) {
+pub(crate) async fn name_of(client: &reqwest::Client, url: &str, id: i64) -> (u16, String) {
     let response = client
         .get(format!("{url}/template-details?id={id}"))
         .send()
@@ -406,14 +427,7 @@ async fn name_of(client: &reqwest::Client, url: &str, id: i64) -> (u16, String) 
 
 #[actix_rt::test]
 async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_after_it_is_known() {
-    use diesel::sql_types::{BigInt, Text};
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
 
     let servers = servers::servers();
     let direct_url = demo_database_url().await;
@@ -439,12 +453,7 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
     let mut conn = AsyncPgConnection::establish(&direct_url)
         .await
         .expect("connect to the test database");
-    let marker = diesel::sql_query("SELECT now()::text AS t")
-        .load::<Stamp>(&mut conn)
-        .await
-        .expect("now()")
-        .remove(0)
-        .t;
+    let marker = database_now(&mut conn).await;
     proxy.set_mode(Mode::Latency(Duration::from_millis(1000)));
 
     // a claims the lease and sends its query; b waits on a's lease.
@@ -452,39 +461,15 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
         let (client, a) = (client.clone(), a.clone());
         async move { name_of(&client, &a, id).await }
     });
-    wait_for_redis_key(&redis_url, &format!("template:{id}:lease")).await;
+    wait_for_redis_key(&redis_url, &format!("template:{{{id}}}:lease")).await;
     let second = actix_rt::spawn({
         let (client, b) = (client.clone(), b.clone());
         async move { name_of(&client, &b, id).await }
     });
     let what = "replica b never waited on a's lease";
     wait_for_fleet_metric(&client, &replica_b, "lease_waits_total", 1.0, what).await;
-    // a's query has run in PostgreSQL (it read the row as it was) once a backend of this
-    // database started a template query after the marker; its answer is still on the way.
-    let ran = testkit::poll::until(
-        Duration::from_secs(10),
-        Duration::from_millis(5),
-        || {
-            let (url, marker) = (direct_url.clone(), marker.clone());
-            async move {
-                let Ok(mut conn) = AsyncPgConnection::establish(&url).await else {
-                    return 0;
-                };
-                diesel::sql_query(
-                    "SELECT count(*) AS n FROM pg_stat_activity \
-                     WHERE datname = current_database() AND query ILIKE '%FROM \"templates\"%' \
-                     AND query NOT ILIKE '%pg_stat_activity%' AND query_start > $1::timestamptz",
-                )
-                .bind::<Text, _>(marker)
-                .load::<Count>(&mut conn)
-                .await
-                .map_or(0, |rows| rows[0].n)
-            }
-        },
-        |n| *n >= 1,
-    )
-    .await;
-    assert!(ran.done, "replica a's query never reached PostgreSQL");
+    // a's query has run in PostgreSQL (it read the row as it was); its answer is on the way.
+    template_query_ran_after(&direct_url, &marker).await;
 
     // The change: b learns of it at once, a only after its old row has come back.
     diesel::sql_query(format!(
@@ -525,7 +510,7 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
         .and_then(|c| c.get_connection())
         .expect("redis connection");
     let cached: Option<String> = redis::cmd("GET")
-        .arg(format!("template:{id}"))
+        .arg(format!("template:{{{id}}}"))
         .query(&mut redis)
         .expect("GET");
     if let Some(cached) = cached {
@@ -540,6 +525,56 @@ async fn a_change_while_another_replica_holds_the_lease_is_never_answered_old_af
 struct Stamp {
     #[diesel(sql_type = diesel::sql_types::Text)]
     t: String,
+}
+
+/// PostgreSQL's clock now, as text: a marker for [`template_query_ran_after`].
+pub(crate) async fn database_now(conn: &mut diesel_async::AsyncPgConnection) -> String {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query("SELECT now()::text AS t")
+        .load::<Stamp>(conn)
+        .await
+        .expect("now()")
+        .remove(0)
+        .t
+}
+
+/// Waits until a backend of the database at `url` has started a template query after
+/// `marker` ([`database_now`]): a replica behind a slow link read the row as it was then, and
+/// its answer is still on the way.
+pub(crate) async fn template_query_ran_after(url: &str, marker: &str) {
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    let ran = testkit::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || async move {
+            let Ok(mut conn) = AsyncPgConnection::establish(url).await else {
+                return 0;
+            };
+            diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE '%FROM \"templates\"%' \
+                 AND query NOT ILIKE '%pg_stat_activity%' AND query_start > $1::timestamptz",
+            )
+            .bind::<Text, _>(marker)
+            .load::<Count>(&mut conn)
+            .await
+            .map_or(0, |rows| rows[0].n)
+        },
+        |n| *n >= 1,
+    )
+    .await;
+    assert!(
+        ran.done,
+        "the slow replica's query never reached PostgreSQL"
+    );
 }
 
 #[actix_rt::test]

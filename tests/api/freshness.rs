@@ -180,7 +180,7 @@ async fn keys_filled_together_expire_spread_over_the_jitter_window() {
                 let mut ttls = Vec::new();
                 for id in ids {
                     let ms: i64 = redis::cmd("PTTL")
-                        .arg(format!("template:{id}"))
+                        .arg(format!("template:{{{id}}}"))
                         .query_async(&mut conn)
                         .await
                         .unwrap();

@@ -59,7 +59,7 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
     let client = redis::Client::open(app.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     redis::cmd("SET")
-        .arg("template:77")
+        .arg("template:{77}")
         .arg("not a template")
         .query_async::<()>(&mut conn)
         .await
@@ -81,7 +81,7 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
             let mut conn = conn.clone();
             async move {
                 redis::cmd("GET")
-                    .arg("template:77")
+                    .arg("template:{77}")
                     .query_async::<Option<String>>(&mut conn)
                     .await
             }
@@ -99,7 +99,7 @@ async fn a_bad_value_in_redis_is_a_miss_that_gets_overwritten() {
         .split_once('\n')
         .expect("an entry: header line, then body");
     assert!(
-        header_line.starts_with("sf1 "),
+        header_line.starts_with("sf2 "),
         "the bad value was overwritten: {stored}"
     );
     assert!(

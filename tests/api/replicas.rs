@@ -298,7 +298,7 @@ async fn a_row_read_from_a_replica_is_stamped_as_old_as_what_the_replica_had_rep
             let mut conn = conn.clone();
             async move {
                 let raw: Option<Vec<u8>> = redis::cmd("GET")
-                    .arg("template:40")
+                    .arg("template:{40}")
                     .query_async(&mut conn)
                     .await
                     .expect("GET");

@@ -36,14 +36,14 @@ async fn deployments_sharing_a_redis_keep_apart_by_their_key_prefix() {
         .await
         .expect("connect to redis");
     let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*template:5*")
+        .arg("*template:{5}*")
         .query_async(&mut conn)
         .await
         .expect("KEYS");
     keys.sort();
     assert!(
-        keys.contains(&"shop-a:template:5".to_owned())
-            && keys.contains(&"shop-b:template:5".to_owned()),
+        keys.contains(&"shop-a:template:{5}".to_owned())
+            && keys.contains(&"shop-b:template:{5}".to_owned()),
         "{keys:?}"
     );
     assert!(

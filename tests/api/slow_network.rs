@@ -227,7 +227,7 @@ async fn a_change_during_a_slow_cache_write_is_never_answered_with_the_old_row()
         // And what is left in Redis once every flight has ended is the new row (or nothing).
         wait_for_metric(&app, "key_owner_inflight_keys", |n| n == 0.0).await;
         let cached: Option<String> = redis::cmd("GET")
-            .arg(format!("template:{id}"))
+            .arg(format!("template:{{{id}}}"))
             .query_async(&mut redis)
             .await
             .expect("GET");

@@ -145,11 +145,11 @@ async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() 
         .expect("connect to Redis directly");
     redis::pipe()
         .cmd("SET")
-        .arg("template:51")
+        .arg("template:{51}")
         .arg("not a template")
         .ignore()
         .cmd("DEL")
-        .arg("template:52")
+        .arg("template:{52}")
         .ignore()
         .query_async::<()>(&mut conn)
         .await
@@ -185,11 +185,11 @@ async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() 
     );
     for id in [51, 52] {
         let stored: String = redis::cmd("GET")
-            .arg(format!("template:{id}"))
+            .arg(format!("template:{{{id}}}"))
             .query_async(&mut conn)
             .await
             .expect("a rewritten entry");
-        assert!(stored.starts_with("sf1 "), "{id}: {stored}");
+        assert!(stored.starts_with("sf2 "), "{id}: {stored}");
     }
 }
 

@@ -40,14 +40,27 @@ use actix::prelude::*;
 use bytes::Bytes;
 use redis::Value;
 
-use super::{usable, CacheActor, CacheError, Cached};
+use super::link::Conn;
+use super::reads::{generation, usable, Distrust};
+use super::{CacheActor, CacheError, Cached, Fence, Keys};
 use crate::template::Lookup;
 
-/// The pub/sub channel on which holders announce that a key was filled or released (see
-/// [`super::Keys::fills_channel`]).
+/// The pub/sub channel on which holders announce that a key was filled or released, on a single
+/// Redis (see [`super::Keys::fills_channel`]; a cluster has one per slot).
 pub fn fills_channel(settings: &super::CacheSettings) -> String {
     let db = super::client(settings).map_or(0, |c| c.get_connection_info().redis_settings().db());
     settings.keys.fills_channel(db)
+}
+
+/// How a notice about `id` is published on `conn`: `PUBLISH` on the single channel, or, in a
+/// cluster, `SPUBLISH` on the shard channel of the key's slot (which a script may publish to,
+/// as it is in the slot of the keys it touches).
+fn publish_to(conn: &Conn, keys: &Keys, single: &str, id: i64) -> (&'static str, String) {
+    if conn.is_cluster() {
+        ("SPUBLISH", keys.fills_channel_of(id))
+    } else {
+        ("PUBLISH", single.to_owned())
+    }
 }
 
 /// Identifies one claim: the replica (a random number drawn at start-up) and its flight.
@@ -69,6 +82,9 @@ pub struct Claim {
     pub value: Option<Cached>,
     /// Who loads the key, when it needs loading.
     pub lease: Option<LeaseState>,
+    /// The generation and epoch the claim saw: what a load after it writes under, when it writes
+    /// outside the lease (a wait that lasted a flight, a peer's fill that wrote nothing).
+    pub fence: Fence,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +114,10 @@ pub struct LeaseFill {
     pub lookup: Lookup,
     /// When the database read began (unix ms), as in [`super::CacheSet`].
     pub loaded_at_ms: u64,
+    /// As in [`super::CacheSet`].
+    pub from_replica: bool,
+    /// The Redis epoch of the claim: a Redis restarted or failed over since gets nothing.
+    pub epoch: u64,
 }
 
 /// Give the lease up without filling (if `token` still holds it), and announce it.
@@ -121,17 +141,18 @@ pub fn notice(id: i64, wrote: bool) -> String {
 /// KEYS: value, lease, generation. ARGV: token, TTL (ms), mode, seen value.
 /// Mode `value`: return the value when there is one; mode `seen`: claim unless the value is no
 /// longer the one seen (then return the new one).
-/// Returns `{0, value}`, `{1}` (claimed) or `{2, ms the holder's lease has left}`.
+/// Returns `{0, generation, value}`, `{1, generation}` (claimed) or `{2, generation, ms the
+/// holder's lease has left}`.
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        local v = redis.call('GET', KEYS[1])
-        if v and (ARGV[3] == 'value' or v ~= ARGV[4]) then return {0, v} end
         local g = redis.call('GET', KEYS[3]) or '0'
+        local v = redis.call('GET', KEYS[1])
+        if v and (ARGV[3] == 'value' or v ~= ARGV[4]) then return {0, g, v} end
         if redis.call('SET', KEYS[2], ARGV[1] .. '|' .. g, 'NX', 'PX', ARGV[2]) then
-            return {1}
+            return {1, g}
         end
-        return {2, redis.call('PTTL', KEYS[2])}
+        return {2, g, redis.call('PTTL', KEYS[2])}
         ",
     )
 });
@@ -152,7 +173,7 @@ static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 /// KEYS: value, lease, generation. ARGV: token, value, expiry (ms; "0" writes nothing),
-/// channel, notice.
+/// channel, notice, publish command (`PUBLISH`, or `SPUBLISH` in a cluster).
 /// Returns 1 if written (or nothing to write), 0 if the token no longer held the lease, 2 if the
 /// key changed since the claim (nothing written; the lease is ended and announced).
 static FILL: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -163,49 +184,56 @@ static FILL: LazyLock<redis::Script> = LazyLock::new(|| {
         redis.call('DEL', KEYS[2])
         local g = redis.call('GET', KEYS[3]) or '0'
         if v ~= ARGV[1] .. '|' .. g then
-            redis.call('PUBLISH', ARGV[4], ARGV[5])
+            redis.call(ARGV[6], ARGV[4], ARGV[5])
             return 2
         end
         if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-        redis.call('PUBLISH', ARGV[4], ARGV[5])
+        redis.call(ARGV[6], ARGV[4], ARGV[5])
         return 1
         "
     ))
 });
 
-/// KEYS: lease. ARGV: token, channel, id. Returns 1 if the token held the lease.
+/// KEYS: lease. ARGV: token, channel, notice, publish command. Returns 1 if the token held the
+/// lease.
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         "{HELD_BY_TOKEN}
         if not held(redis.call('GET', KEYS[1])) then return 0 end
         redis.call('DEL', KEYS[1])
-        redis.call('PUBLISH', ARGV[2], ARGV[3])
+        redis.call(ARGV[4], ARGV[2], ARGV[3])
         return 1
         "
     ))
 });
 
-/// What one run of [`CLAIM`] returned.
+/// What one run of [`CLAIM`] returned, with the key's generation.
 enum ClaimReply {
     Value(Vec<u8>),
     Lease(LeaseState),
 }
 
-fn parse_claim(reply: Value) -> Result<ClaimReply, CacheError> {
+fn parse_claim(reply: Value) -> Result<(ClaimReply, i64), CacheError> {
     let unexpected = |v: &Value| CacheError::Protocol(format!("unexpected lease reply {v:?}"));
     let Value::Array(items) = &reply else {
         return Err(unexpected(&reply));
     };
-    match items.as_slice() {
-        [Value::Int(0), Value::BulkString(raw)] => Ok(ClaimReply::Value(raw.clone())),
-        [Value::Int(1)] => Ok(ClaimReply::Lease(LeaseState::Ours)),
-        [Value::Int(2), Value::Int(ms)] => Ok(ClaimReply::Lease(LeaseState::Theirs {
-            // -2: the lease expired between the SET and the PTTL; -1 cannot happen (it is
-            // always set with a TTL). Either way, look again soon.
-            expires_in: Duration::from_millis((*ms).max(0) as u64),
-        })),
-        _ => Err(unexpected(&reply)),
-    }
+    let (generation_raw, claim) = match items.as_slice() {
+        [Value::Int(0), Value::BulkString(g), Value::BulkString(raw)] => {
+            (g, ClaimReply::Value(raw.clone()))
+        }
+        [Value::Int(1), Value::BulkString(g)] => (g, ClaimReply::Lease(LeaseState::Ours)),
+        [Value::Int(2), Value::BulkString(g), Value::Int(ms)] => (
+            g,
+            ClaimReply::Lease(LeaseState::Theirs {
+                // -2: the lease expired between the SET and the PTTL; -1 cannot happen (it is
+                // always set with a TTL). Either way, look again soon.
+                expires_in: Duration::from_millis((*ms).max(0) as u64),
+            }),
+        ),
+        _ => return Err(unexpected(&reply)),
+    };
+    Ok((claim, generation(Some(generation_raw.clone()))?))
 }
 
 impl CacheActor {
@@ -225,11 +253,12 @@ impl Handler<ClaimLoad> for CacheActor {
         let conn = self.connection();
         let keys = self.settings.keys.clone();
         let timeout = self.settings.timeout;
-        let suspect_before_ms = self.suspects.before(id);
+        let epoch = self.epoch;
+        let distrust = Distrust::of(&self.suspects, id, epoch);
         let metrics = self.metrics.clone();
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {
-            let conn = conn?;
+            let conn = conn.await?;
             // `seen`: the value judged not fresh, which the claim must find unchanged.
             let claim = |seen: Option<Vec<u8>>| {
                 let mut conn = conn.clone();
@@ -254,20 +283,22 @@ impl Handler<ClaimLoad> for CacheActor {
             // Another replica may fill the key between a look and a claim; a claim that finds a
             // new value looks at it instead. A value that keeps changing is a failed call.
             for _ in 0..3 {
-                let raw = match claim(None).await? {
-                    ClaimReply::Lease(state) => {
+                let (raw, generation) = match claim(None).await? {
+                    (ClaimReply::Lease(state), generation) => {
                         return Ok(Claim {
                             value: None,
                             lease: Some(state),
+                            fence: Fence { generation, epoch },
                         })
                     }
-                    ClaimReply::Value(raw) => Bytes::from(raw),
+                    (ClaimReply::Value(raw), generation) => (Bytes::from(raw), generation),
                 };
-                let value = match usable(raw.clone(), id, suspect_before_ms, &metrics) {
+                let value = match usable(raw.clone(), id, distrust, &metrics) {
                     Ok(Some(cached)) if !cached.is_soft_expired() => {
                         return Ok(Claim {
                             value: Some(cached),
                             lease: None,
+                            fence: Fence { generation, epoch },
                         })
                     }
                     Ok(value) => value,
@@ -281,10 +312,11 @@ impl Handler<ClaimLoad> for CacheActor {
                 };
                 // Soft-expired, suspect or not a template: reload it under the lease, unless it
                 // changed meanwhile.
-                if let ClaimReply::Lease(state) = claim(Some(raw.to_vec())).await? {
+                if let (ClaimReply::Lease(state), generation) = claim(Some(raw.to_vec())).await? {
                     return Ok(Claim {
                         value,
                         lease: Some(state),
+                        fence: Fence { generation, epoch },
                     });
                 }
             }
@@ -308,7 +340,7 @@ impl Handler<LeaseExtend> for CacheActor {
         let timeout = self.settings.timeout;
         let ttl_ms = self.lease_ttl_ms();
         self.call(async move {
-            let mut conn = conn?;
+            let mut conn = conn.await?;
             EXTEND
                 .key(keys.lease(id))
                 .arg(token.0)
@@ -330,11 +362,16 @@ impl Handler<LeaseFill> for CacheActor {
             token,
             lookup,
             loaded_at_ms,
+            from_replica,
+            epoch,
         } = fill;
-        // Nothing to write (a "not found" that is not cached) still ends the lease and tells
-        // the waiters, who then load it themselves.
-        let (value, expires_ms) = self
-            .entry_to_write(id, lookup, loaded_at_ms)
+        // A Redis restarted or failed over since the claim may lack the change that makes this
+        // load old: write nothing, but end the lease and tell the waiters, who load themselves.
+        let same_redis = epoch == self.epoch;
+        // Nothing to write (a "not found" that is not cached) does the same.
+        let (value, expires_ms) = same_redis
+            .then(|| self.entry_to_write(id, lookup, loaded_at_ms, epoch, from_replica))
+            .flatten()
             .unwrap_or((Vec::new(), 0));
         let conn = self.connection();
         let keys = self.settings.keys.clone();
@@ -342,7 +379,8 @@ impl Handler<LeaseFill> for CacheActor {
         let metrics = self.metrics.clone();
         let channel = self.fills_channel.clone();
         self.call(async move {
-            let mut conn = conn?;
+            let mut conn = conn.await?;
+            let (publish, channel) = publish_to(&conn, &keys, &channel, id);
             let filled = FILL
                 .key(keys.value(id))
                 .key(keys.lease(id))
@@ -352,10 +390,12 @@ impl Handler<LeaseFill> for CacheActor {
                 .arg(expires_ms)
                 .arg(channel)
                 .arg(notice(id, expires_ms != 0))
+                .arg(publish)
                 .invoke_async::<i64>(&mut conn)
                 .await
                 .map_err(|e| CacheError::from_redis(e, timeout))?;
             let outcome = match filled {
+                1 if !same_redis => "changed",
                 1 => "filled",
                 2 => "changed",
                 _ => "lost",
@@ -364,7 +404,7 @@ impl Handler<LeaseFill> for CacheActor {
                 .lease_fills_total
                 .with_label_values(&[outcome])
                 .inc();
-            Ok(filled == 1)
+            Ok(outcome == "filled")
         })
     }
 }
@@ -385,12 +425,14 @@ impl Handler<LeaseRelease> for CacheActor {
         let timeout = self.settings.timeout;
         let channel = self.fills_channel.clone();
         let release = self.call(async move {
-            let mut conn = conn?;
+            let mut conn = conn.await?;
+            let (publish, channel) = publish_to(&conn, &keys, &channel, id);
             RELEASE
                 .key(keys.lease(id))
                 .arg(token.0)
                 .arg(channel)
                 .arg(notice(id, true))
+                .arg(publish)
                 .invoke_async::<i64>(&mut conn)
                 .await
                 .map(|_| ())

@@ -23,6 +23,9 @@ pub enum CacheError {
     Decode(i64),
     #[error("redis skipped: circuit breaker open after repeated failures")]
     BreakerOpen,
+    /// A write met a replica: a failover made the server the service writes to a replica.
+    #[error("redis is a replica now: {0}")]
+    ReadOnly(String),
 }
 
 impl CacheError {
@@ -38,6 +41,7 @@ impl CacheError {
             CacheError::BreakerOpen => {
                 "Redis calls are skipped after repeated failures (circuit breaker open)"
             }
+            CacheError::ReadOnly(_) => "Redis is a replica now (a failover moved the master)",
         }
     }
 
@@ -46,7 +50,7 @@ impl CacheError {
         match self {
             CacheError::Timeout(_) => "timeout",
             CacheError::Refused(_) => "refused",
-            CacheError::Io(_) => "io",
+            CacheError::Io(_) | CacheError::ReadOnly(_) => "io",
             CacheError::Protocol(_) => "protocol",
             CacheError::Decode(_) => "decode",
             CacheError::BreakerOpen => "skipped",
@@ -63,12 +67,17 @@ impl CacheError {
     pub(super) fn is_connectivity(&self) -> bool {
         matches!(
             self,
-            CacheError::Timeout(_) | CacheError::Refused(_) | CacheError::Io(_)
+            CacheError::Timeout(_)
+                | CacheError::Refused(_)
+                | CacheError::Io(_)
+                | CacheError::ReadOnly(_)
         )
     }
 
     pub(super) fn from_redis(e: redis::RedisError, timeout: Duration) -> Self {
-        if e.is_timeout() {
+        if e.code() == Some("READONLY") {
+            CacheError::ReadOnly(e.to_string())
+        } else if e.is_timeout() {
             CacheError::Timeout(timeout)
         } else if e.is_connection_refusal() {
             CacheError::Refused(e.to_string())
@@ -95,12 +104,31 @@ impl Cached {
     }
 }
 
-/// Read a template: `Ok(None)` on a miss, `Ok(Some(NotFound))` for a cached "no such template".
-/// A value that is not a valid entry for this id is an `Err(Decode)`, so the caller reloads it
-/// and the write overwrites the bad value. An entry loaded before the service last learned that
-/// it may have missed a change ([`MarkSuspect`]) is a miss too: it may be older than that change.
+/// What a write must find unchanged in Redis to land: the key's generation when the load began
+/// (read with the value, or by the lease claim) and the epoch of the Redis it was read from
+/// (see [`super::link`]). Every change bumps the generation and a failover or restart changes
+/// the epoch, so a load that began before either writes nothing — decided in Redis, whatever
+/// the replicas' clocks say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub generation: i64,
+    pub epoch: u64,
+}
+
+/// What [`CacheGet`] found: the value, if usable, and the fence a load of the key writes under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub value: Option<Cached>,
+    pub fence: Fence,
+}
+
+/// Read a template and its generation. `value: None` on a miss, `Some(NotFound)` for a cached
+/// "no such template". A value that is not a valid entry for this id is a miss too (counted as a
+/// `decode` error), so the caller reloads it and its write overwrites the bad value. An
+/// entry from another Redis epoch, or loaded before the service last learned that it may have
+/// missed a change ([`MarkSuspect`]), is a miss too: it may be older than that change.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<Cached>, CacheError>")]
+#[rtype(result = "Result<Read, CacheError>")]
 pub struct CacheGet(pub i64);
 
 /// Read several templates in one round trip (`MGET`): for each id, in order, what [`CacheGet`]
@@ -126,15 +154,21 @@ pub struct MarkSuspect {
 }
 
 /// Store what a load found: a body fresh for `CACHE_TTL_SECS`, a "not found" for
-/// `NEGATIVE_TTL_SECS`, both counted from `loaded_at_ms`, when the database read began.
+/// `NEGATIVE_TTL_SECS`, both counted from `loaded_at_ms`, when the database read began — if the
+/// key's generation and the Redis epoch are still `fence`'s (one script: see [`super::writes`]).
+/// Without a fence (the read before the load failed) nothing is written. `Ok(false)`: nothing
+/// was written.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), CacheError>")]
+#[rtype(result = "Result<bool, CacheError>")]
 pub struct CacheSet {
     pub id: i64,
     pub lookup: Lookup,
     /// Wall-clock time (unix ms) at which the load's database read began: the entry's age, and
     /// what [`MarkSuspect`] compares with.
     pub loaded_at_ms: u64,
+    /// The row was read from a read replica (and `loaded_at_ms` is as of its replay).
+    pub from_replica: bool,
+    pub fence: Option<Fence>,
 }
 
 /// Readiness probe: `PING` (reported as degraded while the breaker is open).

@@ -1,5 +1,5 @@
-//! `CacheActor`: owns a Redis connection (a `ConnectionManager`, which reconnects by itself) and
-//! the circuit breaker in front of it.
+//! `CacheActor`: owns the link to Redis (one server, a cluster, or the master Sentinel names:
+//! see [`link`]) and the circuit breaker in front of it.
 //!
 //! Redis is an optimisation, never a dependency: every call is bounded by `REDIS_TIMEOUT_MS`, and
 //! every failure — timeout, refused connection, protocol error, a value that is not a template —
@@ -11,53 +11,66 @@
 //! breaker *opens*: calls are skipped at no cost and answered as misses. `BREAKER_OPEN_MS` later
 //! the breaker goes *half-open* and the actor itself sends one `PING` (no request waits on it, and
 //! none is needed to trigger it). Success closes the breaker; failure
-//! opens it for another period. Opening also replaces the connection, so a connection stalled
-//! behind a partition is never reused: the probe dials afresh. The decisions are
-//! [`breaker::Breaker`]'s (with unit tests of its states); this actor schedules the probe and
-//! reports each change of state.
+//! opens it for another period. Opening also connects afresh (asking the sentinels again, or
+//! the cluster for its slots), so a connection stalled behind a partition is never reused and a
+//! failover is followed. The decisions are [`breaker::Breaker`]'s (with unit tests of its
+//! states); this actor schedules the probe and reports each change of state.
 //!
 //! One CacheActor runs on each KeyOwner's arbiter (thread), so the owner reaches it without a
 //! cross-thread wake-up, and each shard has a connection and a breaker of its own.
 //!
 //! # What is where
-//! This file holds the actor, its reads, writes and deletes; [`breaker`] the breaker's states;
-//! [`lease`] the fleet lease's scripts; [`suspect`] which entries are read as misses because
-//! they may predate a change.
+//! This file holds the actor, its link and breaker; [`reads`] and [`writes`] its reads, writes
+//! and deletes; [`breaker`] the breaker's states; [`lease`] the fleet lease's scripts; [`link`]
+//! the topologies and epochs; [`switches`] the sentinels' word of a failover; [`suspect`] which entries are read as misses because they may
+//! predate a change; [`keys`] the names.
 
 mod breaker;
 mod keys;
 mod lease;
+pub mod link;
 mod messages;
+mod reads;
 mod suspect;
+mod switches;
+mod writes;
 
-pub use keys::Keys;
+pub use keys::{slot_of, Keys, SLOTS};
 pub use lease::{
     fills_channel, notice, Claim, ClaimLoad, LeaseExtend, LeaseFill, LeaseRelease, LeaseState,
     LeaseToken,
 };
+pub use link::Topology;
 pub use messages::{
-    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, MarkSuspect, PingCache,
+    CacheDel, CacheError, CacheGet, CacheGetMany, CacheSet, Cached, Fence, MarkSuspect, PingCache,
+    Read,
 };
 
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use futures_util::future::{LocalBoxFuture, Shared};
 use futures_util::FutureExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
 
 use crate::actors::Deafness;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::template::{jittered, unix_ms_now, Entry, Lookup};
 use breaker::{Breaker, State};
+use link::{Conn, Linked};
 use suspect::Suspects;
+use switches::MasterSwitched;
+
+/// How often a cache actor reads the epoch (its Redis's run ids) to notice a restart or a
+/// failover that the connection itself hid (a `ConnectionManager` reconnects silently).
+const EPOCH_CHECK: Duration = Duration::from_secs(1);
 
 /// Settings a CacheActor needs; a subset of [`Settings`].
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    pub redis_url: String,
+    /// Where Redis is: `REDIS_URL` (one server, any node of a cluster, or a list of seed nodes),
+    /// or `REDIS_SENTINELS` and `REDIS_SENTINEL_MASTER`.
+    pub topology: Topology,
     /// The CA and client certificate for a `rediss://` URL, when set (otherwise redis-rs uses
     /// the system's trust store).
     pub redis_tls: Option<redis::TlsCertificates>,
@@ -80,7 +93,11 @@ pub struct CacheSettings {
 impl From<&Settings> for CacheSettings {
     fn from(s: &Settings) -> Self {
         CacheSettings {
-            redis_url: s.redis_url.clone(),
+            topology: Topology::from_settings(
+                &s.redis_url,
+                &s.redis_sentinels,
+                &s.redis_sentinel_master,
+            ),
             redis_tls: crate::tls::redis_tls_certificates(
                 s.redis_ca.as_ref(),
                 s.redis_client_cert.as_ref(),
@@ -98,10 +115,23 @@ impl From<&Settings> for CacheSettings {
     }
 }
 
+/// A connection attempt that calls wait on (each clone of it resolves alike).
+type Connecting = Shared<LocalBoxFuture<'static, Result<Linked, CacheError>>>;
+
+/// The actor's way to Redis.
+enum Link {
+    /// Connecting (at start, or again after the breaker opened or a write met a replica):
+    /// calls wait for it, within their timeout.
+    Connecting(Connecting),
+    Ready(Conn),
+}
+
 pub struct CacheActor {
-    /// `None` only when the URL itself is unusable, which start-up already rejects; kept as an
-    /// `Option` so that even then every call is a counted miss rather than a panic.
-    conn: Option<ConnectionManager>,
+    link: Link,
+    /// Tells the latest connection attempt from earlier ones.
+    attempt: u64,
+    /// The epoch of the Redis reached (see [`link`]); 0 until known.
+    epoch: u64,
     settings: CacheSettings,
     metrics: Metrics,
     shard: String,
@@ -111,18 +141,22 @@ pub struct CacheActor {
     published: State,
     /// Which entries are misses because they may predate a change (see [`suspect`]).
     suspects: Suspects,
-    /// Where lease fills and releases are announced (see [`lease`]).
+    /// Where lease fills and releases are announced on a single Redis (see [`lease`]); a
+    /// cluster has a channel per slot ([`Keys::fills_channel_of`]).
     fills_channel: String,
     /// Feeds the TTL jitter; different on every write.
     writes: u64,
+    /// The master the sentinels last said they switched to (see [`switches`]).
+    switched_to: Option<String>,
+    /// A switch was heard: once the new master is reached, probe at once rather than wait out
+    /// an open breaker.
+    probe_when_linked: bool,
 }
 
 impl CacheActor {
-    /// Creates the connection manager lazily: no connection is made until the first call, so the
-    /// service starts while Redis is down. Must run on the actor's own arbiter, where the
-    /// manager's background tasks will live.
+    /// Connects when the actor starts, on its own arbiter (where the connection's background
+    /// tasks will live); the service starts while Redis is down.
     pub fn new(shard: usize, settings: CacheSettings, metrics: Metrics) -> Self {
-        let conn = connect_lazily(&settings);
         let channel = fills_channel(&settings);
         let breaker_failures = settings.breaker_failures;
         // An entry's whole life: its soft TTL with the largest jitter, and the grace after it.
@@ -136,8 +170,11 @@ impl CacheActor {
         for kind in CacheError::COUNTED_KINDS {
             metrics.redis_errors_total.with_label_values(&[kind]);
         }
+        let never = FutureExt::boxed_local(futures_util::future::pending()).shared();
         CacheActor {
-            conn,
+            link: Link::Connecting(never),
+            attempt: 0,
+            epoch: 0,
             settings,
             metrics,
             shard,
@@ -146,26 +183,130 @@ impl CacheActor {
             suspects: Suspects::new(entry_lifetime),
             fills_channel: channel,
             writes: 0,
+            switched_to: None,
+            probe_when_linked: false,
         }
     }
 
-    /// Validates the URL and its TLS settings the way [`CacheActor::new`] will use them.
+    /// Validates the URLs and TLS settings the way [`CacheActor::new`] will use them.
     pub fn check_url(settings: &Settings) -> Result<(), String> {
         let settings = CacheSettings::from(settings);
-        if settings.redis_tls.is_some() && !settings.redis_url.starts_with("rediss://") {
-            return Err(
-                "REDIS_CA_FILE or REDIS_CLIENT_CERT_FILE is set, but the URL is not \
-                        rediss:// (TLS)"
-                    .to_owned(),
-            );
+        let urls: Vec<&str> = match &settings.topology {
+            Topology::Url(url) => vec![url],
+            Topology::Cluster(urls) => urls.iter().map(String::as_str).collect(),
+            Topology::Sentinel {
+                sentinels,
+                template,
+                ..
+            } => {
+                for sentinel in sentinels {
+                    link::sentinel_addr(sentinel)?;
+                }
+                vec![template]
+            }
+        };
+        for url in urls {
+            if settings.redis_tls.is_some() && !url.starts_with("rediss://") {
+                return Err(format!(
+                    "REDIS_CA_FILE or REDIS_CLIENT_CERT_FILE is set, but {url} is not rediss:// \
+                     (TLS)"
+                ));
+            }
+            client_for(&settings, url).map_err(|e| format!("{url}: {e}"))?;
         }
-        client(&settings).map(|_| ()).map_err(|e| e.to_string())
+        Ok(())
     }
 
-    fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        self.conn
-            .clone()
-            .ok_or_else(|| CacheError::Io("no usable REDIS_URL".into()))
+    /// The connection, once connected: a call waits for a connection attempt under way.
+    fn connection(&self) -> LocalBoxFuture<'static, Result<Conn, CacheError>> {
+        match &self.link {
+            Link::Ready(conn) => {
+                FutureExt::boxed_local(futures_util::future::ready(Ok(conn.clone())))
+            }
+            Link::Connecting(pending) => {
+                FutureExt::boxed_local(pending.clone().map(|linked| linked.map(|l| l.conn)))
+            }
+        }
+    }
+
+    /// Starts a connection attempt (asking the sentinels or the cluster afresh); calls wait for
+    /// it. An attempt that fails is tried again a breaker period later, unless a newer one began.
+    fn reconnect(&mut self, ctx: &mut Context<Self>) {
+        self.attempt += 1;
+        let attempt = self.attempt;
+        let settings = self.settings.clone();
+        let patience = link_patience(&settings);
+        let pending: Connecting = FutureExt::boxed_local(async move {
+            match tokio::time::timeout(patience, link::connect(&settings)).await {
+                Ok(linked) => linked,
+                Err(_) => Err(CacheError::Timeout(patience)),
+            }
+        })
+        .shared();
+        self.link = Link::Connecting(pending.clone());
+        ctx.spawn(pending.into_actor(self).map(move |linked, actor, ctx| {
+            if actor.attempt != attempt {
+                return;
+            }
+            match linked {
+                Ok(linked) => {
+                    actor.learned_epoch(linked.epoch);
+                    actor.link = Link::Ready(linked.conn);
+                    if std::mem::take(&mut actor.probe_when_linked)
+                        && actor.breaker.half_open(actor.breaker.epoch())
+                    {
+                        actor.probe(ctx);
+                    }
+                }
+                Err(e) => {
+                    log::warn!("redis (shard {}): could not connect: {e}", actor.shard);
+                    ctx.run_later(actor.settings.breaker_open, move |actor, ctx| {
+                        if actor.attempt == attempt {
+                            actor.reconnect(ctx);
+                        }
+                    });
+                }
+            }
+        }));
+    }
+
+    /// The epoch of the Redis reached is `epoch`: a change means Redis restarted or failed
+    /// over, and what it held before is reloaded on first read.
+    fn learned_epoch(&mut self, epoch: u64) {
+        if self.epoch != 0 && epoch != self.epoch {
+            log::warn!(
+                "redis (shard {}) restarted or failed over (its run id changed): entries \
+                 written before are reloaded on first read",
+                self.shard
+            );
+            self.metrics.redis_epoch_changes_total.inc();
+        }
+        self.epoch = epoch;
+    }
+
+    /// Reads the epoch, to notice a restart or failover behind a connection that reconnected
+    /// by itself. Not a call: it neither waits for a connection nor feeds the breaker.
+    fn check_epoch(&mut self, ctx: &mut Context<Self>) {
+        let Link::Ready(conn) = &self.link else {
+            return;
+        };
+        if !self.breaker.admits() {
+            return;
+        }
+        let mut conn = conn.clone();
+        let timeout = self.settings.timeout;
+        let attempt = self.attempt;
+        let read = async move {
+            tokio::time::timeout(timeout, link::epoch(&mut conn, timeout))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        ctx.spawn(read.into_actor(self).map(move |epoch, actor, _| {
+            if let (Some(epoch), true) = (epoch, actor.attempt == attempt) {
+                actor.learned_epoch(epoch);
+            }
+        }));
     }
 
     /// Logs and counts the breaker's change of state, if it changed, and shows the state in
@@ -200,12 +341,12 @@ impl CacheActor {
         self.metrics.redis_available.set(i64::from(all_closed));
     }
 
-    /// The breaker has just opened: drop the connection (it may be stalled behind a partition)
-    /// and schedule the probe: recovery is found on the actor's own clock, whether or not
-    /// requests keep coming.
+    /// The breaker has just opened: connect afresh (the connection may be stalled behind a
+    /// partition, or reach a master that is gone) and schedule the probe: recovery is found on
+    /// the actor's own clock, whether or not requests keep coming.
     fn opened(&mut self, ctx: &mut Context<Self>) {
         self.publish_breaker();
-        self.conn = connect_lazily(&self.settings);
+        self.reconnect(ctx);
         let epoch = self.breaker.epoch();
         ctx.run_later(self.settings.breaker_open, move |actor, ctx| {
             if actor.breaker.half_open(epoch) {
@@ -233,11 +374,20 @@ impl CacheActor {
         );
     }
 
-    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker.
+    /// Feeds the outcome of a call that began in breaker epoch `epoch` to the breaker. A write
+    /// that met a replica connects afresh at once: a failover moved the master.
     fn record<T>(&mut self, epoch: u64, result: &Result<T, CacheError>, ctx: &mut Context<Self>) {
         let connectivity_failure = matches!(result, Err(e) if e.is_connectivity());
         if self.breaker.record(epoch, connectivity_failure) {
             self.opened(ctx);
+        } else if matches!(result, Err(CacheError::ReadOnly(_)))
+            && matches!(self.link, Link::Ready(_))
+        {
+            log::warn!(
+                "redis (shard {}) answered READONLY: asking where the master is",
+                self.shard
+            );
+            self.reconnect(ctx);
         }
     }
 
@@ -265,7 +415,7 @@ impl CacheActor {
         let timeout = self.settings.timeout;
         bounded(
             async move {
-                let mut conn = conn?;
+                let mut conn = conn.await?;
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
@@ -278,13 +428,15 @@ impl CacheActor {
     }
 
     /// The bytes and the expiry (ms from now) of the entry to write for a load of `lookup` that
-    /// began at `loaded_at_ms`; `None` when nothing is to be written (a "not found" with
-    /// `NEGATIVE_TTL_SECS=0`).
+    /// began at `loaded_at_ms` in Redis epoch `epoch`; `None` when nothing is to be written (a
+    /// "not found" with `NEGATIVE_TTL_SECS=0`).
     fn entry_to_write(
         &mut self,
         id: i64,
         lookup: Lookup,
         loaded_at_ms: u64,
+        epoch: u64,
+        from_replica: bool,
     ) -> Option<(Vec<u8>, u64)> {
         let s = &self.settings;
         let (soft, hard) = match lookup {
@@ -301,6 +453,8 @@ impl CacheActor {
         let entry = Entry {
             loaded_at_ms,
             soft_expiry_ms: loaded_at_ms + soft.as_millis() as u64,
+            epoch,
+            from_replica,
             lookup,
         };
         let expires_ms = loaded_at_ms + hard.as_millis() as u64;
@@ -309,53 +463,23 @@ impl CacheActor {
     }
 }
 
-/// How long a key's generation outlives its last change: far longer than any flight, so a lease
-/// claimed under an older generation cannot see it expire and start again from zero.
-const GENERATION_TTL_MS: i64 = 3_600_000;
-
-/// What a raw Redis value for `id` is worth: a usable entry, a miss (`None`: loaded before
-/// `suspect_before_ms`), or a decode error.
-fn usable(
-    raw: Bytes,
-    id: i64,
-    suspect_before_ms: u64,
-    metrics: &Metrics,
-) -> Result<Option<Cached>, CacheError> {
-    let entry = Entry::decode(raw, id).ok_or(CacheError::Decode(id))?;
-    if entry.loaded_at_ms < suspect_before_ms {
-        metrics.cache_suspect_entries_total.inc();
-        return Ok(None);
-    }
-    let fresh_ms = entry.soft_expiry_ms.saturating_sub(unix_ms_now());
-    Ok(Some(Cached {
-        lookup: entry.lookup,
-        fresh_for: Duration::from_millis(fresh_ms),
-    }))
+/// How long one connection attempt may take: connecting, `INFO`, and the cluster's slots or
+/// the sentinels' answer, a few round trips each.
+fn link_patience(settings: &CacheSettings) -> Duration {
+    (settings.timeout * 4).max(Duration::from_secs(1))
 }
 
-/// The client for `REDIS_URL`, with the CA and client certificate when they are set.
-pub(crate) fn client(settings: &CacheSettings) -> redis::RedisResult<redis::Client> {
+/// The client for one URL of the settings, with the CA and client certificate when they are set.
+fn client_for(settings: &CacheSettings, url: &str) -> redis::RedisResult<redis::Client> {
     match &settings.redis_tls {
-        Some(tls) => redis::Client::build_with_tls(settings.redis_url.as_str(), tls.clone()),
-        None => redis::Client::open(settings.redis_url.as_str()),
+        Some(tls) => redis::Client::build_with_tls(url, tls.clone()),
+        None => redis::Client::open(url),
     }
 }
 
-fn connect_lazily(settings: &CacheSettings) -> Option<ConnectionManager> {
-    client(settings)
-        .and_then(|client| {
-            let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(settings.timeout))
-                // Connecting may take a little longer than a command, but a black-holed Redis
-                // must not hold a reconnect for seconds.
-                .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(100))))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(10))
-                .set_max_delay(Duration::from_millis(500));
-            ConnectionManager::new_lazy_with_config(client, config)
-        })
-        .map_err(|e| log::error!("redis is unusable ({e}); serving from PostgreSQL only"))
-        .ok()
+/// The client for the first URL of the settings (a single server's, or a cluster's first seed).
+pub(crate) fn client(settings: &CacheSettings) -> redis::RedisResult<redis::Client> {
+    client_for(settings, settings.topology.first_url())
 }
 
 /// Bounds a Redis operation by `timeout` and counts its failure by kind.
@@ -388,6 +512,26 @@ impl Actor for CacheActor {
         // One read per flight arrives from the owner; do not make the owner's flights queue on
         // the mailbox under many distinct keys.
         ctx.set_mailbox_capacity(4096);
+        self.reconnect(ctx);
+        ctx.run_interval(EPOCH_CHECK, |actor, ctx| actor.check_epoch(ctx));
+        if let Topology::Sentinel {
+            sentinels, master, ..
+        } = &self.settings.topology
+        {
+            match switches::sentinel_clients(&self.settings, sentinels) {
+                Ok(clients) => {
+                    for client in clients {
+                        let tell = ctx.address().downgrade().recipient();
+                        ctx.spawn(fut::wrap_future(switches::watch(
+                            client,
+                            master.clone(),
+                            tell,
+                        )));
+                    }
+                }
+                Err(e) => log::warn!("redis sentinels: cannot watch for failovers: {e}"),
+            }
+        }
     }
 }
 
@@ -404,135 +548,8 @@ impl Supervised for CacheActor {
             .actor_restarts_total
             .with_label_values(&["cache"])
             .inc();
-        self.conn = connect_lazily(&self.settings);
         self.breaker.reset();
         self.publish_breaker();
-    }
-}
-
-impl Handler<CacheGet> for CacheActor {
-    type Result = ResponseActFuture<Self, Result<Option<Cached>, CacheError>>;
-
-    fn handle(&mut self, CacheGet(id): CacheGet, _: &mut Self::Context) -> Self::Result {
-        let conn = self.connection();
-        let keys = self.settings.keys.clone();
-        let timeout = self.settings.timeout;
-        let suspect_before_ms = self.suspects.before(id);
-        let metrics = self.metrics.clone();
-        self.call(async move {
-            let mut conn = conn?;
-            let value: Option<Vec<u8>> = conn
-                .get(keys.value(id))
-                .await
-                .map_err(|e| CacheError::from_redis(e, timeout))?;
-            match value {
-                None => Ok(None),
-                Some(raw) => usable(Bytes::from(raw), id, suspect_before_ms, &metrics),
-            }
-        })
-    }
-}
-
-impl Handler<CacheGetMany> for CacheActor {
-    type Result = ResponseActFuture<Self, Result<Vec<Option<Cached>>, CacheError>>;
-
-    fn handle(&mut self, CacheGetMany(ids): CacheGetMany, _: &mut Self::Context) -> Self::Result {
-        if ids.is_empty() {
-            return Box::pin(fut::ready(Ok(Vec::new())));
-        }
-        let names = self.settings.keys.clone();
-        let conn = self.connection();
-        let timeout = self.settings.timeout;
-        let suspect_before: Vec<u64> = ids.iter().map(|&id| self.suspects.before(id)).collect();
-        let metrics = self.metrics.clone();
-        self.call(async move {
-            let mut conn = conn?;
-            let keys: Vec<String> = ids.iter().map(|&id| names.value(id)).collect();
-            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| CacheError::from_redis(e, timeout))?;
-            let read = ids.iter().zip(suspect_before).zip(values);
-            Ok(read
-                .map(|((&id, before), raw)| {
-                    usable(Bytes::from(raw?), id, before, &metrics).unwrap_or_else(|e| {
-                        metrics
-                            .redis_errors_total
-                            .with_label_values(&[e.kind()])
-                            .inc();
-                        None
-                    })
-                })
-                .collect())
-        })
-    }
-}
-
-impl Handler<CacheSet> for CacheActor {
-    type Result = ResponseActFuture<Self, Result<(), CacheError>>;
-
-    fn handle(
-        &mut self,
-        CacheSet {
-            id,
-            lookup,
-            loaded_at_ms,
-        }: CacheSet,
-        _: &mut Self::Context,
-    ) -> Self::Result {
-        let Some((value, hard_ms)) = self.entry_to_write(id, lookup, loaded_at_ms) else {
-            return Box::pin(fut::ready(Ok(())));
-        };
-        let conn = self.connection();
-        let keys = self.settings.keys.clone();
-        let timeout = self.settings.timeout;
-        self.call(async move {
-            let mut conn = conn?;
-            redis::cmd("SET")
-                .arg(keys.value(id))
-                .arg(value)
-                .arg("PX")
-                .arg(hard_ms)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| CacheError::from_redis(e, timeout))
-        })
-    }
-}
-
-impl Handler<CacheDel> for CacheActor {
-    type Result = ();
-
-    fn handle(&mut self, CacheDel(id): CacheDel, ctx: &mut Self::Context) {
-        self.suspects.changed(id);
-        let conn = self.connection();
-        let keys = self.settings.keys.clone();
-        let timeout = self.settings.timeout;
-        let del = self.call(async move {
-            let mut conn = conn?;
-            // The generation tells lease holders that loaded before this moment not to fill.
-            let generation = keys.generation(id);
-            redis::pipe()
-                .atomic()
-                .del(keys.value(id))
-                .ignore()
-                .incr(&generation, 1)
-                .ignore()
-                .pexpire(&generation, GENERATION_TTL_MS)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| CacheError::from_redis(e, timeout))
-        });
-        // A delete that fails or is skipped (Redis unreachable, breaker open) would leave the
-        // old value to be served for a whole TTL once Redis answers again: instead, every entry
-        // written before now becomes suspect (served, but refreshed on first read).
-        ctx.spawn(del.map(|result, actor, _| {
-            if result.is_err() {
-                actor.suspects.all_before(unix_ms_now());
-            }
-        }));
     }
 }
 
@@ -541,6 +558,26 @@ impl Handler<Deafness> for CacheActor {
 
     fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
         self.suspects.deafness(max_age);
+    }
+}
+
+impl Handler<MasterSwitched> for CacheActor {
+    type Result = ();
+
+    /// Every sentinel announces the switch: the first word of it reconnects, the others find
+    /// it done.
+    fn handle(&mut self, MasterSwitched(to): MasterSwitched, ctx: &mut Self::Context) {
+        if self.switched_to.as_ref() == Some(&to) {
+            return;
+        }
+        log::warn!(
+            "redis (shard {}): the sentinels switched the master to {to}; connecting to it",
+            self.shard
+        );
+        self.metrics.redis_master_switches_total.inc();
+        self.switched_to = Some(to);
+        self.probe_when_linked = true;
+        self.reconnect(ctx);
     }
 }
 

@@ -6,9 +6,14 @@
 //! - the last moment this replica may have missed changes ([`Suspects::all_before`]: the change
 //!   listener reconnected, or a delete of a changed key failed and the old value may still be
 //!   there), or
-//! - the last change to its own key that this replica learned of ([`Suspects::changed`]):
-//!   another replica that loaded the old row before the change may write it after this
-//!   replica's delete, and that entry must not be served here.
+//! - for a row read from a read replica only, the last change to its own key that this replica
+//!   learned of ([`Suspects::changed`]): such a row is stamped as of what the read replica had
+//!   replayed, which may be before a change whose generation bump the load's fence already
+//!   saw (see [`super::Fence`]).
+//!
+//! A row read from the primary needs no such record: its write is fenced on the key's
+//! generation, so a load that began before a change writes nothing once any replica has bumped
+//! it — decided in Redis, with no clock compared between replicas.
 //!
 //! While the change listener is deaf, an entry loaded longer ago than a short bound is a suspect
 //! too ([`Suspects::deafness`]): a change may have gone unheard.
@@ -47,13 +52,18 @@ impl Suspects {
         }
     }
 
-    /// Entries of `id` loaded before this wall-clock time (unix ms) are misses.
-    pub(super) fn before(&self, id: i64) -> u64 {
-        let changed = self.changed_at_ms.get(&id).copied().unwrap_or(0);
+    /// Entries loaded before this wall-clock time (unix ms) are misses, whatever their key.
+    pub(super) fn before(&self) -> u64 {
         let too_old = self.max_age.map_or(0, |age| {
             unix_ms_now().saturating_sub(age.as_millis() as u64)
         });
-        self.all_before_ms.max(changed).max(too_old)
+        self.all_before_ms.max(too_old)
+    }
+
+    /// Entries of `id` read from a read replica and stamped before this wall-clock time (unix
+    /// ms) are misses too: this replica learned of a change to `id` then.
+    pub(super) fn replica_rows_before(&self, id: i64) -> u64 {
+        self.changed_at_ms.get(&id).copied().unwrap_or(0)
     }
 
     /// The change listener went deaf (`Some`: entries loaded longer than `max_age` ago are
@@ -94,21 +104,27 @@ mod tests {
     #[test]
     fn a_change_makes_only_its_own_key_suspect() {
         let mut suspects = Suspects::new(LIFETIME);
-        assert_eq!((suspects.before(1), suspects.before(2)), (0, 0));
+        assert_eq!(suspects.before(), 0);
         suspects.changed_at(1, 5_000);
-        assert_eq!((suspects.before(1), suspects.before(2)), (5_000, 0));
+        assert_eq!(
+            (
+                suspects.replica_rows_before(1),
+                suspects.replica_rows_before(2)
+            ),
+            (5_000, 0)
+        );
+        assert_eq!(suspects.before(), 0, "a primary row is fenced instead");
     }
 
     #[test]
-    fn all_before_only_ever_moves_forward_and_covers_every_key() {
+    fn all_before_only_ever_moves_forward() {
         let mut suspects = Suspects::new(LIFETIME);
-        suspects.changed_at(1, 5_000);
         suspects.all_before(3_000);
-        assert_eq!((suspects.before(1), suspects.before(2)), (5_000, 3_000));
+        assert_eq!(suspects.before(), 3_000);
         suspects.all_before(2_000);
-        assert_eq!(suspects.before(2), 3_000, "never moves back");
+        assert_eq!(suspects.before(), 3_000, "never moves back");
         suspects.all_before(9_000);
-        assert_eq!((suspects.before(1), suspects.before(2)), (9_000, 9_000));
+        assert_eq!(suspects.before(), 9_000);
     }
 
     #[test]
@@ -121,13 +137,17 @@ mod tests {
         }
         suspects.changed_at(-1, now);
         assert_eq!(suspects.changed_at_ms.len(), 1, "expired records dropped");
-        assert_eq!(suspects.before(-1), now);
-        assert_eq!(suspects.before(5), 0, "no longer suspect: expired anyway");
+        assert_eq!(suspects.replica_rows_before(-1), now);
+        assert_eq!(
+            suspects.replica_rows_before(5),
+            0,
+            "no longer suspect: expired anyway"
+        );
         // Young records that cannot be dropped: everything before now turns suspect.
         for id in 0..MAX_CHANGE_RECORDS as i64 {
             suspects.changed_at(id, now + 1);
         }
         assert!(suspects.changed_at_ms.is_empty());
-        assert_eq!(suspects.before(123_456_789), now + 1);
+        assert_eq!(suspects.before(), now + 1);
     }
 }

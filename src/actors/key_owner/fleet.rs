@@ -147,10 +147,14 @@ impl KeyOwner {
             return;
         };
         let waited_since = after.map(|waited| waited.since);
+        if let (Some(claim), Some((flight, _))) = (&claim, self.flight_mut(id, flight_id)) {
+            flight.fence = Some(claim.fence);
+        }
         match claim {
             Some(Claim {
                 value: Some(cached),
                 lease: None,
+                ..
             }) => {
                 self.end_wait(id, flight_id, waited_since);
                 self.near_cache
@@ -164,6 +168,7 @@ impl KeyOwner {
             Some(Claim {
                 value,
                 lease: Some(state),
+                ..
             }) => {
                 if let Some(cached) = value {
                     self.revalidate(id, flight_id, cached.lookup);

@@ -19,7 +19,7 @@ use super::fleet::{extending, Role};
 use super::generations::CopyTerms;
 use super::messages::{Answer, FlightError, Origin};
 use super::KeyOwner;
-use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Cached, LeaseFill};
+use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Fence, LeaseFill, Read};
 use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
 use crate::template::{unix_ms_now, Lookup};
@@ -41,6 +41,9 @@ pub(super) struct Flight {
     /// While it waits on another replica's lease (one or more waits between claims): the
     /// `lease.wait` span; `Span::none()` otherwise.
     pub(super) lease_wait: Span,
+    /// What its write must find unchanged in Redis (the generation and epoch its last read or
+    /// claim saw, before the load); `None` until one answered, and then nothing is written.
+    pub(super) fence: Option<Fence>,
 }
 
 /// Where a flight is; see the module docs of [`super`].
@@ -211,6 +214,7 @@ impl KeyOwner {
                 role: Role::Local,
                 span: span.clone(),
                 lease_wait: Span::none(),
+                fence: None,
             },
         );
         self.waiters_gauge().inc();
@@ -234,21 +238,25 @@ impl KeyOwner {
         &mut self,
         id: i64,
         flight_id: u64,
-        result: Result<Option<Cached>, FlightError>,
+        result: Result<Option<Read>, FlightError>,
         ctx: &mut Context<Self>,
     ) {
-        let Some((_, current)) = self.flight_mut(id, flight_id) else {
+        let Some((flight, current)) = self.flight_mut(id, flight_id) else {
             return;
         };
-        match result {
-            Ok(Some(cached)) if !cached.is_soft_expired() => {
+        let value = result.ok().flatten().and_then(|read| {
+            flight.fence = Some(read.fence);
+            read.value
+        });
+        match value {
+            Some(cached) if !cached.is_soft_expired() => {
                 if current {
                     self.near_cache
                         .remember(id, &cached.lookup, Instant::now(), cached.fresh_for);
                 }
                 self.finish(id, flight_id, Settled::Fresh(cached.lookup, Origin::Cache));
             }
-            Ok(Some(cached)) => {
+            Some(cached) => {
                 // Nobody waits on PostgreSQL for a key that has a value: the waiters get it now,
                 // arrivals get it while the refresh runs, and the refresh replaces it. Not put in
                 // the near cache: a soft-expired value is `STALE`, never a near-cache `HIT`.
@@ -265,7 +273,7 @@ impl KeyOwner {
                 }
                 self.load(id, flight_id, ctx);
             }
-            Ok(None) | Err(_) => self.load(id, flight_id, ctx),
+            None => self.load(id, flight_id, ctx),
         }
     }
 
@@ -317,6 +325,7 @@ impl KeyOwner {
             Role::Holding { token, .. } => Some(token),
             _ => None,
         };
+        let fence = flight.fence;
         let lookup = match result {
             Err(e) => {
                 if let Some(token) = holding {
@@ -341,6 +350,7 @@ impl KeyOwner {
         self.near_cache
             .remember(id, &lookup, read_at.0, Duration::MAX);
         let read_at_ms = data_from(read_at.1, as_of_ms);
+        let from_replica = as_of_ms.is_some();
         let loaded = Settled::Fresh(lookup.clone(), Origin::Database);
         let terms = self.flight_terms(id, true, &loaded);
         for waiter in self.take_waiters(id, flight_id) {
@@ -353,13 +363,15 @@ impl KeyOwner {
         if let Some((flight, _)) = self.flight_mut(id, flight_id) {
             flight.phase = Phase::Filling(lookup.clone());
         }
-        let fill = match (holding, &self.deps.lease) {
-            (Some(token), Some(lease)) => {
+        let fill = match (holding, &self.deps.lease, fence) {
+            (Some(token), Some(lease), Some(fence)) => {
                 let fill = lease.fill.send(LeaseFill {
                     id,
                     token,
                     lookup: lookup.clone(),
                     loaded_at_ms: read_at_ms,
+                    from_replica,
+                    epoch: fence.epoch,
                 });
                 async move { drop(fill.await) }.boxed_local()
             }
@@ -368,6 +380,8 @@ impl KeyOwner {
                     id,
                     lookup: lookup.clone(),
                     loaded_at_ms: read_at_ms,
+                    from_replica,
+                    fence,
                 });
                 async move { drop(set.await) }.boxed_local()
             }
@@ -417,9 +431,11 @@ impl KeyOwner {
         let span = info_span!(parent: request, "flight", template.id = id, coalesce = false);
         let alone = async move {
             let read = read_cache(id, deps.clone()).instrument(info_span!("redis.read"));
-            match read.await {
+            let read = read.await.ok().flatten();
+            let fence = read.as_ref().map(|read| read.fence);
+            match read.and_then(|read| read.value) {
                 // A soft-expired value is a miss here: this mode has no background refresh.
-                Ok(Some(cached)) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
+                Some(cached) if !cached.is_soft_expired() => Ok((cached.lookup, Origin::Cache)),
                 _ => {
                     let read_at = (Instant::now(), unix_ms_now());
                     let load = fetch(id, read_at.0 + timeout, deps.clone());
@@ -428,6 +444,8 @@ impl KeyOwner {
                         id,
                         lookup: lookup.clone(),
                         loaded_at_ms: data_from(read_at.1, as_of_ms),
+                        from_replica: as_of_ms.is_some(),
+                        fence,
                     };
                     let fill = deps.cache_set.send(write);
                     let _ = fill.instrument(info_span!("redis.write")).await;
@@ -457,15 +475,15 @@ impl KeyOwner {
     }
 }
 
-/// The Redis read. A cache error is a miss.
-async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Cached>, FlightError> {
+/// The Redis read: the value and the fence of a write after a load. A cache error is a miss
+/// without a fence (`None`).
+async fn read_cache(id: i64, deps: KeyOwnerDeps) -> Result<Option<Read>, FlightError> {
     Ok(deps
         .cache_get
         .send(CacheGet(id))
         .await
         .ok()
-        .and_then(Result::ok)
-        .flatten())
+        .and_then(Result::ok))
 }
 
 /// What a load found, and, when a read replica answered, the moment (unix ms) before which that
