@@ -437,7 +437,7 @@ async fn stampede(
 /// Deletes a template's key from Redis, so that the next request for it is a miss.
 struct Evictor {
     url: String,
-    conn: redis::aio::MultiplexedConnection,
+    conn: EvictorConn,
     /// The service's names in Redis (its `CACHE_KEY_PREFIX`).
     keys: Keys,
 }
@@ -450,8 +450,7 @@ impl Evictor {
             url: url.to_owned(),
             reason,
         };
-        let client = redis::Client::open(url).map_err(|e| failed(client::chain(&e)))?;
-        let conn = tokio::time::timeout(REDIS_PATIENCE, client.get_multiplexed_async_connection())
+        let conn = tokio::time::timeout(REDIS_PATIENCE, EvictorConn::connect(url))
             .await
             .map_err(|_| failed(format!("no connection within {REDIS_PATIENCE:?}")))?
             .map_err(|e| failed(client::chain(&e)))?;
@@ -464,12 +463,13 @@ impl Evictor {
 
     async fn evict(&mut self, id: i64) -> Result<(), LoadtestError> {
         let key = self.keys.value(id);
-        let deleted = tokio::time::timeout(
-            REDIS_PATIENCE,
-            redis::cmd("DEL")
-                .arg(&key)
-                .query_async::<i64>(&mut self.conn),
-        )
+        let del = redis::cmd("DEL").arg(&key).clone();
+        let deleted = tokio::time::timeout(REDIS_PATIENCE, async {
+            match &mut self.conn {
+                EvictorConn::Single(conn) => del.query_async::<i64>(conn).await,
+                EvictorConn::Cluster(conn) => del.query_async::<i64>(conn).await,
+            }
+        })
         .await;
         match deleted {
             Ok(Ok(_)) => Ok(()),
@@ -482,6 +482,41 @@ impl Evictor {
                 reason: format!("DEL {key}: no answer within {REDIS_PATIENCE:?}"),
             }),
         }
+    }
+}
+
+/// The eviction's connection: to one Redis, or to a Redis Cluster (as the service, a URL of any
+/// node, or several comma-separated), where the key's slot decides the node.
+enum EvictorConn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl EvictorConn {
+    async fn connect(url: &str) -> redis::RedisResult<EvictorConn> {
+        let urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.len() == 1 {
+            let mut conn = redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?;
+            let info: String = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async(&mut conn)
+                .await?;
+            if !info.lines().any(|l| l.trim_end() == "cluster_enabled:1") {
+                return Ok(EvictorConn::Single(conn));
+            }
+        }
+        let client = redis::cluster::ClusterClient::new(urls)?;
+        client
+            .get_async_connection()
+            .await
+            .map(EvictorConn::Cluster)
     }
 }
 

@@ -21,7 +21,9 @@ const COUNTERS: [&str; 5] = [
 ];
 
 /// Runs the load generator to completion (it bounds itself; this bounds the test too).
-async fn loadtest(args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>) -> Output {
+pub(crate) async fn loadtest(
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> Output {
     // Another package's binary: cargo builds it (or finds it up to date) and says where it is.
     let run = tokio::process::Command::new(testkit::workspace::binary("loadtest"))
         .args(args)
@@ -41,7 +43,7 @@ async fn counters(app: &TestApp) -> Vec<f64> {
     values
 }
 
-fn number(v: &Value, path: &[&str]) -> f64 {
+pub(crate) fn number(v: &Value, path: &[&str]) -> f64 {
     let mut at = v;
     for key in path {
         at = &at[*key];
@@ -316,7 +318,7 @@ async fn replica_of(first: &TestApp) -> TestApp {
     .await
 }
 
-fn report_of(output: &Output) -> Value {
+pub(crate) fn report_of(output: &Output) -> Value {
     assert!(
         output.status.success(),
         "loadtest failed: {}",

@@ -10,6 +10,7 @@ use singleflight::actors::cache::Keys;
 use testkit::redis_topologies::redis_cluster;
 
 use crate::fleet::{all_refs, fleet_metric, fleet_sample, name_of, stampede, start_each};
+use crate::loadtest::{loadtest, number, report_of};
 use crate::support::{demo_database_url, header};
 
 /// Per-replica environment: replica i is given node i of the cluster only.
@@ -292,4 +293,55 @@ async fn cluster_figures() {
             );
         }
     }
+}
+
+#[actix_rt::test]
+async fn the_load_generator_evicts_each_rounds_key_on_the_node_that_holds_it() {
+    let cluster = redis_cluster();
+    let prefix = "loadtest-evict:";
+    let app = crate::support::spawn_app_with(|s| {
+        s.redis_url = format!("redis://127.0.0.1:{}", cluster.ports[0]);
+        s.cache_key_prefix = prefix.to_owned();
+        // Redis is the only cache: what the eviction removes is gone.
+        s.near_cache_ttl = Duration::ZERO;
+        s.worker_cache_capacity = 0;
+    })
+    .await;
+    // Twice the same rounds (same seed, so the same ids): the second run finds every key cached
+    // unless its eviction reached the node of the key's slot, whichever node it was given.
+    let node = format!("redis://127.0.0.1:{}", cluster.ports[1]);
+    let args = [
+        "stampede",
+        "--url",
+        &app.address,
+        "--rounds",
+        "6",
+        "--concurrency",
+        "10",
+        "--seed",
+        "7",
+        "--redis-url",
+        &node,
+        "--cache-key-prefix",
+        prefix,
+        "--json",
+    ];
+    let keys = Keys::new(prefix);
+    let mut nodes = std::collections::HashSet::new();
+    for run in 1..=2 {
+        let report = report_of(&loadtest(&args).await);
+        let rounds = report["rounds"].as_array().expect("a rounds array");
+        assert_eq!(rounds.len(), 6, "run {run}");
+        for round in rounds {
+            assert_eq!(round["evicted"], true, "run {run}: {round}");
+            assert_eq!(number(round, &["db_queries"]), 1.0, "run {run}: {round}");
+            let id = round["id"].as_i64().expect("a round's id");
+            nodes.insert(cluster.slot_owner(cluster.keyslot(&keys.value(id))));
+        }
+        assert_eq!(report["notes"], serde_json::json!([]), "run {run}");
+    }
+    assert!(
+        nodes.len() > 1,
+        "the rounds' keys live on more than one node"
+    );
 }

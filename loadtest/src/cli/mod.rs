@@ -88,8 +88,9 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration)]
     pub pause: Option<Duration>,
 
-    /// stampede: evict each round's key from this Redis (DEL template:N) before the round, so the
-    /// key is cold even if an earlier run cached it
+    /// stampede: evict each round's key from this Redis (DEL template:{N}) before the round, so
+    /// the key is cold even if an earlier run cached it; a node of a Redis Cluster (or several,
+    /// comma-separated, as the service's REDIS_URL) evicts on the node that holds the key
     #[arg(long)]
     pub redis_url: Option<String>,
 
