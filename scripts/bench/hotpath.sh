@@ -18,6 +18,11 @@
 # reads each batch and answers 200), once with every request's spans (`service+otlp`) and once
 # sampling 1% of traces (`service+otlp1%`, OTEL_TRACES_SAMPLER=parentbased_traceidratio).
 #
+# CLUSTER=1 also runs the service against a Redis Cluster of three masters (`service+cluster`),
+# started by `REDIS_MODE=cluster scripts/stack.sh start` in a state folder of its own
+# (.stack/cluster-bench, its servers on CLUSTER_PORT_BASE.. , default 16480: PostgreSQL there,
+# the nodes from +1, Prometheus +10); the service reads the templates from the main stack's
+# PostgreSQL either way, and every node is flushed before each start.
 # Prints one line per run and server — requests/s, wrk's p99, and the server's CPU time per
 # request (user + system, all its threads, from /proc: unlike requests/s it does not depend on
 # how much of its core the server got, so it holds on a machine shared with other work) — then
@@ -41,10 +46,19 @@ TRACING=${TRACING:-0}
 SINK_PORT=$((BARE_PORT + 2))
 U=http://127.0.0.1:$PORT
 IDS=1000
+CLUSTER=${CLUSTER:-0}
+CLUSTER_PORT_BASE=${CLUSTER_PORT_BASE:-16480}
 
 cargo build --release --quiet --bin singleflight --bin loadtest --example bare
 scripts/stack.sh start >/dev/null
 eval "$(scripts/stack.sh env)"
+if [ "$CLUSTER" = 1 ]; then
+  cluster_stack=(env STACK_DIR="$PWD/.stack/cluster-bench" REDIS_MODE=cluster PG_PORT="$CLUSTER_PORT_BASE"
+    REDIS_PORT=$((CLUSTER_PORT_BASE + 1)) PROM_PORT=$((CLUSTER_PORT_BASE + 10)) scripts/stack.sh)
+  "${cluster_stack[@]}" start >/dev/null
+  cluster_url=$("${cluster_stack[@]}" env | sed -n 's/^export REDIS_URL=//p')
+  [ -n "$cluster_url" ] || { echo "hotpath: the cluster stack gave no REDIS_URL" >&2; exit 1; }
+fi
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 # The demo templates (ids 1..=1200), loaded into the stack's database if its table is empty.
 RUST_LOG=error "$target/release/singleflight" seed-demo >/dev/null
@@ -87,6 +101,9 @@ wrk_line() { # base-url workload server-pid
 
 start_service() { # binary coalesce workload [VAR=value...]
   redis-cli -u "${REDIS_URL%/}/5" flushdb >/dev/null
+  if [ -n "${cluster_url:-}" ]; then
+    for node in ${cluster_url//,/ }; do redis-cli -u "$node" flushall >/dev/null; done
+  fi
   taskset -c 0 env HTTP_ADDR="127.0.0.1:$PORT" HTTP_WORKERS=1 KEY_OWNER_SHARDS=1 COALESCE="$2" \
     REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn "${@:4}" "$1" & pid=$!
   until curl -sf "$U/readyz" >/dev/null; do sleep 0.1; done
@@ -121,6 +138,11 @@ for run in $(seq "$runs"); do
         start_service "$target/release/singleflight" "$mode" "$workload" "${otlp[@]}" \
           OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
         record "run $run $workload COALESCE=$mode service+otlp1%" "$(wrk_line "$U" "$workload" "$pid")"
+        stop "$pid"
+      fi
+      if [ "$CLUSTER" = 1 ]; then
+        start_service "$target/release/singleflight" "$mode" "$workload" REDIS_URL="$cluster_url"
+        record "run $run $workload COALESCE=$mode service+cluster" "$(wrk_line "$U" "$workload" "$pid")"
         stop "$pid"
       fi
       start_service "$target/release/singleflight" "$mode" "$workload"
