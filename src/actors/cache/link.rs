@@ -138,12 +138,7 @@ pub async fn connect(settings: &CacheSettings) -> Result<Linked, CacheError> {
             let mut single = ConnectionManager::new_with_config(client, manager_config(settings))
                 .await
                 .map_err(redis)?;
-            let info: String = redis::cmd("INFO")
-                .arg("cluster")
-                .query_async(&mut single)
-                .await
-                .map_err(redis)?;
-            if info.lines().any(|l| l.trim_end() == "cluster_enabled:1") {
+            if is_cluster_node(&mut single).await.map_err(redis)? {
                 log::info!("REDIS_URL names a node of a Redis Cluster: using the cluster");
                 cluster(settings, &[settings.topology.first_url().to_owned()]).await?
             } else {
@@ -167,6 +162,12 @@ pub async fn connect(settings: &CacheSettings) -> Result<Linked, CacheError> {
     Ok(Linked { conn, epoch })
 }
 
+/// Whether the Redis behind `conn` is a node of a Redis Cluster (`INFO cluster`).
+async fn is_cluster_node(conn: &mut impl ConnectionLike) -> redis::RedisResult<bool> {
+    let info: String = redis::cmd("INFO").arg("cluster").query_async(conn).await?;
+    Ok(info.lines().any(|l| l.trim_end() == "cluster_enabled:1"))
+}
+
 /// Where lease notices are subscribed to: one Redis (a single server, or the master the
 /// sentinels name now), or a cluster's every node.
 pub enum NoticeTarget {
@@ -185,12 +186,7 @@ pub async fn notice_target(settings: &CacheSettings) -> Result<NoticeTarget, Cac
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(redis)?;
-            let info: String = redis::cmd("INFO")
-                .arg("cluster")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis)?;
-            if info.lines().any(|l| l.trim_end() == "cluster_enabled:1") {
+            if is_cluster_node(&mut conn).await.map_err(redis)? {
                 Ok(NoticeTarget::Cluster(vec![url.clone()]))
             } else {
                 Ok(NoticeTarget::Single(Box::new(client)))
