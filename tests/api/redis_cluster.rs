@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use singleflight::actors::cache::Keys;
 use testkit::redis_topologies::redis_cluster;
 
-use crate::fleet::{all_refs, fleet_metric, fleet_sample, name_of, stampede, start_each};
+use crate::fleet::{
+    all_refs, fleet_metric, fleet_sample, name_of, stampede, start_each, wait_for_fleet_metric,
+};
 use crate::loadtest::{loadtest, number, report_of};
 use crate::support::{demo_database_url, header};
 
@@ -41,6 +43,13 @@ async fn a_cold_stampede_over_three_replicas_each_given_one_node_costs_one_query
     let fleet = start_each(&each, &cluster.seed_url(), &[("LEASE_TTL_MS", "4000")]).await;
     let replicas = all_refs(&fleet);
     let client = reqwest::Client::new();
+    // Each replica has subscribed to every slot's channel (16,384 of them) before the first
+    // round: a notice published before then would reach no one.
+    for replica in &replicas {
+        let one = [*replica];
+        let what = "a replica subscribed to the lease notices";
+        wait_for_fleet_metric(&client, &one, "lease_subscriptions_total", 1.0, what).await;
+    }
 
     for (round, id) in (500..510).enumerate() {
         let queries_before = fleet_metric(&client, &replicas, "db_hits_total").await;
