@@ -8,6 +8,7 @@ pub mod actors;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod schema;

@@ -133,6 +133,11 @@ pub struct Metrics {
     /// Times a cache actor found that Redis restarted or failed over (the epoch changed): what
     /// the Redis held before is reloaded on first read.
     pub redis_epoch_changes_total: IntCounter,
+    /// Bytes held by each kind of in-memory cache (`worker`, `near`), by [`crate::memory`]'s
+    /// weights.
+    pub cache_memory_bytes: IntGaugeVec,
+    /// Entries that left an in-memory cache, or never entered it, by cache and reason.
+    pub cache_evictions_total: IntCounterVec,
     /// Failovers the sentinels announced (`+switch-master`) and a cache actor followed.
     pub redis_master_switches_total: IntCounter,
     /// Time a flight waited on another replica's lease, until it had the value or the lease.
@@ -395,6 +400,29 @@ impl Metrics {
                 "redis_epoch_changes_total",
                 "Times Redis was found restarted or failed over (its run ids changed)",
             )?,
+            cache_memory_bytes: {
+                let gauge = IntGaugeVec::new(
+                    Opts::new(
+                        "cache_memory_bytes",
+                        "Bytes held by the in-memory caches (worker, near), bodies and entries",
+                    ),
+                    &["cache"],
+                )?;
+                registry.register(Box::new(gauge.clone()))?;
+                gauge
+            },
+            cache_evictions_total: {
+                let counter = IntCounterVec::new(
+                    Opts::new(
+                        "cache_evictions_total",
+                        "Entries dropped from an in-memory cache (bytes, entries) or not kept \
+                         (too_large: larger than the cache's share of CACHE_MEMORY_MB)",
+                    ),
+                    &["cache", "reason"],
+                )?;
+                registry.register(Box::new(counter.clone()))?;
+                counter
+            },
             redis_master_switches_total: counter(
                 "redis_master_switches_total",
                 "Failovers announced by the sentinels (+switch-master) that a cache actor followed",
@@ -435,6 +463,16 @@ impl Metrics {
         }
         for result in ["cache", "database", "not_found", "peer", "error"] {
             metrics.flights_total.with_label_values(&[result]);
+        }
+        for kind in crate::memory::CacheKind::ALL {
+            metrics
+                .cache_memory_bytes
+                .with_label_values(&[kind.label()]);
+            for reason in crate::memory::EVICTION_REASONS {
+                metrics
+                    .cache_evictions_total
+                    .with_label_values(&[kind.label(), reason]);
+            }
         }
         Ok(metrics)
     }

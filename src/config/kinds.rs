@@ -134,6 +134,13 @@ pub const COUNT: Whole<u64> = Whole {
     unit: |n| n,
 };
 
+/// Megabytes of memory: from 1 to 1048576 (1 TB).
+pub const MEGABYTES: Whole<u64> = Whole {
+    accepts: |n| (1..=1_048_576).contains(n),
+    expected: "a whole number of megabytes from 1 to 1048576",
+    unit: |n| n,
+};
+
 /// A count where 0 turns something off.
 pub const COUNT_OR_OFF: Whole<u64> = Whole {
     accepts: |n| *n <= 100_000,

@@ -102,6 +102,8 @@ pub struct Settings {
     /// `WORKER_CACHE_CAPACITY`: fresh answers each HTTP worker keeps to answer without a message
     /// to the key's owner (never longer than the owner's near cache would); 0 turns it off.
     pub worker_cache_capacity: usize,
+    /// `CACHE_MEMORY_MB`, in bytes: the budget of every cache together (see [`crate::memory`]).
+    pub cache_memory_bytes: usize,
     /// `MAX_STALE_SECS`: how old a remembered value may be and still be served (`X-Cache: STALE`)
     /// when loading a fresh one fails.
     pub max_stale: Duration,
@@ -152,6 +154,17 @@ pub enum Pooler {
 }
 
 impl Settings {
+    /// Each HTTP worker's cache's and each owner's near cache's share of `CACHE_MEMORY_MB`
+    /// (the worker caches' half goes to the owners when the worker caches are off).
+    pub fn cache_shares(&self) -> crate::memory::Shares {
+        let workers = if self.coalesce && self.worker_cache_capacity > 0 {
+            self.http_workers
+        } else {
+            0
+        };
+        crate::memory::Shares::split(self.cache_memory_bytes, workers, self.key_owner_shards)
+    }
+
     /// The URL for session work (`LISTEN`, the migration lock).
     pub fn listen_url(&self) -> &str {
         self.database_listen_url
@@ -316,6 +329,7 @@ impl Options {
             near_cache_ttl_ms,
             near_cache_capacity,
             worker_cache_capacity,
+            cache_memory_mb,
             max_stale_secs,
             negative_ttl_secs,
             max_pending_keys,
@@ -372,6 +386,7 @@ impl Options {
             near_cache_ttl: near_cache_ttl_ms,
             near_cache_capacity: near_cache_capacity as usize,
             worker_cache_capacity: worker_cache_capacity as usize,
+            cache_memory_bytes: cache_memory_mb as usize * 1_000_000,
             max_stale: max_stale_secs,
             negative_ttl: negative_ttl_secs,
             max_pending_keys: max_pending_keys as usize,

@@ -192,6 +192,13 @@ pub struct Options {
     #[arg(long, env, default_value = "10000", value_parser = Setting(COUNT_OR_OFF))]
     pub worker_cache_capacity: u64,
 
+    /// Memory for all the service's caches together, in MB (1,000,000 bytes): the HTTP
+    /// workers' caches share half, the owners' near caches (and stale values) the other half,
+    /// each evicting least recently used by bytes; a body larger than its cache's share is
+    /// served but not kept in memory.
+    #[arg(long, env, default_value = "64", value_parser = Setting(MEGABYTES))]
+    pub cache_memory_mb: u64,
+
     /// How long after an owner last saw a value it may still serve it when a fresh load fails,
     /// in seconds; 0 disables.
     #[arg(long, env, default_value = "300", value_parser = Setting(SECONDS_OR_OFF))]

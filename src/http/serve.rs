@@ -21,6 +21,7 @@ use crate::http::error::ApiError;
 use crate::http::request_id::{self, RequestId, X_REQUEST_ID};
 use crate::http::worker_cache::WorkerCache;
 use crate::http::{self as routes, AppState, WorkerState};
+use crate::memory::{CacheKind, Meter};
 use crate::metrics::{
     standard_method, Metrics, DURATION_BUCKETS, HTTP_REQUEST_DURATION, HTTP_REQUEST_TOTAL,
 };
@@ -117,11 +118,19 @@ fn serve_public(
     } else {
         0
     };
+    let worker_cache_bytes = settings.cache_shares().worker;
+    let worker_cache_meter = Meter::new(metrics, CacheKind::Worker);
     let (listener, port) = bind(settings.http_addr, "HTTP_ADDR")?;
     let server = HttpServer::new(move || {
         // Runs once on each worker's thread: what it makes here is that worker's alone.
         let worker = std::rc::Rc::new(WorkerState {
-            cache: WorkerCache::new(worker_cache_capacity, generations.clone()).into(),
+            cache: WorkerCache::with_budget(
+                worker_cache_capacity,
+                worker_cache_bytes,
+                worker_cache_meter.clone(),
+                generations.clone(),
+            )
+            .into(),
             counts: per_worker.worker(),
             renewals: Default::default(),
         });

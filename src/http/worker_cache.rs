@@ -16,20 +16,20 @@
 //! a flight to join, shedding — goes to the owner as before, so loads are still deduplicated by
 //! the owners' mailboxes.
 //!
-//! Bounded by `WORKER_CACHE_CAPACITY` entries (least recently used go first); `0`, or
-//! `COALESCE=off`, turns it off.
+//! Bounded by its share of `CACHE_MEMORY_MB` in bytes and by `WORKER_CACHE_CAPACITY` entries
+//! (least recently used go first; see [`crate::memory`]); a body larger than the share is served
+//! but not kept. `WORKER_CACHE_CAPACITY=0`, or `COALESCE=off`, turns it off.
 
 use std::time::Instant;
 
-use bytes::Bytes;
-use lru::LruCache;
-
 use crate::actors::key_owner::{Answer, CopyTerms, Generations};
+use crate::memory::{Meter, Weigh, WeighedLru};
 use crate::template::Lookup;
+use bytes::Bytes;
 
 pub struct WorkerCache {
     /// `None` when the cache is off.
-    entries: Option<LruCache<i64, Kept>>,
+    entries: Option<WeighedLru<Kept>>,
     generations: Generations,
 }
 
@@ -39,6 +39,12 @@ struct Kept {
     terms: CopyTerms,
     /// A renewal was asked for this copy: it is served until `fresh_until` without asking again.
     asked: bool,
+}
+
+impl Weigh for Kept {
+    fn weight(&self) -> usize {
+        self.lookup.weight()
+    }
 }
 
 /// A copy this worker may answer.
@@ -51,9 +57,20 @@ pub struct Hit {
 }
 
 impl WorkerCache {
+    /// Bounded in entries only (tests of what is kept when).
     pub fn new(capacity: usize, generations: Generations) -> Self {
+        Self::with_budget(capacity, usize::MAX, Meter::unregistered(), generations)
+    }
+
+    /// Bounded by `capacity` entries and `bytes`, counted on `meter`.
+    pub fn with_budget(
+        capacity: usize,
+        bytes: usize,
+        meter: Meter,
+        generations: Generations,
+    ) -> Self {
         WorkerCache {
-            entries: std::num::NonZeroUsize::new(capacity).map(LruCache::new),
+            entries: WeighedLru::new(capacity, bytes, meter),
             generations,
         }
     }
@@ -62,7 +79,7 @@ impl WorkerCache {
     /// `HIT`; an entry that is not is dropped.
     pub fn get(&mut self, id: i64) -> Option<Hit> {
         let entries = self.entries.as_mut()?;
-        let kept = entries.get_mut(&id)?;
+        let kept = entries.get_mut(id)?;
         let now = Instant::now();
         if now < kept.terms.fresh_until && self.generations.current(id) == kept.terms.generation {
             let renew = now >= kept.terms.renew_at && !kept.asked;
@@ -72,7 +89,7 @@ impl WorkerCache {
                 renew,
             });
         }
-        entries.pop(&id);
+        entries.pop(id);
         None
     }
 
@@ -117,7 +134,7 @@ impl WorkerCache {
 
     /// Entries held (fresh or not yet found out to be stale).
     pub fn len(&self) -> usize {
-        self.entries.as_ref().map_or(0, LruCache::len)
+        self.entries.as_ref().map_or(0, WeighedLru::len)
     }
 
     pub fn is_empty(&self) -> bool {

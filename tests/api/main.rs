@@ -13,6 +13,7 @@ mod fleet;
 mod freshness;
 mod health;
 mod loadtest;
+mod memory;
 mod metrics;
 mod migrate;
 mod pooler;

@@ -21,6 +21,8 @@ pub struct OwnerSettings {
     pub coalesce: bool,
     pub near_cache_ttl: Duration,
     pub near_cache_capacity: usize,
+    /// This owner's share of `CACHE_MEMORY_MB`, in bytes.
+    pub near_cache_bytes: usize,
     pub negative_ttl: Duration,
     pub max_stale: Duration,
     pub max_pending_keys: usize,
@@ -34,6 +36,7 @@ impl From<&Settings> for OwnerSettings {
             coalesce: s.coalesce,
             near_cache_ttl: s.near_cache_ttl,
             near_cache_capacity: s.near_cache_capacity,
+            near_cache_bytes: s.cache_shares().near,
             negative_ttl: s.negative_ttl,
             max_stale: s.max_stale,
             max_pending_keys: s.max_pending_keys,

@@ -201,7 +201,10 @@ impl KeyOwner {
         }
         KeyOwner {
             shard: shard.to_string(),
-            near_cache: NearCache::new(&deps.settings),
+            near_cache: NearCache::new(
+                &deps.settings,
+                crate::memory::Meter::new(&deps.metrics, crate::memory::CacheKind::Near),
+            ),
             deps,
             flights: HashMap::new(),
             superseded: HashMap::new(),

@@ -1,5 +1,6 @@
 //! The owner's near cache: the latest answer it saw for each recent key, in an LRU bounded by
-//! `NEAR_CACHE_CAPACITY`.
+//! the owner's share of `CACHE_MEMORY_MB` in bytes and by `NEAR_CACHE_CAPACITY` entries (see
+//! [`crate::memory`]); a body larger than the share is answered but not remembered.
 //!
 //! One entry serves two ends (see "Freshness" in the module docs of [`super`]):
 //! - while *fresh* (`NEAR_CACHE_TTL_MS` from the database read, `NEGATIVE_TTL_SECS` if shorter
@@ -10,13 +11,11 @@
 //! A change drops the entry ([`NearCache::forget`], [`NearCache::clear`]). When neither use is
 //! enabled (or the capacity is 0) the cache holds nothing and every lookup misses.
 
-use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
-
-use lru::LruCache;
 
 use super::deps::OwnerSettings;
 use super::generations::{CopyTerms, Generations};
+use crate::memory::{Meter, Weigh, WeighedLru};
 use crate::template::Lookup;
 
 /// The latest answer the owner saw for a key.
@@ -31,9 +30,15 @@ struct Remembered {
     seen_at: Instant,
 }
 
+impl Weigh for Remembered {
+    fn weight(&self) -> usize {
+        self.lookup.weight()
+    }
+}
+
 pub(super) struct NearCache {
     /// `None` when neither freshness nor stale answers are enabled.
-    entries: Option<LruCache<i64, Remembered>>,
+    entries: Option<WeighedLru<Remembered>>,
     ttl: Duration,
     negative_ttl: Duration,
     max_stale: Duration,
@@ -42,11 +47,10 @@ pub(super) struct NearCache {
 }
 
 impl NearCache {
-    pub(super) fn new(s: &OwnerSettings) -> Self {
+    pub(super) fn new(s: &OwnerSettings, meter: Meter) -> Self {
         let remember = !s.near_cache_ttl.is_zero() || !s.max_stale.is_zero();
-        let entries = NonZeroUsize::new(s.near_cache_capacity)
-            .filter(|_| remember)
-            .map(LruCache::new);
+        let entries =
+            WeighedLru::new(s.near_cache_capacity, s.near_cache_bytes, meter).filter(|_| remember);
         NearCache {
             entries,
             ttl: s.near_cache_ttl,
@@ -58,7 +62,7 @@ impl NearCache {
 
     /// A fresh answer for `id`, if one is remembered (and marks it recently used).
     pub(super) fn fresh(&mut self, id: i64) -> Option<Lookup> {
-        let entry = self.entries.as_mut()?.get(&id)?;
+        let entry = self.entries.as_mut()?.get(id)?;
         (Instant::now() < entry.fresh_until).then(|| entry.lookup.clone())
     }
 
@@ -68,14 +72,14 @@ impl NearCache {
         let now = Instant::now();
         self.entries
             .as_mut()
-            .and_then(|entries| entries.get(&id))
+            .and_then(|entries| entries.get(id))
             .filter(|entry| now < entry.renew_at && now < entry.fresh_until)
             .map(|entry| entry.lookup.clone())
     }
 
     /// A remembered answer for `id` young enough to stand in for a failed load.
     pub(super) fn stale(&mut self, id: i64) -> Option<Lookup> {
-        let entry = self.entries.as_mut()?.peek(&id)?;
+        let entry = self.entries.as_mut()?.peek(id)?;
         (entry.seen_at.elapsed() < self.max_stale).then(|| entry.lookup.clone())
     }
 
@@ -110,7 +114,7 @@ impl NearCache {
 
     /// The terms on which an HTTP worker may keep a copy of `id`'s entry, as just answered.
     pub(super) fn terms(&mut self, id: i64, generations: &Generations) -> Option<CopyTerms> {
-        let entry = self.entries.as_mut()?.peek(&id)?;
+        let entry = self.entries.as_mut()?.peek(id)?;
         let terms = generations.terms(id, entry.fresh_until);
         Some(terms.renew_from(entry.renew_at))
     }
@@ -123,7 +127,7 @@ impl NearCache {
         lookup: &Lookup,
         generations: &Generations,
     ) -> Option<CopyTerms> {
-        let entry = self.entries.as_mut()?.peek(&id)?;
+        let entry = self.entries.as_mut()?.peek(id)?;
         let holds = Instant::now() < entry.fresh_until && entry.lookup == *lookup;
         let terms = generations.terms(id, entry.fresh_until);
         holds.then(|| terms.renew_from(entry.renew_at))
@@ -132,7 +136,7 @@ impl NearCache {
     /// `id` changed: its entry goes.
     pub(super) fn forget(&mut self, id: i64) {
         if let Some(entries) = self.entries.as_mut() {
-            entries.pop(&id);
+            entries.pop(id);
         }
     }
 
