@@ -886,16 +886,26 @@ fn redis_runs_as_a_cluster_or_under_sentinels_with_redis_mode() {
     let again = stack
         .run("start", START_LIMIT)
         .expect_success("start (after the failover)");
+    // The promoted replica stays the master, unless a busy machine made the sentinels fail over
+    // once more while the old one came back: either way, one master and its replica.
+    let named = again
+        .stdout
+        .split("redis sentinels: ready, master 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|port| port.parse::<u16>().ok());
     assert!(
         again.stdout.contains("redis-node-1: starting")
-            && again.stdout.contains(&format!(
-                "redis sentinels: ready, master 127.0.0.1:{} ",
-                p + 1
-            )),
+            && matches!(named, Some(m) if m == p || m == p + 1),
         "start brings the old master back:\n{}",
         again.stdout
     );
-    assert_eq!(redis::role(p).as_deref(), Ok("slave"), "as a replica");
+    let other = if named == Some(p + 1) { p } else { p + 1 };
+    assert_eq!(
+        redis::role(other).as_deref(),
+        Ok("slave"),
+        "one of them a replica"
+    );
 
     stack
         .run("stop", OTHER_LIMIT)

@@ -479,14 +479,23 @@ impl Stack {
                 [format!("see the logs in {dir}; {restart}")],
             )
         };
-        let master = redis_sentinel::master_port(sentinels[0], SENTINEL_MASTER).map_err(failed)?;
-        let Some(&replica) = nodes.iter().find(|port| **port != master) else {
-            return Err(failed(format!(
-                "they name 127.0.0.1:{master}, which is not one of {nodes:?}"
-            )));
-        };
-        redis_sentinel::wait_ready(&sentinels, SENTINEL_MASTER, master, replica, READY_LIMIT)
-            .map_err(failed)?;
+        // Which node is the master is asked again on every look: on a busy machine the
+        // sentinels may fail over once more while a member that was down comes back.
+        let (master, replica) = process::poll(READY_LIMIT, || {
+            let master = redis_sentinel::master_port(sentinels[0], SENTINEL_MASTER)?;
+            let Some(&replica) = nodes.iter().find(|port| **port != master) else {
+                return Err(format!(
+                    "they name 127.0.0.1:{master}, which is not one of {nodes:?}"
+                ));
+            };
+            redis_sentinel::check_ready(&sentinels, SENTINEL_MASTER, master, replica)?;
+            Ok((master, replica))
+        })
+        .map_err(|last| {
+            failed(format!(
+                "the sentinels of {SENTINEL_MASTER:?} were not ready after {READY_LIMIT:?}: {last}"
+            ))
+        })?;
         say(&format!(
             "redis sentinels: ready, master 127.0.0.1:{master} (replica 127.0.0.1:{replica}) monitored as '{SENTINEL_MASTER}'"
         ));
