@@ -59,7 +59,6 @@ use crate::template::{jittered, unix_ms_now, Entry, Lookup};
 use breaker::{Breaker, State};
 use link::{Conn, Linked};
 use suspect::Suspects;
-use switches::MasterSwitched;
 
 /// How often a cache actor reads the epoch (its Redis's run ids) to notice a restart or a
 /// failover that the connection itself hid (a `ConnectionManager` reconnects silently).
@@ -514,24 +513,7 @@ impl Actor for CacheActor {
         ctx.set_mailbox_capacity(4096);
         self.reconnect(ctx);
         ctx.run_interval(EPOCH_CHECK, |actor, ctx| actor.check_epoch(ctx));
-        if let Topology::Sentinel {
-            sentinels, master, ..
-        } = &self.settings.topology
-        {
-            match switches::sentinel_clients(&self.settings, sentinels) {
-                Ok(clients) => {
-                    for client in clients {
-                        let tell = ctx.address().downgrade().recipient();
-                        ctx.spawn(fut::wrap_future(switches::watch(
-                            client,
-                            master.clone(),
-                            tell,
-                        )));
-                    }
-                }
-                Err(e) => log::warn!("redis sentinels: cannot watch for failovers: {e}"),
-            }
-        }
+        self.watch_sentinels(ctx);
     }
 }
 
@@ -558,26 +540,6 @@ impl Handler<Deafness> for CacheActor {
 
     fn handle(&mut self, Deafness(max_age): Deafness, _: &mut Self::Context) {
         self.suspects.deafness(max_age);
-    }
-}
-
-impl Handler<MasterSwitched> for CacheActor {
-    type Result = ();
-
-    /// Every sentinel announces the switch: the first word of it reconnects, the others find
-    /// it done.
-    fn handle(&mut self, MasterSwitched(to): MasterSwitched, ctx: &mut Self::Context) {
-        if self.switched_to.as_ref() == Some(&to) {
-            return;
-        }
-        log::warn!(
-            "redis (shard {}): the sentinels switched the master to {to}; connecting to it",
-            self.shard
-        );
-        self.metrics.redis_master_switches_total.inc();
-        self.switched_to = Some(to);
-        self.probe_when_linked = true;
-        self.reconnect(ctx);
     }
 }
 

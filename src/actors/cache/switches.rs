@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
 use super::link::sentinel_addr;
-use super::{CacheError, CacheSettings};
+use super::{CacheActor, CacheError, CacheSettings, Topology};
 
 /// The sentinels' channel for a completed failover.
 const CHANNEL: &str = "+switch-master";
@@ -30,6 +30,47 @@ const QUIET_CHECK: Duration = Duration::from_secs(5);
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub struct MasterSwitched(pub String);
+
+impl CacheActor {
+    /// Given sentinels, listens to each of them for `+switch-master` (see the module docs).
+    pub(super) fn watch_sentinels(&self, ctx: &mut Context<Self>) {
+        let Topology::Sentinel {
+            sentinels, master, ..
+        } = &self.settings.topology
+        else {
+            return;
+        };
+        match sentinel_clients(&self.settings, sentinels) {
+            Ok(clients) => {
+                for client in clients {
+                    let tell = ctx.address().downgrade().recipient();
+                    ctx.spawn(fut::wrap_future(watch(client, master.clone(), tell)));
+                }
+            }
+            Err(e) => log::warn!("redis sentinels: cannot watch for failovers: {e}"),
+        }
+    }
+}
+
+impl Handler<MasterSwitched> for CacheActor {
+    type Result = ();
+
+    /// Every sentinel announces the switch: the first word of it reconnects, the others find
+    /// it done.
+    fn handle(&mut self, MasterSwitched(to): MasterSwitched, ctx: &mut Self::Context) {
+        if self.switched_to.as_ref() == Some(&to) {
+            return;
+        }
+        log::warn!(
+            "redis (shard {}): the sentinels switched the master to {to}; connecting to it",
+            self.shard
+        );
+        self.metrics.redis_master_switches_total.inc();
+        self.switched_to = Some(to);
+        self.probe_when_linked = true;
+        self.reconnect(ctx);
+    }
+}
 
 /// Clients for the sentinels themselves (their URLs' credentials and TLS, if they are URLs).
 pub fn sentinel_clients(
