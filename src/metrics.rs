@@ -64,7 +64,8 @@ pub struct Metrics {
     /// `actors::listener`); 1 otherwise.
     pub listener_hearing: IntGauge,
     /// Requests answered 503 at once because an owner was at a bound, by `reason`:
-    /// `pending_keys`, `waiters`, or `mailbox` (its mailbox was full).
+    /// `pending_keys`, `waiters`, `memory` (its flights' bodies at `INFLIGHT_MEMORY_MB`), or
+    /// `mailbox` (its mailbox was full).
     pub shed_requests_total: IntCounterVec,
     /// Redis circuit breaker per shard: 0 closed, 1 open, 2 half-open (probing).
     pub redis_breaker_state: IntGaugeVec,
@@ -146,6 +147,9 @@ pub struct Metrics {
     pub key_owner_inflight_keys: IntGaugeVec,
     /// Requests waiting for a flight, per owner shard.
     pub key_owner_waiters: IntGaugeVec,
+    /// Bytes the owners' flights hold or are expected to hold (`INFLIGHT_MEMORY_MB`; see
+    /// `actors::key_owner::in_air`), summed over the owners.
+    pub inflight_memory_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -225,6 +229,11 @@ impl Metrics {
             "db_replica_healthy",
             "1 while a read replica answers its health check",
         )?;
+        let inflight_memory_bytes = IntGauge::new(
+            "inflight_memory_bytes",
+            "Bytes the flights in the air hold or are expected to hold, within INFLIGHT_MEMORY_MB",
+        )?;
+        registry.register(Box::new(inflight_memory_bytes.clone()))?;
         let db_pinned_keys = IntGauge::new(
             "db_pinned_keys",
             "Keys whose loads read the primary until a replica has replayed their last change",
@@ -351,6 +360,7 @@ impl Metrics {
             db_replica_lag_bytes,
             db_replica_healthy,
             db_pinned_keys,
+            inflight_memory_bytes,
             actor_restarts_total: counter_vec(
                 "actor_restarts_total",
                 "Actors restarted after stopping unexpectedly",

@@ -2,8 +2,8 @@
 # The service's memory against the size of its templates: COUNT templates (default 2000) of each
 # size in SIZES_KB (default "1 64 256") are added to `scripts/stack.sh start`'s database (ids
 # from 1,000,001, removed again at the end), the service starts on its defaults (CACHE_MEMORY_MB
-# and the rest; extra VAR=value arguments are passed to it), and 8 clients ask for every one of
-# them three times in each of PASSES passes (default 3). Prints the service's RSS (VmRSS, and
+# and the rest; extra VAR=value arguments are passed to it), and CLIENTS clients (default 8)
+# ask for every one of them three times in each of PASSES passes (default 3). Prints the service's RSS (VmRSS, and
 # the peak VmHWM) after each pass, with what its caches say they hold (cache_memory_bytes).
 #
 #   scripts/bench/memory.sh [VAR=value...]
@@ -12,6 +12,7 @@ cd "$(dirname "$0")/../.."
 COUNT=${COUNT:-2000}
 SIZES_KB=${SIZES_KB:-1 64 256}
 PASSES=${PASSES:-3}
+CLIENTS=${CLIENTS:-8}
 PORT=${PORT:-18281}
 U=http://127.0.0.1:$PORT
 FIRST=1000001
@@ -44,7 +45,7 @@ for size in $SIZES_KB; do
   for pass in $(seq "$PASSES"); do
     failed=$(for id in $(seq "$FIRST" "$last") $(seq "$FIRST" "$last") $(seq "$FIRST" "$last"); do
       echo "$U/template-details?id=$id"
-    done | xargs -P 8 -n 1 curl -s -o /dev/null -w '%{http_code}\n' | grep -vc '^200$' || true)
+    done | xargs -P "$CLIENTS" -n 1 curl -s -o /dev/null -w '%{http_code}\n' | grep -vc '^200$' || true)
     held=$(curl -s "$U/metrics" | awk '/^cache_memory_bytes\{/ { s += $2 } END { printf "%.1f", s / 1e6 }')
     echo "  pass $pass: RSS $(kb VmRSS) kB, peak $(kb VmHWM) kB, caches hold $held MB, non-200 answers: $failed"
   done

@@ -104,6 +104,9 @@ pub struct Settings {
     pub worker_cache_capacity: usize,
     /// `CACHE_MEMORY_MB`, in bytes: the budget of every cache together (see [`crate::memory`]).
     pub cache_memory_bytes: usize,
+    /// `INFLIGHT_MEMORY_MB`, in bytes: what the flights in the air may hold together (see
+    /// `actors::key_owner::in_air`).
+    pub inflight_memory_bytes: usize,
     /// `MAX_STALE_SECS`: how old a remembered value may be and still be served (`X-Cache: STALE`)
     /// when loading a fresh one fails.
     pub max_stale: Duration,
@@ -330,6 +333,7 @@ impl Options {
             near_cache_capacity,
             worker_cache_capacity,
             cache_memory_mb,
+            inflight_memory_mb,
             max_stale_secs,
             negative_ttl_secs,
             max_pending_keys,
@@ -387,6 +391,7 @@ impl Options {
             near_cache_capacity: near_cache_capacity as usize,
             worker_cache_capacity: worker_cache_capacity as usize,
             cache_memory_bytes: cache_memory_mb as usize * 1_000_000,
+            inflight_memory_bytes: inflight_memory_mb as usize * 1_000_000,
             max_stale: max_stale_secs,
             negative_ttl: negative_ttl_secs,
             max_pending_keys: max_pending_keys as usize,

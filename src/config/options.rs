@@ -199,6 +199,11 @@ pub struct Options {
     #[arg(long, env, default_value = "64", value_parser = Setting(MEGABYTES))]
     pub cache_memory_mb: u64,
 
+    /// Memory for the bodies the flights in the air hold, in MB, each owner an equal part: a
+    /// request that would start a flight beyond it is answered 503 at once.
+    #[arg(long, env, default_value = "32", value_parser = Setting(MEGABYTES))]
+    pub inflight_memory_mb: u64,
+
     /// How long after an owner last saw a value it may still serve it when a fresh load fails,
     /// in seconds; 0 disables.
     #[arg(long, env, default_value = "300", value_parser = Setting(SECONDS_OR_OFF))]

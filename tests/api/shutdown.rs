@@ -6,23 +6,10 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{postgres_proxy, via};
 use crate::support::fault_proxy::Mode;
-use crate::support::{ports, servers, sum_metric, wait_for_warm_pool};
+use crate::support::{ports, servers, sum_metric, wait_for_warm_pool, KillOnDrop};
 
 /// Requests in flight when the signal arrives.
 const IN_FLIGHT: usize = 50;
-
-/// The service process, killed if the test ends before it exits (a failed assertion must not
-/// leave it running).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 fn free_port() -> u16 {
     ports::free_port().expect("a free port")

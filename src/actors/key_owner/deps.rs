@@ -23,6 +23,8 @@ pub struct OwnerSettings {
     pub near_cache_capacity: usize,
     /// This owner's share of `CACHE_MEMORY_MB`, in bytes.
     pub near_cache_bytes: usize,
+    /// This owner's share of `INFLIGHT_MEMORY_MB`, in bytes.
+    pub in_air_bytes: usize,
     pub negative_ttl: Duration,
     pub max_stale: Duration,
     pub max_pending_keys: usize,
@@ -37,6 +39,7 @@ impl From<&Settings> for OwnerSettings {
             near_cache_ttl: s.near_cache_ttl,
             near_cache_capacity: s.near_cache_capacity,
             near_cache_bytes: s.cache_shares().near,
+            in_air_bytes: s.inflight_memory_bytes / s.key_owner_shards.max(1),
             negative_ttl: s.negative_ttl,
             max_stale: s.max_stale,
             max_pending_keys: s.max_pending_keys,

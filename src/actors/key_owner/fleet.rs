@@ -150,6 +150,9 @@ impl KeyOwner {
         if let (Some(claim), Some((flight, _))) = (&claim, self.flight_mut(id, flight_id)) {
             flight.fence = Some(claim.fence);
         }
+        if let Some(cached) = claim.as_ref().and_then(|claim| claim.value.as_ref()) {
+            self.holds(id, flight_id, &cached.lookup);
+        }
         match claim {
             Some(Claim {
                 value: Some(cached),

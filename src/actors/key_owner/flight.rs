@@ -44,6 +44,8 @@ pub(super) struct Flight {
     /// What its write must find unchanged in Redis (the generation and epoch its last read or
     /// claim saw, before the load); `None` until one answered, and then nothing is written.
     pub(super) fence: Option<Fence>,
+    /// What it counts as in the owner's bytes in the air (see [`super::in_air`]).
+    pub(super) weight: usize,
 }
 
 /// Where a flight is; see the module docs of [`super`].
@@ -99,9 +101,22 @@ impl KeyOwner {
     fn remove_flight(&mut self, id: i64, flight_id: u64) -> Option<(Flight, bool)> {
         if self.flights.get(&id).is_some_and(|f| f.id == flight_id) {
             let flight = self.flights.remove(&id)?;
+            self.in_air.end(flight.weight);
             return Some((flight, true));
         }
-        self.superseded.remove(&flight_id).map(|f| (f, false))
+        let flight = self.superseded.remove(&flight_id)?;
+        self.in_air.end(flight.weight);
+        Some((flight, false))
+    }
+
+    /// Flight `flight_id` for `id` holds `lookup` now: it counts as its bytes in the air.
+    pub(super) fn holds(&mut self, id: i64, flight_id: u64, lookup: &Lookup) {
+        if let Some(flight) = match self.flights.get_mut(&id) {
+            Some(flight) if flight.id == flight_id => Some(flight),
+            _ => self.superseded.get_mut(&flight_id),
+        } {
+            self.in_air.holds(&mut flight.weight, lookup);
+        }
     }
 
     /// Takes the waiters of flight `flight_id`, leaving it pending without them.
@@ -204,6 +219,7 @@ impl KeyOwner {
         self.next_flight_id += 1;
         let flight_id = self.next_flight_id;
         let span = info_span!(parent: request, "flight", template.id = id, flight.id = flight_id);
+        let weight = self.in_air.start();
         self.flights.insert(
             id,
             Flight {
@@ -215,6 +231,7 @@ impl KeyOwner {
                 span: span.clone(),
                 lease_wait: Span::none(),
                 fence: None,
+                weight,
             },
         );
         self.waiters_gauge().inc();
@@ -248,6 +265,9 @@ impl KeyOwner {
             flight.fence = Some(read.fence);
             read.value
         });
+        if let Some(cached) = &value {
+            self.holds(id, flight_id, &cached.lookup);
+        }
         match value {
             Some(cached) if !cached.is_soft_expired() => {
                 if current {
@@ -344,6 +364,7 @@ impl KeyOwner {
             Ok(fetched) => fetched,
         };
         let (lookup, as_of_ms) = lookup;
+        self.holds(id, flight_id, &lookup);
         // The near cache counts from the read: the pins keep every change this service knows
         // of off a replica that has not replayed it. Redis, which other replicas read, gets the
         // age of what the replica had replayed.

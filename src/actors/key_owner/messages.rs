@@ -42,6 +42,9 @@ pub enum ShedReason {
     PendingKeys,
     #[error("too many requests waiting for this key")]
     Waiters,
+    /// The owner's flights hold its share of `INFLIGHT_MEMORY_MB` (see `in_air`).
+    #[error("too many large templates loading at once")]
+    Memory,
     /// The owner's mailbox is full: it is behind on the requests it was sent.
     #[error("a key owner's queue is full")]
     Mailbox,
@@ -53,14 +56,16 @@ impl ShedReason {
         match self {
             ShedReason::PendingKeys => "pending_keys",
             ShedReason::Waiters => "waiters",
+            ShedReason::Memory => "memory",
             ShedReason::Mailbox => "mailbox",
         }
     }
 
     /// Every reason, for a metric that shows zero before the first shed request.
-    pub const ALL: [ShedReason; 3] = [
+    pub const ALL: [ShedReason; 4] = [
         ShedReason::PendingKeys,
         ShedReason::Waiters,
+        ShedReason::Memory,
         ShedReason::Mailbox,
     ];
 }

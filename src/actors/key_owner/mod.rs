@@ -80,8 +80,9 @@
 //!   receiver: the flight goes on and still fills the caches for everyone after it; a request
 //!   whose client is already gone when the owner gets to it starts nothing;
 //! - errors are never cached: a failed flight leaves no entry, and the next request starts anew;
-//! - bounded memory: at most `MAX_PENDING_KEYS` flights (superseded ones included) and
-//!   `MAX_WAITERS_PER_KEY` waiters each; a request beyond either bound is shed at once;
+//! - bounded memory: at most `MAX_PENDING_KEYS` flights (superseded ones included) holding
+//!   at most the owner's share of `INFLIGHT_MEMORY_MB` (see [`in_air`]), and
+//!   `MAX_WAITERS_PER_KEY` waiters each; a request beyond a bound is shed at once;
 //! - if the owner itself panics, every waiter is answered with an error and the owner restarts
 //!   with empty state (see [`crate::actors::contain`]).
 //!
@@ -125,6 +126,7 @@
 //! | [`messages`] | what the owner is asked and what it answers ([`Answer`], [`XCache`], [`FlightError`]) |
 //! | [`deps`] | its collaborators (the cache and database actors' [`Recipient`]s) and settings |
 //! | [`flight`] | a flight's stages and phases: Redis read, load, fill, and `COALESCE=off`'s flights |
+//! | [`in_air`] | the bytes the flights hold, and the bound new flights are shed at |
 //! | [`answers`] | what a flight's waiters are told, and how each answer is counted |
 //! | [`near_cache`] | the owner's LRU of recent answers: fresh `HIT`s, stale stand-ins, copy terms |
 //! | [`generations`] | the counters through which HTTP workers' copies learn of a change |
@@ -146,6 +148,7 @@ mod deps;
 mod fleet;
 mod flight;
 pub mod generations;
+mod in_air;
 mod messages;
 mod near_cache;
 mod renewal;
@@ -163,6 +166,7 @@ pub use messages::{
 use answers::{answer, Settled};
 use fleet::Wake;
 use flight::{Flight, Phase, Waiter};
+use in_air::InAir;
 use near_cache::NearCache;
 
 /// Picks the owner of `id` among `shards` owners. A multiplicative hash spreads consecutive ids
@@ -183,6 +187,8 @@ pub struct KeyOwner {
     superseded: HashMap<u64, Flight>,
     /// Latest answers of recent keys (see [`near_cache`]).
     near_cache: NearCache,
+    /// What the flights hold, in bytes (see [`in_air`]).
+    in_air: InAir,
     next_flight_id: u64,
     /// Workers' renewals waiting on a Redis read of their id (see [`Renew`]), by id: a renewal
     /// of an id already being read waits on that read.
@@ -204,6 +210,10 @@ impl KeyOwner {
             near_cache: NearCache::new(
                 &deps.settings,
                 crate::memory::Meter::new(&deps.metrics, crate::memory::CacheKind::Near),
+            ),
+            in_air: InAir::new(
+                deps.settings.in_air_bytes,
+                deps.metrics.inflight_memory_bytes.clone(),
             ),
             deps,
             flights: HashMap::new(),
@@ -291,6 +301,9 @@ impl KeyOwner {
         if flights >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
+        if !self.in_air.admits(flights) {
+            return self.shed(reply, ShedReason::Memory);
+        }
         self.start_flight(id, Waiter::request(reply, true), request, ctx);
     }
 }
@@ -323,6 +336,7 @@ impl Supervised for KeyOwner {
         let current = std::mem::take(&mut self.flights).into_values();
         let superseded = std::mem::take(&mut self.superseded).into_values();
         self.near_cache.clear();
+        self.in_air.clear();
         self.inflight_keys().set(0);
         self.waiters_gauge().set(0);
         let failed = Settled::Failed(FlightError::Panicked("the key owner"));

@@ -85,6 +85,19 @@ pub async fn seed_demo(database_url: &str) {
         .expect("the demo templates load");
 }
 
+/// A process a test started (the service binary), killed if the test ends before it exits: a
+/// failed assertion must not leave it running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A loopback port nothing listens on, so connecting to it is refused. No other test in this
 /// process is handed the same port, and no outgoing connection takes it as its source.
 pub fn closed_port() -> u16 {

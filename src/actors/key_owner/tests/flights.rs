@@ -301,6 +301,34 @@ async fn requests_beyond_the_owner_bounds_are_shed_at_once() {
 }
 
 #[actix_rt::test]
+async fn new_flights_beyond_the_owners_bytes_in_the_air_are_shed_at_once() {
+    use crate::actors::key_owner::in_air::FIRST_ESTIMATE;
+    let h = Setup::default()
+        .db_delay(Duration::from_millis(1000))
+        .owner(OwnerSettings {
+            // Room for two flights whose bodies are not known yet, not three.
+            in_air_bytes: 2 * FIRST_ESTIMATE + FIRST_ESTIMATE / 2,
+            ..Default::default()
+        })
+        .start();
+    let first = h.ask(1);
+    let second = h.ask(2);
+    let third = h.one(3).await;
+    assert_eq!(third.result, Err(FlightError::Shed(ShedReason::Memory)));
+    let held = h.metrics.inflight_memory_bytes.get();
+    assert_eq!(held, 2 * FIRST_ESTIMATE as i64, "two flights in the air");
+    // Joining a flight holds no more bytes: never shed for them.
+    let joined = h.ask(1);
+    for rx in [first, second, joined] {
+        assert!(receive(rx).await.result.is_ok());
+    }
+    assert_eq!(h.shed("memory"), 1);
+    h.idle().await;
+    assert_eq!(h.metrics.inflight_memory_bytes.get(), 0);
+    assert!(h.one(3).await.result.is_ok(), "served once they landed");
+}
+
+#[actix_rt::test]
 async fn a_soft_expired_value_is_answered_at_once_as_stale_and_refreshed_once() {
     let h = Setup::default()
         .stale_cached(vec![8])
