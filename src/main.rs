@@ -5,6 +5,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
+    singleflight::memory::large_bodies_to_own_mappings();
     // Read before anything else is touched: `--help` and `--version` answer at once, and no
     // backend is reached with settings that are wrong.
     let Invocation {

@@ -5,6 +5,10 @@
 # and the rest; extra VAR=value arguments are passed to it), and CLIENTS clients (default 8)
 # ask for every one of them three times in each of PASSES passes (default 3). Prints the service's RSS (VmRSS, and
 # the peak VmHWM) after each pass, with what its caches say they hold (cache_memory_bytes).
+# BURST=N (e.g. 512) makes each pass instead N connections of `wrk -t1` walking through the ids
+# in order for PASS_SECONDS seconds (default 10; scripts/bench/sequence.lua), so that up to N cold
+# keys load at once: INFLIGHT_MEMORY_MB is what bounds them. It then prints the answers that
+# were not 200 (503s: requests shed for memory) with the requests made.
 #
 #   scripts/bench/memory.sh [VAR=value...]
 set -euo pipefail
@@ -13,6 +17,8 @@ COUNT=${COUNT:-2000}
 SIZES_KB=${SIZES_KB:-1 64 256}
 PASSES=${PASSES:-3}
 CLIENTS=${CLIENTS:-8}
+BURST=${BURST:-}
+PASS_SECONDS=${PASS_SECONDS:-10}
 PORT=${PORT:-18281}
 U=http://127.0.0.1:$PORT
 FIRST=1000001
@@ -43,9 +49,15 @@ for size in $SIZES_KB; do
   until curl -sf "$U/readyz" >/dev/null; do sleep 0.1; done
   echo "$COUNT templates of $size KB ($((COUNT * size / 1024)) MB of bodies): RSS at start $(kb VmRSS) kB"
   for pass in $(seq "$PASSES"); do
-    failed=$(for id in $(seq "$FIRST" "$last") $(seq "$FIRST" "$last") $(seq "$FIRST" "$last"); do
-      echo "$U/template-details?id=$id"
-    done | xargs -P "$CLIENTS" -n 1 curl -s -o /dev/null -w '%{http_code}\n' | grep -vc '^200$' || true)
+    if [ -n "$BURST" ]; then
+      out=$(wrk -t1 -c"$BURST" -d"${PASS_SECONDS}s" -s scripts/bench/sequence.lua \
+        "$U/template-details?id=$FIRST" -- "$FIRST" "$COUNT")
+      failed="$(awk '/Non-2xx/ { bad = $NF } / requests in / { n = $1 } END { print bad + 0 " of " n }' <<<"$out")"
+    else
+      failed=$(for id in $(seq "$FIRST" "$last") $(seq "$FIRST" "$last") $(seq "$FIRST" "$last"); do
+        echo "$U/template-details?id=$id"
+      done | xargs -P "$CLIENTS" -n 1 curl -s -o /dev/null -w '%{http_code}\n' | grep -vc '^200$' || true)
+    fi
     held=$(curl -s "$U/metrics" | awk '/^cache_memory_bytes\{/ { s += $2 } END { printf "%.1f", s / 1e6 }')
     echo "  pass $pass: RSS $(kb VmRSS) kB, peak $(kb VmHWM) kB, caches hold $held MB, non-200 answers: $failed"
   done

@@ -17,8 +17,9 @@ use super::answers::{answer, count_flight, Settled};
 use super::deps::KeyOwnerDeps;
 use super::fleet::{extending, Role};
 use super::generations::CopyTerms;
+use super::in_air::Air;
 use super::messages::{Answer, FlightError, Origin};
-use super::KeyOwner;
+use super::{KeyOwner, Unpark};
 use crate::actors::cache::{CacheDel, CacheGet, CacheSet, Fence, LeaseFill, Read};
 use crate::actors::contain;
 use crate::actors::db::{DbError, FetchTemplate};
@@ -44,8 +45,8 @@ pub(super) struct Flight {
     /// What its write must find unchanged in Redis (the generation and epoch its last read or
     /// claim saw, before the load); `None` until one answered, and then nothing is written.
     pub(super) fence: Option<Fence>,
-    /// What it counts as in the owner's bytes in the air (see [`super::in_air`]).
-    pub(super) weight: usize,
+    /// Where it stands in the owner's bytes in the air (see [`super::in_air`]).
+    pub(super) air: Air,
 }
 
 /// Where a flight is; see the module docs of [`super`].
@@ -101,11 +102,13 @@ impl KeyOwner {
     fn remove_flight(&mut self, id: i64, flight_id: u64) -> Option<(Flight, bool)> {
         if self.flights.get(&id).is_some_and(|f| f.id == flight_id) {
             let flight = self.flights.remove(&id)?;
-            self.in_air.end(flight.weight);
+            self.in_air.end(flight.air);
+            self.room_made();
             return Some((flight, true));
         }
         let flight = self.superseded.remove(&flight_id)?;
-        self.in_air.end(flight.weight);
+        self.in_air.end(flight.air);
+        self.room_made();
         Some((flight, false))
     }
 
@@ -115,8 +118,9 @@ impl KeyOwner {
             Some(flight) if flight.id == flight_id => Some(flight),
             _ => self.superseded.get_mut(&flight_id),
         } {
-            self.in_air.holds(&mut flight.weight, lookup);
+            self.in_air.holds(&mut flight.air, lookup);
         }
+        self.room_made();
     }
 
     /// Takes the waiters of flight `flight_id`, leaving it pending without them.
@@ -208,18 +212,19 @@ impl KeyOwner {
     }
 
     /// Starts a coalesced flight for `id` with its first waiter, whose request's span is
-    /// `request`.
+    /// `request`: at once, or parked until its owner has room for its body (`air`, from
+    /// [`super::in_air::InAir::admit`]).
     pub(super) fn start_flight(
         &mut self,
         id: i64,
         first: Waiter,
+        air: Air,
         request: &Span,
         ctx: &mut Context<Self>,
     ) {
         self.next_flight_id += 1;
         let flight_id = self.next_flight_id;
         let span = info_span!(parent: request, "flight", template.id = id, flight.id = flight_id);
-        let weight = self.in_air.start();
         self.flights.insert(
             id,
             Flight {
@@ -228,25 +233,63 @@ impl KeyOwner {
                 renewals: Vec::new(),
                 phase: Phase::Loading,
                 role: Role::Local,
-                span: span.clone(),
+                span,
                 lease_wait: Span::none(),
                 fence: None,
-                weight,
+                air,
             },
         );
         self.waiters_gauge().inc();
         self.inflight_keys().inc();
+        if air == Air::Parked {
+            return self.in_air.park(id, flight_id);
+        }
+        self.first_stage(id, flight_id, ctx);
+    }
+
+    /// A flight's first stage: the fleet lease's claim, or the Redis read.
+    fn first_stage(&mut self, id: i64, flight_id: u64, ctx: &mut Context<Self>) {
         if self.deps.lease.is_some() {
             return self.claim(id, flight_id, None, ctx);
         }
         let read = read_cache(id, self.deps.clone());
-        let spans = StageSpans {
-            stage: info_span!(parent: &span, "redis.read"),
-            within: span,
-        };
+        let spans = self.stage_spans(id, flight_id, |f| info_span!(parent: f, "redis.read"));
         self.spawn_stage(ctx, spans, read, move |owner, result, ctx| {
             owner.on_cache_read(id, flight_id, result, ctx)
         });
+    }
+
+    /// Starts the parked flights there is room for now, in the order they came. One that a
+    /// change superseded while parked loads at once for its waiters (as a superseded flight
+    /// that was waiting on another replica does).
+    pub(super) fn unpark(&mut self, ctx: &mut Context<Self>) {
+        self.unpark_asked = false;
+        while let Some((id, flight_id)) = self.in_air.next_parked() {
+            let current = match self.flight_mut(id, flight_id) {
+                Some((flight, current)) if flight.air == Air::Parked => current,
+                _ => continue,
+            };
+            let air = self.in_air.start();
+            if let Some((flight, _)) = self.flight_mut(id, flight_id) {
+                flight.air = air;
+            }
+            if current {
+                self.first_stage(id, flight_id, ctx);
+            } else {
+                self.load(id, flight_id, ctx);
+            }
+        }
+    }
+
+    /// Room may have been made for parked flights: the owner looks once it is done with the
+    /// message at hand.
+    fn room_made(&mut self) {
+        if self.in_air.has_parked() && !self.unpark_asked {
+            if let Some(myself) = &self.myself {
+                self.unpark_asked = true;
+                myself.do_send(Unpark);
+            }
+        }
     }
 
     /// The Redis read is over: a fresh value ends the flight; a soft-expired one is answered at

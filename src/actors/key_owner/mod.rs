@@ -80,9 +80,10 @@
 //!   receiver: the flight goes on and still fills the caches for everyone after it; a request
 //!   whose client is already gone when the owner gets to it starts nothing;
 //! - errors are never cached: a failed flight leaves no entry, and the next request starts anew;
-//! - bounded memory: at most `MAX_PENDING_KEYS` flights (superseded ones included) holding
-//!   at most the owner's share of `INFLIGHT_MEMORY_MB` (see [`in_air`]), and
-//!   `MAX_WAITERS_PER_KEY` waiters each; a request beyond a bound is shed at once;
+//! - bounded memory: at most `MAX_PENDING_KEYS` flights (superseded ones included) and
+//!   `MAX_WAITERS_PER_KEY` waiters each, and flights start only while their bodies fit the
+//!   owner's share of `INFLIGHT_MEMORY_MB`, waiting parked until then (see [`in_air`]); a
+//!   request beyond a bound is shed at once;
 //! - if the owner itself panics, every waiter is answered with an error and the owner restarts
 //!   with empty state (see [`crate::actors::contain`]).
 //!
@@ -126,7 +127,7 @@
 //! | [`messages`] | what the owner is asked and what it answers ([`Answer`], [`XCache`], [`FlightError`]) |
 //! | [`deps`] | its collaborators (the cache and database actors' [`Recipient`]s) and settings |
 //! | [`flight`] | a flight's stages and phases: Redis read, load, fill, and `COALESCE=off`'s flights |
-//! | [`in_air`] | the bytes the flights hold, and the bound new flights are shed at |
+//! | [`in_air`] | the bytes the flights hold: when a flight starts, waits parked, or is shed |
 //! | [`answers`] | what a flight's waiters are told, and how each answer is counted |
 //! | [`near_cache`] | the owner's LRU of recent answers: fresh `HIT`s, stale stand-ins, copy terms |
 //! | [`generations`] | the counters through which HTTP workers' copies learn of a change |
@@ -187,8 +188,13 @@ pub struct KeyOwner {
     superseded: HashMap<u64, Flight>,
     /// Latest answers of recent keys (see [`near_cache`]).
     near_cache: NearCache,
-    /// What the flights hold, in bytes (see [`in_air`]).
+    /// What the flights hold, in bytes, and the flights parked until there is room (see
+    /// [`in_air`]).
     in_air: InAir,
+    /// Whether an [`Unpark`] is in its own mailbox already.
+    unpark_asked: bool,
+    /// Its own address, to send itself [`Unpark`]; set when it starts.
+    myself: Option<Addr<KeyOwner>>,
     next_flight_id: u64,
     /// Workers' renewals waiting on a Redis read of their id (see [`Renew`]), by id: a renewal
     /// of an id already being read waits on that read.
@@ -215,6 +221,8 @@ impl KeyOwner {
                 deps.settings.in_air_bytes,
                 deps.metrics.inflight_memory_bytes.clone(),
             ),
+            unpark_asked: false,
+            myself: None,
             deps,
             flights: HashMap::new(),
             superseded: HashMap::new(),
@@ -301,10 +309,10 @@ impl KeyOwner {
         if flights >= self.deps.settings.max_pending_keys {
             return self.shed(reply, ShedReason::PendingKeys);
         }
-        if !self.in_air.admits(flights) {
+        let Some(air) = self.in_air.admit() else {
             return self.shed(reply, ShedReason::Memory);
-        }
-        self.start_flight(id, Waiter::request(reply, true), request, ctx);
+        };
+        self.start_flight(id, Waiter::request(reply, true), air, request, ctx);
     }
 }
 
@@ -318,6 +326,7 @@ impl Actor for KeyOwner {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.myself = Some(ctx.address());
     }
 }
 
@@ -337,6 +346,7 @@ impl Supervised for KeyOwner {
         let superseded = std::mem::take(&mut self.superseded).into_values();
         self.near_cache.clear();
         self.in_air.clear();
+        self.unpark_asked = false;
         self.inflight_keys().set(0);
         self.waiters_gauge().set(0);
         let failed = Settled::Failed(FlightError::Panicked("the key owner"));
@@ -425,6 +435,21 @@ impl Handler<Deafness> for KeyOwner {
         if max_age.is_some() {
             self.deps.generations.bump_all();
         }
+    }
+}
+
+/// Room was made in the owner's bytes in the air: its parked flights start (see [`in_air`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Unpark;
+
+impl Handler<Unpark> for KeyOwner {
+    type Result = ();
+
+    fn handle(&mut self, _: Unpark, ctx: &mut Self::Context) {
+        contain(self, ctx, "starting parked flights", |owner, ctx| {
+            owner.unpark(ctx)
+        });
     }
 }
 

@@ -301,31 +301,38 @@ async fn requests_beyond_the_owner_bounds_are_shed_at_once() {
 }
 
 #[actix_rt::test]
-async fn new_flights_beyond_the_owners_bytes_in_the_air_are_shed_at_once() {
+async fn flights_beyond_the_owners_bytes_in_the_air_wait_parked_then_are_shed() {
     use crate::actors::key_owner::in_air::FIRST_ESTIMATE;
     let h = Setup::default()
-        .db_delay(Duration::from_millis(1000))
+        .db_delay(Duration::from_millis(500))
         .owner(OwnerSettings {
             // Room for two flights whose bodies are not known yet, not three.
             in_air_bytes: 2 * FIRST_ESTIMATE + FIRST_ESTIMATE / 2,
             ..Default::default()
         })
         .start();
-    let first = h.ask(1);
-    let second = h.ask(2);
-    let third = h.one(3).await;
-    assert_eq!(third.result, Err(FlightError::Shed(ShedReason::Memory)));
+    let started = Instant::now();
+    let in_air = [h.ask(1), h.ask(2)];
+    // Parked: they start when the first two have landed.
+    let parked = [h.ask(3), h.ask(4)];
+    let shed = h.one(5).await;
+    assert_eq!(shed.result, Err(FlightError::Shed(ShedReason::Memory)));
     let held = h.metrics.inflight_memory_bytes.get();
     assert_eq!(held, 2 * FIRST_ESTIMATE as i64, "two flights in the air");
-    // Joining a flight holds no more bytes: never shed for them.
-    let joined = h.ask(1);
-    for rx in [first, second, joined] {
+    // Joining a flight, parked or not, holds no more bytes: never shed for them.
+    let joined = [h.ask(1), h.ask(3)];
+    for rx in in_air.into_iter().chain(joined).chain(parked) {
         assert!(receive(rx).await.result.is_ok());
     }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "the parked flights loaded after the others"
+    );
+    assert_eq!(h.queries(), 4, "one load per key");
     assert_eq!(h.shed("memory"), 1);
     h.idle().await;
     assert_eq!(h.metrics.inflight_memory_bytes.get(), 0);
-    assert!(h.one(3).await.result.is_ok(), "served once they landed");
+    assert!(h.one(5).await.result.is_ok(), "served once they landed");
 }
 
 #[actix_rt::test]
