@@ -7,7 +7,12 @@
 #   scripts/bench/hotpath.sh [RUNS] [BASELINE_BINARY...]
 #
 # Workloads (WORKLOADS, default "hot spread"): `hot` asks for one cached key (id 1); `spread`
-# for ids drawn uniformly from 1..=1000 (scripts/bench/spread.lua), every one cached first.
+# for ids drawn uniformly from 1..=1000 (scripts/bench/spread.lua), every one cached first;
+# `spread10k` and `spread100k` the same over 1..=10000 and 1..=100000: more templates than the
+# demo's 1,200, so rows up to that id are added to the stack's database for the run (small
+# bodies, names `bench N`, removed at the end), and, on the service's defaults, more than its
+# worker and near caches hold (WORKER_CACHE_CAPACITY and NEAR_CACHE_CAPACITY, 10,000 each).
+# SERVICE_ENV="VAR=value ..." starts every service run with those settings (cache sizes, say).
 # COALESCE_MODES (default "on") runs the services once per mode, e.g. "on off". Each run
 # restarts every server with an emptied Redis. UPDATES=N (default 0) adds a last phase: under
 # the spread load, N templates are changed in PostgreSQL and polled through the service until
@@ -23,6 +28,10 @@
 # (.stack/cluster-bench, its servers on CLUSTER_PORT_BASE.. , default 16480: PostgreSQL there,
 # the nodes from +1, Prometheus +10); the service reads the templates from the main stack's
 # PostgreSQL either way, and every node is flushed before each start.
+# On core 0 there is only the server under test: the stack's Redis, PostgreSQL and Prometheus
+# processes (every one on this machine) are moved to core 1 for the run, with the load
+# generator, as they would run on machines of their own; they get both cores back at the end.
+# PIN_DEPENDENCIES=0 leaves them where the scheduler puts them (as the runs before §18 did).
 # Prints one line per run and server — requests/s, wrk's p99, and the server's CPU time per
 # request (user + system, all its threads, from /proc: unlike requests/s it does not depend on
 # how much of its core the server got, so it holds on a machine shared with other work) — then
@@ -45,7 +54,15 @@ BARE_PROM_PORT=$((BARE_PORT + 1))
 TRACING=${TRACING:-0}
 SINK_PORT=$((BARE_PORT + 2))
 U=http://127.0.0.1:$PORT
-IDS=1000
+SERVICE_ENV=${SERVICE_ENV:-}
+ids_of() { # workload: how many ids it asks for
+  case "$1" in
+    spread) echo 1000 ;;
+    spread10k) echo 10000 ;;
+    spread100k) echo 100000 ;;
+    *) echo 1 ;;
+  esac
+}
 CLUSTER=${CLUSTER:-0}
 CLUSTER_PORT_BASE=${CLUSTER_PORT_BASE:-16480}
 
@@ -62,8 +79,21 @@ fi
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 # The demo templates (ids 1..=1200), loaded into the stack's database if its table is empty.
 RUST_LOG=error "$target/release/singleflight" seed-demo >/dev/null
+most=1
+for workload in $WORKLOADS; do [ "$(ids_of "$workload")" -gt "$most" ] && most=$(ids_of "$workload"); done
+bench_rows=0
+if [ "$most" -gt 1200 ]; then
+  psql -q "$DATABASE_URL" -c "INSERT INTO templates (id, name, content)
+    SELECT g, 'bench ' || g, repeat('bench template ', 25) FROM generate_series(1201, $most) AS g
+    ON CONFLICT (id) DO NOTHING" >/dev/null
+  bench_rows=1
+fi
 results=$(mktemp)
-trap 'rm -f "$results"; [ -z "${sink:-}" ] || kill "$sink"' EXIT
+dependencies() { [ "${PIN_DEPENDENCIES:-1}" = 0 ] || pgrep -x 'redis-server|postgres|prometheus' || true; }
+for p in $(dependencies); do taskset -a -p -c 1 "$p" >/dev/null 2>&1 || true; done
+trap 'rm -f "$results"; [ -z "${sink:-}" ] || kill "$sink"
+  for p in $(dependencies); do taskset -a -p -c "0-$(($(nproc) - 1))" "$p" >/dev/null 2>&1 || true; done
+  [ "$bench_rows" = 0 ] || psql -q "$DATABASE_URL" -c "DELETE FROM templates WHERE id > 1200 AND name LIKE '"'"'bench %'"'"'" >/dev/null' EXIT
 
 if [ "$TRACING" = 1 ]; then
   # What a collector does with a batch, at the least: read it and answer 200.
@@ -88,9 +118,9 @@ cpu_ticks() { # pid: user + system clock ticks of every thread so far
 
 wrk_line() { # base-url workload server-pid
   local script=() before out
-  [ "$2" = spread ] && script=(-s scripts/bench/spread.lua)
+  [ "$2" != hot ] && script=(-s scripts/bench/spread.lua)
   before=$(cpu_ticks "$3")
-  out=$(taskset -c 1 wrk -t1 -c64 -d10s --latency "${script[@]}" "$1/template-details?id=1" -- "$IDS")
+  out=$(taskset -c 1 wrk -t1 -c64 -d10s --latency "${script[@]}" "$1/template-details?id=1" -- "$(ids_of "$2")")
   awk -v ticks="$(($(cpu_ticks "$3") - before))" -v hz="$(getconf CLK_TCK)" '
          /Requests\/sec/ { rps = $2 }
          / requests in / { n = $1 }
@@ -105,11 +135,11 @@ start_service() { # binary coalesce workload [VAR=value...]
     for node in ${cluster_url//,/ }; do redis-cli -u "$node" flushall >/dev/null; done
   fi
   taskset -c 0 env HTTP_ADDR="127.0.0.1:$PORT" HTTP_WORKERS=1 KEY_OWNER_SHARDS=1 COALESCE="$2" \
-    REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn "${@:4}" "$1" & pid=$!
+    REDIS_URL="${REDIS_URL%/}/5" RUST_LOG=warn $SERVICE_ENV "${@:4}" "$1" & pid=$!
   until curl -sf "$U/readyz" >/dev/null; do sleep 0.1; done
-  if [ "$3" = spread ]; then
-    for id in $(seq "$IDS"); do echo "url = \"$U/template-details?id=$id\""; done |
-      curl -s -K - >/dev/null
+  if [ "$3" != hot ]; then
+    for id in $(seq "$(ids_of "$3")"); do echo "url = \"$U/template-details?id=$id\""; done |
+      curl -s -Z --parallel-max 8 -K - >/dev/null 2>&1
   else
     curl -s "$U/template-details?id=1" >/dev/null
   fi
@@ -187,9 +217,9 @@ if [ "$UPDATES" -gt 0 ]; then
   echo
   echo "change visibility: $UPDATES changes during 12 s of spread load (wrk -t1 -c64 on core 1):"
   start_service "$target/release/singleflight" on spread
-  taskset -c 1 wrk -t1 -c64 -d12s -s scripts/bench/spread.lua "$U/template-details?id=1" -- "$IDS" \
+  taskset -c 1 wrk -t1 -c64 -d12s -s scripts/bench/spread.lua "$U/template-details?id=1" -- 1000 \
     >/dev/null & load=$!
-  taskset -c 1 "$target/release/loadtest" spread --url "$U" --ids "$IDS" --concurrency 1 \
+  taskset -c 1 "$target/release/loadtest" spread --url "$U" --ids 1000 --concurrency 1 \
     --duration 10s --updates "$UPDATES" --database-url "$DATABASE_URL"
   wait "$load" || true
   stop "$pid"
