@@ -32,8 +32,8 @@ pub const OWN_MAPPING_FROM: usize = 128 * 1024;
 /// returned to the system when the body is freed. glibc does so from 128 KB by default, but
 /// raises that threshold each time such a mapping is freed (up to 32 MB), so after a few large
 /// bodies it serves them from its heaps, where freed memory mostly stays in the process: with
-/// 512 clients asking cold 256 KB templates, the peak RSS was 198–213 MB with the moving
-/// threshold and 137–141 MB with this one (BENCHMARKS §17). `MALLOC_MMAP_THRESHOLD_`, when set,
+/// 512 clients asking cold 256 KB templates, the peak RSS was 198–214 MB with the moving
+/// threshold and 139–143 MB with this one (BENCHMARKS §17). `MALLOC_MMAP_THRESHOLD_`, when set,
 /// is left to decide. Called once, first thing in `main`.
 pub fn large_bodies_to_own_mappings() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
