@@ -294,3 +294,76 @@ async fn a_deaf_listener_is_found_out_and_changes_are_still_served_within_second
     .await;
     assert!(took < Duration::from_secs(5), "visible after {took:?}");
 }
+
+/// A change's delete runs before the reads the owner starts after it, even when Redis does not
+/// know the script that deletes (it restarted, failed over, or flushed its scripts): the reads
+/// are queued behind the delete on the cache actor's connection, and one that overtook it would
+/// find the old value and answer it as fresh after the change.
+#[actix_rt::test]
+async fn reads_after_a_change_miss_even_when_redis_forgot_its_scripts() {
+    use actix::Actor;
+    use singleflight::actors::cache::{CacheActor, CacheDel, CacheGet, CacheSet, CacheSettings};
+    use singleflight::config::Settings;
+    use singleflight::metrics::Metrics;
+    use singleflight::template::{unix_ms_now, Lookup};
+
+    let redis_url = testkit::servers::servers().redis_url(testkit::servers::next_redis_db());
+    let settings = Settings {
+        redis_url: redis_url.clone(),
+        redis_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let metrics = Metrics::new().expect("metrics");
+    let cache = CacheActor::new(0, CacheSettings::from(&settings), metrics).start();
+    let mut direct = redis::Client::open(redis_url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection of the test's own");
+    for round in 0..5 {
+        let id = 900 + round;
+        let body = format!(
+            "{{\"id\":{id},\"name\":\"old\",\"content\":\"\",\"updated_at\":\"2026-01-01T00:00:00Z\"}}"
+        );
+        // Until the actor has read its Redis's epoch, which fences its writes.
+        let cached = poll::until(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || async {
+                let read = cache
+                    .send(CacheGet(id))
+                    .await
+                    .expect("actor")
+                    .expect("read");
+                let write = CacheSet {
+                    id,
+                    lookup: Lookup::Found(body.clone().into()),
+                    loaded_at_ms: unix_ms_now(),
+                    from_replica: false,
+                    fence: Some(read.fence),
+                };
+                cache.send(write).await.expect("actor").expect("write")
+            },
+            |written| *written,
+        )
+        .await;
+        let written = cached.done;
+        assert!(written, "round {round}: the old value is cached");
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut direct)
+            .await
+            .expect("SCRIPT FLUSH");
+        // The change, then a read at once: both in the actor's mailbox before either is sent.
+        cache.do_send(CacheDel(id));
+        let after = cache
+            .send(CacheGet(id))
+            .await
+            .expect("actor")
+            .expect("read");
+        assert_eq!(
+            after.value, None,
+            "round {round}: a read after the change found the old value"
+        );
+    }
+}

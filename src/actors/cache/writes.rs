@@ -31,16 +31,19 @@ static SET_FENCED: LazyLock<redis::Script> = LazyLock::new(|| {
 
 /// KEYS: value, generation. ARGV: the generation's TTL (ms). Deletes the value and bumps the
 /// generation, so that fills and writes of loads that began before now write nothing.
-static CHANGED: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
+///
+/// Sent as `EVAL` with its text every time, never as `EVALSHA`: a Redis that does not know a
+/// script (it restarted, failed over, or its scripts were flushed) answers `EVALSHA` with
+/// `NOSCRIPT`, and redis-rs then loads the script and sends it again, one round trip later. The
+/// reads that the owner started after the change are queued behind the delete on the same
+/// connection, and would run before its second try: they would find the old value and answer it
+/// as fresh, with copy terms of after the change. Changes are rare, so the text costs nothing.
+const CHANGED: &str = r"
         redis.call('DEL', KEYS[1])
         redis.call('INCR', KEYS[2])
         redis.call('PEXPIRE', KEYS[2], ARGV[1])
         return 1
-        ",
-    )
-});
+        ";
 
 impl CacheActor {
     fn count_write(&self, outcome: &str) {
@@ -111,11 +114,13 @@ impl Handler<CacheDel> for CacheActor {
         let timeout = self.settings.timeout;
         let del = self.call(async move {
             let mut conn = conn.await?;
-            CHANGED
-                .key(keys.value(id))
-                .key(keys.generation(id))
+            redis::cmd("EVAL")
+                .arg(CHANGED)
+                .arg(2)
+                .arg(keys.value(id))
+                .arg(keys.generation(id))
                 .arg(GENERATION_TTL_MS)
-                .invoke_async::<i64>(&mut conn)
+                .query_async::<i64>(&mut conn)
                 .await
                 .map(drop)
                 .map_err(|e| CacheError::from_redis(e, timeout))
