@@ -179,6 +179,12 @@ impl<V: Weigh> WeighedLru<V> {
         self.entries.peek(&id)
     }
 
+    /// The entry for `id`, not marked, to change what does not weigh (its weight is counted
+    /// when it is put).
+    pub fn peek_mut(&mut self, id: i64) -> Option<&mut V> {
+        self.entries.peek_mut(&id)
+    }
+
     /// Keeps `value` for `id` (replacing what was there), making room by dropping the least
     /// recently used. A value larger than the whole cache is not kept (and what `id` held goes:
     /// it is older than the value just seen); `false` says so.

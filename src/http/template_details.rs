@@ -1,6 +1,6 @@
 //! `GET /template-details?id=N`: validate; answer from this worker's cache of fresh answers if
-//! it holds the key (asking the owner in the background for a renewed copy when it is due);
-//! otherwise ask the key's owner, wait at most the request deadline, answer.
+//! it holds the key; otherwise ask the key's owner, wait at most the request deadline, answer.
+//! Either way, the copies that came due for renewal are asked for in the background.
 
 use std::rc::Rc;
 
@@ -32,7 +32,15 @@ pub async fn template_details(req: HttpRequest) -> Result<HttpResponse, ApiError
     let state = req.app_data::<web::Data<AppState>>();
     let worker = req.app_data::<Rc<WorkerState>>();
     if let Some(worker) = worker {
-        let kept = worker.cache.borrow_mut().get(id);
+        let (kept, due) = {
+            let mut cache = worker.cache.borrow_mut();
+            (cache.get(id), cache.due_renewals())
+        };
+        if let Some(state) = state {
+            for due in due {
+                renew(state, worker, due);
+            }
+        }
         if let Some(hit) = kept {
             worker.counts.worker_cache_hit();
             if telemetry::exporting() {

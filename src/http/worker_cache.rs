@@ -7,19 +7,26 @@
 //! owner remembered in its near cache, comes with [`CopyTerms`] (see
 //! [`crate::actors::key_owner::generations`]), and the worker keeps that answer until the
 //! owner's near-cache entry would stop being fresh, or until the owner learns of a change to the
-//! key (its generation moves) — whichever comes first. A key it keeps answering does not run out
-//! under its requests: the first request in the last quarter of the copy's freshness (from the
-//! terms' `renew_at`) is still answered from the copy, and the handler asks the owner in the
-//! background for a renewed one ([`crate::actors::key_owner::Renew`]): the owner's entry is read
-//! again from Redis, and its answer refills this cache. So no request for a key in steady use
-//! waits on the owner's thread. Everything else — a miss, a stale value,
-//! a flight to join, shedding — goes to the owner as before, so loads are still deduplicated by
-//! the owners' mailboxes.
+//! key (its generation moves) — whichever comes first.
+//!
+//! A key in use does not run out: from the terms' `renew_at` (the last quarter of the copy's
+//! freshness) the handler asks the owner in the background for a renewed copy
+//! ([`crate::actors::key_owner::Renew`]), and the copy is answered meanwhile. It asks for every
+//! copy that was answered at least once since it was kept, as soon as the worker handles any
+//! request after the copy came due ([`WorkerCache::due_renewals`], from a schedule of the
+//! copies' `renew_at`), and for a copy that was not, at its first hit before it runs out. So a
+//! key asked a few times a second, whose copy may get no request in its last quarter, is renewed
+//! all the same, while a key asked once is left to run out. The owner's entry is read again
+//! from Redis, and its answer refills this cache. So no request for a key in steady use waits on
+//! the owner's thread. Everything else — a miss, a stale value, a flight to join, shedding —
+//! goes to the owner as before, so loads are still deduplicated by the owners' mailboxes.
 //!
 //! Bounded by its share of `CACHE_MEMORY_MB` in bytes and by `WORKER_CACHE_CAPACITY` entries
 //! (least recently used go first; see [`crate::memory`]); a body larger than the share is served
 //! but not kept. `WORKER_CACHE_CAPACITY=0`, or `COALESCE=off`, turns it off.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use crate::actors::key_owner::{Answer, CopyTerms, Generations};
@@ -27,10 +34,16 @@ use crate::memory::{Meter, Weigh, WeighedLru};
 use crate::template::Lookup;
 use bytes::Bytes;
 
+/// Times the schedule may hold beyond two per copy kept before it is trimmed.
+const SCHEDULE_SLACK: usize = 1024;
+
 pub struct WorkerCache {
     /// `None` when the cache is off.
     entries: Option<WeighedLru<Kept>>,
     generations: Generations,
+    /// When each copy kept comes due for renewal, soonest first. A copy kept again leaves its
+    /// older time here, skipped when it comes up (it no longer matches the copy's terms).
+    schedule: BinaryHeap<Reverse<(Instant, i64)>>,
 }
 
 /// An owner's answer, kept with what says how long it may be served.
@@ -39,6 +52,8 @@ struct Kept {
     terms: CopyTerms,
     /// A renewal was asked for this copy: it is served until `fresh_until` without asking again.
     asked: bool,
+    /// Answered at least once since it was kept: a copy in use, renewed once due.
+    used: bool,
 }
 
 impl Weigh for Kept {
@@ -72,6 +87,7 @@ impl WorkerCache {
         WorkerCache {
             entries: WeighedLru::new(capacity, bytes, meter),
             generations,
+            schedule: BinaryHeap::new(),
         }
     }
 
@@ -84,6 +100,7 @@ impl WorkerCache {
         if now < kept.terms.fresh_until && self.generations.current(id) == kept.terms.generation {
             let renew = now >= kept.terms.renew_at && !kept.asked;
             kept.asked |= renew;
+            kept.used = true;
             return Some(Hit {
                 lookup: kept.lookup.clone(),
                 renew,
@@ -110,6 +127,40 @@ impl WorkerCache {
         self.put(id, answer, due);
     }
 
+    /// The ids of the copies that came due for renewal, were answered since they were kept and
+    /// were not asked for yet (each is marked asked): the caller asks their owners. Copies not
+    /// answered since they were kept are left to run out (a hit before then still asks).
+    /// Cheap when nothing is due: one look at the schedule's soonest time.
+    pub fn due_renewals(&mut self) -> Vec<i64> {
+        let mut due = Vec::new();
+        let (Some(entries), Some(&Reverse((soonest, _)))) =
+            (self.entries.as_mut(), self.schedule.peek())
+        else {
+            return due;
+        };
+        let now = Instant::now();
+        if soonest > now {
+            return due;
+        }
+        while let Some(&Reverse((renew_at, id))) = self.schedule.peek() {
+            if renew_at > now {
+                break;
+            }
+            self.schedule.pop();
+            let Some(kept) = entries.peek_mut(id) else {
+                continue;
+            };
+            let current = kept.terms.renew_at == renew_at
+                && now < kept.terms.fresh_until
+                && self.generations.current(id) == kept.terms.generation;
+            if current && kept.used && !kept.asked {
+                kept.asked = true;
+                due.push(id);
+            }
+        }
+        due
+    }
+
     fn put(&mut self, id: i64, answer: &Answer, asked: bool) {
         let (Some(entries), Some(terms), Ok(lookup)) =
             (self.entries.as_mut(), answer.terms, &answer.result)
@@ -122,14 +173,44 @@ impl WorkerCache {
             Lookup::Found(body) => Lookup::Found(Bytes::copy_from_slice(body)),
             Lookup::NotFound => Lookup::NotFound,
         };
-        entries.put(
+        let kept = entries.put(
             id,
             Kept {
                 lookup,
                 terms,
                 asked,
+                used: false,
             },
         );
+        if kept && !asked {
+            self.schedule.push(Reverse((terms.renew_at, id)));
+            if self.schedule.len() > 2 * entries.len() + SCHEDULE_SLACK {
+                self.trim_schedule();
+            }
+        }
+    }
+
+    /// Drops from the schedule the times of copies gone, kept again or already asked for:
+    /// it then holds at most one time per copy kept.
+    fn trim_schedule(&mut self) {
+        let Some(entries) = self.entries.as_ref() else {
+            return;
+        };
+        let mut times = std::mem::take(&mut self.schedule).into_vec();
+        times.retain(|Reverse((renew_at, id))| {
+            entries
+                .peek(*id)
+                .is_some_and(|kept| kept.terms.renew_at == *renew_at && !kept.asked)
+        });
+        times.sort_unstable();
+        times.dedup();
+        self.schedule = times.into();
+    }
+
+    /// Times in the schedule, live or not (tests of its bound).
+    #[cfg(test)]
+    fn scheduled(&self) -> usize {
+        self.schedule.len()
     }
 
     /// Entries held (fresh or not yet found out to be stale).
@@ -240,6 +321,65 @@ mod tests {
             terms.renew_from(Instant::now() + LONG).renew_at,
             terms.fresh_until
         );
+    }
+
+    #[test]
+    fn copies_answered_since_kept_are_due_for_renewal_without_a_hit_in_their_last_quarter() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(10, generations.clone());
+        // Far enough ahead that a stalled test thread still looks before they are due.
+        let renew_at = Instant::now() + Duration::from_millis(500);
+        for id in 1..=3 {
+            let mut answer = hit(&generations, id, LONG);
+            answer.terms = answer.terms.map(|terms| terms.renew_from(renew_at));
+            cache.keep(id, &answer);
+        }
+        // 1 and 3 are answered before they are due; 2 is not answered at all.
+        assert!(!cache.get(1).expect("kept").renew);
+        assert!(!cache.get(3).expect("kept").renew);
+        assert_eq!(cache.due_renewals(), Vec::<i64>::new(), "none due yet");
+        generations.bump(3);
+        std::thread::sleep(renew_at.saturating_duration_since(Instant::now()));
+
+        assert_eq!(
+            cache.due_renewals(),
+            vec![1],
+            "1 was answered; 2 was not; 3 changed since"
+        );
+        assert_eq!(cache.due_renewals(), Vec::<i64>::new(), "asked once");
+        assert!(!cache.get(1).expect("still fresh").renew, "asked already");
+        // 2, never answered since it was kept, is still asked for at its first hit.
+        assert!(cache.get(2).expect("still fresh").renew);
+        assert_eq!(cache.get(3), None);
+
+        // A renewal's answer starts a new round: renewed once due if answered since.
+        let mut renewed = hit(&generations, 1, LONG);
+        let renew_at = Instant::now() + Duration::from_millis(50);
+        renewed.terms = renewed.terms.map(|terms| terms.renew_from(renew_at));
+        cache.keep_renewal(1, &renewed);
+        std::thread::sleep(renew_at.saturating_duration_since(Instant::now()));
+        assert_eq!(
+            cache.due_renewals(),
+            Vec::<i64>::new(),
+            "not answered since"
+        );
+    }
+
+    #[test]
+    fn the_schedule_holds_about_one_time_per_copy_however_often_copies_are_kept() {
+        let generations = Generations::default();
+        let mut cache = WorkerCache::new(4, generations.clone());
+        for round in 0..5_000 {
+            let id = round % 8;
+            let mut answer = hit(&generations, id, LONG);
+            let renew_at = Instant::now() + Duration::from_secs(60);
+            answer.terms = answer.terms.map(|terms| terms.renew_from(renew_at));
+            cache.keep(id, &answer);
+            assert!(cache.scheduled() <= 2 * cache.len() + SCHEDULE_SLACK);
+        }
+        assert_eq!(cache.len(), 4);
+        cache.trim_schedule();
+        assert_eq!(cache.scheduled(), 4, "one time for each copy kept");
     }
 
     #[test]

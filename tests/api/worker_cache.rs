@@ -193,6 +193,30 @@ async fn a_renewal_reads_redis_as_a_request_would_and_renews_only_good_values() 
     }
 }
 
+#[actix_rt::test]
+async fn a_copy_in_use_is_renewed_even_if_no_request_for_it_comes_in_its_last_quarter() {
+    const NEAR_TTL: Duration = Duration::from_millis(1000);
+    let app = one_worker_with_near_cache(NEAR_TTL).await;
+    let started = Instant::now();
+    assert_eq!(app.template(43).await.status(), 200, "kept by the worker");
+    assert_eq!(header(&app.template(43).await, "x-cache"), "HIT", "in use");
+    // Only another key is asked for from here on, past the copy's last quarter (750 ms to
+    // 1 s after it was kept) and on to 1.3 s: the worker's requests for it are what find the
+    // copy of 43 due.
+    while started.elapsed() < NEAR_TTL * 13 / 10 {
+        assert_eq!(app.template(44).await.status(), 200);
+    }
+    let before = app.metric("worker_cache_hits_total").await;
+    let response = app.template(43).await;
+    assert_eq!(header(&response, "x-cache"), "HIT");
+    assert_eq!(
+        app.metric("worker_cache_hits_total").await - before,
+        1.0,
+        "43 was renewed while unasked, and answered by the worker 1.3 s after it was kept"
+    );
+    assert_eq!(app.metric("db_hits_total").await, 2.0, "one load per key");
+}
+
 /// The service with one HTTP worker (so that every copy is that worker's), a long Redis TTL
 /// and a near cache fresh for `near_ttl`.
 async fn one_worker_with_near_cache(near_ttl: Duration) -> crate::support::TestApp {

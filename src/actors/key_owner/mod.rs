@@ -100,10 +100,11 @@
 //! always a copy of the owner's own fresh entry.
 //!
 //! The terms also say when the copy is due for renewal ([`CopyTerms::renew_at`]: the last quarter of
-//! the owner's entry's freshness). The first request a worker answers from a due copy puts the
-//! id in a [`Renew`] that the worker sends in the background with the other ids due within a few
-//! milliseconds. The owner answers each from its entry if another worker's renewal already
-//! renewed it, joins the key's flight if it has one, and reads the rest again from Redis in one
+//! the owner's entry's freshness). Once a copy is due, its worker puts the id in a [`Renew`]: at
+//! the first request the worker handles from then on if it answered the copy since keeping it,
+//! else at the copy's next hit. It sends the renewal in the background with the other ids due
+//! within a few milliseconds. The owner answers each from its entry if another worker's renewal
+//! already renewed it, joins the key's flight if it has one, and reads the rest again from Redis in one
 //! round trip; a fresh value is remembered and answered with its terms. So a key in steady use is
 //! read from Redis about once per `NEAR_CACHE_TTL_MS` as before, no request for it waits on the
 //! owner's thread, and a thousand keys cost a few dozen round trips a second rather than a
